@@ -1,0 +1,1 @@
+//! Dockerfile frontend (to be written).

@@ -1,0 +1,1 @@
+//! Build graph (to be written).

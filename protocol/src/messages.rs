@@ -1,0 +1,469 @@
+//! Every message that crosses the socket.
+//!
+//! postcard is not self-describing: a field added in the middle, or a reordered variant, reads
+//! as garbage on the other side. So variants are only appended, and [`Hello`]/[`HelloReply`]
+//! keep their layout forever so that even mismatched versions can say who they are.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{MAGIC, PACKAGE_VERSION, PROTOCOL_VERSION};
+
+/// The client's first frame. Frozen layout: never add fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: [u8; 4],
+    pub protocol_version: u32,
+    pub client_version: String,
+}
+
+impl Hello {
+    /// The hello this build of the client sends.
+    pub fn current(client_version: &str) -> Self {
+        Self {
+            magic: MAGIC,
+            protocol_version: PROTOCOL_VERSION,
+            client_version: client_version.to_owned(),
+        }
+    }
+}
+
+/// The daemon's answer to [`Hello`]. Frozen layout: never add fields.
+/// `refusal` is set when the daemon will not serve this connection (version mismatch,
+/// permission); the daemon then closes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub protocol_version: u32,
+    pub daemon_version: String,
+    pub pid: u32,
+    pub refusal: Option<ErrorReply>,
+}
+
+impl HelloReply {
+    pub fn accepted(pid: u32) -> Self {
+        Self {
+            protocol_version: PROTOCOL_VERSION,
+            daemon_version: PACKAGE_VERSION.to_owned(),
+            pid,
+            refusal: None,
+        }
+    }
+
+    pub fn refused(pid: u32, code: ErrorCode, message: String) -> Self {
+        Self {
+            refusal: Some(ErrorReply { code, message }),
+            ..Self::accepted(pid)
+        }
+    }
+}
+
+/// What an error is about, so a client can act on it without parsing text.
+/// The server maps its internal errors to these in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request (or a file it names: Dockerfile, context, config) is wrong.
+    InvalidInput,
+    NotFound,
+    /// A dependency is down or missing (registry, runtime, remote cache).
+    Unavailable,
+    PermissionDenied,
+    /// A bug or an unexpected failure in the daemon.
+    Internal,
+    /// The request is part of the protocol but this daemon does not serve it yet.
+    NotImplemented,
+    VersionMismatch,
+    Cancelled,
+    /// The request conflicts with the daemon's state (already exists, in use).
+    Conflict,
+    /// A limit was hit: disk full, frame too large, too many watches.
+    ResourceExhausted,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidInput => "invalid-input",
+            Self::NotFound => "not-found",
+            Self::Unavailable => "unavailable",
+            Self::PermissionDenied => "permission-denied",
+            Self::Internal => "internal",
+            Self::NotImplemented => "not-implemented",
+            Self::VersionMismatch => "version-mismatch",
+            Self::Cancelled => "cancelled",
+            Self::Conflict => "conflict",
+            Self::ResourceExhausted => "resource-exhausted",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// One request per round; the daemon answers with [`Response`] frames until a terminal one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Status,
+    Build(BuildRequest),
+    Watch(WatchRequest),
+    Unwatch(UnwatchRequest),
+    /// Editor hook: these paths changed (absolute paths).
+    Notify(NotifyRequest),
+    Gc(GcRequest),
+    Push(PushRequest),
+    Images,
+    CacheStats,
+    /// Stop accepting connections, finish or cancel in-flight work, exit.
+    Shutdown,
+    Graph(GraphRequest),
+    DumpDockerfile(DumpDockerfileRequest),
+}
+
+impl Request {
+    /// Short name for logs and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Build(_) => "build",
+            Self::Watch(_) => "watch",
+            Self::Unwatch(_) => "unwatch",
+            Self::Notify(_) => "notify",
+            Self::Gc(_) => "gc",
+            Self::Push(_) => "push",
+            Self::Images => "images",
+            Self::CacheStats => "cache-stats",
+            Self::Shutdown => "shutdown",
+            Self::Graph(_) => "graph",
+            Self::DumpDockerfile(_) => "dump-dockerfile",
+        }
+    }
+}
+
+/// Where the Dockerfile is and how to read it. Shared by build, graph and watch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerfileSource {
+    /// Absolute path of the build context directory.
+    pub context: PathBuf,
+    /// Absolute path of the Dockerfile; `None` means `<context>/Dockerfile`.
+    pub dockerfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    pub source: DockerfileSource,
+    pub tags: Vec<String>,
+    pub build_args: Vec<(String, String)>,
+    pub target: Option<String>,
+    pub no_cache: bool,
+    /// Re-resolve base image tags even if a remembered digest is still fresh.
+    pub pull: bool,
+    pub network: NetworkMode,
+    pub outputs: Vec<OutputSpec>,
+    pub push: bool,
+    /// Clamp timestamps for reproducible images (`SOURCE_DATE_EPOCH`).
+    pub source_date_epoch: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkMode {
+    Host,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputKind {
+    /// OCI image layout, as a tar.
+    Oci,
+    /// An archive `docker load` accepts.
+    Docker,
+    /// The final root filesystem as one tar.
+    Tar,
+    /// The final root filesystem unpacked into a directory.
+    Local,
+    /// The daemon's image store, optionally pushed.
+    Image,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    pub kind: OutputKind,
+    /// Absolute destination path; `None` with `to_client` streams the bytes back as
+    /// [`Response::OutputChunk`] (`dest=-`).
+    pub dest: Option<PathBuf>,
+    pub to_client: bool,
+    pub name: Option<String>,
+    pub push: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRequest {
+    pub source: DockerfileSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnwatchRequest {
+    pub context: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyRequest {
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcRequest {
+    /// Shrink the store to at most this many bytes; `None` uses the configured budget.
+    pub keep_bytes: Option<u64>,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// `NAME[:TAG]` of an image in the daemon's store.
+    pub image: String,
+    /// Push under another name than the stored one.
+    pub destination: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphRequest {
+    pub source: DockerfileSource,
+    pub target: Option<String>,
+    pub build_args: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpDockerfileRequest {
+    pub path: PathBuf,
+}
+
+/// Frames the daemon sends back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Terminal: the request failed.
+    Error(ErrorReply),
+    Status(StatusReport),
+    /// Non-terminal: progress of a build.
+    Event(BuildEvent),
+    /// Non-terminal: bytes of an output streamed to the client (`dest=-`).
+    OutputChunk(Vec<u8>),
+    BuildDone(BuildResult),
+    Watched(WorkspaceStatus),
+    Unwatched,
+    Notified(NotifyReport),
+    Gc(GcReport),
+    Pushed(PushReport),
+    Images(Vec<ImageSummary>),
+    CacheStats(CacheStats),
+    ShuttingDown,
+    Graph(GraphView),
+    Dockerfile(String),
+}
+
+impl Response {
+    /// Whether this frame ends the answer to a request.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, Self::Event(_) | Self::OutputChunk(_))
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error(ErrorReply {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub daemon_version: String,
+    pub protocol_version: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub uptime_ms: u64,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    /// The listening socket came from the service manager (systemd socket activation).
+    pub socket_activated: bool,
+    pub connections_active: u64,
+    pub connections_total: u64,
+    pub requests_total: u64,
+    pub builds_active: u64,
+    pub workspaces: Vec<WorkspaceStatus>,
+    pub cache: CacheStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceStatus {
+    pub context: PathBuf,
+    pub dockerfile: PathBuf,
+    pub files: u64,
+    pub bytes: u64,
+    /// Milliseconds since the Unix epoch of the last change seen, if any.
+    pub last_change_unix_ms: Option<u64>,
+    /// The watcher is live; `false` means changes are found by scanning at build time.
+    pub watching: bool,
+    pub dirty: Vec<DirtyNode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyNode {
+    /// The node's instruction as the user wrote it, e.g. `COPY src/ /app/src/`.
+    pub node: String,
+    /// Context-relative path whose change made it dirty (the node upstream, if inherited).
+    pub cause: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStats {
+    pub l1_entries: u64,
+    pub l1_bytes: u64,
+    pub l2_blobs: u64,
+    pub l2_bytes: u64,
+    pub l2_budget_bytes: u64,
+    pub action_entries: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildEvent {
+    /// Build-local node number, stable for one build (BuildKit's `#N`).
+    pub node: u32,
+    pub kind: BuildEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildEventKind {
+    Queued {
+        /// e.g. `[build 2/5] RUN make`.
+        name: String,
+    },
+    Cached,
+    Started,
+    Log {
+        stream: LogStream,
+        line: Vec<u8>,
+    },
+    Done {
+        duration_ms: u64,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildResult {
+    /// Manifest digest of the built image (`sha256:…`).
+    pub image_digest: Option<String>,
+    pub steps: u64,
+    pub cached: u64,
+    pub executed: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyReport {
+    /// Paths that belong to a watched workspace.
+    pub matched: u64,
+    /// Graph nodes newly marked dirty by these paths.
+    pub dirtied: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub removed_blobs: u64,
+    pub freed_bytes: u64,
+    pub kept_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushReport {
+    pub reference: String,
+    pub digest: String,
+    pub blobs_uploaded: u64,
+    pub blobs_skipped: u64,
+    pub bytes_uploaded: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub name: String,
+    pub digest: String,
+    pub size: u64,
+    pub created_unix: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphView {
+    pub stages: Vec<StageView>,
+    pub nodes: Vec<GraphNodeView>,
+    /// `(from, to)`: `to` depends on `from`.
+    pub edges: Vec<(u32, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageView {
+    pub index: u32,
+    pub name: Option<String>,
+    pub base: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphNodeView {
+    pub id: u32,
+    /// base-image, context-source, filesystem, metadata, stage, export.
+    pub kind: String,
+    pub stage: Option<u32>,
+    pub label: String,
+    /// Dockerfile line of the instruction, when the node comes from one.
+    pub line: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handshake must stay readable by every future version: pin its bytes.
+    #[test]
+    fn hello_layout_is_frozen() {
+        let bytes = postcard::to_stdvec(&Hello {
+            magic: MAGIC,
+            protocol_version: 1,
+            client_version: "0.1.0".into(),
+        })
+        .expect("encode");
+        assert_eq!(bytes, b"MBLD\x01\x050.1.0");
+    }
+
+    #[test]
+    fn only_events_and_chunks_are_non_terminal() {
+        assert!(!Response::OutputChunk(vec![1]).is_terminal());
+        assert!(
+            !Response::Event(BuildEvent {
+                node: 1,
+                kind: BuildEventKind::Started
+            })
+            .is_terminal()
+        );
+        assert!(Response::Unwatched.is_terminal());
+        assert!(Response::error(ErrorCode::Internal, "x").is_terminal());
+    }
+}
