@@ -1,1 +1,243 @@
-fn main() {}
+//! `memobuild`: parse the command line, talk to the daemon, print, exit with a documented code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use memobuild_client::{
+    ClientError, ConnectError, Connection, DaemonPlace, Exit, RequestError, connect_or_start,
+    daemon_place, launch, render,
+};
+use memobuild_protocol::{PACKAGE_VERSION, PROTOCOL_VERSION, Request, Response};
+use serde_json::json;
+
+/// Incremental container image builds, served by a resident daemon.
+#[derive(Debug, Parser)]
+#[command(name = "memobuild", version, disable_help_subcommand = true)]
+struct Cli {
+    /// Daemon socket [default: per user; see the README]
+    #[arg(long, global = true, env = "MEMOBUILD_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// State root of a daemon this command starts
+    #[arg(long, global = true, env = "MEMOBUILD_ROOT", value_name = "DIR")]
+    root: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print client and daemon versions (does not start a daemon)
+    Version {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the daemon is doing (starts it if needed)
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the daemon's life
+    Daemon {
+        #[command(subcommand)]
+        action: DaemonAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DaemonAction {
+    /// Start the daemon unless one is running
+    Start,
+    /// Stop the daemon and wait until it is gone
+    Stop,
+    /// Stop the daemon (if any) and start a new one, e.g. after an upgrade
+    Restart,
+    /// Is a daemon running? Exit code 0 if so, 3 if not
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("memobuild: cannot start the async runtime: {err}");
+            return ExitCode::from(Exit::Failure as u8);
+        }
+    };
+    let place = daemon_place(cli.socket.as_deref(), cli.root.as_deref());
+    match runtime.block_on(run(cli.command, &place)) {
+        Ok(exit) => ExitCode::from(exit as u8),
+        Err(err) => {
+            eprintln!("memobuild: {err}");
+            if let Some(hint) = err.hint() {
+                eprintln!("{hint}");
+            }
+            ExitCode::from(err.exit() as u8)
+        }
+    }
+}
+
+async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError> {
+    match command {
+        Command::Version { json } => version(place, json).await,
+        Command::Status { json } => {
+            let mut conn = connect_or_start(place).await?;
+            let Response::Status(report) = conn.call(&Request::Status).await? else {
+                return Err(unexpected("status"));
+            };
+            if json {
+                print_json(&report);
+            } else {
+                print!("{}", render::status(&report));
+            }
+            Ok(Exit::Success)
+        }
+        Command::Daemon { action } => daemon(action, place).await,
+    }
+}
+
+async fn version(place: &DaemonPlace, json: bool) -> Result<Exit, ClientError> {
+    let daemon = match Connection::open(&place.socket).await {
+        Ok(conn) => Some(conn.daemon().clone()),
+        Err(ConnectError::Refused { daemon, .. }) => Some(daemon),
+        Err(_) => None,
+    };
+    if json {
+        print_json(&json!({
+            "client": { "version": PACKAGE_VERSION, "protocol": PROTOCOL_VERSION },
+            "daemon": daemon.as_ref().map(|d| json!({
+                "version": d.daemon_version, "protocol": d.protocol_version, "pid": d.pid,
+            })),
+        }));
+        return Ok(Exit::Success);
+    }
+    println!("memobuild {PACKAGE_VERSION} (protocol {PROTOCOL_VERSION})");
+    match daemon {
+        Some(d) => println!(
+            "memobuildd {} (protocol {}), pid {}, on {}",
+            d.daemon_version,
+            d.protocol_version,
+            d.pid,
+            place.socket.display()
+        ),
+        None => println!("memobuildd: not running on {}", place.socket.display()),
+    }
+    Ok(Exit::Success)
+}
+
+async fn daemon(action: DaemonAction, place: &DaemonPlace) -> Result<Exit, ClientError> {
+    match action {
+        DaemonAction::Start => {
+            let conn = connect_or_start(place).await?;
+            println!(
+                "memobuildd {} running, pid {}, on {}",
+                conn.daemon().daemon_version,
+                conn.daemon().pid,
+                place.socket.display()
+            );
+            Ok(Exit::Success)
+        }
+        DaemonAction::Stop => {
+            stop(place).await?;
+            Ok(Exit::Success)
+        }
+        DaemonAction::Restart => {
+            stop(place).await?;
+            let pid = launch::start_daemon(place)?;
+            println!(
+                "memobuildd started, pid {pid}, on {}",
+                place.socket.display()
+            );
+            Ok(Exit::Success)
+        }
+        DaemonAction::Status { json } => {
+            let running = match Connection::open(&place.socket).await {
+                Ok(conn) => Some(conn.daemon().clone()),
+                Err(ConnectError::NotRunning { .. }) => None,
+                Err(err) => return Err(err.into()),
+            };
+            if json {
+                print_json(&json!({
+                    "running": running.is_some(),
+                    "socket": place.socket,
+                    "pid": running.as_ref().map(|d| d.pid),
+                    "version": running.as_ref().map(|d| d.daemon_version.clone()),
+                }));
+            } else if let Some(d) = &running {
+                println!(
+                    "memobuildd {} running, pid {}, on {}",
+                    d.daemon_version,
+                    d.pid,
+                    place.socket.display()
+                );
+            } else {
+                println!("memobuildd is not running on {}", place.socket.display());
+            }
+            Ok(if running.is_some() {
+                Exit::Success
+            } else {
+                Exit::NotRunning
+            })
+        }
+    }
+}
+
+/// Asks the daemon to stop and waits until its process is gone (its end of the connection
+/// closes only after it has released the socket and the state root).
+async fn stop(place: &DaemonPlace) -> Result<(), ClientError> {
+    let mut conn = match Connection::open(&place.socket).await {
+        Ok(conn) => conn,
+        Err(ConnectError::NotRunning { .. }) => {
+            println!("memobuildd is not running on {}", place.socket.display());
+            return Ok(());
+        }
+        // A daemon of another protocol version still understands nothing but its own
+        // Shutdown; a mismatched daemon is stopped by signal instead.
+        Err(ConnectError::Refused { daemon, reply, .. })
+            if reply.code == memobuild_protocol::ErrorCode::VersionMismatch =>
+        {
+            return terminate(daemon.pid, place).await;
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let pid = conn.daemon().pid;
+    match conn.call(&Request::Shutdown).await? {
+        Response::ShuttingDown => {}
+        _ => return Err(unexpected("shutdown")),
+    }
+    conn.wait_closed().await?;
+    println!("memobuildd stopped (pid {pid})");
+    Ok(())
+}
+
+/// SIGTERM for a daemon we cannot speak to, then wait for its socket to go.
+async fn terminate(pid: u32, place: &DaemonPlace) -> Result<(), ClientError> {
+    memobuild_client::send_sigterm(pid)?;
+    let deadline = std::time::Instant::now() + launch::START_TIMEOUT;
+    while place.socket.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    println!("memobuildd stopped (pid {pid}, by SIGTERM)");
+    Ok(())
+}
+
+fn unexpected(request: &'static str) -> ClientError {
+    ClientError::Request(RequestError::Unexpected {
+        request,
+        response: "reply".into(),
+    })
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(err) => eprintln!("memobuild: cannot encode JSON: {err}"),
+    }
+}

@@ -1,4 +1,14 @@
 //! memobuildd: the MemoBuild engine as a library, and the daemon that serves it.
+//!
+//! Data flows one way through one module per stage (see `ARCHITECTURE.md`):
+//! `frontend` (Dockerfile → instructions) → `plan` (→ build graph) → … → `server` (the
+//! socket). `config` resolves where everything lives; `passwd` reads user and group databases.
 
+pub mod config;
 pub mod frontend;
+pub mod passwd;
 pub mod plan;
+pub mod server;
+
+pub use config::Config;
+pub use server::{ServerError, run};

@@ -102,8 +102,8 @@ where
 /// a payload that decodes with bytes to spare was not written by a peer of this version.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     let what = std::any::type_name::<T>();
-    let (message, rest) = postcard::take_from_bytes(payload)
-        .map_err(|source| FrameError::Decode { what, source })?;
+    let (message, rest) =
+        postcard::take_from_bytes(payload).map_err(|source| FrameError::Decode { what, source })?;
     if !rest.is_empty() {
         return Err(FrameError::Decode {
             what,
@@ -115,10 +115,7 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
 
 /// Like `read_exact`, but reports how much arrived before end of stream instead of failing,
 /// so a clean close can be told from a truncated frame.
-async fn read_full<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
+async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         let n = reader.read(&mut buf[filled..]).await?;
@@ -138,7 +135,9 @@ mod tests {
     #[tokio::test]
     async fn round_trips_a_request() {
         let mut wire = Vec::new();
-        write_frame(&mut wire, &Request::Status).await.expect("write");
+        write_frame(&mut wire, &Request::Status)
+            .await
+            .expect("write");
         let back: Request = read_frame(&mut wire.as_slice())
             .await
             .expect("read")
@@ -168,7 +167,13 @@ mod tests {
         let err = read_frame::<_, Request>(&mut short_prefix.as_slice())
             .await
             .expect_err("short prefix");
-        assert!(matches!(err, FrameError::Truncated { expected: 4, got: 2 }));
+        assert!(matches!(
+            err,
+            FrameError::Truncated {
+                expected: 4,
+                got: 2
+            }
+        ));
 
         let mut wire = encode(&Hello::current("test")).expect("encode");
         wire.truncate(wire.len() - 3);

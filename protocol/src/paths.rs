@@ -121,6 +121,22 @@ pub enum SocketPathError {
     TooLong { path: PathBuf, len: usize },
 }
 
+/// The effective uid of this process (0 where there are no uids).
+pub fn effective_uid() -> u32 {
+    #[cfg(unix)]
+    {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        #[expect(unsafe_code, reason = "libc call with no preconditions")]
+        unsafe {
+            libc::geteuid()
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        0
+    }
+}
+
 fn non_empty(value: Option<OsString>) -> Option<OsString> {
     value.filter(|v| !v.is_empty())
 }

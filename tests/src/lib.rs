@@ -1,0 +1,216 @@
+//! Support for the end-to-end tests: the real `memobuildd` on a temp socket and root
+//! ([`TestDaemon`]), the real `memobuild` client ([`TestDaemon::client`]), and the rule for
+//! tests that need privileges ([`privileged`]).
+//!
+//! The binaries are the ones cargo built next to the test executable; the README's test
+//! command builds them first (`cargo build --workspace --bins`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::time::Duration;
+
+use memobuild_client::Connection;
+use memobuild_client::launch::spawn_until_ready;
+use tempfile::TempDir;
+
+/// Set in CI: a test that cannot get the privileges it needs fails instead of skipping.
+pub const REQUIRE_PRIVILEGED_ENV: &str = "MEMOBUILD_REQUIRE_PRIVILEGED";
+
+/// Path of a workspace binary (`memobuild`, `memobuildd`) built beside this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-<hash> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Whether a test needing root can run. Without root it is skipped with a message, unless
+/// [`REQUIRE_PRIVILEGED_ENV`] is set (as in CI), where the skip becomes a failure.
+pub fn privileged(test: &str) -> bool {
+    if memobuild_protocol::paths::effective_uid() == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os(REQUIRE_PRIVILEGED_ENV).is_none(),
+        "{test} needs root and {REQUIRE_PRIVILEGED_ENV} is set: refusing to skip"
+    );
+    eprintln!(
+        "SKIPPED {test}: needs root (run the tests as root, or set {REQUIRE_PRIVILEGED_ENV}=1 to make this a failure)"
+    );
+    false
+}
+
+/// A real daemon on a temp socket and temp root, killed on drop.
+#[derive(Debug)]
+pub struct TestDaemon {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// Starts a daemon after `configure` has added its arguments or environment.
+    pub fn start_with(configure: impl FnOnce(&mut Command)) -> Self {
+        let mut daemon = Self::unstarted();
+        daemon.launch(configure).unwrap_or_else(|err| {
+            panic!(
+                "memobuildd did not start: {err}\nlog:\n{}",
+                daemon.log_text()
+            )
+        });
+        daemon
+    }
+
+    /// A temp place for a daemon, nothing started yet.
+    pub fn unstarted() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("mb")
+            .tempdir()
+            .expect("temp dir");
+        Self {
+            socket: dir.path().join("memobuildd.sock"),
+            root: dir.path().join("root"),
+            log: dir.path().join("memobuildd.log"),
+            dir,
+            child: None,
+        }
+    }
+
+    /// The command that starts this daemon, before readiness handling is added.
+    pub fn command(&self) -> Command {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log");
+        let mut command = Command::new(bin("memobuildd"));
+        command
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("MEMOBUILD_LOG", "debug")
+            .env_remove("MEMOBUILD_CONFIG")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        command
+    }
+
+    /// Starts the daemon and waits for its readiness message.
+    pub fn launch(
+        &mut self,
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<(), memobuild_client::LaunchError> {
+        let mut command = self.command();
+        configure(&mut command);
+        self.child = Some(spawn_until_ready(
+            command,
+            &self.log,
+            Duration::from_secs(20),
+        )?);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `memobuild` pointed at this daemon.
+    pub fn client(&self) -> Command {
+        let mut command = Command::new(bin("memobuild"));
+        command
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(&self.root);
+        command
+    }
+
+    /// Runs `memobuild ARGS…` against this daemon and returns its output.
+    pub fn run_client(&self, args: &[&str]) -> Output {
+        self.client().args(args).output().expect("run memobuild")
+    }
+
+    pub async fn connect(&self) -> Connection {
+        Connection::open(&self.socket)
+            .await
+            .unwrap_or_else(|err| panic!("connect: {err}\nlog:\n{}", self.log_text()))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the daemon to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        signal(child.id(), libc::SIGTERM);
+        wait_bounded(&mut child, Duration::from_secs(15))
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits");
+    // SAFETY: kill has no memory-safety preconditions.
+    #[expect(unsafe_code, reason = "sending a signal to a process the test started")]
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Whether a process with this pid exists (zombies included).
+pub fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits for `child` to exit, killing it if it takes longer than `limit`.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Lossy stdout and stderr of a finished command, for assertions and failure messages.
+pub fn texts(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: one binary, a module per feature, each test on its own daemon.
+
+mod access;
+mod lifecycle;
+mod protocol;
+mod service_units;

@@ -1,0 +1,118 @@
+//! Human-readable output. Everything here is presentation: no decisions, no I/O.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use memobuild_protocol::{CacheStats, StatusReport, WorkspaceStatus};
+
+pub fn status(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "memobuildd {} (protocol {}), pid {}, uid {}, up {}",
+        report.daemon_version,
+        report.protocol_version,
+        report.pid,
+        report.uid,
+        duration(Duration::from_millis(report.uptime_ms))
+    );
+    let activated = if report.socket_activated {
+        " (socket-activated)"
+    } else {
+        ""
+    };
+    let _ = writeln!(out, "socket:       {}{activated}", report.socket.display());
+    let _ = writeln!(out, "root:         {}", report.root.display());
+    let _ = writeln!(
+        out,
+        "connections:  {} open, {} served; {} requests",
+        report.connections_active, report.connections_total, report.requests_total
+    );
+    let _ = writeln!(out, "builds:       {} running", report.builds_active);
+    let _ = writeln!(out, "cache:        {}", cache(&report.cache));
+    if report.workspaces.is_empty() {
+        let _ = writeln!(out, "workspaces:   none watched");
+    } else {
+        let _ = writeln!(out, "workspaces:");
+        for workspace in &report.workspaces {
+            out.push_str(&self::workspace(workspace));
+        }
+    }
+    out
+}
+
+fn cache(stats: &CacheStats) -> String {
+    format!(
+        "L1 {} entries ({}); L2 {} blobs ({} of {} budget), {} actions; {} hits, {} misses",
+        stats.l1_entries,
+        bytes(stats.l1_bytes),
+        stats.l2_blobs,
+        bytes(stats.l2_bytes),
+        bytes(stats.l2_budget_bytes),
+        stats.action_entries,
+        stats.hits,
+        stats.misses
+    )
+}
+
+fn workspace(ws: &WorkspaceStatus) -> String {
+    let mut out = format!(
+        "  {} ({}): {} files, {}{}\n",
+        ws.context.display(),
+        ws.dockerfile.display(),
+        ws.files,
+        bytes(ws.bytes),
+        if ws.watching {
+            ""
+        } else {
+            ", not watched live (scanned at build time)"
+        }
+    );
+    for dirty in &ws.dirty {
+        let _ = writeln!(out, "    dirty: {}  (changed: {})", dirty.node, dirty.cause);
+    }
+    out
+}
+
+/// `1.5 KiB`, `3.2 GiB`: binary units, one decimal.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// `850ms`, `12.3s`, `4m05s`, `2h10m`.
+pub fn duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        1..60 => format!("{:.1}s", d.as_secs_f64()),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_read_naturally() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(10 << 30), "10.0 GiB");
+        assert_eq!(duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(duration(Duration::from_millis(12_340)), "12.3s");
+        assert_eq!(duration(Duration::from_secs(245)), "4m05s");
+        assert_eq!(duration(Duration::from_secs(7800)), "2h10m");
+    }
+}

@@ -1,0 +1,306 @@
+//! Daemon configuration: one place decides every setting, with one precedence rule.
+//!
+//! **Precedence, highest first:** command-line flag → environment variable → config file →
+//! built-in default. The main type is [`Config`], resolved once by [`Config::resolve`] from
+//! [`Overrides`] (the flags) and the environment; the server (`server::run`) consumes it.
+//!
+//! | setting | flag | environment | file key | default |
+//! |---|---|---|---|---|
+//! | state root | `--root` | `MEMOBUILD_ROOT` | `root` | root: `/var/lib/memobuild`; users: `$XDG_DATA_HOME/memobuild` |
+//! | socket | `--socket` | `MEMOBUILD_SOCKET` | `socket` | root: `/run/memobuild/memobuildd.sock`; users: `$XDG_RUNTIME_DIR/memobuild/memobuildd.sock` |
+//! | socket group | `--socket-group` | `MEMOBUILD_SOCKET_GROUP` | `socket_group` | none: socket mode 0600; with a group: 0660 and that group may connect |
+//! | log filter | `--log` | `MEMOBUILD_LOG`, then `RUST_LOG` | `log` | `info` |
+//! | shutdown grace | | | `shutdown_grace_secs` | 10 |
+//! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
+//!
+//! A missing default config file is fine; a missing file named by flag or environment is an
+//! error, and so is an unknown key (a typo must not be silently ignored).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use memobuild_protocol::paths;
+use serde::Deserialize;
+
+/// The daemon's resolved configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    /// Group allowed to use the socket besides the daemon's own user and root.
+    pub socket_group: Option<String>,
+    /// tracing-subscriber `EnvFilter` directives.
+    pub log: String,
+    /// How long in-flight requests may run after a shutdown signal before being cancelled.
+    pub shutdown_grace: Duration,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// Settings given on the command line; `None` means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub root: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub socket_group: Option<String>,
+    pub log: Option<String>,
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{what} must be an absolute path, got {path:?}")]
+    NotAbsolute { what: &'static str, path: PathBuf },
+    #[error(transparent)]
+    SocketPath(#[from] paths::SocketPathError),
+}
+
+/// The config file's shape. Every key is optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    root: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    log: Option<String>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
+const SOCKET_GROUP_ENV: &str = "MEMOBUILD_SOCKET_GROUP";
+const LOG_ENV: &str = "MEMOBUILD_LOG";
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+impl Config {
+    /// Resolves the configuration for a daemon running as `euid`.
+    /// `env` looks up environment variables (the process's, or a test's table).
+    pub fn resolve(
+        flags: Overrides,
+        euid: u32,
+        env: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Self, ConfigError> {
+        let env_string = |key: &str| {
+            env(key)
+                .and_then(|v| v.into_string().ok())
+                .filter(|v| !v.is_empty())
+        };
+
+        let (file, config_file) = match flags
+            .config
+            .clone()
+            .or_else(|| env(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
+        {
+            Some(path) => (read_file_config(&path)?, Some(path)),
+            None => {
+                let path = default_config_file(euid, &env);
+                match path.as_deref().filter(|p| p.exists()) {
+                    Some(p) => (read_file_config(p)?, path),
+                    None => (FileConfig::default(), None),
+                }
+            }
+        };
+
+        // Flags and environment beat the file; the file beats the defaults. The protocol
+        // crate owns the flag → environment → default chain so the client agrees with it.
+        let root = flags
+            .root
+            .clone()
+            .or_else(|| {
+                env(paths::ROOT_ENV)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .or(file.root)
+            .unwrap_or_else(|| paths::root_path(None, euid, &env));
+        let socket = flags
+            .socket
+            .clone()
+            .or_else(|| {
+                env(paths::SOCKET_ENV)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .or(file.socket)
+            .unwrap_or_else(|| paths::socket_path(None, euid, &env));
+        let socket_group = flags
+            .socket_group
+            .or_else(|| env_string(SOCKET_GROUP_ENV))
+            .or(file.socket_group);
+        let log = flags
+            .log
+            .or_else(|| env_string(LOG_ENV))
+            .or_else(|| env_string("RUST_LOG"))
+            .or(file.log)
+            .unwrap_or_else(|| "info".to_owned());
+        let shutdown_grace = file
+            .shutdown_grace_secs
+            .map_or(DEFAULT_SHUTDOWN_GRACE, Duration::from_secs);
+
+        let root = absolute("root", root)?;
+        let socket = absolute("socket", socket)?;
+        paths::check_socket_path(&socket)?;
+        Ok(Self {
+            root,
+            socket,
+            socket_group,
+            log,
+            shutdown_grace,
+            config_file,
+        })
+    }
+
+    /// Resolves against the real process environment and effective uid.
+    pub fn from_process(flags: Overrides) -> Result<Self, ConfigError> {
+        Self::resolve(flags, crate::passwd::effective_uid(), |key| {
+            std::env::var_os(key)
+        })
+    }
+}
+
+fn default_config_file(euid: u32, env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    if euid == 0 {
+        return Some(PathBuf::from("/etc/memobuild/memobuildd.toml"));
+    }
+    let base = env("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            env("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|home| home.join(".config"))
+        })?;
+    Some(base.join("memobuild/memobuildd.toml"))
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    // toml's message already names the line, column and key.
+    toml::from_str(&text).map_err(|err| ConfigError::Parse {
+        path: path.to_owned(),
+        message: err.to_string().trim_end().to_owned(),
+    })
+}
+
+fn absolute(what: &'static str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(ConfigError::NotAbsolute { what, path })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_from(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> + use<> {
+        let map: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+            .collect();
+        move |key| map.get(key).cloned()
+    }
+
+    fn write_config(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("memobuildd.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    #[test]
+    fn defaults_for_root_and_users() {
+        let cfg = Config::resolve(Overrides::default(), 0, env_from(&[])).expect("root");
+        assert_eq!(cfg.root, Path::new("/var/lib/memobuild"));
+        assert_eq!(cfg.socket, Path::new("/run/memobuild/memobuildd.sock"));
+        assert_eq!(cfg.log, "info");
+        assert_eq!(cfg.socket_group, None);
+
+        let env = env_from(&[
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            ("XDG_DATA_HOME", "/home/u/.data"),
+            ("XDG_CONFIG_HOME", "/nonexistent-config"),
+        ]);
+        let cfg = Config::resolve(Overrides::default(), 1000, env).expect("user");
+        assert_eq!(cfg.root, Path::new("/home/u/.data/memobuild"));
+        assert_eq!(
+            cfg.socket,
+            Path::new("/run/user/1000/memobuild/memobuildd.sock")
+        );
+        assert_eq!(cfg.config_file, None);
+    }
+
+    #[test]
+    fn flag_beats_environment_beats_file_beats_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config(
+            dir.path(),
+            "root = \"/from/file\"\nsocket = \"/file.sock\"\nsocket_group = \"filegroup\"\nlog = \"warn\"\nshutdown_grace_secs = 3\n",
+        );
+        let config = file.to_str().expect("utf-8").to_owned();
+        let env = env_from(&[
+            ("MEMOBUILD_CONFIG", &config),
+            ("MEMOBUILD_SOCKET", "/env.sock"),
+            ("MEMOBUILD_LOG", "debug"),
+        ]);
+        let flags = Overrides {
+            root: Some("/from/flag".into()),
+            ..Overrides::default()
+        };
+        let cfg = Config::resolve(flags, 1000, env).expect("resolve");
+        assert_eq!(cfg.root, Path::new("/from/flag"));
+        assert_eq!(cfg.socket, Path::new("/env.sock"));
+        assert_eq!(cfg.socket_group.as_deref(), Some("filegroup"));
+        assert_eq!(cfg.log, "debug");
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(3));
+        assert_eq!(cfg.config_file.as_deref(), Some(file.as_path()));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_file_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config(dir.path(), "root = \"/x\"\nsokcet = \"/typo\"\n");
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        let err = Config::resolve(flags, 0, env_from(&[])).expect_err("typo");
+        let msg = err.to_string();
+        assert!(msg.contains(file.to_str().expect("utf-8")), "{msg}");
+        assert!(msg.contains("sokcet"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn explicit_missing_file_and_relative_paths_are_errors() {
+        let flags = Overrides {
+            config: Some("/nonexistent/memobuildd.toml".into()),
+            ..Overrides::default()
+        };
+        assert!(matches!(
+            Config::resolve(flags, 0, env_from(&[])),
+            Err(ConfigError::Read { .. })
+        ));
+        let flags = Overrides {
+            root: Some("relative/root".into()),
+            ..Overrides::default()
+        };
+        assert!(matches!(
+            Config::resolve(flags, 0, env_from(&[])),
+            Err(ConfigError::NotAbsolute { what: "root", .. })
+        ));
+    }
+}

@@ -1,0 +1,204 @@
+//! The local-socket server: the daemon's front door and the last stage of the data flow.
+//!
+//! [`run`] claims the state root and the socket ([`listener`]), announces readiness
+//! (`sd_notify` READY=1, which is also how `memobuild` learns that a daemon it spawned is up),
+//! then serves each connection on its own task ([`connection`]) until SIGTERM, SIGINT or a
+//! `Shutdown` request. Shutdown stops accepting, removes the socket, gives in-flight requests
+//! [`Config::shutdown_grace`] to finish, cancels the rest, releases the root and returns.
+//!
+//! Only this module converts between engine types and `memobuild_protocol` messages.
+
+mod access;
+mod connection;
+mod listener;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use memobuild_protocol::{CacheStats, PACKAGE_VERSION, PROTOCOL_VERSION, StatusReport};
+use tokio::net::UnixStream;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::passwd;
+use access::AccessPolicy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("state root {root}: {source}")]
+    Root {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state root {root} is in use by another memobuildd (pid {holder}); two daemons never share a root"
+    )]
+    RootInUse { root: PathBuf, holder: String },
+    #[error("socket {socket}: {source}")]
+    Socket {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another memobuildd is already serving on {socket}; stop it first (`memobuild daemon stop`)"
+    )]
+    SocketInUse { socket: PathBuf },
+    #[error("socket activation: {0}")]
+    Activation(#[source] std::io::Error),
+    #[error("socket group {0:?} does not exist in /etc/group")]
+    UnknownGroup(String),
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// State every connection sees.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: Config,
+    access: AccessPolicy,
+    started: Instant,
+    socket_activated: bool,
+    connections_active: AtomicU64,
+    connections_total: AtomicU64,
+    requests_total: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    /// Connections that asked for the shutdown: kept open until the process exits, so their
+    /// end of the socket closing means "the daemon is gone and its root is free".
+    held_until_exit: Mutex<Vec<UnixStream>>,
+}
+
+impl Shared {
+    fn request_shutdown(&self, why: &str) {
+        if !*self.shutdown.borrow() {
+            info!(why, "shutting down");
+            self.shutdown.send_replace(true);
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        StatusReport {
+            daemon_version: PACKAGE_VERSION.to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            uid: passwd::effective_uid(),
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            root: self.config.root.clone(),
+            socket: self.config.socket.clone(),
+            socket_activated: self.socket_activated,
+            connections_active: self.connections_active.load(Ordering::Relaxed),
+            connections_total: self.connections_total.load(Ordering::Relaxed),
+            requests_total: self.requests_total.load(Ordering::Relaxed),
+            builds_active: 0,
+            workspaces: Vec::new(),
+            cache: CacheStats::default(),
+        }
+    }
+}
+
+/// Runs the daemon until it is told to stop. Returns once the socket is removed and the
+/// root released.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let root_lock = listener::lock_root(&config.root)?;
+    let group = match &config.socket_group {
+        Some(name) => {
+            let groups = passwd::read_database("/etc/group".as_ref()).unwrap_or_default();
+            Some(
+                passwd::find_group(&groups, name)
+                    .ok_or_else(|| ServerError::UnknownGroup(name.clone()))?,
+            )
+        }
+        None => None,
+    };
+    let access = AccessPolicy::new(passwd::effective_uid(), group);
+    let listening = listener::listen(&config.socket, access.group())?;
+    let (shutdown, mut shutdown_seen) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        access,
+        started: Instant::now(),
+        socket_activated: listening.activated(),
+        connections_active: AtomicU64::new(0),
+        connections_total: AtomicU64::new(0),
+        requests_total: AtomicU64::new(0),
+        shutdown,
+        held_until_exit: Mutex::new(Vec::new()),
+        config,
+    });
+    spawn_signal_listener(Arc::clone(&shared))?;
+
+    info!(
+        socket = %shared.config.socket.display(),
+        root = %shared.config.root.display(),
+        activated = shared.socket_activated,
+        pid = std::process::id(),
+        "memobuildd {PACKAGE_VERSION} ready"
+    );
+    // Not under systemd and not spawned by the client, NOTIFY_SOCKET is unset and this is a no-op.
+    if let Err(err) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving on {}", shared.config.socket.display())),
+    ]) {
+        warn!(%err, "could not send readiness notification");
+    }
+
+    let mut connections = JoinSet::new();
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown_seen.wait_for(|stop| *stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listening.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    next_id += 1;
+                    connections.spawn(connection::serve(stream, Arc::clone(&shared), next_id));
+                }
+                // Running out of fds must not end the daemon; the client retries.
+                Err(err) => warn!(%err, "accept failed"),
+            },
+        }
+    }
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    drop(listening.listener);
+    if let Some(path) = &listening.owned_path
+        && let Err(err) = std::fs::remove_file(path)
+    {
+        warn!(socket = %path.display(), %err, "could not remove socket");
+    }
+    let grace = shared.config.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            remaining = connections.len(),
+            "in-flight requests did not finish within {grace:?}; cancelling them"
+        );
+        connections.shutdown().await;
+    }
+    drop(root_lock);
+    info!("stopped");
+    // Dropped last: the requesters of the shutdown see end-of-stream only now.
+    shared.held_until_exit.lock().await.clear();
+    Ok(())
+}
+
+fn spawn_signal_listener(shared: Arc<Shared>) -> Result<(), ServerError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
+    tokio::spawn(async move {
+        let why = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        shared.request_shutdown(why);
+    });
+    Ok(())
+}
