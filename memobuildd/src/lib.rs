@@ -5,7 +5,9 @@
 //! socket). `config` resolves where everything lives; `passwd` reads user and group databases.
 
 pub mod config;
+pub mod context;
 pub mod frontend;
+pub mod layout;
 pub mod passwd;
 pub mod plan;
 pub mod server;

@@ -13,9 +13,8 @@ use std::path::{Path, PathBuf};
 use tokio::net::UnixListener;
 
 use super::ServerError;
+use crate::layout::Layout;
 use crate::passwd::Group;
-
-pub(crate) const LOCK_FILE: &str = "memobuildd.lock";
 
 /// Held for the daemon's whole life; the OS drops the lock when the process dies, so a crash
 /// never leaves the root locked.
@@ -24,7 +23,8 @@ pub(crate) struct RootLock {
     _file: File,
 }
 
-pub(crate) fn lock_root(root: &Path) -> Result<RootLock, ServerError> {
+pub(crate) fn lock_root(layout: &Layout) -> Result<RootLock, ServerError> {
+    let root = layout.root();
     let unusable = |source| ServerError::Root {
         root: root.to_owned(),
         source,
@@ -39,7 +39,7 @@ pub(crate) fn lock_root(root: &Path) -> Result<RootLock, ServerError> {
         .write(true)
         .create(true)
         .truncate(false)
-        .open(root.join(LOCK_FILE))
+        .open(layout.lock_file())
         .map_err(unusable)?;
     match file.try_lock() {
         Ok(()) => {}
@@ -187,8 +187,9 @@ mod tests {
     #[test]
     fn second_lock_on_a_root_is_refused_with_the_holder() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = lock_root(dir.path()).expect("first lock");
-        let err = lock_root(dir.path()).expect_err("second lock must fail");
+        let layout = Layout::new(dir.path());
+        let first = lock_root(&layout).expect("first lock");
+        let err = lock_root(&layout).expect_err("second lock must fail");
         match err {
             ServerError::RootInUse { holder, .. } => {
                 assert_eq!(holder, std::process::id().to_string())
@@ -196,7 +197,7 @@ mod tests {
             other => panic!("unexpected error: {other}"),
         }
         drop(first);
-        lock_root(dir.path()).expect("lock is free again after drop");
+        lock_root(&layout).expect("lock is free again after drop");
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::layout::Layout;
 use crate::passwd;
 use access::AccessPolicy;
 
@@ -104,7 +105,8 @@ impl Shared {
 /// Runs the daemon until it is told to stop. Returns once the socket is removed and the
 /// root released.
 pub async fn run(config: Config) -> Result<(), ServerError> {
-    let root_lock = listener::lock_root(&config.root)?;
+    let layout = Layout::new(&config.root);
+    let root_lock = listener::lock_root(&layout)?;
     let group = match &config.socket_group {
         Some(name) => {
             let groups = passwd::read_database("/etc/group".as_ref()).unwrap_or_default();
