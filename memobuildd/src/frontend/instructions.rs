@@ -288,6 +288,15 @@ impl Cx<'_> {
             .error(self.span(), &self.node.keyword, kind, message)
     }
 
+    /// An error about flag `--name`, pointing at it when it is on the instruction's first line.
+    fn flag_error(&self, kind: DiagnosticKind, name: &str, message: String) -> Diagnostic {
+        let mut diagnostic = self.error(kind, message);
+        if let Some(at) = diagnostic.source_line.find(&format!("--{name}")) {
+            diagnostic.column = diagnostic.source_line[..at].chars().count() as u32 + 1;
+        }
+        diagnostic
+    }
+
     fn keyword(&self) -> String {
         self.node.keyword.to_ascii_uppercase()
     }
@@ -302,14 +311,16 @@ impl Cx<'_> {
                 None => (body, None),
             };
             let Some(&(name, kind)) = allowed.iter().find(|(n, _)| *n == name) else {
-                return Err(self.error(
+                return Err(self.flag_error(
                     DiagnosticKind::UnknownFlag,
+                    name,
                     format!("unknown flag: --{name}"),
                 ));
             };
             if kind != FlagKind::Values && parsed.iter().any(|(n, _)| *n == name) {
-                return Err(self.error(
+                return Err(self.flag_error(
                     DiagnosticKind::BadFlag,
+                    name,
                     format!("duplicate flag specified: --{name}"),
                 ));
             }
@@ -318,15 +329,17 @@ impl Cx<'_> {
                 (FlagKind::Bool, Some(v)) if v.eq_ignore_ascii_case("true") => "true".to_owned(),
                 (FlagKind::Bool, Some(v)) if v.eq_ignore_ascii_case("false") => "false".to_owned(),
                 (FlagKind::Bool, Some(v)) => {
-                    return Err(self.error(
+                    return Err(self.flag_error(
                         DiagnosticKind::BadFlag,
+                        name,
                         format!("expecting boolean value for flag --{name}, not: {v}"),
                     ));
                 }
                 (_, Some(v)) => v.to_owned(),
                 (_, None) => {
-                    return Err(self.error(
+                    return Err(self.flag_error(
                         DiagnosticKind::BadFlag,
+                        name,
                         format!("missing a value on flag: --{name}"),
                     ));
                 }
@@ -455,8 +468,9 @@ impl Cx<'_> {
             .as_deref()
             .filter(|n| !matches!(*n, "default" | "none" | "host"))
         {
-            return Err(self.error(
+            return Err(self.flag_error(
                 DiagnosticKind::BadFlag,
+                "network",
                 format!("unsupported network mode: {n}"),
             ));
         }
@@ -465,8 +479,9 @@ impl Cx<'_> {
             .as_deref()
             .filter(|s| !matches!(*s, "sandbox" | "insecure"))
         {
-            return Err(self.error(
+            return Err(self.flag_error(
                 DiagnosticKind::BadFlag,
+                "security",
                 format!("unsupported security mode: {s}"),
             ));
         }
@@ -592,8 +607,9 @@ impl Cx<'_> {
                 let retries = match flags.value("retries") {
                     None => None,
                     Some(r) => Some(r.parse::<u32>().map_err(|_| {
-                        self.error(
+                        self.flag_error(
                             DiagnosticKind::BadFlag,
+                            "retries",
                             format!("--retries must be a non-negative integer, not {r:?}"),
                         )
                     })?),
@@ -619,7 +635,8 @@ impl Cx<'_> {
         let Some(text) = flags.value(name) else {
             return Ok(None);
         };
-        let bad = |why: &str| self.error(DiagnosticKind::BadFlag, format!("--{name}: {why}"));
+        let bad =
+            |why: &str| self.flag_error(DiagnosticKind::BadFlag, name, format!("--{name}: {why}"));
         let duration =
             parse_go_duration(&text).ok_or_else(|| bad(&format!("invalid duration {text:?}")))?;
         if !duration.is_zero() && duration < Duration::from_millis(1) {
@@ -692,8 +709,12 @@ mod tests {
         assert!(crate::frontend::dump(text).is_ok());
         let err = parse(text, "Dockerfile").unwrap_err();
         assert_eq!(err.kind, DiagnosticKind::UnknownFlag);
-        assert_eq!((err.line, err.column, err.keyword.as_str()), (2, 1, "COPY"));
+        assert_eq!((err.line, err.column, err.keyword.as_str()), (2, 6, "COPY"));
         assert_eq!(err.message, "unknown flag: --user");
+        assert_eq!(
+            err.to_string(),
+            "Dockerfile:2:6: unknown flag: --user\nCOPY --user=me foo /tmp/\n     ^"
+        );
     }
 
     #[test]

@@ -57,10 +57,26 @@ pub fn expand(
     env: &(impl Env + ?Sized),
     escape: char,
 ) -> Result<Expansion, ExpandError> {
+    run(word, env, escape, true)
+}
+
+/// Expands a heredoc body (`COPY <<EOF` with an unquoted delimiter): quotes are the file's own
+/// text, so only `$` and the `\` escape are processed.
+pub fn expand_heredoc(body: &str, env: &(impl Env + ?Sized)) -> Result<Expansion, ExpandError> {
+    run(body, env, '\\', false)
+}
+
+fn run(
+    word: &str,
+    env: &(impl Env + ?Sized),
+    escape: char,
+    quotes: bool,
+) -> Result<Expansion, ExpandError> {
     let mut lexer = Lexer {
         chars: word.chars().collect(),
         pos: 0,
         escape,
+        quotes,
         raw_escapes: false,
         env,
         referenced: BTreeSet::new(),
@@ -114,6 +130,8 @@ struct Lexer<'e, E: ?Sized> {
     chars: Vec<char>,
     pos: usize,
     escape: char,
+    /// Whether quotes group and protect text; not in heredoc bodies.
+    quotes: bool,
     /// Inside `${V#p}`-style patterns the escape char is kept for the pattern matcher.
     raw_escapes: bool,
     env: &'e E,
@@ -151,7 +169,7 @@ impl<E: Env + ?Sized> Lexer<'_, E> {
                     value.chars().for_each(|c| words.split_char(c));
                     result.push_str(&value);
                 }
-                '\'' | '"' => {
+                '\'' | '"' if self.quotes => {
                     let value = if c == '\'' {
                         self.single_quoted()?
                     } else {

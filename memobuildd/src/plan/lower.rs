@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use super::scope::{Args, Scope, build_arg};
+use super::scope::{Args, Scope, build_arg, platform_args};
 use super::{Base, BuildGraph, Node, NodeKind, PlanError, PlanOptions, StageInfo};
 use crate::frontend::shell::{self, Env, ExpandError};
 use crate::frontend::{
@@ -107,6 +107,10 @@ fn expansion_error(df: &Dockerfile, span: Span, keyword: &str, e: ExpandError) -
 /// The ARGs before the first FROM, each default expanded with the ones before it.
 fn global_args(df: &Dockerfile, build_args: &[(String, String)]) -> Result<Args, Diagnostic> {
     let mut globals = Args::default();
+    for (name, value) in platform_args() {
+        let value = build_arg(build_args, &name).map_or(value, str::to_owned);
+        globals.declare(&name, Some(value));
+    }
     for instruction in &df.global_args {
         let InstructionKind::Arg(decls) = &instruction.kind else {
             continue;
@@ -576,12 +580,28 @@ impl<'e> Expander<'e> {
 
     fn expansion(&mut self, text: &str) -> Result<shell::Expansion, ExpandError> {
         let expansion = shell::expand(text, self.env, self.escape)?;
+        self.note(&expansion);
+        Ok(expansion)
+    }
+
+    /// Remembers the set variables `expansion` referred to.
+    fn note(&mut self, expansion: &shell::Expansion) {
         for name in &expansion.referenced {
             if let Some(value) = self.env.lookup(name) {
                 self.used.insert(name.clone(), value.to_owned());
             }
         }
-        Ok(expansion)
+    }
+
+    /// Heredoc bodies with an unquoted delimiter, expanded; the others as written.
+    fn heredocs(&mut self, docs: &[Heredoc]) -> Result<Vec<Heredoc>, ExpandError> {
+        let mut expanded = docs.to_vec();
+        for doc in expanded.iter_mut().filter(|d| d.expand) {
+            let expansion = shell::expand_heredoc(&doc.body, self.env)?;
+            self.note(&expansion);
+            doc.body = expansion.word;
+        }
+        Ok(expanded)
     }
 
     fn word(&mut self, text: &str) -> Result<String, ExpandError> {
@@ -636,7 +656,7 @@ impl<'e> Expander<'e> {
         Ok(FileCopy {
             sources: self.all(&copy.sources)?,
             dest: self.word(&copy.dest)?,
-            heredocs: copy.heredocs.clone(),
+            heredocs: self.heredocs(&copy.heredocs)?,
             from: self.opt(copy.from.as_deref())?,
             chown: self.opt(copy.chown.as_deref())?,
             chmod: self.opt(copy.chmod.as_deref())?,

@@ -24,6 +24,33 @@ const PROXY_ARGS: [&str; 10] = [
     "all_proxy",
 ];
 
+/// The automatic platform ARGs BuildKit declares globally (`BUILDPLATFORM`, `TARGETARCH`, ...),
+/// for the machine the daemon runs on; a stage sees them when it declares them.
+pub(super) fn platform_args() -> Vec<(String, String)> {
+    let os = std::env::consts::OS;
+    let (arch, variant) = match std::env::consts::ARCH {
+        "x86_64" => ("amd64", ""),
+        "aarch64" => ("arm64", ""),
+        "x86" => ("386", ""),
+        "arm" => ("arm", "v7"),
+        "powerpc64" if cfg!(target_endian = "little") => ("ppc64le", ""),
+        "powerpc64" => ("ppc64", ""),
+        other => (other, ""),
+    };
+    let platform = match variant {
+        "" => format!("{os}/{arch}"),
+        _ => format!("{os}/{arch}/{variant}"),
+    };
+    let mut args = Vec::new();
+    for side in ["BUILD", "TARGET"] {
+        args.push((format!("{side}PLATFORM"), platform.clone()));
+        args.push((format!("{side}OS"), os.to_owned()));
+        args.push((format!("{side}ARCH"), arch.to_owned()));
+        args.push((format!("{side}VARIANT"), variant.to_owned()));
+    }
+    args
+}
+
 /// Declared ARGs: a declaration without default and without build arg is set to nothing, so
 /// `${A-x}` still gives `x`.
 #[derive(Debug, Clone, Default)]

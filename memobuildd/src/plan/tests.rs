@@ -279,3 +279,32 @@ fn cmd_changes_only_its_own_node() {
         .collect();
     assert_eq!(differing, ["CMD a"]);
 }
+
+#[test]
+fn copy_heredocs_expand_unless_quoted_and_keep_their_quotes() {
+    let g = graph("FROM a\nENV N=x\nCOPY <<EOF <<'RAW' /d/\n\"$N\" \\$N\nEOF\n$N\nRAW\n");
+    let (_, node) = find(&g, "COPY");
+    let Some(InstructionKind::Copy(copy)) = &node.step else {
+        panic!("a COPY step")
+    };
+    assert_eq!(copy.heredocs[0].body, "\"x\" $N\n");
+    assert_eq!(copy.heredocs[1].body, "$N\n");
+    assert_eq!(node.env, pairs(&[("N", "x")]));
+}
+
+#[test]
+fn automatic_platform_args_are_global() {
+    let text = "FROM --platform=$BUILDPLATFORM a\nARG TARGETPLATFORM\nRUN x\n";
+    let g = graph(text);
+    let platform = g.stages()[0].platform.clone().expect("a platform");
+    assert!(platform.contains('/'), "{platform}");
+    let run = find(&g, "RUN").1;
+    assert!(run.env.contains(&("TARGETPLATFORM".to_owned(), platform)));
+    let g = plan(text, None, &[("TARGETPLATFORM", "linux/riscv64")]).unwrap();
+    assert!(
+        find(&g, "RUN")
+            .1
+            .env
+            .contains(&("TARGETPLATFORM".to_owned(), "linux/riscv64".to_owned()))
+    );
+}
