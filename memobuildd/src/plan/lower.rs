@@ -22,10 +22,11 @@ pub fn lower(df: &Dockerfile, opts: &PlanOptions) -> Result<BuildGraph, PlanErro
     let bases = df
         .stages
         .iter()
-        .map(|stage| resolve_base(df, stage, &globals))
+        .enumerate()
+        .map(|(i, stage)| resolve_base(df, i, stage, &globals))
         .collect::<Result<Vec<_>, _>>()?;
     let target = match &opts.target {
-        None => df.stages.len() - 1,
+        None => df.stages.len().checked_sub(1).ok_or(PlanError::NoStages)?,
         Some(target) => df
             .stages
             .iter()
@@ -50,13 +51,10 @@ pub fn lower(df: &Dockerfile, opts: &PlanOptions) -> Result<BuildGraph, PlanErro
         images: HashMap::new(),
         stages: Vec::new(),
     };
-    for (stage, base) in df
-        .stages
-        .iter()
-        .zip(bases)
-        .filter(|(s, _)| needed[s.index as usize])
-    {
-        lowering.stage(stage, base)?;
+    for ((i, stage), base) in df.stages.iter().enumerate().zip(bases) {
+        if needed[i] {
+            lowering.stage(i, stage, base)?;
+        }
     }
     let target_end = lowering.stage_ends[target].expect("the target stage is needed");
     let target_stage = &df.stages[target];
@@ -139,9 +137,10 @@ fn stage_named(df: &Dockerfile, name: &str) -> Option<usize> {
         .position(|s| s.name.as_deref() == Some(name))
 }
 
-/// The FROM line of `stage`, expanded with the global ARGs.
+/// The FROM line of stage `i`, expanded with the global ARGs.
 fn resolve_base(
     df: &Dockerfile,
+    i: usize,
     stage: &Stage,
     globals: &Args,
 ) -> Result<ResolvedBase, Diagnostic> {
@@ -153,9 +152,9 @@ fn resolve_base(
     let error =
         |message: String| df.error(stage.span, "FROM", DiagnosticKind::StageReference, message);
     let base = match stage_named(df, &name.to_lowercase()) {
-        Some(j) if j < stage.index as usize => Base::Stage(j as u32),
+        Some(j) if j < i => Base::Stage(j as u32),
         // A stage named like its own base image builds on the image, as in BuildKit.
-        Some(j) if j > stage.index as usize => {
+        Some(j) if j > i => {
             return Err(error(format!(
                 "FROM {name}: stage {name:?} is defined later (line {})",
                 df.stages[j].span.start_line
@@ -278,8 +277,7 @@ impl Lowering<'_> {
         index
     }
 
-    fn stage(&mut self, stage: &Stage, resolved: ResolvedBase) -> Result<(), Diagnostic> {
-        let i = stage.index as usize;
+    fn stage(&mut self, i: usize, stage: &Stage, resolved: ResolvedBase) -> Result<(), Diagnostic> {
         let lines = Some((stage.span.start_line, stage.span.end_line));
         let (mut parent, env) = match &resolved.base {
             Base::Stage(j) => {
@@ -300,7 +298,7 @@ impl Lowering<'_> {
                 }
                 let node = Node {
                     kind: NodeKind::BaseImage,
-                    stage: Some(stage.index),
+                    stage: Some(i as u32),
                     label: format!("FROM {image}"),
                     instruction,
                     step: None,
@@ -325,7 +323,7 @@ impl Lowering<'_> {
         let end = self.add(
             Node {
                 kind: NodeKind::Stage,
-                stage: Some(stage.index),
+                stage: Some(i as u32),
                 label: format!("stage {i}{name}"),
                 instruction: format!("STAGE {i}"),
                 step: None,
@@ -340,7 +338,7 @@ impl Lowering<'_> {
         self.stage_ends[i] = Some(end);
         self.stage_envs[i] = scope.env;
         self.stages.push(StageInfo {
-            index: stage.index,
+            index: i as u32,
             name: stage.name.clone(),
             base: resolved.base,
             platform: resolved.platform,
@@ -361,7 +359,7 @@ impl Lowering<'_> {
         let keyword = instruction.kind.keyword();
         let span = instruction.span;
         let mut expander = Expander::new(&*scope, df.escape);
-        let expanded = match &instruction.kind {
+        let mut expanded = match &instruction.kind {
             InstructionKind::Arg(decls) => self.args(decls, &mut expander, scope),
             kind => expander.instruction(kind),
         }
@@ -374,10 +372,10 @@ impl Lowering<'_> {
 
         let mut inputs = Vec::new();
         let (mut sources, mut excludes) = (Vec::new(), Vec::new());
-        match &expanded {
+        match &mut expanded {
             InstructionKind::Env(pairs) => scope.env.extend(pairs.iter().cloned()),
             InstructionKind::Arg(decls) => {
-                for decl in decls {
+                for decl in decls.iter() {
                     scope.args.declare(&decl.name, decl.default.clone());
                 }
                 env = decls
@@ -389,7 +387,7 @@ impl Lowering<'_> {
             InstructionKind::Copy(copy) | InstructionKind::Add(copy) => {
                 sources.clone_from(&copy.sources);
                 excludes.clone_from(&copy.exclude);
-                inputs.extend(self.copy_input(i, instruction, &expanded, copy)?);
+                inputs.extend(self.copy_input(i, instruction, copy)?);
             }
             _ => {}
         }
@@ -434,29 +432,30 @@ impl Lowering<'_> {
         Ok(InstructionKind::Arg(resolved))
     }
 
-    /// The node a COPY/ADD reads from besides its parent: a context source, a stage or an image.
+    /// The node a COPY/ADD reads from besides its parent: a context source, a stage or an
+    /// image. A `--from` is replaced by what it resolved to: the stage's name (or index) or the
+    /// image.
     fn copy_input(
         &mut self,
         i: usize,
         instruction: &Instruction,
-        expanded: &InstructionKind,
-        copy: &FileCopy,
+        copy: &mut FileCopy,
     ) -> Result<Option<NodeIndex>, Diagnostic> {
-        let raw_from = match &instruction.kind {
-            InstructionKind::Copy(raw) => raw.from.as_deref(),
-            _ => None,
-        };
-        if let Some(raw_from) = raw_from {
-            return Ok(Some(
-                match resolve_copy_from(self.df, i, instruction, raw_from, &self.globals)? {
+        if let Some(raw_from) = &copy.from {
+            let df = self.df;
+            let (input, resolved) =
+                match resolve_copy_from(df, i, instruction, raw_from, &self.globals)? {
                     CopyFrom::Stage(j) => {
-                        self.stage_ends[j].expect("needed stages are lowered in order")
+                        let name = df.stages[j].name.clone().unwrap_or_else(|| j.to_string());
+                        let end = self.stage_ends[j].expect("needed stages are lowered in order");
+                        (end, name)
                     }
-                    CopyFrom::Image(image) => self.image(image),
-                },
-            ));
+                    CopyFrom::Image(image) => (self.image(image.clone()), image),
+                };
+            copy.from = Some(resolved);
+            return Ok(Some(input));
         }
-        let is_add = matches!(expanded, InstructionKind::Add(_));
+        let is_add = matches!(instruction.kind, InstructionKind::Add(_));
         let patterns: Vec<String> = copy
             .sources
             .iter()
@@ -657,7 +656,8 @@ impl<'e> Expander<'e> {
             sources: self.all(&copy.sources)?,
             dest: self.word(&copy.dest)?,
             heredocs: self.heredocs(&copy.heredocs)?,
-            from: self.opt(copy.from.as_deref())?,
+            // Resolved against the global ARGs when the step is lowered.
+            from: copy.from.clone(),
             chown: self.opt(copy.chown.as_deref())?,
             chmod: self.opt(copy.chmod.as_deref())?,
             link: copy.link,

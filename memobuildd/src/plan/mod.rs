@@ -40,6 +40,10 @@ pub enum PlanError {
     Dockerfile(#[from] Diagnostic),
     #[error("target stage {target:?} could not be found")]
     UnknownTarget { target: String },
+    /// Only possible for a [`Dockerfile`](crate::frontend::Dockerfile) whose stages were removed
+    /// after parsing.
+    #[error("the Dockerfile has no stages")]
+    NoStages,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,7 +85,8 @@ pub struct Node {
     pub label: String,
     /// The canonical instruction after ARG/ENV expansion; equal strings mean equal steps.
     pub instruction: String,
-    /// The instruction itself after expansion, for steps; what the engine executes.
+    /// The instruction itself after expansion, for steps; what the engine executes. For ARG,
+    /// each `default` holds the value in effect (build arg, default or global value).
     pub step: Option<InstructionKind>,
     /// The source patterns read (context patterns for context sources, COPY/ADD sources).
     pub sources: Vec<String>,
@@ -110,6 +115,16 @@ pub enum Base {
     Image(String),
     /// An earlier stage, by index.
     Stage(u32),
+}
+
+impl std::fmt::Display for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Base::Scratch => f.write_str("scratch"),
+            Base::Image(image) => write!(f, "image {image}"),
+            Base::Stage(index) => write!(f, "stage {index}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -156,7 +156,8 @@ fn copy_from_index_name_and_image() {
     );
     let edges: Vec<(u32, u32)> = g.edges().collect();
     let stage_end = |i: usize| g.stages()[i].node.index() as u32;
-    let (x, _) = find(&g, "COPY --from=1");
+    // `--from` shows what it resolved to: the stage name when it has one.
+    let (x, _) = find(&g, "COPY --from=two /x");
     let (y, _) = find(&g, "COPY --from=0");
     let (sh, _) = find(&g, "COPY --from=busybox");
     assert!(edges.contains(&(stage_end(1), x.index() as u32)));
