@@ -12,12 +12,26 @@ use crate::frontend::{
     Instruction, InstructionKind, Span, Stage,
 };
 
-/// Lowers the stages `opts.target` needs into a [`BuildGraph`].
+/// The ENV of a base image's config, by image reference and platform.
+pub type BaseEnv<'a> = &'a dyn Fn(&str, Option<&str>) -> Vec<(String, String)>;
+
+/// Lowers the stages `opts.target` needs into a [`BuildGraph`], not knowing any base image's
+/// ENV (a stage built on an image starts with none).
+pub fn lower(df: &Dockerfile, opts: &PlanOptions) -> Result<BuildGraph, PlanError> {
+    lower_with_base_env(df, opts, &|_, _| Vec::new())
+}
+
+/// As [`lower`], with the ENV of the base images, which BuildKit expands words with too
+/// (`ENV PATH=/opt/bin:$PATH`). Only the engine can fetch image configs, hence the callback.
 ///
 /// Global ARGs and every FROM line are evaluated up front, as BuildKit does; everything inside a
 /// stage (expansion, `COPY --from` references, port syntax) only for the stages the target
 /// needs, so a broken stage nobody needs does not fail the build.
-pub fn lower(df: &Dockerfile, opts: &PlanOptions) -> Result<BuildGraph, PlanError> {
+pub fn lower_with_base_env(
+    df: &Dockerfile,
+    opts: &PlanOptions,
+    base_env: BaseEnv<'_>,
+) -> Result<BuildGraph, PlanError> {
     let globals = global_args(df, &opts.build_args)?;
     let bases = df
         .stages
@@ -45,6 +59,7 @@ pub fn lower(df: &Dockerfile, opts: &PlanOptions) -> Result<BuildGraph, PlanErro
         df,
         globals,
         build_args: &opts.build_args,
+        base_env,
         graph: DiGraph::new(),
         stage_ends: vec![None; df.stages.len()],
         stage_envs: vec![BTreeMap::new(); df.stages.len()],
@@ -256,6 +271,7 @@ struct Lowering<'a> {
     df: &'a Dockerfile,
     globals: Args,
     build_args: &'a [(String, String)],
+    base_env: BaseEnv<'a>,
     graph: DiGraph<Node, ()>,
     /// The `stage` node of each lowered stage.
     stage_ends: Vec<Option<NodeIndex>>,
@@ -308,7 +324,11 @@ impl Lowering<'_> {
                     lines,
                     parent: None,
                 };
-                (self.add(node, &[]), BTreeMap::new())
+                let env = match &resolved.base {
+                    Base::Image(image) => (self.base_env)(image, resolved.platform.as_deref()),
+                    _ => Vec::new(),
+                };
+                (self.add(node, &[]), env.into_iter().collect())
             }
         };
         let mut scope = Scope::new(env, self.build_args);
@@ -543,10 +563,35 @@ fn check_semantics(
                 expanded.keyword()
             )))
         }
+        InstructionKind::Run(run) => match run.mounts.iter().find_map(|m| mount_problem(m)) {
+            Some(problem) => Err(error(format!("--mount: {problem}"))),
+            None => Ok(()),
+        },
         InstructionKind::Workdir(dir) if dir.is_empty() => {
             Err(error("WORKDIR cannot be empty".to_owned()))
         }
         _ => Ok(()),
+    }
+}
+
+/// What BuildKit would refuse in a `--mount` spec (`type=cache,target=/root/.cache`), if anything.
+fn mount_problem(spec: &str) -> Option<String> {
+    let mut kind = "bind";
+    let mut has_target = false;
+    for field in spec.split(',') {
+        let (key, value) = field.split_once('=').unwrap_or((field, ""));
+        match key.trim().to_ascii_lowercase().as_str() {
+            "type" => kind = value,
+            "target" | "dst" | "destination" => has_target = !value.is_empty(),
+            "from" | "source" | "src" | "readonly" | "ro" | "readwrite" | "rw" | "id"
+            | "sharing" | "mode" | "uid" | "gid" | "required" | "size" | "env" => {}
+            other => return Some(format!("unexpected key '{other}' in '{field}'")),
+        }
+    }
+    match kind {
+        "bind" | "cache" | "tmpfs" if !has_target => Some(format!("a {kind} mount needs a target")),
+        "bind" | "cache" | "tmpfs" | "secret" | "ssh" => None,
+        other => Some(format!("unsupported mount type {other:?}")),
     }
 }
 

@@ -21,7 +21,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::frontend::{Diagnostic, InstructionKind};
 
-pub use lower::lower;
+pub use lower::{BaseEnv, lower, lower_with_base_env};
 
 /// What to build.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -309,3 +309,46 @@ fn automatic_platform_args_are_global() {
             .contains(&("TARGETPLATFORM".to_owned(), "linux/riscv64".to_owned()))
     );
 }
+
+#[test]
+fn base_image_env_feeds_expansion_when_known() {
+    let df = frontend::parse(
+        "FROM golang:1 AS b\nENV PATH=/opt/bin:$PATH\nFROM b\nRUN go\n",
+        "D",
+    )
+    .unwrap();
+    let base_env = |image: &str, _: Option<&str>| {
+        assert_eq!(image, "golang:1");
+        vec![("PATH".to_owned(), "/usr/bin".to_owned())]
+    };
+    let g = lower_with_base_env(&df, &PlanOptions::default(), &base_env).unwrap();
+    assert_eq!(find(&g, "ENV").1.label, "ENV PATH=/opt/bin:/usr/bin");
+    assert_eq!(
+        find(&g, "RUN").1.env,
+        pairs(&[("PATH", "/opt/bin:/usr/bin")])
+    );
+    let g = lower(&df, &PlanOptions::default()).unwrap();
+    assert_eq!(find(&g, "ENV").1.label, "ENV PATH=/opt/bin:");
+}
+
+#[test]
+fn run_mounts_are_checked_after_expansion() {
+    let ok = "FROM a\nARG C=/root/.cache\nRUN --mount=type=cache,target=$C --mount=type=secret,id=s make\n";
+    let g = graph(ok);
+    let Some(InstructionKind::Run(run)) = &find(&g, "RUN").1.step else {
+        panic!("a RUN step")
+    };
+    assert_eq!(run.mounts[0], "type=cache,target=/root/.cache");
+    for bad in [
+        "FROM a\nRUN --mount=type=nfs,target=/x true\n",
+        "FROM a\nRUN --mount=type=cache true\n",
+        "FROM a\nRUN --mount=target=/x,colour=red true\n",
+    ] {
+        let err = stage_error(bad, None);
+        assert_eq!(
+            (err.kind, err.line),
+            (DiagnosticKind::Semantic, 2),
+            "{bad:?}"
+        );
+    }
+}
