@@ -1,0 +1,869 @@
+//! Lowering: stage resolution, `--target` pruning, expansion and node construction.
+
+use std::collections::{BTreeMap, HashMap};
+
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use super::scope::{Args, Scope, build_arg, platform_args};
+use super::{Base, BuildGraph, Node, NodeKind, PlanError, PlanOptions, StageInfo};
+use crate::frontend::shell::{self, Env, ExpandError};
+use crate::frontend::{
+    ArgDecl, Command, Diagnostic, DiagnosticKind, Dockerfile, FileCopy, Healthcheck, Heredoc,
+    Instruction, InstructionKind, Span, Stage,
+};
+
+/// The ENV of a base image's config, by image reference and platform.
+pub type BaseEnv<'a> = &'a dyn Fn(&str, Option<&str>) -> Vec<(String, String)>;
+
+/// Lowers the stages `opts.target` needs into a [`BuildGraph`], not knowing any base image's
+/// ENV (a stage built on an image starts with none).
+pub fn lower(df: &Dockerfile, opts: &PlanOptions) -> Result<BuildGraph, PlanError> {
+    lower_with_base_env(df, opts, &|_, _| Vec::new())
+}
+
+/// As [`lower`], with the ENV of the base images, which BuildKit expands words with too
+/// (`ENV PATH=/opt/bin:$PATH`). Only the engine can fetch image configs, hence the callback.
+///
+/// Global ARGs and every FROM line are evaluated up front, as BuildKit does; everything inside a
+/// stage (expansion, `COPY --from` references, port syntax) only for the stages the target
+/// needs, so a broken stage nobody needs does not fail the build.
+pub fn lower_with_base_env(
+    df: &Dockerfile,
+    opts: &PlanOptions,
+    base_env: BaseEnv<'_>,
+) -> Result<BuildGraph, PlanError> {
+    let globals = global_args(df, &opts.build_args)?;
+    let bases = df
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, stage)| resolve_base(df, i, stage, &globals))
+        .collect::<Result<Vec<_>, _>>()?;
+    let target = match &opts.target {
+        None => df.stages.len().checked_sub(1).ok_or(PlanError::NoStages)?,
+        Some(target) => df
+            .stages
+            .iter()
+            .position(|s| {
+                s.name
+                    .as_deref()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(target))
+            })
+            .ok_or_else(|| PlanError::UnknownTarget {
+                target: target.clone(),
+            })?,
+    };
+    let needed = needed_stages(df, &bases, &globals, target)?;
+
+    let mut lowering = Lowering {
+        df,
+        globals,
+        build_args: &opts.build_args,
+        base_env,
+        graph: DiGraph::new(),
+        stage_ends: vec![None; df.stages.len()],
+        stage_envs: vec![BTreeMap::new(); df.stages.len()],
+        images: HashMap::new(),
+        stages: Vec::new(),
+    };
+    for ((i, stage), base) in df.stages.iter().enumerate().zip(bases) {
+        if needed[i] {
+            lowering.stage(i, stage, base)?;
+        }
+    }
+    let target_end = lowering.stage_ends[target].expect("the target stage is needed");
+    let target_stage = &df.stages[target];
+    let name = target_stage
+        .name
+        .clone()
+        .unwrap_or_else(|| target.to_string());
+    let export = lowering.add(
+        Node {
+            kind: NodeKind::Export,
+            stage: None,
+            label: format!("export {name}"),
+            instruction: format!("EXPORT {target}"),
+            step: None,
+            sources: Vec::new(),
+            excludes: Vec::new(),
+            env: Vec::new(),
+            lines: None,
+            parent: Some(target_end),
+        },
+        &[],
+    );
+    Ok(BuildGraph {
+        graph: lowering.graph,
+        stages: lowering.stages,
+        export,
+    })
+}
+
+/// A FROM line after expansion.
+#[derive(Debug)]
+struct ResolvedBase {
+    base: Base,
+    platform: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+/// Where a `COPY --from` reads.
+enum CopyFrom {
+    Stage(usize),
+    Image(String),
+}
+
+fn expansion_error(df: &Dockerfile, span: Span, keyword: &str, e: ExpandError) -> Diagnostic {
+    df.error(span, keyword, DiagnosticKind::Expansion, e.message)
+}
+
+/// The ARGs before the first FROM, each default expanded with the ones before it.
+fn global_args(df: &Dockerfile, build_args: &[(String, String)]) -> Result<Args, Diagnostic> {
+    let mut globals = Args::default();
+    for (name, value) in platform_args() {
+        let value = build_arg(build_args, &name).map_or(value, str::to_owned);
+        globals.declare(&name, Some(value));
+    }
+    for instruction in &df.global_args {
+        let InstructionKind::Arg(decls) = &instruction.kind else {
+            continue;
+        };
+        let mut expander = Expander::new(&globals, df.escape);
+        let mut values = Vec::with_capacity(decls.len());
+        for decl in decls {
+            let default = expander
+                .opt(decl.default.as_deref())
+                .map_err(|e| expansion_error(df, instruction.span, "ARG", e))?;
+            let value = build_arg(build_args, &decl.name)
+                .map(str::to_owned)
+                .or(default);
+            values.push((decl.name.as_str(), value));
+        }
+        for (name, value) in values {
+            globals.declare(name, value);
+        }
+    }
+    Ok(globals)
+}
+
+fn stage_named(df: &Dockerfile, name: &str) -> Option<usize> {
+    df.stages
+        .iter()
+        .position(|s| s.name.as_deref() == Some(name))
+}
+
+/// The FROM line of stage `i`, expanded with the global ARGs.
+fn resolve_base(
+    df: &Dockerfile,
+    i: usize,
+    stage: &Stage,
+    globals: &Args,
+) -> Result<ResolvedBase, Diagnostic> {
+    let mut expander = Expander::new(globals, df.escape);
+    let expanded = expander
+        .word(&stage.base)
+        .and_then(|base| Ok((base, expander.opt(stage.platform.as_deref())?)));
+    let (name, platform) = expanded.map_err(|e| expansion_error(df, stage.span, "FROM", e))?;
+    let error =
+        |message: String| df.error(stage.span, "FROM", DiagnosticKind::StageReference, message);
+    let base = match stage_named(df, &name.to_lowercase()) {
+        Some(j) if j < i => Base::Stage(j as u32),
+        // A stage named like its own base image builds on the image, as in BuildKit.
+        Some(j) if j > i => {
+            return Err(error(format!(
+                "FROM {name}: stage {name:?} is defined later (line {})",
+                df.stages[j].span.start_line
+            )));
+        }
+        _ if name.is_empty() => {
+            return Err(error("FROM requires an image or stage name".to_owned()));
+        }
+        _ if name == "scratch" => Base::Scratch,
+        _ => Base::Image(name),
+    };
+    Ok(ResolvedBase {
+        base,
+        platform,
+        env: expander.used(),
+    })
+}
+
+/// Resolves a `COPY --from` value of stage `from_stage` (expanded with the global ARGs).
+fn resolve_copy_from(
+    df: &Dockerfile,
+    from_stage: usize,
+    instruction: &Instruction,
+    raw: &str,
+    globals: &Args,
+) -> Result<CopyFrom, Diagnostic> {
+    let name = Expander::new(globals, df.escape)
+        .word(raw)
+        .map_err(|e| expansion_error(df, instruction.span, "COPY", e))?;
+    let error = |message: String| {
+        df.error(
+            instruction.span,
+            "COPY",
+            DiagnosticKind::StageReference,
+            message,
+        )
+    };
+    let index = match name.parse::<usize>() {
+        Ok(index) if index >= df.stages.len() => {
+            return Err(error(format!(
+                "--from={name}: no stage with index {index} (there are {})",
+                df.stages.len()
+            )));
+        }
+        Ok(index) => index,
+        Err(_) => match stage_named(df, &name.to_lowercase()) {
+            Some(index) => index,
+            None if name.is_empty() => {
+                return Err(error("--from needs a stage or image".to_owned()));
+            }
+            None => return Ok(CopyFrom::Image(name)),
+        },
+    };
+    match index.cmp(&from_stage) {
+        std::cmp::Ordering::Less => Ok(CopyFrom::Stage(index)),
+        std::cmp::Ordering::Equal => Err(error(format!(
+            "--from={name}: circular dependency, a stage cannot copy from itself"
+        ))),
+        std::cmp::Ordering::Greater => Err(error(format!(
+            "--from={name}: stage is defined later (line {}); only earlier stages can be copied from",
+            df.stages[index].span.start_line
+        ))),
+    }
+}
+
+/// Which stages `target` needs, through FROM and `COPY --from`; references are checked only in
+/// the needed stages.
+fn needed_stages(
+    df: &Dockerfile,
+    bases: &[ResolvedBase],
+    globals: &Args,
+    target: usize,
+) -> Result<Vec<bool>, Diagnostic> {
+    let mut needed = vec![false; df.stages.len()];
+    let mut todo = vec![target];
+    while let Some(i) = todo.pop() {
+        if std::mem::replace(&mut needed[i], true) {
+            continue;
+        }
+        if let Base::Stage(j) = bases[i].base {
+            todo.push(j as usize);
+        }
+        for instruction in &df.stages[i].instructions {
+            let InstructionKind::Copy(FileCopy {
+                from: Some(from), ..
+            }) = &instruction.kind
+            else {
+                continue;
+            };
+            if let CopyFrom::Stage(j) = resolve_copy_from(df, i, instruction, from, globals)? {
+                todo.push(j);
+            }
+        }
+    }
+    Ok(needed)
+}
+
+struct Lowering<'a> {
+    df: &'a Dockerfile,
+    globals: Args,
+    build_args: &'a [(String, String)],
+    base_env: BaseEnv<'a>,
+    graph: DiGraph<Node, ()>,
+    /// The `stage` node of each lowered stage.
+    stage_ends: Vec<Option<NodeIndex>>,
+    /// The ENV each lowered stage ends with, inherited by `FROM <stage>`.
+    stage_envs: Vec<BTreeMap<String, String>>,
+    /// One node per image `COPY --from` names.
+    images: HashMap<String, NodeIndex>,
+    stages: Vec<StageInfo>,
+}
+
+impl Lowering<'_> {
+    /// Adds `node` with edges from its parent and from `inputs`.
+    fn add(&mut self, node: Node, inputs: &[NodeIndex]) -> NodeIndex {
+        let parent = node.parent;
+        let index = self.graph.add_node(node);
+        for from in parent.iter().chain(inputs) {
+            self.graph.add_edge(*from, index, ());
+        }
+        index
+    }
+
+    fn stage(&mut self, i: usize, stage: &Stage, resolved: ResolvedBase) -> Result<(), Diagnostic> {
+        let lines = Some((stage.span.start_line, stage.span.end_line));
+        let (mut parent, env) = match &resolved.base {
+            Base::Stage(j) => {
+                let j = *j as usize;
+                (
+                    self.stage_ends[j].expect("earlier needed stages are lowered first"),
+                    self.stage_envs[j].clone(),
+                )
+            }
+            Base::Scratch | Base::Image(_) => {
+                let image = match &resolved.base {
+                    Base::Image(image) => image.as_str(),
+                    _ => "scratch",
+                };
+                let mut instruction = format!("FROM {}", json(image));
+                if let Some(platform) = &resolved.platform {
+                    instruction.push_str(&format!(" --platform={}", json(platform)));
+                }
+                let node = Node {
+                    kind: NodeKind::BaseImage,
+                    stage: Some(i as u32),
+                    label: format!("FROM {image}"),
+                    instruction,
+                    step: None,
+                    sources: Vec::new(),
+                    excludes: Vec::new(),
+                    env: resolved.env.clone(),
+                    lines,
+                    parent: None,
+                };
+                let env = match &resolved.base {
+                    Base::Image(image) => (self.base_env)(image, resolved.platform.as_deref()),
+                    _ => Vec::new(),
+                };
+                (self.add(node, &[]), env.into_iter().collect())
+            }
+        };
+        let mut scope = Scope::new(env, self.build_args);
+        for instruction in &stage.instructions {
+            parent = self.step(i, instruction, &mut scope, parent)?;
+        }
+        let name = stage
+            .name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        let end = self.add(
+            Node {
+                kind: NodeKind::Stage,
+                stage: Some(i as u32),
+                label: format!("stage {i}{name}"),
+                instruction: format!("STAGE {i}"),
+                step: None,
+                sources: Vec::new(),
+                excludes: Vec::new(),
+                env: Vec::new(),
+                lines,
+                parent: Some(parent),
+            },
+            &[],
+        );
+        self.stage_ends[i] = Some(end);
+        self.stage_envs[i] = scope.env;
+        self.stages.push(StageInfo {
+            index: i as u32,
+            name: stage.name.clone(),
+            base: resolved.base,
+            platform: resolved.platform,
+            node: end,
+        });
+        Ok(())
+    }
+
+    /// Lowers one instruction of stage `i` after `parent`; returns its node.
+    fn step(
+        &mut self,
+        i: usize,
+        instruction: &Instruction,
+        scope: &mut Scope<'_>,
+        parent: NodeIndex,
+    ) -> Result<NodeIndex, Diagnostic> {
+        let df = self.df;
+        let keyword = instruction.kind.keyword();
+        let span = instruction.span;
+        let mut expander = Expander::new(&*scope, df.escape);
+        let mut expanded = match &instruction.kind {
+            InstructionKind::Arg(decls) => self.args(decls, &mut expander, scope),
+            kind => expander.instruction(kind),
+        }
+        .map_err(|e| expansion_error(df, span, keyword, e))?;
+        let mut env = match &expanded {
+            InstructionKind::Run(_) => scope.run_env(),
+            _ => expander.used(),
+        };
+        check_semantics(df, instruction, &expanded)?;
+
+        let mut inputs = Vec::new();
+        let (mut sources, mut excludes) = (Vec::new(), Vec::new());
+        match &mut expanded {
+            InstructionKind::Env(pairs) => scope.env.extend(pairs.iter().cloned()),
+            InstructionKind::Arg(decls) => {
+                for decl in decls.iter() {
+                    scope.args.declare(&decl.name, decl.default.clone());
+                }
+                env = decls
+                    .iter()
+                    .filter_map(|d| Some((d.name.clone(), d.default.clone()?)))
+                    .collect();
+                env.sort();
+            }
+            InstructionKind::Copy(copy) | InstructionKind::Add(copy) => {
+                sources.clone_from(&copy.sources);
+                excludes.clone_from(&copy.exclude);
+                inputs.extend(self.copy_input(i, instruction, copy)?);
+            }
+            _ => {}
+        }
+        let kind = match expanded {
+            InstructionKind::Run(_)
+            | InstructionKind::Copy(_)
+            | InstructionKind::Add(_)
+            | InstructionKind::Workdir(_) => NodeKind::Filesystem,
+            _ => NodeKind::Metadata,
+        };
+        let node = Node {
+            kind,
+            stage: Some(i as u32),
+            label: label(&expanded),
+            instruction: canonical(&expanded),
+            step: Some(expanded),
+            sources,
+            excludes,
+            env,
+            lines: Some((span.start_line, span.end_line)),
+            parent: Some(parent),
+        };
+        Ok(self.add(node, &inputs))
+    }
+
+    /// ARG values: build arg, else expanded default, else (bare redeclaration) the global value.
+    fn args(
+        &self,
+        decls: &[ArgDecl],
+        expander: &mut Expander<'_>,
+        scope: &Scope<'_>,
+    ) -> Result<InstructionKind, ExpandError> {
+        let mut resolved = Vec::with_capacity(decls.len());
+        for decl in decls {
+            let default = expander.opt(decl.default.as_deref())?;
+            let value = scope.arg_value(&decl.name, default, &self.globals);
+            resolved.push(ArgDecl {
+                name: decl.name.clone(),
+                default: value,
+            });
+        }
+        Ok(InstructionKind::Arg(resolved))
+    }
+
+    /// The node a COPY/ADD reads from besides its parent: a context source, a stage or an
+    /// image. A `--from` is replaced by what it resolved to: the stage's name (or index) or the
+    /// image.
+    fn copy_input(
+        &mut self,
+        i: usize,
+        instruction: &Instruction,
+        copy: &mut FileCopy,
+    ) -> Result<Option<NodeIndex>, Diagnostic> {
+        if let Some(raw_from) = &copy.from {
+            let df = self.df;
+            let (input, resolved) =
+                match resolve_copy_from(df, i, instruction, raw_from, &self.globals)? {
+                    CopyFrom::Stage(j) => {
+                        let name = df.stages[j].name.clone().unwrap_or_else(|| j.to_string());
+                        let end = self.stage_ends[j].expect("needed stages are lowered in order");
+                        (end, name)
+                    }
+                    CopyFrom::Image(image) => (self.image(image.clone()), image),
+                };
+            copy.from = Some(resolved);
+            return Ok(Some(input));
+        }
+        let is_add = matches!(instruction.kind, InstructionKind::Add(_));
+        let patterns: Vec<String> = copy
+            .sources
+            .iter()
+            .filter(|s| !(is_add && is_remote(s)))
+            .cloned()
+            .collect();
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        let span = instruction.span;
+        let node = Node {
+            kind: NodeKind::ContextSource,
+            stage: Some(i as u32),
+            label: format!("context {}", patterns.join(" ")),
+            instruction: format!(
+                "CONTEXT {} --exclude={}",
+                json(&patterns),
+                json(&copy.exclude)
+            ),
+            step: None,
+            sources: patterns,
+            excludes: copy.exclude.clone(),
+            env: Vec::new(),
+            lines: Some((span.start_line, span.end_line)),
+            parent: None,
+        };
+        Ok(Some(self.add(node, &[])))
+    }
+
+    fn image(&mut self, image: String) -> NodeIndex {
+        if let Some(&node) = self.images.get(&image) {
+            return node;
+        }
+        let node = self.add(
+            Node {
+                kind: NodeKind::BaseImage,
+                stage: None,
+                label: format!("image {image}"),
+                instruction: format!("FROM {}", json(&image)),
+                step: None,
+                sources: Vec::new(),
+                excludes: Vec::new(),
+                env: Vec::new(),
+                lines: None,
+                parent: None,
+            },
+            &[],
+        );
+        self.images.insert(image, node);
+        node
+    }
+}
+
+/// ADD sources fetched from the network rather than read from the context.
+fn is_remote(source: &str) -> bool {
+    ["http://", "https://", "git://", "git@", "ssh://"]
+        .iter()
+        .any(|p| source.starts_with(p))
+}
+
+/// Checks on expanded values that BuildKit makes while dispatching.
+fn check_semantics(
+    df: &Dockerfile,
+    instruction: &Instruction,
+    expanded: &InstructionKind,
+) -> Result<(), Diagnostic> {
+    let error = |message: String| {
+        df.error(
+            instruction.span,
+            expanded.keyword(),
+            DiagnosticKind::Semantic,
+            message,
+        )
+    };
+    match expanded {
+        InstructionKind::Expose(ports) => match ports.iter().find(|p| !is_port_spec(p)) {
+            Some(bad) => Err(error(format!("invalid port specification: {bad:?}"))),
+            None => Ok(()),
+        },
+        InstructionKind::Env(pairs) | InstructionKind::Label(pairs)
+            if pairs.iter().any(|(k, _)| k.is_empty()) =>
+        {
+            Err(error(format!(
+                "{} names can not be blank",
+                expanded.keyword()
+            )))
+        }
+        InstructionKind::Run(run) => match run.mounts.iter().find_map(|m| mount_problem(m)) {
+            Some(problem) => Err(error(format!("--mount: {problem}"))),
+            None => Ok(()),
+        },
+        InstructionKind::Workdir(dir) if dir.is_empty() => {
+            Err(error("WORKDIR cannot be empty".to_owned()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What BuildKit would refuse in a `--mount` spec (`type=cache,target=/root/.cache`), if anything.
+fn mount_problem(spec: &str) -> Option<String> {
+    let mut kind = "bind";
+    let mut has_target = false;
+    for field in spec.split(',') {
+        let (key, value) = field.split_once('=').unwrap_or((field, ""));
+        match key.trim().to_ascii_lowercase().as_str() {
+            "type" => kind = value,
+            "target" | "dst" | "destination" => has_target = !value.is_empty(),
+            "from" | "source" | "src" | "readonly" | "ro" | "readwrite" | "rw" | "id"
+            | "sharing" | "mode" | "uid" | "gid" | "required" | "size" | "env" => {}
+            other => return Some(format!("unexpected key '{other}' in '{field}'")),
+        }
+    }
+    match kind {
+        "bind" | "cache" | "tmpfs" if !has_target => Some(format!("a {kind} mount needs a target")),
+        "bind" | "cache" | "tmpfs" | "secret" | "ssh" => None,
+        other => Some(format!("unsupported mount type {other:?}")),
+    }
+}
+
+/// `80`, `80/udp`, `8000-8010/tcp`.
+fn is_port_spec(spec: &str) -> bool {
+    let (ports, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
+    let (low, high) = ports.split_once('-').unwrap_or((ports, ports));
+    ["tcp", "udp", "sctp"]
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(proto))
+        && low.parse::<u16>().is_ok()
+        && high.parse::<u16>().is_ok()
+}
+
+/// Expands the words of one instruction, remembering which variables they used.
+struct Expander<'e> {
+    env: &'e dyn Env,
+    escape: char,
+    used: BTreeMap<String, String>,
+}
+
+impl<'e> Expander<'e> {
+    fn new(env: &'e dyn Env, escape: char) -> Self {
+        Expander {
+            env,
+            escape,
+            used: BTreeMap::new(),
+        }
+    }
+
+    fn expansion(&mut self, text: &str) -> Result<shell::Expansion, ExpandError> {
+        let expansion = shell::expand(text, self.env, self.escape)?;
+        self.note(&expansion);
+        Ok(expansion)
+    }
+
+    /// Remembers the set variables `expansion` referred to.
+    fn note(&mut self, expansion: &shell::Expansion) {
+        for name in &expansion.referenced {
+            if let Some(value) = self.env.lookup(name) {
+                self.used.insert(name.clone(), value.to_owned());
+            }
+        }
+    }
+
+    /// Heredoc bodies with an unquoted delimiter, expanded; the others as written.
+    fn heredocs(&mut self, docs: &[Heredoc]) -> Result<Vec<Heredoc>, ExpandError> {
+        let mut expanded = docs.to_vec();
+        for doc in expanded.iter_mut().filter(|d| d.expand) {
+            let expansion = shell::expand_heredoc(&doc.body, self.env)?;
+            self.note(&expansion);
+            doc.body = expansion.word;
+        }
+        Ok(expanded)
+    }
+
+    fn word(&mut self, text: &str) -> Result<String, ExpandError> {
+        Ok(self.expansion(text)?.word)
+    }
+
+    fn opt(&mut self, text: Option<&str>) -> Result<Option<String>, ExpandError> {
+        text.map(|t| self.word(t)).transpose()
+    }
+
+    fn all(&mut self, texts: &[String]) -> Result<Vec<String>, ExpandError> {
+        texts.iter().map(|t| self.word(t)).collect()
+    }
+
+    /// The variables the expansions so far used, with the values they had.
+    fn used(&self) -> Vec<(String, String)> {
+        self.used
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// `kind` with its expandable words expanded. RUN, CMD, ENTRYPOINT, SHELL, HEALTHCHECK,
+    /// MAINTAINER and ONBUILD are left as written: their shell (or the child build) expands.
+    fn instruction(&mut self, kind: &InstructionKind) -> Result<InstructionKind, ExpandError> {
+        Ok(match kind {
+            InstructionKind::Copy(copy) => InstructionKind::Copy(self.file_copy(copy)?),
+            InstructionKind::Add(copy) => InstructionKind::Add(self.file_copy(copy)?),
+            InstructionKind::Env(pairs) => InstructionKind::Env(self.pairs(pairs)?),
+            InstructionKind::Label(pairs) => InstructionKind::Label(self.pairs(pairs)?),
+            InstructionKind::Expose(ports) => {
+                let mut split = Vec::new();
+                for port in ports {
+                    split.extend(self.expansion(port)?.words);
+                }
+                InstructionKind::Expose(split)
+            }
+            InstructionKind::Volume(paths) => InstructionKind::Volume(self.all(paths)?),
+            InstructionKind::User(user) => InstructionKind::User(self.word(user)?),
+            InstructionKind::Workdir(dir) => InstructionKind::Workdir(self.word(dir)?),
+            InstructionKind::StopSignal(sig) => InstructionKind::StopSignal(self.word(sig)?),
+            InstructionKind::Run(run) => {
+                let mut run = run.clone();
+                run.mounts = self.all(&run.mounts)?;
+                InstructionKind::Run(run)
+            }
+            other => other.clone(),
+        })
+    }
+
+    fn file_copy(&mut self, copy: &FileCopy) -> Result<FileCopy, ExpandError> {
+        Ok(FileCopy {
+            sources: self.all(&copy.sources)?,
+            dest: self.word(&copy.dest)?,
+            heredocs: self.heredocs(&copy.heredocs)?,
+            // Resolved against the global ARGs when the step is lowered.
+            from: copy.from.clone(),
+            chown: self.opt(copy.chown.as_deref())?,
+            chmod: self.opt(copy.chmod.as_deref())?,
+            link: copy.link,
+            parents: copy.parents,
+            exclude: self.all(&copy.exclude)?,
+            checksum: self.opt(copy.checksum.as_deref())?,
+            keep_git_dir: copy.keep_git_dir,
+        })
+    }
+
+    fn pairs(&mut self, pairs: &[(String, String)]) -> Result<Vec<(String, String)>, ExpandError> {
+        pairs
+            .iter()
+            .map(|(k, v)| Ok((self.word(k)?, self.word(v)?)))
+            .collect()
+    }
+}
+
+/// JSON text of strings and lists of strings, which always serialize.
+fn json(value: &(impl serde::Serialize + ?Sized)) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn json_command(command: &Command) -> String {
+    match command {
+        Command::Exec(args) => json(args),
+        Command::Shell(line) => json(line),
+    }
+}
+
+/// The canonical text of an expanded instruction: keyword, flags in a fixed order, JSON
+/// arguments, heredocs. Two steps with the same text do the same thing.
+fn canonical(kind: &InstructionKind) -> String {
+    let mut out = kind.keyword().to_owned();
+    let mut flag = |name: &str, value: Option<&String>| {
+        if let Some(value) = value {
+            out.push_str(&format!(" --{name}={}", json(value)));
+        }
+    };
+    let mut heredocs: &[Heredoc] = &[];
+    let args = match kind {
+        InstructionKind::Run(run) => {
+            run.mounts.iter().for_each(|m| flag("mount", Some(m)));
+            flag("network", run.network.as_ref());
+            flag("security", run.security.as_ref());
+            heredocs = &run.heredocs;
+            json_command(&run.command)
+        }
+        InstructionKind::Cmd(c) | InstructionKind::Entrypoint(c) => json_command(c),
+        InstructionKind::Copy(c) | InstructionKind::Add(c) => {
+            flag("from", c.from.as_ref());
+            flag("chown", c.chown.as_ref());
+            flag("chmod", c.chmod.as_ref());
+            flag("link", c.link.then(|| "true".to_owned()).as_ref());
+            flag("parents", c.parents.then(|| "true".to_owned()).as_ref());
+            c.exclude.iter().for_each(|e| flag("exclude", Some(e)));
+            flag("checksum", c.checksum.as_ref());
+            flag(
+                "keep-git-dir",
+                c.keep_git_dir.then(|| "true".to_owned()).as_ref(),
+            );
+            heredocs = &c.heredocs;
+            json(&[&c.sources[..], std::slice::from_ref(&c.dest)].concat())
+        }
+        InstructionKind::Env(pairs) | InstructionKind::Label(pairs) => json(
+            &pairs
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+        ),
+        InstructionKind::Arg(decls) => json(
+            &decls
+                .iter()
+                .map(|d| (&d.name, &d.default))
+                .collect::<Vec<_>>(),
+        ),
+        InstructionKind::Shell(v) | InstructionKind::Expose(v) | InstructionKind::Volume(v) => {
+            json(v)
+        }
+        InstructionKind::User(s)
+        | InstructionKind::Workdir(s)
+        | InstructionKind::StopSignal(s)
+        | InstructionKind::Maintainer(s)
+        | InstructionKind::Onbuild(s) => json(s),
+        InstructionKind::Healthcheck(Healthcheck::None) => "NONE".to_owned(),
+        InstructionKind::Healthcheck(Healthcheck::Cmd {
+            test,
+            interval,
+            timeout,
+            start_period,
+            start_interval,
+            retries,
+        }) => {
+            let durations = [interval, timeout, start_period, start_interval];
+            let durations: Vec<Option<u128>> =
+                durations.iter().map(|d| d.map(|d| d.as_nanos())).collect();
+            format!("CMD {} {durations:?} {retries:?}", json_command(test))
+        }
+    };
+    out.push(' ');
+    out.push_str(&args);
+    for doc in heredocs {
+        let mode = if doc.expand { "expand" } else { "literal" };
+        out.push_str(&format!(
+            "\n<<{} {mode} {}",
+            json(&doc.name),
+            json(&doc.body)
+        ));
+    }
+    out
+}
+
+/// `RUN make`, `COPY src/ /app/`: the keyword and the gist, first line only, bounded.
+fn label(kind: &InstructionKind) -> String {
+    let gist = match kind {
+        InstructionKind::Run(run) => command_gist(&run.command),
+        InstructionKind::Cmd(c) | InstructionKind::Entrypoint(c) => command_gist(c),
+        InstructionKind::Copy(c) | InstructionKind::Add(c) => {
+            let from = c
+                .from
+                .as_ref()
+                .map(|f| format!("--from={f} "))
+                .unwrap_or_default();
+            let docs = c.heredocs.iter().map(|d| format!("<<{}", d.name));
+            let sources: Vec<String> = c.sources.iter().cloned().chain(docs).collect();
+            format!("{from}{} {}", sources.join(" "), c.dest)
+        }
+        InstructionKind::Env(pairs) | InstructionKind::Label(pairs) => pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        InstructionKind::Arg(decls) => decls
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        InstructionKind::Shell(v) | InstructionKind::Expose(v) | InstructionKind::Volume(v) => {
+            v.join(" ")
+        }
+        InstructionKind::User(s)
+        | InstructionKind::Workdir(s)
+        | InstructionKind::StopSignal(s)
+        | InstructionKind::Maintainer(s)
+        | InstructionKind::Onbuild(s) => s.clone(),
+        InstructionKind::Healthcheck(Healthcheck::None) => "NONE".to_owned(),
+        InstructionKind::Healthcheck(Healthcheck::Cmd { test, .. }) => {
+            format!("CMD {}", command_gist(test))
+        }
+    };
+    let gist = gist.lines().next().unwrap_or("");
+    let mut label = format!("{} {gist}", kind.keyword());
+    if label.chars().count() > 72 {
+        label = label.chars().take(71).collect::<String>() + "…";
+    }
+    label
+}
+
+fn command_gist(command: &Command) -> String {
+    match command {
+        Command::Exec(args) => args.join(" "),
+        Command::Shell(line) => line.clone(),
+    }
+}
