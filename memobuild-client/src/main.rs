@@ -1,6 +1,6 @@
 //! `memobuild`: parse the command line, talk to the daemon, print, exit with a documented code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -8,7 +8,10 @@ use memobuild_client::{
     ClientError, ConnectError, Connection, DaemonPlace, Exit, RequestError, connect_or_start,
     daemon_place, launch, render,
 };
-use memobuild_protocol::{PACKAGE_VERSION, PROTOCOL_VERSION, Request, Response};
+use memobuild_protocol::{
+    DockerfileSource, DumpDockerfileRequest, GraphRequest, PACKAGE_VERSION, PROTOCOL_VERSION,
+    Request, Response,
+};
 use serde_json::json;
 
 /// Incremental container image builds, served by a resident daemon.
@@ -42,6 +45,57 @@ enum Command {
         #[command(subcommand)]
         action: DaemonAction,
     },
+    /// Print a Dockerfile's build graph: stages, nodes and what each needs
+    Graph {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Build only what this stage needs
+        #[arg(long)]
+        target: Option<String>,
+        /// Set a build-time variable (repeatable)
+        #[arg(long = "build-arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        build_args: Vec<(String, String)>,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
+        format: GraphFormat,
+    },
+    /// Tools for looking inside
+    Debug {
+        #[command(subcommand)]
+        action: DebugAction,
+    },
+}
+
+/// Where the build context and the Dockerfile are (paths resolved here, sent absolute).
+#[derive(Debug, clap::Args)]
+struct SourceArgs {
+    /// Build context directory
+    #[arg(default_value = ".")]
+    context: PathBuf,
+    /// Dockerfile [default: CONTEXT/Dockerfile]
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    dockerfile: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn resolve(&self) -> DockerfileSource {
+        DockerfileSource {
+            context: absolute(&self.context),
+            dockerfile: self.dockerfile.as_deref().map(absolute),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GraphFormat {
+    Text,
+    Dot,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugAction {
+    /// Print the parse of a Dockerfile in BuildKit's parser dump format
+    DumpDockerfile { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +154,56 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             Ok(Exit::Success)
         }
         Command::Daemon { action } => daemon(action, place).await,
+        Command::Graph {
+            source,
+            target,
+            build_args,
+            format,
+        } => {
+            let request = Request::Graph(GraphRequest {
+                source: source.resolve(),
+                target,
+                build_args,
+            });
+            let mut conn = connect_or_start(place).await?;
+            let Response::Graph(view) = conn.call(&request).await? else {
+                return Err(unexpected("graph"));
+            };
+            match format {
+                GraphFormat::Text => print!("{}", render::graph_text(&view)),
+                GraphFormat::Dot => print!("{}", render::graph_dot(&view)),
+                GraphFormat::Json => print_json(&view),
+            }
+            Ok(Exit::Success)
+        }
+        Command::Debug {
+            action: DebugAction::DumpDockerfile { file },
+        } => {
+            let request = Request::DumpDockerfile(DumpDockerfileRequest {
+                path: absolute(&file),
+            });
+            let mut conn = connect_or_start(place).await?;
+            let Response::Dockerfile(dump) = conn.call(&request).await? else {
+                return Err(unexpected("dump-dockerfile"));
+            };
+            println!("{dump}");
+            Ok(Exit::Success)
+        }
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        // `--build-arg NAME` takes the value from the client's environment, as docker does.
+        None if !text.is_empty() => std::env::var(text)
+            .map(|value| (text.to_owned(), value))
+            .map_err(|_| format!("{text} is not set in the environment; use {text}=VALUE")),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
 

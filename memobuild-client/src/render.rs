@@ -1,9 +1,10 @@
 //! Human-readable output. Everything here is presentation: no decisions, no I/O.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::Duration;
 
-use memobuild_protocol::{CacheStats, StatusReport, WorkspaceStatus};
+use memobuild_protocol::{CacheStats, GraphNodeView, GraphView, StatusReport, WorkspaceStatus};
 
 pub fn status(report: &StatusReport) -> String {
     let mut out = String::new();
@@ -99,6 +100,95 @@ pub fn duration(d: Duration) -> String {
         60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
         _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
     }
+}
+
+/// The build graph as text: each stage with its nodes, each node with what it needs.
+pub fn graph_text(view: &GraphView) -> String {
+    let mut needs: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (from, to) in &view.edges {
+        needs.entry(*to).or_default().push(*from);
+    }
+    let node_line = |out: &mut String, node: &GraphNodeView| {
+        let line = node.line.map(|l| format!("line {l}")).unwrap_or_default();
+        let deps = needs
+            .get(&node.id)
+            .map(|deps| {
+                let list: Vec<String> = deps.iter().map(|d| format!("#{d}")).collect();
+                format!("needs {}", list.join(" "))
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  #{:<3} {:<14} {:<40} {:<9} {deps}",
+            node.id, node.kind, node.label, line
+        );
+    };
+    let mut out = String::new();
+    for stage in &view.stages {
+        let name = stage
+            .name
+            .as_deref()
+            .map(|n| format!(" {n:?}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "stage {}{name} (from {})", stage.index, stage.base);
+        for node in view.nodes.iter().filter(|n| n.stage == Some(stage.index)) {
+            node_line(&mut out, node);
+        }
+    }
+    let outside: Vec<&GraphNodeView> = view.nodes.iter().filter(|n| n.stage.is_none()).collect();
+    if !outside.is_empty() {
+        let _ = writeln!(out, "outside stages");
+        for node in outside {
+            node_line(&mut out, node);
+        }
+    }
+    out
+}
+
+/// The build graph in Graphviz DOT, one cluster per stage.
+pub fn graph_dot(view: &GraphView) -> String {
+    let mut out = String::from(
+        "digraph memobuild {\n  rankdir=LR;\n  node [shape=box, fontname=monospace];\n",
+    );
+    let node_decl = |node: &GraphNodeView| {
+        format!(
+            "n{} [label={}];",
+            node.id,
+            dot_quote(&format!("#{} {}\n{}", node.id, node.kind, node.label))
+        )
+    };
+    for stage in &view.stages {
+        let title = stage
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage {}", stage.index));
+        let _ = writeln!(
+            out,
+            "  subgraph cluster_{} {{\n    label={};",
+            stage.index,
+            dot_quote(&title)
+        );
+        for node in view.nodes.iter().filter(|n| n.stage == Some(stage.index)) {
+            let _ = writeln!(out, "    {}", node_decl(node));
+        }
+        out.push_str("  }\n");
+    }
+    for node in view.nodes.iter().filter(|n| n.stage.is_none()) {
+        let _ = writeln!(out, "  {}", node_decl(node));
+    }
+    for (from, to) in &view.edges {
+        let _ = writeln!(out, "  n{from} -> n{to};");
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn dot_quote(text: &str) -> String {
+    let escaped = text
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("\"{escaped}\"")
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ impl std::fmt::Display for ErrorCode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{message} ({code})")]
+#[error("{message}")]
 pub struct ErrorReply {
     pub code: ErrorCode,
     pub message: String,

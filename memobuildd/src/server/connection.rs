@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
 use super::access::Peer;
+use super::requests::{self, HandlerError};
 
 /// A client that connects and says nothing is dropped after this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,14 +168,22 @@ impl Connection {
                 self.shared.request_shutdown("shutdown request");
                 return Ok(Next::HoldUntilExit);
             }
-            other => Response::error(
-                ErrorCode::NotImplemented,
-                format!("`{}` is not implemented by this daemon yet", other.name()),
-            ),
+            Request::Graph(request) => respond(requests::graph(&request, self.peer)),
+            Request::DumpDockerfile(request) => {
+                respond(requests::dump_dockerfile(&request, self.peer))
+            }
+            other => HandlerError::NotImplemented(other.name()).into_response(),
         };
         write_frame(&mut self.stream, &reply).await?;
         Ok(Next::Continue)
     }
+}
+
+fn respond(result: Result<Response, HandlerError>) -> Response {
+    result.unwrap_or_else(|err| {
+        debug!(%err, code = %err.code(), "request failed");
+        err.into_response()
+    })
 }
 
 fn frame_error_reply(err: &FrameError) -> (ErrorCode, String) {

@@ -11,6 +11,7 @@
 mod access;
 mod connection;
 mod listener;
+mod requests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
