@@ -9,8 +9,8 @@ use memobuild_client::{
     daemon_place, launch, render,
 };
 use memobuild_protocol::{
-    DockerfileSource, DumpDockerfileRequest, GraphRequest, PACKAGE_VERSION, PROTOCOL_VERSION,
-    Request, Response,
+    DockerfileSource, DumpDockerfileRequest, GraphRequest, NotifyRequest, PACKAGE_VERSION,
+    PROTOCOL_VERSION, Request, Response, UnwatchRequest, WatchRequest,
 };
 use serde_json::json;
 
@@ -57,6 +57,26 @@ enum Command {
         build_args: Vec<(String, String)>,
         #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
         format: GraphFormat,
+    },
+    /// Watch a workspace: keep its fingerprints hot and mark changed steps dirty as you edit
+    Watch {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop watching a workspace
+    Unwatch {
+        /// Build context directory
+        #[arg(default_value = ".")]
+        context: PathBuf,
+    },
+    /// Tell the daemon these paths changed (editor save hooks; filesystems inotify misses)
+    Notify {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Tools for looking inside
     Debug {
@@ -173,6 +193,48 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
                 GraphFormat::Text => print!("{}", render::graph_text(&view)),
                 GraphFormat::Dot => print!("{}", render::graph_dot(&view)),
                 GraphFormat::Json => print_json(&view),
+            }
+            Ok(Exit::Success)
+        }
+        Command::Watch { source, json } => {
+            let request = Request::Watch(WatchRequest {
+                source: source.resolve(),
+            });
+            let mut conn = connect_or_start(place).await?;
+            let Response::Watched(workspace) = conn.call(&request).await? else {
+                return Err(unexpected("watch"));
+            };
+            if json {
+                print_json(&workspace);
+            } else {
+                print!("watching\n{}", render::workspace(&workspace));
+            }
+            Ok(Exit::Success)
+        }
+        Command::Unwatch { context } => {
+            let request = Request::Unwatch(UnwatchRequest {
+                context: absolute(&context),
+            });
+            let mut conn = connect_or_start(place).await?;
+            conn.call(&request).await?;
+            println!("no longer watching {}", absolute(&context).display());
+            Ok(Exit::Success)
+        }
+        Command::Notify { paths, json } => {
+            let request = Request::Notify(NotifyRequest {
+                paths: paths.iter().map(|p| absolute(p)).collect(),
+            });
+            let mut conn = connect_or_start(place).await?;
+            let Response::Notified(report) = conn.call(&request).await? else {
+                return Err(unexpected("notify"));
+            };
+            if json {
+                print_json(&report);
+            } else {
+                println!(
+                    "{} path(s) in watched workspaces; {} step(s) newly dirty",
+                    report.matched, report.dirtied
+                );
             }
             Ok(Exit::Success)
         }

@@ -56,7 +56,8 @@ fn cache(stats: &CacheStats) -> String {
     )
 }
 
-fn workspace(ws: &WorkspaceStatus) -> String {
+/// One workspace: where, how big, how fresh, and what is dirty because of what.
+pub fn workspace(ws: &WorkspaceStatus) -> String {
     let mut out = format!(
         "  {} ({}): {} files, {}{}\n",
         ws.context.display(),
@@ -69,6 +70,23 @@ fn workspace(ws: &WorkspaceStatus) -> String {
             ", not watched live (scanned at build time)"
         }
     );
+    if let Some(ms) = ws.last_change_unix_ms {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let ago = Duration::from_millis(now.saturating_sub(ms));
+        let _ = writeln!(out, "    last change {} ago", duration(ago));
+    }
+    if let Some(error) = &ws.error {
+        let _ = writeln!(
+            out,
+            "    Dockerfile error: {}",
+            error.replace('\n', "\n      ")
+        );
+    }
+    if ws.dirty.is_empty() {
+        let _ = writeln!(out, "    clean: nothing changed since the last build");
+    }
     for dirty in &ws.dirty {
         let _ = writeln!(out, "    dirty: {}  (changed: {})", dirty.node, dirty.cause);
     }

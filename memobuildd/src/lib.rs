@@ -11,6 +11,7 @@ pub mod layout;
 pub mod passwd;
 pub mod plan;
 pub mod server;
+pub mod watch;
 
 pub use config::Config;
 pub use server::{ServerError, run};

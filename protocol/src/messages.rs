@@ -313,7 +313,11 @@ pub struct WorkspaceStatus {
     pub last_change_unix_ms: Option<u64>,
     /// The watcher is live; `false` means changes are found by scanning at build time.
     pub watching: bool,
+    /// Files whose content the last full scan had to read (the rest came from the stat cache).
+    pub hashed_files: u64,
     pub dirty: Vec<DirtyNode>,
+    /// Why the Dockerfile cannot be planned right now, if it cannot.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

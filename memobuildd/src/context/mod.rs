@@ -82,25 +82,116 @@ pub fn scan(
 ) -> Result<(FileTree, ScanReport), ContextError> {
     let started = Instant::now();
     let scan_start_ns = unix_now_ns();
-    let mut entries = walk::walk(context, rules)?;
+    let mut entries = walk::walk(context, "", rules)?;
     let mut report = ScanReport {
         entries: entries.len() as u64,
         ..ScanReport::default()
     };
+    for entry in entries.values().filter(|e| e.kind == EntryKind::File) {
+        report.files += 1;
+        report.bytes += entry.size;
+    }
+    (report.hashed_files, report.hashed_bytes) =
+        hash_entries(context, &mut entries, cache, scan_start_ns, false)?;
+    cache.flush()?;
+    report.elapsed = started.elapsed();
+    Ok((FileTree::from_entries(entries), report))
+}
+
+/// Brings `tree` up to date after changes were reported at `paths` (context-relative).
+/// Reported files are re-hashed whatever their metadata says; a reported directory is walked
+/// again (its files through the stat cache). Returns the paths whose content changed.
+pub fn refresh(
+    context: &Path,
+    rules: &IgnoreRules,
+    tree: &mut FileTree,
+    paths: &[String],
+    cache: &mut StatCache,
+) -> Result<Vec<Box<str>>, ContextError> {
+    let scan_start_ns = unix_now_ns();
+    let mut touched = Vec::new();
+    for rel in paths {
+        let abs = walk::absolute(context, rel);
+        let meta = match std::fs::symlink_metadata(&abs) {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                touched.extend(tree.replace_subtree(rel, Default::default()));
+                continue;
+            }
+            Err(source) => return Err(ContextError::Io { path: abs, source }),
+        };
+        let is_dir = meta.is_dir();
+        if rules.is_excluded(rel) && !(is_dir && rules.may_reinclude_below()) {
+            touched.extend(tree.replace_subtree(rel, Default::default()));
+            continue;
+        }
+        let replacement = if is_dir {
+            let mut entries = walk::walk(context, rel, rules)?;
+            hash_entries(context, &mut entries, cache, scan_start_ns, false)?;
+            entries
+        } else {
+            let target = if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&abs).map_err(|source| ContextError::Io {
+                    path: abs.clone(),
+                    source,
+                })?;
+                Some(target.to_string_lossy().into_owned().into_boxed_str())
+            } else {
+                None
+            };
+            let mut entries = std::collections::BTreeMap::new();
+            entries.insert(rel.as_str().into(), walk::entry_from(&meta, target));
+            hash_entries(context, &mut entries, cache, scan_start_ns, true)?;
+            entries
+        };
+        touched.extend(tree.replace_subtree(rel, replacement));
+        add_missing_parents(context, tree, rel, &mut touched);
+    }
+    cache.flush()?;
+    Ok(touched)
+}
+
+/// A path that appeared needs its parent directories in the tree too.
+fn add_missing_parents(
+    context: &Path,
+    tree: &mut FileTree,
+    rel: &str,
+    touched: &mut Vec<Box<str>>,
+) {
+    let mut parent = tree::parent(rel);
+    while !parent.is_empty() && tree.get(parent).is_none() {
+        if let Ok(meta) = std::fs::symlink_metadata(walk::absolute(context, parent))
+            && tree.insert_if_absent(parent, walk::entry_from(&meta, None))
+        {
+            touched.push(parent.into());
+        }
+        parent = tree::parent(parent);
+    }
+}
+
+/// Fills in file hashes: from the stat cache unless `force`, else by reading the files.
+/// Files that vanished meanwhile are dropped.
+fn hash_entries(
+    context: &Path,
+    entries: &mut std::collections::BTreeMap<Box<str>, Entry>,
+    cache: &mut StatCache,
+    scan_start_ns: i64,
+    force: bool,
+) -> Result<(u64, u64), ContextError> {
     let mut to_hash = Vec::new();
     for (path, entry) in entries.iter_mut() {
         if entry.kind != EntryKind::File {
             continue;
         }
-        report.files += 1;
-        report.bytes += entry.size;
-        match cache.lookup(&entry.stat) {
+        match cache.lookup(&entry.stat).filter(|_| !force) {
             Some(hash) => entry.hash = hash,
             None => to_hash.push((path.clone(), entry.size)),
         }
     }
-    report.hashed_files = to_hash.len() as u64;
-    report.hashed_bytes = to_hash.iter().map(|(_, size)| size).sum();
+    let hashed = (
+        to_hash.len() as u64,
+        to_hash.iter().map(|(_, size)| size).sum::<u64>(),
+    );
     for (path, result) in walk::hash_files(context, to_hash) {
         match result {
             Ok(hash) => {
@@ -109,7 +200,6 @@ pub fn scan(
                     cache.remember(entry.stat, hash, scan_start_ns);
                 }
             }
-            // Deleted since the walk saw it: not part of this scan.
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 entries.remove(&path);
             }
@@ -121,9 +211,7 @@ pub fn scan(
             }
         }
     }
-    cache.flush()?;
-    report.elapsed = started.elapsed();
-    Ok((FileTree::from_entries(entries), report))
+    Ok(hashed)
 }
 
 /// Nanoseconds since the Unix epoch, the unit of file timestamps.

@@ -177,11 +177,11 @@ fn a_reopened_cache_rehashes_nothing_when_nothing_changed() {
         write(&ctx, &format!("src/f{i}.txt"), &format!("file {i}"));
     }
     age_files();
-    let (first_tree, first) = fx.scan();
+    let (mut first_tree, first) = fx.scan();
     assert_eq!(first.hashed_files, 50);
     // A restarted daemon: a fresh StatCache over the same database file.
     fx.cache = StatCache::open(&fx.dir.path().join("context-v1.sqlite")).expect("reopen");
-    let (second_tree, second) = fx.scan();
+    let (mut second_tree, second) = fx.scan();
     assert_eq!(second.hashed_files, 0);
     assert_eq!(first_tree.root_hash(), second_tree.root_hash());
 }

@@ -58,13 +58,90 @@ pub struct Entry {
 #[derive(Debug, Clone, Default)]
 pub struct FileTree {
     entries: BTreeMap<Box<str>, Entry>,
+    /// Directory hashes are recomputed on demand after changes: fingerprints never need
+    /// them, so an edit does not pay for rehashing every ancestor up to the root.
+    dirs_stale: bool,
+}
+
+impl Entry {
+    /// Whether two records of a path describe the same thing for a build: type, mode, link
+    /// target and (for non-directories) content. Stat fields and directory hashes don't count.
+    pub fn same_content(&self, other: &Entry) -> bool {
+        self.kind == other.kind
+            && self.mode == other.mode
+            && self.link_target == other.link_target
+            && (self.kind == EntryKind::Dir || self.hash == other.hash)
+    }
 }
 
 impl FileTree {
     pub fn from_entries(entries: BTreeMap<Box<str>, Entry>) -> Self {
-        let mut tree = Self { entries };
+        let mut tree = Self {
+            entries,
+            dirs_stale: false,
+        };
         tree.rehash_dirs();
         tree
+    }
+
+    /// Replaces everything at and below `prefix` with `replacement` (whose paths must all lie
+    /// at or below `prefix`). Returns the paths whose content changed, appeared or vanished.
+    pub fn replace_subtree(
+        &mut self,
+        prefix: &str,
+        mut replacement: BTreeMap<Box<str>, Entry>,
+    ) -> Vec<Box<str>> {
+        let old: Vec<Box<str>> = self.subtree_paths(prefix).collect();
+        let mut touched = Vec::new();
+        for path in old {
+            if !replacement.contains_key(&path) {
+                self.entries.remove(&path);
+                touched.push(path);
+            }
+        }
+        for (path, entry) in std::mem::take(&mut replacement) {
+            let changed = self
+                .entries
+                .get(&path)
+                .is_none_or(|old| !old.same_content(&entry));
+            if changed {
+                touched.push(path.clone());
+            }
+            self.entries.insert(path, entry);
+        }
+        self.dirs_stale = true;
+        touched
+    }
+
+    pub fn into_entries(self) -> BTreeMap<Box<str>, Entry> {
+        self.entries
+    }
+
+    /// Adds `path` only if absent (a parent directory of a path that appeared).
+    pub fn insert_if_absent(&mut self, path: &str, entry: Entry) -> bool {
+        if self.entries.contains_key(path) {
+            return false;
+        }
+        self.entries.insert(path.into(), entry);
+        self.dirs_stale = true;
+        true
+    }
+
+    /// `prefix` itself and everything below it.
+    fn subtree_paths<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = Box<str>> + 'a {
+        use std::ops::Bound;
+        // Every path of the subtree starts with `prefix`, and so do siblings such as `a.txt`
+        // for `a`, which sort in between: scan the run of prefixed paths, keep the subtree.
+        self.entries
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .map(|(path, _)| path)
+            .take_while(move |path| path.starts_with(prefix))
+            .filter(move |path| {
+                prefix.is_empty()
+                    || path.len() == prefix.len()
+                    || path.as_bytes()[prefix.len()] == b'/'
+            })
+            .cloned()
     }
 
     pub fn get(&self, path: &str) -> Option<&Entry> {
@@ -92,7 +169,11 @@ impl FileTree {
     }
 
     /// Merkle hash of the whole context.
-    pub fn root_hash(&self) -> Hash {
+    pub fn root_hash(&mut self) -> Hash {
+        if self.dirs_stale {
+            self.rehash_dirs();
+            self.dirs_stale = false;
+        }
         self.entries.get("").map_or([0; 32], |e| e.hash)
     }
 
@@ -332,14 +413,14 @@ mod tests {
 
     #[test]
     fn merkle_root_changes_with_content_mode_and_name_only() {
-        let base = tree(&[("src/a.rs", file("a", 0o644)), ("README", file("r", 0o644))]);
-        let same = tree(&[("src/a.rs", file("a", 0o644)), ("README", file("r", 0o644))]);
+        let mut base = tree(&[("src/a.rs", file("a", 0o644)), ("README", file("r", 0o644))]);
+        let mut same = tree(&[("src/a.rs", file("a", 0o644)), ("README", file("r", 0o644))]);
         assert_eq!(base.root_hash(), same.root_hash());
         let mut touched = file("a", 0o644);
         touched.stat.mtime_ns = 12345;
-        let touched = tree(&[("src/a.rs", touched), ("README", file("r", 0o644))]);
+        let mut touched = tree(&[("src/a.rs", touched), ("README", file("r", 0o644))]);
         assert_eq!(base.root_hash(), touched.root_hash(), "mtimes never count");
-        for changed in [
+        for mut changed in [
             tree(&[("src/a.rs", file("b", 0o644)), ("README", file("r", 0o644))]),
             tree(&[("src/a.rs", file("a", 0o755)), ("README", file("r", 0o644))]),
             tree(&[("src/b.rs", file("a", 0o644)), ("README", file("r", 0o644))]),
@@ -411,5 +492,65 @@ mod tests {
             t.len() - 1,
             "`.` is the whole context"
         );
+    }
+}
+
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+
+    fn entry(kind: EntryKind, content: &[u8]) -> Entry {
+        Entry {
+            kind,
+            mode: 0o644,
+            size: content.len() as u64,
+            link_target: None,
+            hash: *blake3::hash(content).as_bytes(),
+            stat: StatKey {
+                dev: 0,
+                ino: 0,
+                size: 0,
+                mtime_ns: 0,
+                ctime_ns: 0,
+                mode: 0,
+            },
+        }
+    }
+
+    fn map(items: &[(&str, Entry)]) -> BTreeMap<Box<str>, Entry> {
+        items
+            .iter()
+            .map(|(p, e)| ((*p).into(), e.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn replacing_a_subtree_reports_exactly_what_changed() {
+        let dir = entry(EntryKind::Dir, b"");
+        let mut tree = FileTree::from_entries(map(&[
+            ("", dir.clone()),
+            ("a", dir.clone()),
+            ("a/x", entry(EntryKind::File, b"x")),
+            ("a/y", entry(EntryKind::File, b"y")),
+            ("a.txt", entry(EntryKind::File, b"sibling")),
+            ("b", entry(EntryKind::File, b"b")),
+        ]));
+        let before = tree.root_hash();
+        let touched = tree.replace_subtree(
+            "a",
+            map(&[
+                ("a", dir.clone()),
+                ("a/x", entry(EntryKind::File, b"x")),
+                ("a/z", entry(EntryKind::File, b"z")),
+            ]),
+        );
+        let touched: Vec<&str> = touched.iter().map(|p| &**p).collect();
+        assert_eq!(touched, ["a/y", "a/z"]);
+        assert!(
+            tree.get("a.txt").is_some(),
+            "a sibling sorting inside the range survives"
+        );
+        assert!(tree.get("b").is_some());
+        assert_ne!(tree.root_hash(), before);
     }
 }

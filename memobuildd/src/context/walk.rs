@@ -34,20 +34,24 @@ struct Collected {
     errors: Vec<ContextError>,
 }
 
-/// Walks `root`, returning every kept entry (files unhashed) keyed by relative path.
+/// Walks the directory `start` (context-relative, `""` for the whole context) of the context
+/// at `root`, returning every kept entry (files unhashed) keyed by relative path, `start`
+/// itself included.
 pub(crate) fn walk(
     root: &Path,
+    start: &str,
     rules: &IgnoreRules,
 ) -> Result<BTreeMap<Box<str>, Entry>, ContextError> {
-    let meta = std::fs::metadata(root).map_err(|source| ContextError::Io {
-        path: root.to_owned(),
+    let start_abs = absolute(root, start);
+    let meta = std::fs::metadata(&start_abs).map_err(|source| ContextError::Io {
+        path: start_abs.clone(),
         source,
     })?;
     if !meta.is_dir() {
-        return Err(ContextError::NotADirectory(root.to_owned()));
+        return Err(ContextError::NotADirectory(start_abs));
     }
     let collected = Mutex::new(Collected::default());
-    rayon::scope(|scope| walk_dir(scope, root, String::new(), rules, &collected));
+    rayon::scope(|scope| walk_dir(scope, &start_abs, start.to_owned(), rules, &collected));
     let mut collected = collected
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -72,7 +76,7 @@ pub(crate) fn walk(
             entries.insert(dir.path, dir.entry);
         }
     }
-    entries.insert("".into(), entry_from(&meta, None));
+    entries.insert(start.into(), entry_from(&meta, None));
     Ok(entries)
 }
 

@@ -169,6 +169,13 @@ impl Connection {
                 return Ok(Next::HoldUntilExit);
             }
             Request::Graph(request) => respond(requests::graph(&request, self.peer)),
+            Request::Watch(request) => {
+                respond(requests::watch(&self.shared.hub, request, self.peer).await)
+            }
+            Request::Unwatch(request) => {
+                respond(requests::unwatch(&self.shared.hub, request).await)
+            }
+            Request::Notify(request) => respond(requests::notify(&self.shared.hub, request).await),
             Request::DumpDockerfile(request) => {
                 respond(requests::dump_dockerfile(&request, self.peer))
             }

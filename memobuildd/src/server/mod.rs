@@ -20,13 +20,14 @@ use std::time::Instant;
 
 use memobuild_protocol::{CacheStats, PACKAGE_VERSION, PROTOCOL_VERSION, StatusReport};
 use tokio::net::UnixStream;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::layout::Layout;
 use crate::passwd;
+use crate::watch::{Change, Hub, NotifyBackend, WatchError};
 use access::AccessPolicy;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,8 @@ pub enum ServerError {
     UnknownGroup(String),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
 }
 
 /// State every connection sees.
@@ -70,6 +73,7 @@ pub(crate) struct Shared {
     connections_total: AtomicU64,
     requests_total: AtomicU64,
     shutdown: watch::Sender<bool>,
+    hub: Arc<Hub>,
     /// Connections that asked for the shutdown: kept open until the process exits, so their
     /// end of the socket closing means "the daemon is gone and its root is free".
     held_until_exit: Mutex<Vec<UnixStream>>,
@@ -97,7 +101,12 @@ impl Shared {
             connections_total: self.connections_total.load(Ordering::Relaxed),
             requests_total: self.requests_total.load(Ordering::Relaxed),
             builds_active: 0,
-            workspaces: Vec::new(),
+            workspaces: self
+                .hub
+                .reports()
+                .iter()
+                .map(requests::workspace_status)
+                .collect(),
             cache: CacheStats::default(),
         }
     }
@@ -120,6 +129,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     };
     let access = AccessPolicy::new(passwd::effective_uid(), group);
     let listening = listener::listen(&config.socket, access.group())?;
+    let (changes, changes_seen) = mpsc::unbounded_channel();
+    let backend = NotifyBackend::new(config.debounce, changes)?;
+    let hub = Arc::new(Hub::open(&layout, Box::new(backend))?);
     let (shutdown, mut shutdown_seen) = watch::channel(false);
     let shared = Arc::new(Shared {
         access,
@@ -129,6 +141,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         connections_total: AtomicU64::new(0),
         requests_total: AtomicU64::new(0),
         shutdown,
+        hub: Arc::clone(&hub),
         held_until_exit: Mutex::new(Vec::new()),
         config,
     });
@@ -148,6 +161,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     ]) {
         warn!(%err, "could not send readiness notification");
     }
+
+    tokio::spawn(follow_changes(Arc::clone(&hub), changes_seen));
+    // Workspaces watched before a restart come back in the background; status shows them as
+    // they are ready.
+    let restoring = Arc::clone(&hub);
+    tokio::task::spawn_blocking(move || restoring.restore());
 
     let mut connections = JoinSet::new();
     let mut next_id = 0u64;
@@ -190,6 +209,41 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     // Dropped last: the requesters of the shutdown see end-of-stream only now.
     shared.held_until_exit.lock().await.clear();
     Ok(())
+}
+
+/// Applies what the watcher reports. A burst that queued up while the previous one was
+/// applied is taken in one pass.
+async fn follow_changes(hub: Arc<Hub>, mut changes: mpsc::UnboundedReceiver<Change>) {
+    while let Some(first) = changes.recv().await {
+        let mut paths = Vec::new();
+        let mut rescan = false;
+        let queued = std::iter::from_fn(|| changes.try_recv().ok());
+        for change in std::iter::once(first).chain(queued) {
+            match change {
+                Change::Paths(more) => paths.extend(more),
+                Change::Rescan => rescan = true,
+            }
+        }
+        let hub = Arc::clone(&hub);
+        let count = paths.len();
+        let started = std::time::Instant::now();
+        let applied = tokio::task::spawn_blocking(move || {
+            if rescan {
+                hub.rescan()
+            } else {
+                hub.changed(&paths)
+            }
+        })
+        .await;
+        tracing::debug!(paths = count, rescan, elapsed = ?started.elapsed(), "applied changes");
+        match applied {
+            Ok(outcome) if outcome.dirtied > 0 => {
+                info!(dirtied = outcome.dirtied, "workspace changed");
+            }
+            Ok(_) => {}
+            Err(err) => warn!(%err, "applying changes failed"),
+        }
+    }
 }
 
 fn spawn_signal_listener(shared: Arc<Shared>) -> Result<(), ServerError> {

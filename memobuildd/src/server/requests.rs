@@ -3,15 +3,19 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use memobuild_protocol::{
-    DockerfileSource, DumpDockerfileRequest, ErrorCode, GraphNodeView, GraphRequest, GraphView,
-    Response, StageView,
+    DirtyNode, DockerfileSource, DumpDockerfileRequest, ErrorCode, GraphNodeView, GraphRequest,
+    GraphView, NotifyReport, NotifyRequest, Response, StageView, UnwatchRequest, WatchRequest,
+    WorkspaceStatus,
 };
 
 use super::access::Peer;
 use crate::context::ContextError;
 use crate::frontend::{self, Diagnostic};
 use crate::plan::{self, BuildGraph, PlanError, PlanOptions};
+use crate::watch::{Hub, WatchError, WorkspaceReport};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HandlerError {
@@ -21,6 +25,8 @@ pub(crate) enum HandlerError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Context(#[from] ContextError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
     #[error("{}: {source}", path.display())]
     Read {
         path: PathBuf,
@@ -45,6 +51,14 @@ impl HandlerError {
             Self::Context(ContextError::Database { .. }) => ErrorCode::Internal,
             Self::Context(_) => ErrorCode::InvalidInput,
             Self::Unreadable { .. } => ErrorCode::PermissionDenied,
+            Self::Watch(err) => match err {
+                WatchError::NotWatched(_) => ErrorCode::NotFound,
+                WatchError::Dockerfile(_) | WatchError::Ignore(_) => ErrorCode::InvalidInput,
+                WatchError::Read { source, .. } => io_code(source),
+                WatchError::WatchLimit => ErrorCode::ResourceExhausted,
+                WatchError::Context(ContextError::Io { source, .. }) => io_code(source),
+                _ => ErrorCode::Internal,
+            },
             Self::NotImplemented(_) => ErrorCode::NotImplemented,
         }
     }
@@ -66,6 +80,7 @@ fn io_code(err: &std::io::Error) -> ErrorCode {
 /// A Dockerfile named by a request, resolved, checked readable by the peer, and read.
 #[derive(Debug)]
 pub(crate) struct DockerfileText {
+    pub(crate) context: PathBuf,
     pub(crate) path: PathBuf,
     pub(crate) text: String,
 }
@@ -79,7 +94,11 @@ impl DockerfileText {
         };
         peer.check_readable(&context)?;
         let text = read_as(peer, &path)?;
-        Ok(Self { path, text })
+        Ok(Self {
+            context,
+            path,
+            text,
+        })
     }
 
     pub(crate) fn plan(&self, options: &PlanOptions) -> Result<BuildGraph, HandlerError> {
@@ -151,5 +170,76 @@ fn graph_view(graph: &BuildGraph) -> GraphView {
             })
             .collect(),
         edges: graph.edges().collect(),
+    }
+}
+
+pub(crate) async fn watch(
+    hub: &Arc<Hub>,
+    request: WatchRequest,
+    peer: Peer,
+) -> Result<Response, HandlerError> {
+    // Parse first: a Dockerfile that does not plan is refused before anything is watched.
+    let dockerfile = DockerfileText::read(&request.source, peer)?;
+    dockerfile.plan(&PlanOptions::default())?;
+    let hub = Arc::clone(hub);
+    let report = blocking(move || hub.watch(&dockerfile.context, &dockerfile.path)).await??;
+    Ok(Response::Watched(workspace_status(&report)))
+}
+
+pub(crate) async fn unwatch(
+    hub: &Arc<Hub>,
+    request: UnwatchRequest,
+) -> Result<Response, HandlerError> {
+    let context = absolute(&request.context)?;
+    let hub = Arc::clone(hub);
+    blocking(move || hub.unwatch(&context)).await??;
+    Ok(Response::Unwatched)
+}
+
+pub(crate) async fn notify(
+    hub: &Arc<Hub>,
+    request: NotifyRequest,
+) -> Result<Response, HandlerError> {
+    for path in &request.paths {
+        absolute(path)?;
+    }
+    let hub = Arc::clone(hub);
+    let outcome = blocking(move || hub.changed(&request.paths)).await?;
+    Ok(Response::Notified(NotifyReport {
+        matched: outcome.matched,
+        dirtied: outcome.dirtied,
+    }))
+}
+
+/// Runs blocking engine work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, HandlerError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| HandlerError::Invalid(format!("internal task failed: {err}")))
+}
+
+pub(crate) fn workspace_status(report: &WorkspaceReport) -> WorkspaceStatus {
+    WorkspaceStatus {
+        context: report.context.clone(),
+        dockerfile: report.dockerfile.clone(),
+        files: report.files,
+        bytes: report.bytes,
+        last_change_unix_ms: report.last_change.and_then(|t| {
+            let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+            u64::try_from(since.as_millis()).ok()
+        }),
+        watching: report.watching,
+        hashed_files: report.hashed_files,
+        dirty: report
+            .dirty
+            .iter()
+            .map(|mark| DirtyNode {
+                node: mark.label.clone(),
+                cause: mark.cause.clone(),
+            })
+            .collect(),
+        error: report.error.clone(),
     }
 }

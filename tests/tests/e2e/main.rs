@@ -5,3 +5,4 @@ mod frontend;
 mod lifecycle;
 mod protocol;
 mod service_units;
+mod watch;

@@ -200,15 +200,9 @@ async fn requests_of_later_features_answer_not_implemented() {
     assert!(matches!(reply, Response::Status(_)));
 }
 
-fn xorshift_bytes(mut state: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+fn xorshift_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = memobuild_tests::workload::XorShift(seed);
+    (0..len).map(|_| rng.next_u64() as u8).collect()
 }
 
 #[test]
