@@ -6,6 +6,11 @@
 //!   memobuildd.lock       exclusive lock, holder's pid (server::listener)
 //!   memobuildd.log        the daemon's log when the client started it
 //!   context-v1.sqlite     stat cache and watched workspaces (context, watch)
+//!   cas-v1/sha256/ab/…    blobs by digest: layers, configs, manifests (cache::cas)
+//!   index-v1.sqlite       action cache, blob use, image tags, base image resolutions (cache)
+//!   layers-v1/<id>/       unpacked layers, the lowerdirs of RUN mounts (snapshot)
+//!   tmp/                  blobs being written; emptied at start
+//!   run/                  mounts, bundles and upper dirs of running steps; emptied at start
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -34,5 +39,25 @@ impl Layout {
 
     pub fn context_db(&self) -> PathBuf {
         self.root.join("context-v1.sqlite")
+    }
+
+    pub fn cas_dir(&self) -> PathBuf {
+        self.root.join("cas-v1")
+    }
+
+    pub fn index_db(&self) -> PathBuf {
+        self.root.join("index-v1.sqlite")
+    }
+
+    pub fn layers_dir(&self) -> PathBuf {
+        self.root.join("layers-v1")
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
     }
 }

@@ -4,6 +4,7 @@
 //! `frontend` (Dockerfile → instructions) → `plan` (→ build graph) → … → `server` (the
 //! socket). `config` resolves where everything lives; `passwd` reads user and group databases.
 
+pub mod cache;
 pub mod config;
 pub mod context;
 pub mod frontend;
