@@ -7,11 +7,15 @@
 pub mod cache;
 pub mod config;
 pub mod context;
+pub mod exec;
 pub mod frontend;
 pub mod layout;
 pub mod passwd;
 pub mod plan;
 pub mod server;
+pub mod snapshot;
+#[doc(hidden)]
+pub mod testing;
 pub mod watch;
 
 pub use config::Config;

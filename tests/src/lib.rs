@@ -15,8 +15,7 @@ use tempfile::TempDir;
 
 pub mod workload;
 
-/// Set in CI: a test that cannot get the privileges it needs fails instead of skipping.
-pub const REQUIRE_PRIVILEGED_ENV: &str = "MEMOBUILD_REQUIRE_PRIVILEGED";
+pub use memobuildd::testing::{REQUIRE_PRIVILEGED_ENV, privileged};
 
 /// Path of a workspace binary (`memobuild`, `memobuildd`) built beside this test executable.
 pub fn bin(name: &str) -> PathBuf {
@@ -33,22 +32,6 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-/// Whether a test needing root can run. Without root it is skipped with a message, unless
-/// [`REQUIRE_PRIVILEGED_ENV`] is set (as in CI), where the skip becomes a failure.
-pub fn privileged(test: &str) -> bool {
-    if memobuild_protocol::paths::effective_uid() == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os(REQUIRE_PRIVILEGED_ENV).is_none(),
-        "{test} needs root and {REQUIRE_PRIVILEGED_ENV} is set: refusing to skip"
-    );
-    eprintln!(
-        "SKIPPED {test}: needs root (run the tests as root, or set {REQUIRE_PRIVILEGED_ENV}=1 to make this a failure)"
-    );
-    false
 }
 
 /// A real daemon on a temp socket and temp root, killed on drop.

@@ -1,0 +1,199 @@
+//! Overlay snapshots under the real runc executor (needs root, runc, overlayfs).
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::exec::{Executor, LogStream, Network, ProcessUser, RunRequest, Runc};
+use crate::testing::privileged;
+
+const APPLETS: &[&str] = &["sh", "echo", "ls", "cat", "rm", "sleep", "id", "mkdir"];
+
+/// A layer store holding one busybox layer, `busybox`.
+fn store_with_busybox() -> (tempfile::TempDir, Overlay) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layers = dir.path().join("layers");
+    let bin = layers.join("busybox/bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet");
+    }
+    (dir, Overlay::new(layers))
+}
+
+fn request(dir: &Path, rootfs: &Path, id: &str, script: &str, network: Network) -> RunRequest {
+    RunRequest {
+        id: id.to_owned(),
+        bundle: dir.join(format!("bundle-{id}")),
+        rootfs: rootfs.to_owned(),
+        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        cwd: "/".into(),
+        user: ProcessUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+        },
+        network,
+    }
+}
+
+fn run(
+    runc: &Runc,
+    req: &RunRequest,
+    cancel: &AtomicBool,
+) -> (Result<i32, crate::exec::ExecError>, String) {
+    let output = Arc::new(Mutex::new(String::new()));
+    let sink = Arc::clone(&output);
+    let mut logs = move |_: LogStream, line: &[u8]| {
+        let mut out = sink.lock().expect("lock");
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    };
+    let result = runc.run(req, &mut logs, cancel);
+    let text = output.lock().expect("lock").clone();
+    (result, text)
+}
+
+fn mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .expect("mounts")
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(path.to_str().expect("utf-8")))
+}
+
+#[test]
+fn a_run_writes_only_its_changes_to_the_upper_dir() {
+    if !privileged("a_run_writes_only_its_changes_to_the_upper_dir") {
+        return;
+    }
+    let (dir, overlay) = store_with_busybox();
+    let scratch = dir.path().join("step");
+    std::fs::create_dir(&scratch).expect("scratch");
+    let active = overlay
+        .prepare(&["busybox".into()], &scratch)
+        .expect("mount");
+    let runc = Runc::find(dir.path().join("runc")).expect("runc is installed");
+    let req = request(
+        dir.path(),
+        active.rootfs(),
+        "mb-test-upper",
+        "echo hello; echo err >&2; echo data > /made; rm /bin/cat; cat /etc/hostname 2>&1; exit 3",
+        Network::Host,
+    );
+    let (code, logs) = run(&runc, &req, &AtomicBool::new(false));
+    assert_eq!(code.expect("ran"), 3, "{logs}");
+    assert!(logs.contains("hello\n") && logs.contains("err\n"), "{logs}");
+    let upper = active.unmount().expect("unmount");
+    assert_eq!(
+        std::fs::read_to_string(upper.join("made")).expect("made"),
+        "data\n"
+    );
+    let whiteout = std::fs::symlink_metadata(upper.join("bin/cat")).expect("whiteout");
+    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
+    assert!(!mounted(&scratch.join("rootfs")));
+    assert!(std::fs::read_dir(runc.state_root()).map_or(true, |mut d| d.next().is_none()));
+}
+
+#[test]
+fn network_none_has_only_loopback() {
+    if !privileged("network_none_has_only_loopback") {
+        return;
+    }
+    let (dir, overlay) = store_with_busybox();
+    let scratch = dir.path().join("step");
+    std::fs::create_dir(&scratch).expect("scratch");
+    let active = overlay
+        .prepare(&["busybox".into()], &scratch)
+        .expect("mount");
+    let runc = Runc::find(dir.path().join("runc")).expect("runc");
+    let req = request(
+        dir.path(),
+        active.rootfs(),
+        "mb-test-netnone",
+        "ls /sys/class/net",
+        Network::None,
+    );
+    let (code, logs) = run(&runc, &req, &AtomicBool::new(false));
+    assert_eq!(code.expect("ran"), 0, "{logs}");
+    assert_eq!(logs.trim(), "lo");
+}
+
+#[test]
+fn cancelling_kills_the_step_and_leaves_nothing_behind() {
+    if !privileged("cancelling_kills_the_step_and_leaves_nothing_behind") {
+        return;
+    }
+    let (dir, overlay) = store_with_busybox();
+    let scratch = dir.path().join("step");
+    std::fs::create_dir(&scratch).expect("scratch");
+    let rootfs;
+    {
+        let active = overlay
+            .prepare(&["busybox".into()], &scratch)
+            .expect("mount");
+        rootfs = active.rootfs().to_owned();
+        let runc = Runc::find(dir.path().join("runc")).expect("runc");
+        let req = request(
+            dir.path(),
+            &rootfs,
+            "mb-test-cancel",
+            "sleep 30",
+            Network::Host,
+        );
+        let cancel = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&cancel);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let started = Instant::now();
+        let (result, _) = run(&runc, &req, &cancel);
+        assert!(
+            matches!(result, Err(crate::exec::ExecError::Cancelled)),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let list = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(runc.state_root())
+            .arg("list")
+            .output()
+            .expect("runc list");
+        assert!(!String::from_utf8_lossy(&list.stdout).contains("mb-test-cancel"));
+        // `active` is dropped here, without an explicit unmount: the guard must do it.
+    }
+    assert!(!mounted(&rootfs), "the mount outlived the cancelled step");
+}
+
+#[test]
+fn a_hundred_and_twenty_layers_still_mount() {
+    if !privileged("a_hundred_and_twenty_layers_still_mount") {
+        return;
+    }
+    let (dir, overlay) = store_with_busybox();
+    let mut lowers = Vec::new();
+    for i in 0..120 {
+        let id = format!("{i:016x}");
+        let layer = overlay.layers_dir().join(&id);
+        std::fs::create_dir_all(&layer).expect("layer");
+        std::fs::write(layer.join(format!("file{i}")), i.to_string()).expect("file");
+        lowers.push(id);
+    }
+    lowers.reverse();
+    lowers.push("busybox".into());
+    let scratch = dir.path().join("deep");
+    std::fs::create_dir(&scratch).expect("scratch");
+    let active = overlay
+        .prepare(&lowers, &scratch)
+        .expect("120 layers mount");
+    assert_eq!(
+        std::fs::read_to_string(active.rootfs().join("file119")).expect("top layer"),
+        "119"
+    );
+    assert!(active.rootfs().join("bin/busybox").is_file());
+}
