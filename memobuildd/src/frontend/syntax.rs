@@ -124,7 +124,7 @@ pub(crate) fn parse_raw(text: &str, file: &str) -> Result<RawDockerfile, Diagnos
             column,
             keyword: "",
         };
-        let mut node = parse_line(logical.trim(), escape, &at)?;
+        let mut node = parse_line(logical.trim(), escape, &at, 0)?;
         node.start_line = start as u32 + 1;
         node.column = column;
         if takes_heredocs(&node.keyword) {
@@ -245,8 +245,12 @@ fn directive(line: &str) -> Option<(String, &str)> {
     (known && !value.is_empty()).then_some((key, value))
 }
 
-/// Splits a joined, trimmed instruction line into keyword, flags and arguments.
-fn parse_line(line: &str, escape: char, at: &At<'_>) -> Result<RawNode, Diagnostic> {
+/// How many ONBUILDs deep a line is parsed as nested instructions.
+const MAX_ONBUILD_DEPTH: u32 = 16;
+
+/// Splits a joined, trimmed instruction line into keyword, flags and arguments; `depth` counts
+/// the ONBUILDs around it.
+fn parse_line(line: &str, escape: char, at: &At<'_>, depth: u32) -> Result<RawNode, Diagnostic> {
     let (keyword, after) = match line.find(is_separator) {
         Some(i) => (&line[..i], line[i..].trim_start_matches(is_separator)),
         None => (line, ""),
@@ -280,8 +284,13 @@ fn parse_line(line: &str, escape: char, at: &At<'_>) -> Result<RawNode, Diagnost
         "env" | "label" => node.args = name_values(rest, escape, &at)?,
         "arg" => node.args = parse_words(rest, escape),
         "healthcheck" => (node.args, node.json) = healthcheck(rest, &at)?,
+        // `ONBUILD ONBUILD ...` is refused by the typed layer; the bound only keeps a hostile
+        // line from recursing until the stack runs out.
+        "onbuild" if !rest.is_empty() && depth == MAX_ONBUILD_DEPTH => {
+            node.args = vec![rest.to_owned()];
+        }
         "onbuild" if !rest.is_empty() => {
-            let mut child = parse_line(rest, escape, &at)?;
+            let mut child = parse_line(rest, escape, &at, depth + 1)?;
             child.start_line = at.line;
             node.child = Some(Box::new(child));
         }
@@ -621,6 +630,18 @@ mod tests {
     fn heredoc_markers_are_only_read_for_run_copy_add() {
         let nodes = parse("FROM alpine\nLABEL a=<<EOF\n");
         assert!(nodes[1].heredocs.is_empty());
+    }
+
+    #[test]
+    fn onbuild_nests_in_the_dump_but_not_without_bound() {
+        let nested = parse("ONBUILD ONBUILD RUN x\n");
+        assert_eq!(
+            crate::frontend::dump("ONBUILD ONBUILD RUN x\n").unwrap(),
+            "(onbuild (onbuild (run \"x\")))"
+        );
+        assert!(nested[0].child.as_ref().is_some_and(|c| c.child.is_some()));
+        let hostile = "ONBUILD ".repeat(100_000) + "RUN x\n";
+        assert_eq!(parse(&hostile).len(), 1);
     }
 
     #[test]
