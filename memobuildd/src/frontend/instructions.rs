@@ -326,6 +326,13 @@ impl Cx<'_> {
             }
             let value = match (kind, value) {
                 (FlagKind::Bool, None) => "true".to_owned(),
+                (_, Some("")) if kind == FlagKind::Bool => {
+                    return Err(self.flag_error(
+                        DiagnosticKind::BadFlag,
+                        name,
+                        format!("missing a value on flag: --{name}"),
+                    ));
+                }
                 (FlagKind::Bool, Some(v)) if v.eq_ignore_ascii_case("true") => "true".to_owned(),
                 (FlagKind::Bool, Some(v)) if v.eq_ignore_ascii_case("false") => "false".to_owned(),
                 (FlagKind::Bool, Some(v)) => {
@@ -427,7 +434,7 @@ impl Cx<'_> {
                 if node.args.iter().any(|a| a.trim().is_empty()) {
                     return Err(self.syntax("VOLUME specified can not be an empty string"));
                 }
-                InstructionKind::Volume(node.args.clone())
+                InstructionKind::Volume(node.args.iter().map(|a| a.trim().to_owned()).collect())
             }
             "user" => InstructionKind::User(self.exactly_one()?),
             "workdir" => InstructionKind::Workdir(self.exactly_one()?),
@@ -530,6 +537,12 @@ impl Cx<'_> {
                 && a.trim_start_matches(|c: char| c.is_ascii_digit())
                     .starts_with("<<")
         };
+        if is_marker(dest) {
+            return Err(self.syntax(format!(
+                "{} cannot accept a heredoc as a destination",
+                self.keyword()
+            )));
+        }
         Ok(FileCopy {
             sources: sources.iter().filter(|a| !is_marker(a)).cloned().collect(),
             dest: dest.clone(),
@@ -744,6 +757,8 @@ mod tests {
         for bad in [
             "FROM a\nADD --from=x a b\n",
             "FROM a\nCOPY --link=maybe a b\n",
+            "FROM a\nCOPY --link= a b\n",
+            "FROM a\nCOPY a <<EOF\nx\nEOF\n",
             "FROM a\nCOPY --from a b\n",
             "FROM a\nCOPY --from=x --from=y a b\n",
             "FROM a\nRUN --network=wifi true\n",

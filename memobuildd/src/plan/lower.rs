@@ -681,6 +681,9 @@ impl<'e> Expander<'e> {
                 for port in ports {
                     split.extend(self.expansion(port)?.words);
                 }
+                // The image config holds a set of ports: order and repeats mean nothing.
+                split.sort();
+                split.dedup();
                 InstructionKind::Expose(split)
             }
             InstructionKind::Volume(paths) => InstructionKind::Volume(self.all(paths)?),
