@@ -671,7 +671,15 @@ impl Cx<'_> {
                 DiagnosticKind::Semantic,
                 format!("{kw} isn't allowed as an ONBUILD trigger"),
             )),
-            _ => Ok(InstructionKind::Onbuild(trigger.original.clone())),
+            // The trigger is re-parsed by the child build, heredocs included.
+            _ => Ok(InstructionKind::Onbuild(
+                trigger
+                    .heredocs
+                    .iter()
+                    .fold(trigger.original.clone(), |text, doc| {
+                        format!("{text}\n{}{}", doc.body, doc.name)
+                    }),
+            )),
         }
     }
 }
@@ -813,6 +821,16 @@ mod tests {
         }
         let err = parse("", "D").unwrap_err();
         assert_eq!(err.message, "file has no instructions");
+    }
+
+    #[test]
+    fn onbuild_keeps_its_trigger_with_heredocs() {
+        let df = parse("FROM a\nONBUILD RUN <<EOF\necho hi\nEOF\n", "D").unwrap();
+        let kind = &df.stages[0].instructions[0].kind;
+        assert_eq!(
+            *kind,
+            InstructionKind::Onbuild("RUN <<EOF\necho hi\nEOF".to_owned())
+        );
     }
 
     #[test]
