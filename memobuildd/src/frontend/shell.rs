@@ -175,6 +175,17 @@ impl<E: Env + ?Sized> Lexer<'_, E> {
                     value.chars().for_each(|c| words.split_char(c));
                     result.push_str(&value);
                 }
+                // A heredoc marker keeps the blanks after it, so `<< EOF` stays one word.
+                '<' if self.chars.get(self.pos + 1) == Some(&'<') => {
+                    let start = self.pos;
+                    self.pos += 2;
+                    while self.peek().is_some_and(|c| matches!(c, ' ' | '\t' | '\r')) {
+                        self.pos += 1;
+                    }
+                    let marker: String = self.chars[start..self.pos].iter().collect();
+                    words.raw_str(&marker);
+                    result.push_str(&marker);
+                }
                 '\'' | '"' if self.quotes => {
                     let value = if c == '\'' {
                         self.single_quoted()?
@@ -545,6 +556,13 @@ mod tests {
         assert!(word(&deep, &[]).is_err());
         let ok = format!("{}x{}", "${A:-".repeat(10), "}".repeat(10));
         assert_eq!(word(&ok, &[]).unwrap(), "x");
+    }
+
+    #[test]
+    fn heredoc_markers_hold_their_blanks() {
+        let e = expand("cat << EOF x", &[][..], '\\').unwrap();
+        assert_eq!(e.words, ["cat", "<< EOF", "x"]);
+        assert_eq!(e.word, "cat << EOF x");
     }
 
     #[test]
