@@ -79,16 +79,13 @@ pub fn lower_with_base_env(
         .unwrap_or_else(|| target.to_string());
     let export = lowering.add(
         Node {
-            kind: NodeKind::Export,
-            stage: None,
-            label: format!("export {name}"),
-            instruction: format!("EXPORT {target}"),
-            step: None,
-            sources: Vec::new(),
-            excludes: Vec::new(),
-            env: Vec::new(),
-            lines: None,
             parent: Some(target_end),
+            ..Node::bare(
+                NodeKind::Export,
+                None,
+                format!("export {name}"),
+                format!("EXPORT {target}"),
+            )
         },
         &[],
     );
@@ -134,9 +131,11 @@ fn global_args(df: &Dockerfile, build_args: &[(String, String)]) -> Result<Args,
             let default = expander
                 .opt(decl.default.as_deref())
                 .map_err(|e| expansion_error(df, instruction.span, "ARG", e))?;
+            // A bare redeclaration (`ARG TARGETPLATFORM`) keeps the value already in effect.
             let value = build_arg(build_args, &decl.name)
                 .map(str::to_owned)
-                .or(default);
+                .or(default)
+                .or_else(|| globals.get(&decl.name).map(str::to_owned));
             values.push((decl.name.as_str(), value));
         }
         for (name, value) in values {
@@ -313,16 +312,14 @@ impl Lowering<'_> {
                     instruction.push_str(&format!(" --platform={}", json(platform)));
                 }
                 let node = Node {
-                    kind: NodeKind::BaseImage,
-                    stage: Some(i as u32),
-                    label: format!("FROM {image}"),
-                    instruction,
-                    step: None,
-                    sources: Vec::new(),
-                    excludes: Vec::new(),
                     env: resolved.env.clone(),
                     lines,
-                    parent: None,
+                    ..Node::bare(
+                        NodeKind::BaseImage,
+                        Some(i as u32),
+                        format!("FROM {image}"),
+                        instruction,
+                    )
                 };
                 let env = match &resolved.base {
                     Base::Image(image) => (self.base_env)(image, resolved.platform.as_deref()),
@@ -342,16 +339,14 @@ impl Lowering<'_> {
             .unwrap_or_default();
         let end = self.add(
             Node {
-                kind: NodeKind::Stage,
-                stage: Some(i as u32),
-                label: format!("stage {i}{name}"),
-                instruction: format!("STAGE {i}"),
-                step: None,
-                sources: Vec::new(),
-                excludes: Vec::new(),
-                env: Vec::new(),
                 lines,
                 parent: Some(parent),
+                ..Node::bare(
+                    NodeKind::Stage,
+                    Some(i as u32),
+                    format!("stage {i}{name}"),
+                    format!("STAGE {i}"),
+                )
             },
             &[],
         );
@@ -486,21 +481,17 @@ impl Lowering<'_> {
             return Ok(None);
         }
         let span = instruction.span;
+        let label = format!("context {}", patterns.join(" "));
+        let instruction = format!(
+            "CONTEXT {} --exclude={}",
+            json(&patterns),
+            json(&copy.exclude)
+        );
         let node = Node {
-            kind: NodeKind::ContextSource,
-            stage: Some(i as u32),
-            label: format!("context {}", patterns.join(" ")),
-            instruction: format!(
-                "CONTEXT {} --exclude={}",
-                json(&patterns),
-                json(&copy.exclude)
-            ),
-            step: None,
             sources: patterns,
             excludes: copy.exclude.clone(),
-            env: Vec::new(),
             lines: Some((span.start_line, span.end_line)),
-            parent: None,
+            ..Node::bare(NodeKind::ContextSource, Some(i as u32), label, instruction)
         };
         Ok(Some(self.add(node, &[])))
     }
@@ -509,23 +500,32 @@ impl Lowering<'_> {
         if let Some(&node) = self.images.get(&image) {
             return node;
         }
+        let label = format!("image {image}");
+        let instruction = format!("FROM {}", json(&image));
         let node = self.add(
-            Node {
-                kind: NodeKind::BaseImage,
-                stage: None,
-                label: format!("image {image}"),
-                instruction: format!("FROM {}", json(&image)),
-                step: None,
-                sources: Vec::new(),
-                excludes: Vec::new(),
-                env: Vec::new(),
-                lines: None,
-                parent: None,
-            },
+            Node::bare(NodeKind::BaseImage, None, label, instruction),
             &[],
         );
         self.images.insert(image, node);
         node
+    }
+}
+
+impl Node {
+    /// A node with nothing but its identity; callers fill in the rest.
+    fn bare(kind: NodeKind, stage: Option<u32>, label: String, instruction: String) -> Self {
+        Node {
+            kind,
+            stage,
+            label,
+            instruction,
+            step: None,
+            sources: Vec::new(),
+            excludes: Vec::new(),
+            env: Vec::new(),
+            lines: None,
+            parent: None,
+        }
     }
 }
 
