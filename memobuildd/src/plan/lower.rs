@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use super::scope::{Args, Scope, build_arg, platform_args};
+use super::scope::{Args, Scope, arg_value, build_arg, platform_args};
 use super::{Base, BuildGraph, Node, NodeKind, PlanError, PlanOptions, StageInfo};
 use crate::frontend::shell::{self, Env, ExpandError};
 use crate::frontend::{
@@ -132,10 +132,7 @@ fn global_args(df: &Dockerfile, build_args: &[(String, String)]) -> Result<Args,
                 .opt(decl.default.as_deref())
                 .map_err(|e| expansion_error(df, instruction.span, "ARG", e))?;
             // A bare redeclaration (`ARG TARGETPLATFORM`) keeps the value already in effect.
-            let value = build_arg(build_args, &decl.name)
-                .map(str::to_owned)
-                .or(default)
-                .or_else(|| globals.get(&decl.name).map(str::to_owned));
+            let value = arg_value(build_args, &decl.name, default, &globals);
             values.push((decl.name.as_str(), value));
         }
         for (name, value) in values {
@@ -438,7 +435,7 @@ impl Lowering<'_> {
         let mut resolved = Vec::with_capacity(decls.len());
         for decl in decls {
             let default = expander.opt(decl.default.as_deref())?;
-            let value = scope.arg_value(&decl.name, default, &self.globals);
+            let value = arg_value(scope.build_args(), &decl.name, default, &self.globals);
             resolved.push(ArgDecl {
                 name: decl.name.clone(),
                 default: value,
