@@ -455,13 +455,21 @@ impl Cx<'_> {
         })
     }
 
+    /// CMD and ENTRYPOINT: `[]` is a valid empty exec form, an empty shell form is not.
     fn command(&self) -> Result<Command, Diagnostic> {
-        let node = self.node;
-        if node.json {
-            return Ok(Command::Exec(node.args.clone()));
+        if !self.node.json {
+            self.at_least_one()?;
         }
-        self.at_least_one()?;
-        Ok(Command::Shell(node.args.concat()))
+        Ok(self.command_of(&self.node.args))
+    }
+
+    /// `args` as the command they spell in this node's form.
+    fn command_of(&self, args: &[String]) -> Command {
+        if self.node.json {
+            Command::Exec(args.to_vec())
+        } else {
+            Command::Shell(args.concat())
+        }
     }
 
     fn run(&self) -> Result<InstructionKind, Diagnostic> {
@@ -495,13 +503,8 @@ impl Cx<'_> {
         if self.node.args.is_empty() {
             return Err(self.syntax("RUN requires at least one argument"));
         }
-        let command = if self.node.json {
-            Command::Exec(self.node.args.clone())
-        } else {
-            Command::Shell(self.node.args.concat())
-        };
         Ok(InstructionKind::Run(Run {
-            command,
+            command: self.command_of(&self.node.args),
             heredocs: self.node.heredocs.clone(),
             mounts: flags.values("mount"),
             network,
@@ -612,11 +615,7 @@ impl Cx<'_> {
             "NONE" => Err(self.syntax("HEALTHCHECK NONE takes no arguments")),
             "CMD" if args.is_empty() => Err(self.syntax("Missing command after HEALTHCHECK CMD")),
             "CMD" => {
-                let test = if self.node.json {
-                    Command::Exec(args.to_vec())
-                } else {
-                    Command::Shell(args.concat())
-                };
+                let test = self.command_of(args);
                 let retries = match flags.value("retries") {
                     None => None,
                     Some(r) => Some(r.parse::<u32>().map_err(|_| {
