@@ -1,7 +1,7 @@
 //! Build graph: a [`Dockerfile`](crate::frontend::Dockerfile) lowered to a DAG of steps.
 //!
-//! Owns stage resolution (`FROM <stage>`, `COPY --from`, `--target` pruning), ARG/ENV scoping
-//! and expansion (`scope`), and the node identities the cache keys are made from. The main type
+//! Owns stage resolution and `--target` pruning (`lower`), ARG/ENV scoping (`scope`) and
+//! expansion (`expand`), and the node identities the cache keys are made from (`canonical`). The main type
 //! is [`BuildGraph`], made by [`lower`]. Each [`Node`] carries its key material: the normalized
 //! instruction after expansion, the context patterns it reads, the variables that reach it, its
 //! parent in its stage chain and its Dockerfile lines. The next stages are `context` (which
@@ -14,6 +14,8 @@
 //! stage's `stage` node, `COPY --from=<image>` one from a `base-image` node; the target's
 //! `stage` node feeds the single `export` node. Nothing else joins two stages.
 
+mod canonical;
+mod expand;
 mod lower;
 mod scope;
 
