@@ -19,11 +19,13 @@ mod expand;
 mod lower;
 mod scope;
 
-use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::graph::DiGraph;
 
 use crate::frontend::{Diagnostic, InstructionKind};
 
 pub use lower::{BaseEnv, lower, lower_with_base_env};
+/// Node handles, re-exported so callers need not depend on petgraph to hold one.
+pub use petgraph::graph::NodeIndex;
 
 /// What to build.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
