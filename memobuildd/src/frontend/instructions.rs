@@ -326,6 +326,13 @@ impl Cx<'_> {
             }
             let value = match (kind, value) {
                 (FlagKind::Bool, None) => "true".to_owned(),
+                (_, Some("")) if kind == FlagKind::Bool => {
+                    return Err(self.flag_error(
+                        DiagnosticKind::BadFlag,
+                        name,
+                        format!("missing a value on flag: --{name}"),
+                    ));
+                }
                 (FlagKind::Bool, Some(v)) if v.eq_ignore_ascii_case("true") => "true".to_owned(),
                 (FlagKind::Bool, Some(v)) if v.eq_ignore_ascii_case("false") => "false".to_owned(),
                 (FlagKind::Bool, Some(v)) => {
@@ -427,7 +434,7 @@ impl Cx<'_> {
                 if node.args.iter().any(|a| a.trim().is_empty()) {
                     return Err(self.syntax("VOLUME specified can not be an empty string"));
                 }
-                InstructionKind::Volume(node.args.clone())
+                InstructionKind::Volume(node.args.iter().map(|a| a.trim().to_owned()).collect())
             }
             "user" => InstructionKind::User(self.exactly_one()?),
             "workdir" => InstructionKind::Workdir(self.exactly_one()?),
@@ -448,13 +455,21 @@ impl Cx<'_> {
         })
     }
 
+    /// CMD and ENTRYPOINT: `[]` is a valid empty exec form, an empty shell form is not.
     fn command(&self) -> Result<Command, Diagnostic> {
-        let node = self.node;
-        if node.json {
-            return Ok(Command::Exec(node.args.clone()));
+        if !self.node.json {
+            self.at_least_one()?;
         }
-        self.at_least_one()?;
-        Ok(Command::Shell(node.args.concat()))
+        Ok(self.command_of(&self.node.args))
+    }
+
+    /// `args` as the command they spell in this node's form.
+    fn command_of(&self, args: &[String]) -> Command {
+        if self.node.json {
+            Command::Exec(args.to_vec())
+        } else {
+            Command::Shell(args.concat())
+        }
     }
 
     fn run(&self) -> Result<InstructionKind, Diagnostic> {
@@ -488,13 +503,8 @@ impl Cx<'_> {
         if self.node.args.is_empty() {
             return Err(self.syntax("RUN requires at least one argument"));
         }
-        let command = if self.node.json {
-            Command::Exec(self.node.args.clone())
-        } else {
-            Command::Shell(self.node.args.concat())
-        };
         Ok(InstructionKind::Run(Run {
-            command,
+            command: self.command_of(&self.node.args),
             heredocs: self.node.heredocs.clone(),
             mounts: flags.values("mount"),
             network,
@@ -530,6 +540,12 @@ impl Cx<'_> {
                 && a.trim_start_matches(|c: char| c.is_ascii_digit())
                     .starts_with("<<")
         };
+        if is_marker(dest) {
+            return Err(self.syntax(format!(
+                "{} cannot accept a heredoc as a destination",
+                self.keyword()
+            )));
+        }
         Ok(FileCopy {
             sources: sources.iter().filter(|a| !is_marker(a)).cloned().collect(),
             dest: dest.clone(),
@@ -599,11 +615,7 @@ impl Cx<'_> {
             "NONE" => Err(self.syntax("HEALTHCHECK NONE takes no arguments")),
             "CMD" if args.is_empty() => Err(self.syntax("Missing command after HEALTHCHECK CMD")),
             "CMD" => {
-                let test = if self.node.json {
-                    Command::Exec(args.to_vec())
-                } else {
-                    Command::Shell(args.concat())
-                };
+                let test = self.command_of(args);
                 let retries = match flags.value("retries") {
                     None => None,
                     Some(r) => Some(r.parse::<u32>().map_err(|_| {
@@ -658,7 +670,15 @@ impl Cx<'_> {
                 DiagnosticKind::Semantic,
                 format!("{kw} isn't allowed as an ONBUILD trigger"),
             )),
-            _ => Ok(InstructionKind::Onbuild(trigger.original.clone())),
+            // The trigger is re-parsed by the child build, heredocs included.
+            _ => Ok(InstructionKind::Onbuild(
+                trigger
+                    .heredocs
+                    .iter()
+                    .fold(trigger.original.clone(), |text, doc| {
+                        format!("{text}\n{}{}", doc.body, doc.name)
+                    }),
+            )),
         }
     }
 }
@@ -744,6 +764,8 @@ mod tests {
         for bad in [
             "FROM a\nADD --from=x a b\n",
             "FROM a\nCOPY --link=maybe a b\n",
+            "FROM a\nCOPY --link= a b\n",
+            "FROM a\nCOPY a <<EOF\nx\nEOF\n",
             "FROM a\nCOPY --from a b\n",
             "FROM a\nCOPY --from=x --from=y a b\n",
             "FROM a\nRUN --network=wifi true\n",
@@ -798,6 +820,16 @@ mod tests {
         }
         let err = parse("", "D").unwrap_err();
         assert_eq!(err.message, "file has no instructions");
+    }
+
+    #[test]
+    fn onbuild_keeps_its_trigger_with_heredocs() {
+        let df = parse("FROM a\nONBUILD RUN <<EOF\necho hi\nEOF\n", "D").unwrap();
+        let kind = &df.stages[0].instructions[0].kind;
+        assert_eq!(
+            *kind,
+            InstructionKind::Onbuild("RUN <<EOF\necho hi\nEOF".to_owned())
+        );
     }
 
     #[test]

@@ -4,6 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// How deeply `${V:-${W:-...}}` may nest.
+const MAX_NESTING: usize = 64;
+
 /// Variables visible to an expansion.
 pub trait Env {
     fn lookup(&self, name: &str) -> Option<&str>;
@@ -78,6 +81,7 @@ fn run(
         escape,
         quotes,
         raw_escapes: false,
+        depth: 0,
         env,
         referenced: BTreeSet::new(),
     };
@@ -134,6 +138,8 @@ struct Lexer<'e, E: ?Sized> {
     quotes: bool,
     /// Inside `${V#p}`-style patterns the escape char is kept for the pattern matcher.
     raw_escapes: bool,
+    /// How many `${...}` words enclose the current position.
+    depth: usize,
     env: &'e E,
     referenced: BTreeSet<String>,
 }
@@ -168,6 +174,17 @@ impl<E: Env + ?Sized> Lexer<'_, E> {
                     let value = self.dollar()?;
                     value.chars().for_each(|c| words.split_char(c));
                     result.push_str(&value);
+                }
+                // A heredoc marker keeps the blanks after it, so `<< EOF` stays one word.
+                '<' if self.chars.get(self.pos + 1) == Some(&'<') => {
+                    let start = self.pos;
+                    self.pos += 2;
+                    while self.peek().is_some_and(|c| matches!(c, ' ' | '\t' | '\r')) {
+                        self.pos += 1;
+                    }
+                    let marker: String = self.chars[start..self.pos].iter().collect();
+                    words.raw_str(&marker);
+                    result.push_str(&marker);
                 }
                 '\'' | '"' if self.quotes => {
                     let value = if c == '\'' {
@@ -341,9 +358,15 @@ impl<E: Env + ?Sized> Lexer<'_, E> {
 
     /// Text up to `stop`; running out of input is reported as `missing`.
     fn delimited(&mut self, stop: char, raw: bool, missing: &str) -> Result<String, ExpandError> {
+        // Nesting recurses; a bound keeps hostile input from exhausting the stack.
+        if self.depth == MAX_NESTING {
+            return fail("syntax error: substitutions nested too deeply");
+        }
+        self.depth += 1;
         let saved = std::mem::replace(&mut self.raw_escapes, raw);
         let word = self.until(Some(stop));
         self.raw_escapes = saved;
+        self.depth -= 1;
         match word {
             Ok((word, _)) => Ok(word),
             Err(_) if self.peek().is_none() => fail(missing),
@@ -525,6 +548,21 @@ mod tests {
         assert_eq!(word("${P%%.*}", &env).unwrap(), "a/b/c");
         assert_eq!(word("${P/\\//_}", &env).unwrap(), "a_b/c.tar.gz");
         assert_eq!(word("${P//\\//_}", &env).unwrap(), "a_b_c.tar.gz");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = "${A:-".repeat(100_000);
+        assert!(word(&deep, &[]).is_err());
+        let ok = format!("{}x{}", "${A:-".repeat(10), "}".repeat(10));
+        assert_eq!(word(&ok, &[]).unwrap(), "x");
+    }
+
+    #[test]
+    fn heredoc_markers_hold_their_blanks() {
+        let e = expand("cat << EOF x", &[][..], '\\').unwrap();
+        assert_eq!(e.words, ["cat", "<< EOF", "x"]);
+        assert_eq!(e.word, "cat << EOF x");
     }
 
     #[test]

@@ -124,18 +124,19 @@ pub(crate) fn parse_raw(text: &str, file: &str) -> Result<RawDockerfile, Diagnos
             column,
             keyword: "",
         };
-        let mut node = parse_line(logical.trim(), escape, &at)?;
+        let mut node = parse_line(logical.trim(), escape, &at, 0)?;
         node.start_line = start as u32 + 1;
         node.column = column;
-        if takes_heredocs(&node.keyword) {
+        let keyword = node.keyword.clone();
+        if let Some(host) = heredoc_host(&mut node) {
             let at = At {
-                keyword: &node.keyword,
+                keyword: &keyword,
                 ..at
             };
-            for (name, expand, chomp, fd) in heredoc_markers(&node.rest, escape, &at)? {
+            for (name, expand, chomp, fd) in heredoc_markers(&host.rest, &at)? {
                 let (doc, next) = read_heredoc(&lines, i, name, expand, chomp, fd)
                     .ok_or_else(|| at.error("unterminated heredoc"))?;
-                node.heredocs.push(doc);
+                host.heredocs.push(doc);
                 end = next - 1;
                 i = next;
             }
@@ -245,8 +246,12 @@ fn directive(line: &str) -> Option<(String, &str)> {
     (known && !value.is_empty()).then_some((key, value))
 }
 
-/// Splits a joined, trimmed instruction line into keyword, flags and arguments.
-fn parse_line(line: &str, escape: char, at: &At<'_>) -> Result<RawNode, Diagnostic> {
+/// How many ONBUILDs deep a line is parsed as nested instructions.
+const MAX_ONBUILD_DEPTH: u32 = 16;
+
+/// Splits a joined, trimmed instruction line into keyword, flags and arguments; `depth` counts
+/// the ONBUILDs around it.
+fn parse_line(line: &str, escape: char, at: &At<'_>, depth: u32) -> Result<RawNode, Diagnostic> {
     let (keyword, after) = match line.find(is_separator) {
         Some(i) => (&line[..i], line[i..].trim_start_matches(is_separator)),
         None => (line, ""),
@@ -280,8 +285,13 @@ fn parse_line(line: &str, escape: char, at: &At<'_>) -> Result<RawNode, Diagnost
         "env" | "label" => node.args = name_values(rest, escape, &at)?,
         "arg" => node.args = parse_words(rest, escape),
         "healthcheck" => (node.args, node.json) = healthcheck(rest, &at)?,
+        // `ONBUILD ONBUILD ...` is refused by the typed layer; the bound only keeps a hostile
+        // line from recursing until the stack runs out.
+        "onbuild" if !rest.is_empty() && depth == MAX_ONBUILD_DEPTH => {
+            node.args = vec![rest.to_owned()];
+        }
         "onbuild" if !rest.is_empty() => {
-            let mut child = parse_line(rest, escape, &at)?;
+            let mut child = parse_line(rest, escape, &at, depth + 1)?;
             child.start_line = at.line;
             node.child = Some(Box::new(child));
         }
@@ -481,21 +491,34 @@ fn flag_word(text: &str, escape: char) -> (String, bool, usize) {
     (word, quoted, text.len())
 }
 
-fn takes_heredocs(keyword: &str) -> bool {
-    ["run", "copy", "add"]
+/// The node whose line may hold heredocs: a shell-form RUN, COPY or ADD, also as an ONBUILD
+/// trigger. In JSON form `<<EOF` is just a string.
+fn heredoc_host(node: &mut RawNode) -> Option<&mut RawNode> {
+    let host = if node.keyword.eq_ignore_ascii_case("onbuild") {
+        node.child.as_deref_mut()?
+    } else {
+        node
+    };
+    let allowed = ["run", "copy", "add"]
         .iter()
-        .any(|k| keyword.eq_ignore_ascii_case(k))
+        .any(|k| host.keyword.eq_ignore_ascii_case(k));
+    (allowed && !host.json && host.rest.contains("<<")).then_some(host)
 }
 
 type Marker = (String, bool, bool, Option<u32>);
 
-/// The `[fd]<<[-]NAME` words of a line, in order, as (name, expand, chomp, fd).
-fn heredoc_markers(rest: &str, escape: char, at: &At<'_>) -> Result<Vec<Marker>, Diagnostic> {
+/// The `[fd]<<[-]NAME` words of a line, in order, as (name, expand, chomp, fd). Words split as
+/// BuildKit's shell lexer splits them, always with `\` as escape; it keeps `<< EOF` one word.
+fn heredoc_markers(rest: &str, at: &At<'_>) -> Result<Vec<Marker>, Diagnostic> {
     let mut markers = Vec::new();
-    for word in parse_words(rest, escape) {
+    let mut words = parse_words(rest, '\\').into_iter();
+    while let Some(mut word) = words.next() {
         let digits = word
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(word.len());
+        if &word[digits..] == "<<" {
+            word.extend(words.next());
+        }
         let Some(after) = word[digits..].strip_prefix("<<") else {
             continue;
         };
@@ -503,35 +526,45 @@ fn heredoc_markers(rest: &str, escape: char, at: &At<'_>) -> Result<Vec<Marker>,
             Some(name) => (true, name),
             None => (false, after),
         };
-        if name.is_empty() || name.contains('<') {
+        if name.contains('<') {
             continue;
         }
-        let unquoted = unquote(name, escape)
+        let (unquoted, quoted) = unquote(name)
             .ok_or_else(|| at.error(format!("unterminated quote in heredoc name {name:?}")))?;
         if unquoted.is_empty() {
             continue;
         }
-        let fd = word[..digits].parse().ok();
-        markers.push((unquoted, !name.contains(['\'', '"']), chomp, fd));
+        markers.push((unquoted, !quoted, chomp, word[..digits].parse().ok()));
     }
     Ok(markers)
 }
 
-/// Removes quotes and escapes from a heredoc delimiter word; `None` if a quote is left open.
-fn unquote(word: &str, escape: char) -> Option<String> {
+/// A heredoc delimiter without its quotes and escapes, and whether any quote took effect (an
+/// escaped quote does not); `None` if a quote is left open. `$` stays literal.
+fn unquote(word: &str) -> Option<(String, bool)> {
     let mut out = String::new();
+    let mut quoted = false;
     let mut quote = None;
-    let mut chars = word.chars();
+    let mut chars = word.chars().peekable();
     while let Some(c) = chars.next() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            None if c == '\'' || c == '"' => quote = Some(c),
-            Some('\'') => out.push(c),
-            _ if c == escape => out.extend(chars.next()),
-            _ => out.push(c),
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some('\''), c) => out.push(c),
+            // Inside double quotes a backslash escapes only `"`, `$` and itself.
+            (Some(_), '\\') => match chars.next_if(|n| matches!(n, '"' | '$' | '\\')) {
+                Some(escaped) => out.push(escaped),
+                None => out.push('\\'),
+            },
+            (Some(_), c) => out.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                quoted = true;
+            }
+            (None, '\\') => out.extend(chars.next()),
+            (None, c) => out.push(c),
         }
     }
-    quote.is_none().then_some(out)
+    quote.is_none().then_some((out, quoted))
 }
 
 /// Reads a heredoc body starting at line index `from`; returns it and the index after its
@@ -609,6 +642,40 @@ mod tests {
     }
 
     #[test]
+    fn heredoc_names_follow_shell_quoting() {
+        let names = |line: &str| {
+            let at = At {
+                file: "D",
+                text: "",
+                line: 1,
+                column: 1,
+                keyword: "RUN",
+            };
+            heredoc_markers(line, &at)
+                .unwrap()
+                .into_iter()
+                .map(|(name, expand, _, _)| (name, expand))
+                .collect::<Vec<_>>()
+        };
+        let owned = |name: &str, expand| (name.to_owned(), expand);
+        assert_eq!(names("<<eof"), [owned("eof", true)]);
+        assert_eq!(names("<<eo\\'f"), [owned("eo'f", true)]);
+        assert_eq!(names("<<eo'f'"), [owned("eof", false)]);
+        assert_eq!(names("<<'one two'"), [owned("one two", false)]);
+        assert_eq!(names("cat << EOF"), [owned("EOF", true)]);
+        assert_eq!(names("<<$EOF \"<<NO\" a<<NO"), [owned("$EOF", true)]);
+    }
+
+    #[test]
+    fn heredocs_are_not_read_in_json_form_and_are_in_onbuild() {
+        let nodes = parse("FROM a\nRUN [\"<<EOF\"]\nONBUILD RUN <<EOF\nx\nEOF\n");
+        assert!(nodes[1].heredocs.is_empty());
+        let trigger = nodes[2].child.as_ref().unwrap();
+        assert_eq!(trigger.heredocs[0].body, "x\n");
+        assert_eq!(nodes[2].end_line, 5);
+    }
+
+    #[test]
     fn unterminated_heredoc_is_an_error() {
         let err = parse_raw("FROM alpine\nRUN <<EOF\necho\n", "Dockerfile").unwrap_err();
         assert_eq!(
@@ -621,6 +688,18 @@ mod tests {
     fn heredoc_markers_are_only_read_for_run_copy_add() {
         let nodes = parse("FROM alpine\nLABEL a=<<EOF\n");
         assert!(nodes[1].heredocs.is_empty());
+    }
+
+    #[test]
+    fn onbuild_nests_in_the_dump_but_not_without_bound() {
+        let nested = parse("ONBUILD ONBUILD RUN x\n");
+        assert_eq!(
+            crate::frontend::dump("ONBUILD ONBUILD RUN x\n").unwrap(),
+            "(onbuild (onbuild (run \"x\")))"
+        );
+        assert!(nested[0].child.as_ref().is_some_and(|c| c.child.is_some()));
+        let hostile = "ONBUILD ".repeat(100_000) + "RUN x\n";
+        assert_eq!(parse(&hostile).len(), 1);
     }
 
     #[test]

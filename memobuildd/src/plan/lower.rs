@@ -4,12 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use super::scope::{Args, Scope, build_arg, platform_args};
+use super::canonical::{canonical, json, label};
+use super::expand::Expander;
+use super::scope::{Args, Scope, arg_value, build_arg, platform_args};
 use super::{Base, BuildGraph, Node, NodeKind, PlanError, PlanOptions, StageInfo};
-use crate::frontend::shell::{self, Env, ExpandError};
+use crate::frontend::shell::ExpandError;
 use crate::frontend::{
-    ArgDecl, Command, Diagnostic, DiagnosticKind, Dockerfile, FileCopy, Healthcheck, Heredoc,
-    Instruction, InstructionKind, Span, Stage,
+    ArgDecl, Diagnostic, DiagnosticKind, Dockerfile, FileCopy, Instruction, InstructionKind, Span,
+    Stage,
 };
 
 /// The ENV of a base image's config, by image reference and platform.
@@ -79,16 +81,13 @@ pub fn lower_with_base_env(
         .unwrap_or_else(|| target.to_string());
     let export = lowering.add(
         Node {
-            kind: NodeKind::Export,
-            stage: None,
-            label: format!("export {name}"),
-            instruction: format!("EXPORT {target}"),
-            step: None,
-            sources: Vec::new(),
-            excludes: Vec::new(),
-            env: Vec::new(),
-            lines: None,
             parent: Some(target_end),
+            ..Node::bare(
+                NodeKind::Export,
+                None,
+                format!("export {name}"),
+                format!("EXPORT {target}"),
+            )
         },
         &[],
     );
@@ -134,9 +133,8 @@ fn global_args(df: &Dockerfile, build_args: &[(String, String)]) -> Result<Args,
             let default = expander
                 .opt(decl.default.as_deref())
                 .map_err(|e| expansion_error(df, instruction.span, "ARG", e))?;
-            let value = build_arg(build_args, &decl.name)
-                .map(str::to_owned)
-                .or(default);
+            // A bare redeclaration (`ARG TARGETPLATFORM`) keeps the value already in effect.
+            let value = arg_value(build_args, &decl.name, default, &globals);
             values.push((decl.name.as_str(), value));
         }
         for (name, value) in values {
@@ -313,16 +311,14 @@ impl Lowering<'_> {
                     instruction.push_str(&format!(" --platform={}", json(platform)));
                 }
                 let node = Node {
-                    kind: NodeKind::BaseImage,
-                    stage: Some(i as u32),
-                    label: format!("FROM {image}"),
-                    instruction,
-                    step: None,
-                    sources: Vec::new(),
-                    excludes: Vec::new(),
                     env: resolved.env.clone(),
                     lines,
-                    parent: None,
+                    ..Node::bare(
+                        NodeKind::BaseImage,
+                        Some(i as u32),
+                        format!("FROM {image}"),
+                        instruction,
+                    )
                 };
                 let env = match &resolved.base {
                     Base::Image(image) => (self.base_env)(image, resolved.platform.as_deref()),
@@ -342,16 +338,14 @@ impl Lowering<'_> {
             .unwrap_or_default();
         let end = self.add(
             Node {
-                kind: NodeKind::Stage,
-                stage: Some(i as u32),
-                label: format!("stage {i}{name}"),
-                instruction: format!("STAGE {i}"),
-                step: None,
-                sources: Vec::new(),
-                excludes: Vec::new(),
-                env: Vec::new(),
                 lines,
                 parent: Some(parent),
+                ..Node::bare(
+                    NodeKind::Stage,
+                    Some(i as u32),
+                    format!("stage {i}{name}"),
+                    format!("STAGE {i}"),
+                )
             },
             &[],
         );
@@ -443,7 +437,7 @@ impl Lowering<'_> {
         let mut resolved = Vec::with_capacity(decls.len());
         for decl in decls {
             let default = expander.opt(decl.default.as_deref())?;
-            let value = scope.arg_value(&decl.name, default, &self.globals);
+            let value = arg_value(scope.build_args(), &decl.name, default, &self.globals);
             resolved.push(ArgDecl {
                 name: decl.name.clone(),
                 default: value,
@@ -486,21 +480,17 @@ impl Lowering<'_> {
             return Ok(None);
         }
         let span = instruction.span;
+        let label = format!("context {}", patterns.join(" "));
+        let instruction = format!(
+            "CONTEXT {} --exclude={}",
+            json(&patterns),
+            json(&copy.exclude)
+        );
         let node = Node {
-            kind: NodeKind::ContextSource,
-            stage: Some(i as u32),
-            label: format!("context {}", patterns.join(" ")),
-            instruction: format!(
-                "CONTEXT {} --exclude={}",
-                json(&patterns),
-                json(&copy.exclude)
-            ),
-            step: None,
             sources: patterns,
             excludes: copy.exclude.clone(),
-            env: Vec::new(),
             lines: Some((span.start_line, span.end_line)),
-            parent: None,
+            ..Node::bare(NodeKind::ContextSource, Some(i as u32), label, instruction)
         };
         Ok(Some(self.add(node, &[])))
     }
@@ -509,23 +499,32 @@ impl Lowering<'_> {
         if let Some(&node) = self.images.get(&image) {
             return node;
         }
+        let label = format!("image {image}");
+        let instruction = format!("FROM {}", json(&image));
         let node = self.add(
-            Node {
-                kind: NodeKind::BaseImage,
-                stage: None,
-                label: format!("image {image}"),
-                instruction: format!("FROM {}", json(&image)),
-                step: None,
-                sources: Vec::new(),
-                excludes: Vec::new(),
-                env: Vec::new(),
-                lines: None,
-                parent: None,
-            },
+            Node::bare(NodeKind::BaseImage, None, label, instruction),
             &[],
         );
         self.images.insert(image, node);
         node
+    }
+}
+
+impl Node {
+    /// A node with nothing but its identity; callers fill in the rest.
+    fn bare(kind: NodeKind, stage: Option<u32>, label: String, instruction: String) -> Self {
+        Node {
+            kind,
+            stage,
+            label,
+            instruction,
+            step: None,
+            sources: Vec::new(),
+            excludes: Vec::new(),
+            env: Vec::new(),
+            lines: None,
+            parent: None,
+        }
     }
 }
 
@@ -604,266 +603,4 @@ fn is_port_spec(spec: &str) -> bool {
         .any(|p| p.eq_ignore_ascii_case(proto))
         && low.parse::<u16>().is_ok()
         && high.parse::<u16>().is_ok()
-}
-
-/// Expands the words of one instruction, remembering which variables they used.
-struct Expander<'e> {
-    env: &'e dyn Env,
-    escape: char,
-    used: BTreeMap<String, String>,
-}
-
-impl<'e> Expander<'e> {
-    fn new(env: &'e dyn Env, escape: char) -> Self {
-        Expander {
-            env,
-            escape,
-            used: BTreeMap::new(),
-        }
-    }
-
-    fn expansion(&mut self, text: &str) -> Result<shell::Expansion, ExpandError> {
-        let expansion = shell::expand(text, self.env, self.escape)?;
-        self.note(&expansion);
-        Ok(expansion)
-    }
-
-    /// Remembers the set variables `expansion` referred to.
-    fn note(&mut self, expansion: &shell::Expansion) {
-        for name in &expansion.referenced {
-            if let Some(value) = self.env.lookup(name) {
-                self.used.insert(name.clone(), value.to_owned());
-            }
-        }
-    }
-
-    /// Heredoc bodies with an unquoted delimiter, expanded; the others as written.
-    fn heredocs(&mut self, docs: &[Heredoc]) -> Result<Vec<Heredoc>, ExpandError> {
-        let mut expanded = docs.to_vec();
-        for doc in expanded.iter_mut().filter(|d| d.expand) {
-            let expansion = shell::expand_heredoc(&doc.body, self.env)?;
-            self.note(&expansion);
-            doc.body = expansion.word;
-        }
-        Ok(expanded)
-    }
-
-    fn word(&mut self, text: &str) -> Result<String, ExpandError> {
-        Ok(self.expansion(text)?.word)
-    }
-
-    fn opt(&mut self, text: Option<&str>) -> Result<Option<String>, ExpandError> {
-        text.map(|t| self.word(t)).transpose()
-    }
-
-    fn all(&mut self, texts: &[String]) -> Result<Vec<String>, ExpandError> {
-        texts.iter().map(|t| self.word(t)).collect()
-    }
-
-    /// The variables the expansions so far used, with the values they had.
-    fn used(&self) -> Vec<(String, String)> {
-        self.used
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
-
-    /// `kind` with its expandable words expanded. RUN, CMD, ENTRYPOINT, SHELL, HEALTHCHECK,
-    /// MAINTAINER and ONBUILD are left as written: their shell (or the child build) expands.
-    fn instruction(&mut self, kind: &InstructionKind) -> Result<InstructionKind, ExpandError> {
-        Ok(match kind {
-            InstructionKind::Copy(copy) => InstructionKind::Copy(self.file_copy(copy)?),
-            InstructionKind::Add(copy) => InstructionKind::Add(self.file_copy(copy)?),
-            InstructionKind::Env(pairs) => InstructionKind::Env(self.pairs(pairs)?),
-            InstructionKind::Label(pairs) => InstructionKind::Label(self.pairs(pairs)?),
-            InstructionKind::Expose(ports) => {
-                let mut split = Vec::new();
-                for port in ports {
-                    split.extend(self.expansion(port)?.words);
-                }
-                InstructionKind::Expose(split)
-            }
-            InstructionKind::Volume(paths) => InstructionKind::Volume(self.all(paths)?),
-            InstructionKind::User(user) => InstructionKind::User(self.word(user)?),
-            InstructionKind::Workdir(dir) => InstructionKind::Workdir(self.word(dir)?),
-            InstructionKind::StopSignal(sig) => InstructionKind::StopSignal(self.word(sig)?),
-            InstructionKind::Run(run) => {
-                let mut run = run.clone();
-                run.mounts = self.all(&run.mounts)?;
-                InstructionKind::Run(run)
-            }
-            other => other.clone(),
-        })
-    }
-
-    fn file_copy(&mut self, copy: &FileCopy) -> Result<FileCopy, ExpandError> {
-        Ok(FileCopy {
-            sources: self.all(&copy.sources)?,
-            dest: self.word(&copy.dest)?,
-            heredocs: self.heredocs(&copy.heredocs)?,
-            // Resolved against the global ARGs when the step is lowered.
-            from: copy.from.clone(),
-            chown: self.opt(copy.chown.as_deref())?,
-            chmod: self.opt(copy.chmod.as_deref())?,
-            link: copy.link,
-            parents: copy.parents,
-            exclude: self.all(&copy.exclude)?,
-            checksum: self.opt(copy.checksum.as_deref())?,
-            keep_git_dir: copy.keep_git_dir,
-        })
-    }
-
-    fn pairs(&mut self, pairs: &[(String, String)]) -> Result<Vec<(String, String)>, ExpandError> {
-        pairs
-            .iter()
-            .map(|(k, v)| Ok((self.word(k)?, self.word(v)?)))
-            .collect()
-    }
-}
-
-/// JSON text of strings and lists of strings, which always serialize.
-fn json(value: &(impl serde::Serialize + ?Sized)) -> String {
-    serde_json::to_string(value).unwrap_or_default()
-}
-
-fn json_command(command: &Command) -> String {
-    match command {
-        Command::Exec(args) => json(args),
-        Command::Shell(line) => json(line),
-    }
-}
-
-/// The canonical text of an expanded instruction: keyword, flags in a fixed order, JSON
-/// arguments, heredocs. Two steps with the same text do the same thing.
-fn canonical(kind: &InstructionKind) -> String {
-    let mut out = kind.keyword().to_owned();
-    let mut flag = |name: &str, value: Option<&String>| {
-        if let Some(value) = value {
-            out.push_str(&format!(" --{name}={}", json(value)));
-        }
-    };
-    let mut heredocs: &[Heredoc] = &[];
-    let args = match kind {
-        InstructionKind::Run(run) => {
-            run.mounts.iter().for_each(|m| flag("mount", Some(m)));
-            flag("network", run.network.as_ref());
-            flag("security", run.security.as_ref());
-            heredocs = &run.heredocs;
-            json_command(&run.command)
-        }
-        InstructionKind::Cmd(c) | InstructionKind::Entrypoint(c) => json_command(c),
-        InstructionKind::Copy(c) | InstructionKind::Add(c) => {
-            flag("from", c.from.as_ref());
-            flag("chown", c.chown.as_ref());
-            flag("chmod", c.chmod.as_ref());
-            flag("link", c.link.then(|| "true".to_owned()).as_ref());
-            flag("parents", c.parents.then(|| "true".to_owned()).as_ref());
-            c.exclude.iter().for_each(|e| flag("exclude", Some(e)));
-            flag("checksum", c.checksum.as_ref());
-            flag(
-                "keep-git-dir",
-                c.keep_git_dir.then(|| "true".to_owned()).as_ref(),
-            );
-            heredocs = &c.heredocs;
-            json(&[&c.sources[..], std::slice::from_ref(&c.dest)].concat())
-        }
-        InstructionKind::Env(pairs) | InstructionKind::Label(pairs) => json(
-            &pairs
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>(),
-        ),
-        InstructionKind::Arg(decls) => json(
-            &decls
-                .iter()
-                .map(|d| (&d.name, &d.default))
-                .collect::<Vec<_>>(),
-        ),
-        InstructionKind::Shell(v) | InstructionKind::Expose(v) | InstructionKind::Volume(v) => {
-            json(v)
-        }
-        InstructionKind::User(s)
-        | InstructionKind::Workdir(s)
-        | InstructionKind::StopSignal(s)
-        | InstructionKind::Maintainer(s)
-        | InstructionKind::Onbuild(s) => json(s),
-        InstructionKind::Healthcheck(Healthcheck::None) => "NONE".to_owned(),
-        InstructionKind::Healthcheck(Healthcheck::Cmd {
-            test,
-            interval,
-            timeout,
-            start_period,
-            start_interval,
-            retries,
-        }) => {
-            let durations = [interval, timeout, start_period, start_interval];
-            let durations: Vec<Option<u128>> =
-                durations.iter().map(|d| d.map(|d| d.as_nanos())).collect();
-            format!("CMD {} {durations:?} {retries:?}", json_command(test))
-        }
-    };
-    out.push(' ');
-    out.push_str(&args);
-    for doc in heredocs {
-        let mode = if doc.expand { "expand" } else { "literal" };
-        out.push_str(&format!(
-            "\n<<{} {mode} {}",
-            json(&doc.name),
-            json(&doc.body)
-        ));
-    }
-    out
-}
-
-/// `RUN make`, `COPY src/ /app/`: the keyword and the gist, first line only, bounded.
-fn label(kind: &InstructionKind) -> String {
-    let gist = match kind {
-        InstructionKind::Run(run) => command_gist(&run.command),
-        InstructionKind::Cmd(c) | InstructionKind::Entrypoint(c) => command_gist(c),
-        InstructionKind::Copy(c) | InstructionKind::Add(c) => {
-            let from = c
-                .from
-                .as_ref()
-                .map(|f| format!("--from={f} "))
-                .unwrap_or_default();
-            let docs = c.heredocs.iter().map(|d| format!("<<{}", d.name));
-            let sources: Vec<String> = c.sources.iter().cloned().chain(docs).collect();
-            format!("{from}{} {}", sources.join(" "), c.dest)
-        }
-        InstructionKind::Env(pairs) | InstructionKind::Label(pairs) => pairs
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-        InstructionKind::Arg(decls) => decls
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" "),
-        InstructionKind::Shell(v) | InstructionKind::Expose(v) | InstructionKind::Volume(v) => {
-            v.join(" ")
-        }
-        InstructionKind::User(s)
-        | InstructionKind::Workdir(s)
-        | InstructionKind::StopSignal(s)
-        | InstructionKind::Maintainer(s)
-        | InstructionKind::Onbuild(s) => s.clone(),
-        InstructionKind::Healthcheck(Healthcheck::None) => "NONE".to_owned(),
-        InstructionKind::Healthcheck(Healthcheck::Cmd { test, .. }) => {
-            format!("CMD {}", command_gist(test))
-        }
-    };
-    let gist = gist.lines().next().unwrap_or("");
-    let mut label = format!("{} {gist}", kind.keyword());
-    if label.chars().count() > 72 {
-        label = label.chars().take(71).collect::<String>() + "…";
-    }
-    label
-}
-
-fn command_gist(command: &Command) -> String {
-    match command {
-        Command::Exec(args) => args.join(" "),
-        Command::Shell(line) => line.clone(),
-    }
 }

@@ -1,7 +1,7 @@
 //! Build graph: a [`Dockerfile`](crate::frontend::Dockerfile) lowered to a DAG of steps.
 //!
-//! Owns stage resolution (`FROM <stage>`, `COPY --from`, `--target` pruning), ARG/ENV scoping
-//! and expansion (`scope`), and the node identities the cache keys are made from. The main type
+//! Owns stage resolution and `--target` pruning (`lower`), ARG/ENV scoping (`scope`) and
+//! expansion (`expand`), and the node identities the cache keys are made from (`canonical`). The main type
 //! is [`BuildGraph`], made by [`lower`]. Each [`Node`] carries its key material: the normalized
 //! instruction after expansion, the context patterns it reads, the variables that reach it, its
 //! parent in its stage chain and its Dockerfile lines. The next stages are `context` (which
@@ -14,14 +14,18 @@
 //! stage's `stage` node, `COPY --from=<image>` one from a `base-image` node; the target's
 //! `stage` node feeds the single `export` node. Nothing else joins two stages.
 
+mod canonical;
+mod expand;
 mod lower;
 mod scope;
 
-use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::graph::DiGraph;
 
 use crate::frontend::{Diagnostic, InstructionKind};
 
 pub use lower::{BaseEnv, lower, lower_with_base_env};
+/// Node handles, re-exported so callers need not depend on petgraph to hold one.
+pub use petgraph::graph::NodeIndex;
 
 /// What to build.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -85,6 +85,10 @@ pub(super) struct Scope<'a> {
 }
 
 impl<'a> Scope<'a> {
+    pub(super) fn build_args(&self) -> &'a [(String, String)] {
+        self.build_args
+    }
+
     /// A stage's scope, starting from the ENV it inherits.
     pub(super) fn new(env: BTreeMap<String, String>, build_args: &'a [(String, String)]) -> Self {
         Scope {
@@ -92,25 +96,6 @@ impl<'a> Scope<'a> {
             args: Args::default(),
             build_args,
         }
-    }
-
-    /// The value an `ARG name[=default]` takes: the build arg, else the default (already
-    /// expanded), else for a bare redeclaration the global value.
-    pub(super) fn arg_value(
-        &self,
-        name: &str,
-        default: Option<String>,
-        globals: &Args,
-    ) -> Option<String> {
-        build_arg(self.build_args, name)
-            .map(str::to_owned)
-            .or_else(|| {
-                if default.is_some() {
-                    default
-                } else {
-                    globals.get(name).map(str::to_owned)
-                }
-            })
     }
 
     /// Everything a RUN step sees, sorted: ENV, then set ARGs ENV does not shadow, then proxy
@@ -136,6 +121,20 @@ impl Env for Scope<'_> {
             .map(String::as_str)
             .or_else(|| self.args.get(name))
     }
+}
+
+/// The value an `ARG name[=default]` takes: the build arg, else the default (already
+/// expanded), else, for a bare redeclaration, the global value.
+pub(super) fn arg_value(
+    build_args: &[(String, String)],
+    name: &str,
+    default: Option<String>,
+    globals: &Args,
+) -> Option<String> {
+    build_arg(build_args, name)
+        .map(str::to_owned)
+        .or(default)
+        .or_else(|| globals.get(name).map(str::to_owned))
 }
 
 /// The last `--build-arg` given for `name`.

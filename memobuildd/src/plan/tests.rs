@@ -352,3 +352,13 @@ fn run_mounts_are_checked_after_expansion() {
         );
     }
 }
+
+#[test]
+fn a_bare_global_redeclaration_keeps_the_value() {
+    let g = graph("ARG V=1\nARG V\nARG TARGETOS\nFROM a:$V-$TARGETOS\n");
+    let base = g.stages()[0].base.to_string();
+    assert!(
+        base.starts_with("image a:1-") && !base.ends_with('-'),
+        "{base}"
+    );
+}
