@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod config;
 pub mod context;
+pub mod engine;
 pub mod exec;
 pub mod frontend;
 pub mod layout;

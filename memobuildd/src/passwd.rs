@@ -20,6 +20,7 @@ pub struct User {
     pub name: String,
     pub uid: u32,
     pub gid: u32,
+    pub home: String,
 }
 
 /// Finds a group by name, or by number when `name_or_gid` is numeric.
@@ -37,6 +38,24 @@ pub fn find_user_by_uid(passwd_file: &str, uid: u32) -> Option<User> {
         .lines()
         .filter_map(parse_passwd_line)
         .find(|user| user.uid == uid)
+}
+
+/// Finds a user by name.
+pub fn find_user_by_name(passwd_file: &str, name: &str) -> Option<User> {
+    passwd_file
+        .lines()
+        .filter_map(parse_passwd_line)
+        .find(|user| user.name == name)
+}
+
+/// The gids of the groups that list `user` as a member.
+pub fn supplementary_gids(group_file: &str, user: &str) -> Vec<u32> {
+    group_file
+        .lines()
+        .filter_map(parse_group_line)
+        .filter(|group| group.members.iter().any(|m| m == user))
+        .map(|group| group.gid)
+        .collect()
 }
 
 /// Reads a system database file; a missing file reads as empty (minimal images have none).
@@ -79,10 +98,13 @@ fn parse_passwd_line(line: &str) -> Option<User> {
     let _password = fields.next()?;
     let uid = fields.next()?.trim().parse().ok()?;
     let gid = fields.next()?.trim().parse().ok()?;
+    let _gecos = fields.next();
+    let home = fields.next().unwrap_or("/").to_owned();
     Some(User {
         name: name.to_owned(),
         uid,
         gid,
+        home,
     })
 }
 
@@ -106,6 +128,9 @@ mod tests {
     fn finds_users_by_uid() {
         let alice = find_user_by_uid(PASSWD, 1000).expect("alice");
         assert_eq!((alice.name.as_str(), alice.gid), ("alice", 1000));
+        assert_eq!(alice.home, "/home/alice");
+        assert_eq!(find_user_by_name(PASSWD, "root").expect("root").uid, 0);
+        assert_eq!(supplementary_gids(GROUP, "bob"), [999]);
         assert_eq!(find_user_by_uid(PASSWD, 4242), None);
     }
 }

@@ -1,6 +1,9 @@
 //! Build results by key, in tiers: L1 in memory, L2 on disk (content-addressed blobs in
-//! [`cas`] plus the SQLite action cache), L3 a shared remote cache.
+//! [`cas`] plus the SQLite [`index`]: action cache, image tags, base image resolutions), L3 a
+//! shared remote cache.
 
 pub mod cas;
+pub mod index;
 
 pub use cas::{Blob, BlobWriter, Cas, CasError, Digest};
+pub use index::{ActionResult, ImageRecord, Index, IndexError, LayerRecord};

@@ -279,6 +279,23 @@ impl SourcePattern {
         Ok(Self { cleaned, glob })
     }
 
+    /// Whether `path` is exactly what this source names (for a wildcard: matches it whole).
+    pub fn matches(&self, path: &str) -> bool {
+        match &self.glob {
+            None => path == self.cleaned,
+            Some(glob) => glob.is_match(path),
+        }
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.glob.is_some()
+    }
+
+    /// The cleaned pattern text (`""` is the whole context).
+    pub fn as_str(&self) -> &str {
+        &self.cleaned
+    }
+
     /// Whether `path` is read by this source: it is the source, lies below it, or (for a
     /// wildcard) it or one of its ancestors matches the pattern.
     pub fn covers(&self, path: &str) -> bool {

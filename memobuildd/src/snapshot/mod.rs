@@ -210,3 +210,39 @@ fn unescape_mount_path(field: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests;
+
+/// overlayfs's mark for a deleted path in an upper or lower directory: a 0:0 char device.
+pub fn is_whiteout(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+/// overlayfs's mark for a directory that hides everything below it in lower layers.
+pub fn is_opaque(dir: &Path) -> bool {
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|name| xattr_is_y(dir, name))
+}
+
+fn xattr_is_y(path: &Path, name: &str) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(path), Ok(name)) = (
+        std::ffi::CString::new(path.as_os_str().as_bytes()),
+        std::ffi::CString::new(name),
+    ) else {
+        return false;
+    };
+    let mut value = [0u8; 2];
+    // SAFETY: both strings are NUL-terminated and outlive the call; `value` is a writable
+    // buffer of the length passed.
+    #[expect(unsafe_code, reason = "lgetxattr has no safe std wrapper")]
+    let len = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    len == 1 && value[0] == b'y'
+}

@@ -1,0 +1,492 @@
+//! COPY (and ADD of local files) with Docker's meaning, producing the step's layer as a
+//! directory of exactly the paths it adds — no container involved.
+//!
+//! The rules, as in Docker and BuildKit: a source directory copies its *contents*; a wildcard
+//! matching nothing copies nothing; several sources, a wildcard or a trailing `/` make the
+//! destination a directory, and so does a destination that already is a directory in the
+//! parent image; a relative destination is relative to WORKDIR; destinations resolve through
+//! the parent image's symlinks; missing parents are created (owned by `--chown` if given);
+//! symlinks are copied as links; `--chown` and `--chmod` apply to everything copied. Parent
+//! directories that exist in the parent image are recreated with their own mode and owner,
+//! so the layer does not change them.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::view::RootView;
+use crate::context::dockerignore::clean;
+use crate::context::{EntryKind, FileTree, Hash, IgnoreRules, SourcePattern};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("COPY source {0:?} not found in the build context")]
+    NotInContext(String),
+    #[error("COPY source {0:?} not found in the source image")]
+    NotInImage(String),
+    #[error("bad COPY source pattern {pattern:?}: {message}")]
+    Pattern { pattern: String, message: String },
+    #[error(
+        "{0} changed while it was being copied; build again (MemoBuild never copies a file whose content differs from its fingerprint)"
+    )]
+    ChangedDuringCopy(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a COPY/ADD says, after expansion and name resolution.
+#[derive(Debug, Clone)]
+pub struct CopySpec {
+    pub sources: Vec<String>,
+    pub dest: String,
+    /// The image's WORKDIR (absolute) for relative destinations.
+    pub workdir: String,
+    pub chown: Option<(u32, u32)>,
+    pub chmod: Option<u32>,
+}
+
+/// Where the sources are read from.
+#[derive(Debug, Clone, Copy)]
+pub enum CopySource<'a> {
+    /// The build context, as fingerprinted: only what the tree holds (after `.dockerignore`)
+    /// and `excludes` leaves is visible, and content is checked against the tree's hashes.
+    Context {
+        dir: &'a Path,
+        tree: &'a FileTree,
+        excludes: &'a IgnoreRules,
+    },
+    /// Another stage or an image (`--from`).
+    Image(&'a RootView),
+}
+
+/// One source path.
+#[derive(Debug, Clone)]
+struct Item {
+    /// Relative to the source root, `/`-separated.
+    rel: String,
+    kind: EntryKind,
+    mode: u32,
+    link_target: Option<String>,
+    host: PathBuf,
+    expected: Option<Hash>,
+}
+
+impl Item {
+    fn name(&self) -> &str {
+        self.rel.rsplit('/').next().unwrap_or(&self.rel)
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Stages what the COPY adds into `staging` (an empty directory standing for the image root).
+/// `as_root`: ownership is set on disk (a non-root daemon leaves it to the layer writer).
+pub fn stage(
+    spec: &CopySpec,
+    source: CopySource<'_>,
+    parent: &RootView,
+    staging: &Path,
+    as_root: bool,
+) -> Result<CopyStats, CopyError> {
+    let patterns: Vec<SourcePattern> = spec
+        .sources
+        .iter()
+        .map(|s| {
+            SourcePattern::new(s).map_err(|err| CopyError::Pattern {
+                pattern: s.clone(),
+                message: err.to_string(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let dest_abs = Path::new("/").join(clean(&if spec.dest.starts_with('/') {
+        spec.dest.clone()
+    } else {
+        format!("{}/{}", spec.workdir, spec.dest)
+    }));
+    let mut into_dir = spec.dest.ends_with('/')
+        || spec.dest.ends_with("/.")
+        || patterns.len() > 1
+        || patterns.iter().any(SourcePattern::is_wildcard);
+    let dest = parent.resolve(&dest_abs, true);
+    if parent.lookup(&dest).is_some_and(|f| f.meta.is_dir()) {
+        into_dir = true;
+    }
+
+    let mut writer = Writer {
+        staging,
+        parent,
+        spec,
+        as_root,
+        stats: CopyStats::default(),
+        dir_times: Vec::new(),
+    };
+    for pattern in &patterns {
+        let roots = source.roots(pattern)?;
+        if roots.is_empty() && !pattern.is_wildcard() {
+            return Err(match source {
+                CopySource::Context { .. } => CopyError::NotInContext(pattern.as_str().into()),
+                CopySource::Image(_) => CopyError::NotInImage(pattern.as_str().into()),
+            });
+        }
+        for root in roots {
+            if root.kind == EntryKind::Dir {
+                writer.ensure_dir(&dest, Some(&root))?;
+                for child in source.descendants(&root) {
+                    let rel = child.rel[root.rel.len()..]
+                        .trim_start_matches('/')
+                        .to_owned();
+                    writer.put(&dest.join(rel), &child)?;
+                }
+            } else if into_dir {
+                writer.ensure_dir(&dest, None)?;
+                writer.put(&dest.join(root.name()), &root)?;
+            } else {
+                writer.put(&dest, &root)?;
+            }
+        }
+    }
+    writer.finish()
+}
+
+impl CopySource<'_> {
+    /// The paths a pattern names (not their contents).
+    fn roots(&self, pattern: &SourcePattern) -> Result<Vec<Item>, CopyError> {
+        match *self {
+            CopySource::Context {
+                dir,
+                tree,
+                excludes,
+            } => Ok(tree
+                .iter()
+                .filter(|(path, _)| pattern.matches(path) && !excludes.is_excluded(path))
+                .map(|(path, entry)| context_item(dir, path, entry))
+                .collect()),
+            CopySource::Image(view) => Ok(image_roots(view, pattern)),
+        }
+    }
+
+    /// Everything below a directory item, parents before children.
+    fn descendants(&self, root: &Item) -> Vec<Item> {
+        match *self {
+            CopySource::Context {
+                dir,
+                tree,
+                excludes,
+            } => {
+                let prefix = if root.rel.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}/", root.rel)
+                };
+                tree.iter()
+                    .filter(|(path, _)| {
+                        !path.is_empty() && path.starts_with(&prefix) && !excludes.is_excluded(path)
+                    })
+                    .map(|(path, entry)| context_item(dir, path, entry))
+                    .collect()
+            }
+            CopySource::Image(view) => {
+                let mut out = Vec::new();
+                walk_image(view, &root.rel, &mut out);
+                out
+            }
+        }
+    }
+}
+
+fn context_item(dir: &Path, path: &str, entry: &crate::context::Entry) -> Item {
+    Item {
+        rel: path.to_owned(),
+        kind: entry.kind,
+        mode: entry.mode,
+        link_target: entry.link_target.as_deref().map(str::to_owned),
+        host: if path.is_empty() {
+            dir.to_owned()
+        } else {
+            dir.join(path)
+        },
+        expected: (entry.kind == EntryKind::File).then_some(entry.hash),
+    }
+}
+
+fn image_item(view: &RootView, rel: &str) -> Option<Item> {
+    let found = view.lookup(&Path::new("/").join(rel))?;
+    let file_type = found.meta.file_type();
+    let kind = if file_type.is_dir() {
+        EntryKind::Dir
+    } else if file_type.is_symlink() {
+        EntryKind::Symlink
+    } else if file_type.is_file() {
+        EntryKind::File
+    } else {
+        EntryKind::Special
+    };
+    let link_target = (kind == EntryKind::Symlink)
+        .then(|| std::fs::read_link(&found.host).ok())
+        .flatten()
+        .map(|t| t.to_string_lossy().into_owned());
+    Some(Item {
+        rel: rel.to_owned(),
+        kind,
+        mode: found.meta.mode() & 0o7777,
+        link_target,
+        host: found.host,
+        expected: None,
+    })
+}
+
+/// Expands a pattern in an image: plain paths resolve through symlinks (as BuildKit follows
+/// source paths), wildcard components are matched against directory listings.
+fn image_roots(view: &RootView, pattern: &SourcePattern) -> Vec<Item> {
+    if !pattern.is_wildcard() {
+        let resolved = view.resolve(&Path::new("/").join(pattern.as_str()), true);
+        let rel = resolved
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .to_owned();
+        return image_item(view, &rel).into_iter().collect();
+    }
+    let mut candidates = vec![String::new()];
+    for _component in pattern.as_str().split('/') {
+        let mut next = Vec::new();
+        for base in &candidates {
+            for name in view.list(&Path::new("/").join(base)) {
+                let path = if base.is_empty() {
+                    name
+                } else {
+                    format!("{base}/{name}")
+                };
+                next.push(path);
+            }
+        }
+        candidates = next;
+    }
+    candidates
+        .into_iter()
+        .filter(|path| pattern.matches(path))
+        .filter_map(|path| image_item(view, &path))
+        .collect()
+}
+
+fn walk_image(view: &RootView, rel: &str, out: &mut Vec<Item>) {
+    for name in view.list(&Path::new("/").join(rel)) {
+        let child = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        if let Some(item) = image_item(view, &child) {
+            let is_dir = item.kind == EntryKind::Dir;
+            out.push(item);
+            if is_dir {
+                walk_image(view, &child, out);
+            }
+        }
+    }
+}
+
+struct Writer<'a> {
+    staging: &'a Path,
+    parent: &'a RootView,
+    spec: &'a CopySpec,
+    as_root: bool,
+    stats: CopyStats,
+    /// Directory mtimes to restore once their contents are written.
+    dir_times: Vec<(PathBuf, std::time::SystemTime)>,
+}
+
+impl Writer<'_> {
+    fn host(&self, image_path: &Path) -> PathBuf {
+        self.staging
+            .join(image_path.strip_prefix("/").unwrap_or(image_path))
+    }
+
+    fn owner(&self) -> (u32, u32) {
+        self.spec.chown.unwrap_or((0, 0))
+    }
+
+    fn mode(&self, item: &Item) -> u32 {
+        self.spec.chmod.unwrap_or(item.mode)
+    }
+
+    /// Creates `dir` and its missing parents in the staging tree. Parents that exist in the
+    /// parent image keep their mode and owner; new ones belong to `--chown` (else root).
+    fn ensure_dir(&mut self, dir: &Path, like: Option<&Item>) -> Result<(), CopyError> {
+        let mut image_path = PathBuf::from("/");
+        let components: Vec<_> = dir.components().skip(1).collect();
+        for (i, component) in components.iter().enumerate() {
+            image_path.push(component);
+            let host = self.host(&image_path);
+            if host.is_dir() {
+                continue;
+            }
+            let (mode, owner) = match self.parent.lookup(&image_path) {
+                Some(found) if found.meta.is_dir() => (
+                    found.meta.mode() & 0o7777,
+                    (found.meta.uid(), found.meta.gid()),
+                ),
+                _ if i + 1 == components.len() => {
+                    (like.map_or(0o755, |item| self.mode(item)), self.owner())
+                }
+                _ => (0o755, self.owner()),
+            };
+            std::fs::create_dir(&host).map_err(io("creating", &host))?;
+            self.finish_entry(&host, mode, owner, false)?;
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, image_path: &Path, item: &Item) -> Result<(), CopyError> {
+        if let Some(parent) = image_path.parent() {
+            self.ensure_dir(parent, None)?;
+        }
+        let host = self.host(image_path);
+        let mode = self.mode(item);
+        match item.kind {
+            EntryKind::Dir => {
+                if !host.is_dir() {
+                    std::fs::create_dir(&host).map_err(io("creating", &host))?;
+                }
+                self.finish_entry(&host, mode, self.owner(), false)?;
+                if let Ok(meta) = std::fs::metadata(&item.host)
+                    && let Ok(mtime) = meta.modified()
+                {
+                    self.dir_times.push((host, mtime));
+                }
+            }
+            EntryKind::Symlink => {
+                remove_existing(&host)?;
+                let target = item.link_target.as_deref().unwrap_or_default();
+                std::os::unix::fs::symlink(target, &host).map_err(io("linking", &host))?;
+                self.finish_entry(&host, mode, self.owner(), true)?;
+            }
+            EntryKind::File => {
+                remove_existing(&host)?;
+                self.copy_file(item, &host)?;
+                self.finish_entry(&host, mode, self.owner(), false)?;
+            }
+            EntryKind::Special => {
+                // FIFOs and devices carry no content; recreate them with the system tool so
+                // no unsafe mknod is needed here.
+                remove_existing(&host)?;
+                let meta =
+                    std::fs::symlink_metadata(&item.host).map_err(io("reading", &item.host))?;
+                make_special(&meta, &host)?;
+                self.finish_entry(&host, mode, self.owner(), false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_file(&mut self, item: &Item, host: &Path) -> Result<(), CopyError> {
+        let mut from = std::fs::File::open(&item.host).map_err(io("reading", &item.host))?;
+        let mut to = std::fs::File::create(host).map_err(io("writing", host))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = from.read(&mut buf).map_err(io("reading", &item.host))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            to.write_all(&buf[..n]).map_err(io("writing", host))?;
+            self.stats.bytes += n as u64;
+        }
+        if let Some(expected) = item.expected
+            && *hasher.finalize().as_bytes() != expected
+        {
+            return Err(CopyError::ChangedDuringCopy(item.rel.clone()));
+        }
+        if let Ok(mtime) = from.metadata().and_then(|m| m.modified()) {
+            let _ = to.set_modified(mtime);
+        }
+        self.stats.files += 1;
+        Ok(())
+    }
+
+    fn finish_entry(
+        &self,
+        host: &Path,
+        mode: u32,
+        (uid, gid): (u32, u32),
+        is_link: bool,
+    ) -> Result<(), CopyError> {
+        if !is_link {
+            std::fs::set_permissions(host, std::fs::Permissions::from_mode(mode))
+                .map_err(io("setting the mode of", host))?;
+        }
+        if self.as_root {
+            std::os::unix::fs::lchown(host, Some(uid), Some(gid))
+                .map_err(io("setting the owner of", host))?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<CopyStats, CopyError> {
+        for (dir, mtime) in self.dir_times.drain(..).rev() {
+            if let Ok(file) = std::fs::File::open(&dir) {
+                let _ = file.set_modified(mtime);
+            }
+        }
+        Ok(self.stats)
+    }
+}
+
+fn remove_existing(host: &Path) -> Result<(), CopyError> {
+    match std::fs::symlink_metadata(host) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(host).map_err(io("replacing", host)),
+        Ok(_) => std::fs::remove_file(host).map_err(io("replacing", host)),
+        Err(_) => Ok(()),
+    }
+}
+
+fn make_special(meta: &std::fs::Metadata, host: &Path) -> Result<(), CopyError> {
+    use std::os::unix::fs::FileTypeExt;
+    let file_type = meta.file_type();
+    let mut command = std::process::Command::new("mknod");
+    command.arg(host);
+    if file_type.is_fifo() {
+        command.arg("p");
+    } else {
+        let kind = if file_type.is_block_device() {
+            "b"
+        } else {
+            "c"
+        };
+        let rdev = meta.rdev();
+        command
+            .arg(kind)
+            .arg(((rdev >> 8) & 0xfff).to_string())
+            .arg(((rdev & 0xff) | ((rdev >> 12) & 0xfff00)).to_string());
+    }
+    let status = command.status().map_err(io("creating", host))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CopyError::Io {
+            what: "creating special file",
+            path: host.to_owned(),
+            source: std::io::Error::other(format!("mknod exited with {status}")),
+        })
+    }
+}
+
+fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> CopyError + 'p {
+    move |source| CopyError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests;
