@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod context;
 pub mod frontend;
+pub mod image;
 pub mod layout;
 pub mod passwd;
 pub mod plan;

@@ -1,0 +1,134 @@
+//! Helpers shared by the image tests: listings that compare trees and tars, and the
+//! root / tool checks that skip (or, with `MEMOBUILD_REQUIRE_PRIVILEGED`, fail) a test.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+
+use super::entry::{Kind, read_entry};
+use super::unpack::decompress;
+use crate::cache::Cas;
+use crate::layout::Layout;
+
+/// One line per path: type, mode, uid, gid, size, content hash, link target.
+pub(super) type Listing = BTreeMap<String, String>;
+
+pub(super) fn store() -> (tempfile::TempDir, Cas) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cas = Cas::open(&Layout::new(dir.path())).expect("cas");
+    (dir, cas)
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))[..16].to_owned()
+}
+
+/// The tree under `root` (not `root` itself); hard links show as the files they are.
+pub(super) fn list_dir(root: &Path) -> Listing {
+    let mut out = Listing::new();
+    let mut todo = vec![root.to_owned()];
+    while let Some(dir) = todo.pop() {
+        for item in fs::read_dir(&dir).expect("read_dir") {
+            let path = item.expect("entry").path();
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            let kind = meta.file_type();
+            let (what, content) = if kind.is_dir() {
+                todo.push(path.clone());
+                ("dir", String::new())
+            } else if kind.is_file() {
+                ("file", sha(&fs::read(&path).expect("read")))
+            } else if kind.is_symlink() {
+                (
+                    "symlink",
+                    fs::read_link(&path)
+                        .expect("readlink")
+                        .display()
+                        .to_string(),
+                )
+            } else if kind.is_fifo() {
+                ("fifo", String::new())
+            } else if kind.is_char_device() {
+                (
+                    "char",
+                    format!("{}:{}", libc::major(meta.rdev()), libc::minor(meta.rdev())),
+                )
+            } else {
+                ("other", String::new())
+            };
+            let size = if kind.is_file() { meta.len() } else { 0 };
+            let rel = path.strip_prefix(root).expect("below root");
+            out.insert(
+                rel.display().to_string(),
+                format!(
+                    "{what} {:o} {}:{} {size} {content}",
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid()
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// The same listing for a tar (compressed or not); hard links show as their targets.
+pub(super) fn list_tar(reader: impl Read) -> Listing {
+    let mut out = Listing::new();
+    let mut archive = tar::Archive::new(decompress(reader).expect("decompress"));
+    for item in archive.entries().expect("entries") {
+        let mut item = item.expect("entry");
+        let Some(entry) = read_entry(&mut item).expect("read entry") else {
+            continue;
+        };
+        let mut data = Vec::new();
+        item.read_to_end(&mut data).expect("data");
+        let (what, content) = match &entry.kind {
+            Kind::File => ("file", sha(&data)),
+            Kind::Dir => ("dir", String::new()),
+            Kind::Symlink(target) => ("symlink", target.display().to_string()),
+            Kind::HardLink(target) => {
+                let line = out[&target.display().to_string()].clone();
+                out.insert(entry.path.display().to_string(), line);
+                continue;
+            }
+            Kind::Fifo => ("fifo", String::new()),
+            Kind::Char { major, minor } => ("char", format!("{major}:{minor}")),
+            Kind::Block { .. } => ("other", String::new()),
+        };
+        out.insert(
+            entry.path.display().to_string(),
+            format!(
+                "{what} {:o} {}:{} {} {content}",
+                entry.mode, entry.uid, entry.gid, entry.size
+            ),
+        );
+    }
+    out
+}
+
+fn require(what: &str, test: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var_os("MEMOBUILD_REQUIRE_PRIVILEGED").is_some() {
+        panic!("{test} needs {what} (MEMOBUILD_REQUIRE_PRIVILEGED is set)");
+    }
+    eprintln!("SKIPPED {test}: needs {what}");
+    false
+}
+
+pub(super) fn require_root(test: &str) -> bool {
+    require("root", test, super::sys::is_root())
+}
+
+pub(super) fn require_tool(tool: &str, test: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    require(tool, test, found)
+}
