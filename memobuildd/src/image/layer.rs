@@ -102,21 +102,27 @@ pub fn write_layer(
     // The first path of each multiply-linked inode carries the data; the others link to it.
     let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for Scanned { mut entry, inode } in entries {
-        match inode {
-            Some(inode) if entry.kind == Kind::File => {
-                if let Some(first) = inodes.get(&inode) {
-                    entry.kind = Kind::HardLink(first.clone());
-                    entry.size = 0;
-                    sink.append(&entry, io::empty())?;
-                    continue;
-                }
-                inodes.insert(inode, entry.path.clone());
-                let path = dir.join(&entry.path);
-                let file = File::open(&path).map_err(ImageError::io(&path))?;
-                sink.append(&entry, file)?;
-            }
-            _ => sink.append(&entry, io::empty())?,
+        if entry.kind != Kind::File {
+            sink.append(&entry, io::empty())?;
+            continue;
         }
+        if let Some(inode) = inode {
+            if let Some(first) = inodes.get(&inode) {
+                entry.kind = Kind::HardLink(first.clone());
+                entry.size = 0;
+                sink.append(&entry, io::empty())?;
+                continue;
+            }
+            inodes.insert(inode, entry.path.clone());
+        }
+        // Whiteout markers have no file behind them; empty files have nothing to read.
+        if entry.size == 0 {
+            sink.append(&entry, io::empty())?;
+            continue;
+        }
+        let path = dir.join(&entry.path);
+        let file = File::open(&path).map_err(ImageError::io(&path))?;
+        sink.append(&entry, file)?;
     }
 
     let finish = |source| ImageError::Io {
@@ -308,4 +314,168 @@ impl<W: Write> Write for HashingWriter<W> {
 pub(crate) fn digest_of(hasher: Sha256) -> Digest {
     Digest::parse(&format!("sha256:{}", hex::encode(hasher.finalize())))
         .expect("a SHA-256 hex string is a valid digest")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::cas;
+    use crate::image::testutil::{
+        LONG_NAME, list_dir, list_tar, mtime, require_root, sample_tree, set_mtimes, store,
+    };
+    use crate::image::unpack::{Whiteouts, unpack};
+
+    fn write(cas: &Cas, dir: &Path, opts: &LayerOptions<'_>) -> Layer {
+        write_layer(cas, dir, opts)
+            .expect("write")
+            .expect("a layer")
+    }
+
+    fn tar_of(cas: &Cas, layer: &Layer) -> Listing {
+        list_tar(cas::open(cas, &layer.blob.digest).expect("open"))
+    }
+
+    use crate::image::testutil::Listing;
+
+    #[test]
+    fn the_same_tree_gives_the_same_layer() {
+        let (_root, cas) = store();
+        let tree = tempfile::tempdir().expect("tree");
+        sample_tree(tree.path(), 1_700_000_000);
+        let opts = LayerOptions::default();
+        let first = write(&cas, tree.path(), &opts);
+        assert_eq!(write(&cas, tree.path(), &opts), first);
+        assert_eq!(first.media_type, MediaTypes::Oci.layer_gzip());
+        assert_ne!(first.blob.digest, first.diff_id);
+        let tar = cas::open(&cas, &first.blob.digest).expect("open");
+        let mut raw = Vec::new();
+        io::Read::read_to_end(&mut flate2::read::GzDecoder::new(tar), &mut raw).expect("gunzip");
+        assert_eq!(
+            Digest::of(&raw),
+            first.diff_id,
+            "diff-id is the tar's digest"
+        );
+
+        // Newer mtimes clamped to the same epoch give the same layer; unclamped they do not.
+        let clamped = LayerOptions {
+            source_date_epoch: Some(1_600_000_000),
+            ..LayerOptions::default()
+        };
+        let before = write(&cas, tree.path(), &clamped);
+        set_mtimes(tree.path(), 1_800_000_000);
+        assert_eq!(write(&cas, tree.path(), &clamped), before);
+        assert_ne!(write(&cas, tree.path(), &opts), first);
+    }
+
+    #[test]
+    fn modes_links_and_special_files_survive_a_round_trip() {
+        let (_root, cas) = store();
+        let tree = tempfile::tempdir().expect("tree");
+        sample_tree(tree.path(), 1_700_000_000);
+        let layer = write(&cas, tree.path(), &LayerOptions::default());
+        let expected = list_dir(tree.path());
+        assert!(expected["bin/su"].starts_with("file 4755 "), "{expected:?}");
+        assert!(expected.contains_key("empty") && expected.contains_key("tmp/fifo"));
+        assert_eq!(tar_of(&cas, &layer), expected);
+
+        let dest = tempfile::tempdir().expect("dest");
+        let blob = cas::open(&cas, &layer.blob.digest).expect("open");
+        let stats = unpack(blob, dest.path(), Whiteouts::Apply).expect("unpack");
+        assert_eq!(list_dir(dest.path()), expected);
+        assert_eq!(stats.entries, expected.len() as u64);
+        for path in ["bin/su", "tmp", "etc/conf.link", "empty"] {
+            assert_eq!(mtime(&dest.path().join(path)), 1_700_000_000, "{path}");
+        }
+        let meta = |path: &str| std::fs::metadata(dest.path().join(path)).expect("stat");
+        assert_eq!(
+            meta("etc/conf").ino(),
+            meta("etc/conf.hard").ino(),
+            "still one inode"
+        );
+        assert!(
+            dest.path()
+                .join("deep")
+                .join(LONG_NAME)
+                .join(LONG_NAME)
+                .join("file")
+                .is_file()
+        );
+    }
+
+    #[test]
+    fn owners_can_be_overridden_beyond_ustar_ids() {
+        let (_root, cas) = store();
+        let tree = tempfile::tempdir().expect("tree");
+        sample_tree(tree.path(), 1_700_000_000);
+        let owner = |path: &Path| (path == Path::new("bin/su")).then_some((3_000_000, 4_000_000));
+        let opts = LayerOptions {
+            compression: Compression::None,
+            owner: Some(&owner),
+            ..LayerOptions::default()
+        };
+        let layer = write(&cas, tree.path(), &opts);
+        assert_eq!(layer.media_type, MediaTypes::Oci.layer_tar());
+        assert_eq!(layer.blob.digest, layer.diff_id);
+        let listing = tar_of(&cas, &layer);
+        assert!(
+            listing["bin/su"].starts_with("file 4755 3000000:4000000 "),
+            "{listing:?}"
+        );
+        let mine = format!(" {}:", unsafe_free_uid(tree.path()));
+        assert!(listing["bin/tool"].contains(&mine), "{listing:?}");
+    }
+
+    fn unsafe_free_uid(path: &Path) -> u32 {
+        std::fs::metadata(path).expect("stat").uid()
+    }
+
+    #[test]
+    fn nothing_to_write_makes_no_layer() {
+        let (_root, cas) = store();
+        let tree = tempfile::tempdir().expect("tree");
+        let opts = LayerOptions {
+            skip: vec!["proc".into(), "/etc/hosts".into()],
+            ..LayerOptions::default()
+        };
+        assert_eq!(write_layer(&cas, tree.path(), &opts).expect("write"), None);
+        std::fs::create_dir_all(tree.path().join("proc/1")).expect("mkdir");
+        assert_eq!(write_layer(&cas, tree.path(), &opts).expect("write"), None);
+        std::fs::create_dir(tree.path().join("etc")).expect("mkdir");
+        std::fs::write(tree.path().join("etc/hosts"), "127.0.0.1 x").expect("hosts");
+        std::fs::write(tree.path().join("etc/hostsx"), "kept").expect("hostsx");
+        let listing = tar_of(&cas, &write(&cas, tree.path(), &opts));
+        assert_eq!(listing.keys().collect::<Vec<_>>(), ["etc", "etc/hostsx"]);
+    }
+
+    #[test]
+    fn overlay_whiteouts_become_oci_whiteouts_and_back() {
+        if !require_root("overlay_whiteouts_become_oci_whiteouts_and_back") {
+            return;
+        }
+        let (_root, cas) = store();
+        let upper = tempfile::tempdir().expect("upper");
+        let up = upper.path();
+        sys::mknod(&up.join("gone"), sys::Node::Char, 0, 0, 0).expect("whiteout");
+        std::fs::create_dir(up.join("opq")).expect("mkdir");
+        std::fs::write(up.join("opq/new"), "new").expect("write");
+        sys::lsetxattr(&up.join("opq"), "trusted.overlay.opaque", b"y").expect("xattr");
+        let layer = write(&cas, up, &LayerOptions::default());
+        let listing = tar_of(&cas, &layer);
+        assert_eq!(
+            listing.keys().collect::<Vec<_>>(),
+            [".wh.gone", "opq", "opq/.wh..wh..opq", "opq/new"]
+        );
+        assert!(
+            listing[".wh.gone"].starts_with("file 0 0:0 0 "),
+            "{listing:?}"
+        );
+
+        let dest = tempfile::tempdir().expect("dest");
+        let blob = cas::open(&cas, &layer.blob.digest).expect("open");
+        unpack(blob, dest.path(), Whiteouts::Overlay).expect("unpack");
+        assert_eq!(list_dir(dest.path()), list_dir(up));
+        let opaque = sys::lgetxattr(&dest.path().join("opq"), "trusted.overlay.opaque");
+        assert_eq!(opaque.expect("xattr").as_deref(), Some(&b"y"[..]));
+        assert_eq!(write(&cas, dest.path(), &LayerOptions::default()), layer);
+    }
 }

@@ -132,3 +132,59 @@ pub(super) fn require_tool(tool: &str, test: &str) -> bool {
         .is_ok_and(|out| out.status.success());
     require(tool, test, found)
 }
+
+pub(super) const LONG_NAME: &str =
+    "a-directory-name-long-enough-that-the-whole-path-cannot-fit-a-ustar-name-field";
+
+/// A tree with what layers must carry: setuid/setgid/sticky modes, an empty directory,
+/// relative and absolute symlinks, a hard link, a fifo, names and link targets too long for
+/// ustar. Every mtime is `mtime`.
+pub(super) fn sample_tree(root: &Path, mtime: i64) {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let write = |rel: &str, data: &[u8], mode: u32| {
+        let path = root.join(rel);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(&path, data).expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    write("bin/su", b"#!/bin/sh\necho root\n", 0o4755);
+    write("bin/tool", b"tool", 0o2711);
+    write("etc/conf", b"key=value\n", 0o640);
+    write(
+        &format!("deep/{LONG_NAME}/{LONG_NAME}/file"),
+        b"deep",
+        0o644,
+    );
+    fs::hard_link(root.join("etc/conf"), root.join("etc/conf.hard")).expect("hard link");
+    symlink("conf", root.join("etc/conf.link")).expect("symlink");
+    symlink("/etc/passwd", root.join("etc/passwd.abs")).expect("symlink");
+    symlink(
+        format!("../deep/{LONG_NAME}/{LONG_NAME}/file"),
+        root.join("etc/long.link"),
+    )
+    .expect("symlink");
+    for (dir, mode) in [("tmp", 0o1777), ("empty", 0o700)] {
+        fs::create_dir(root.join(dir)).expect("mkdir");
+        fs::set_permissions(root.join(dir), fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    super::sys::mknod(&root.join("tmp/fifo"), super::sys::Node::Fifo, 0o600, 0, 0).expect("fifo");
+    set_mtimes(root, mtime);
+}
+
+/// Sets every mtime under `root` (symlinks' own included) to `mtime`.
+pub(super) fn set_mtimes(root: &Path, mtime: i64) {
+    let mut todo = vec![root.to_owned()];
+    while let Some(dir) = todo.pop() {
+        for item in fs::read_dir(&dir).expect("read_dir") {
+            let path = item.expect("entry").path();
+            if fs::symlink_metadata(&path).expect("lstat").is_dir() {
+                todo.push(path.clone());
+            }
+            super::sys::set_mtime_nofollow(&path, mtime).expect("utimensat");
+        }
+    }
+}
+
+pub(super) fn mtime(path: &Path) -> i64 {
+    fs::symlink_metadata(path).expect("lstat").mtime()
+}
