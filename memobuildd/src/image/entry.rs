@@ -246,7 +246,14 @@ pub(crate) fn read_entry<R: Read>(
         ))),
         EntryType::Link => {
             let target = entry.link_name_bytes().unwrap_or_default();
-            Kind::HardLink(clean_path(&target)?)
+            let target = clean_path(&target).map_err(|_| {
+                let target = String::from_utf8_lossy(&target);
+                ImageError::entry(
+                    &path,
+                    format!("hard link target {target:?} leaves the layer"),
+                )
+            })?;
+            Kind::HardLink(target)
         }
         EntryType::Fifo => Kind::Fifo,
         EntryType::Char | EntryType::Block => {

@@ -306,3 +306,125 @@ fn remove(path: &Path) -> io::Result<()> {
         Err(err) => Err(err),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
+
+    use super::*;
+    use crate::image::testutil::{list_dir, raw_tar};
+
+    #[test]
+    fn entries_that_would_escape_are_refused() {
+        type Case<'a> = (&'a str, &'a [(&'a str, tar::EntryType, &'a str, &'a [u8])]);
+        let cases: &[Case<'_>] = &[
+            ("../evil", &[("../evil", F, "", b"x")]),
+            (
+                "a/../../evil",
+                &[("a/", D, "", b""), ("a/../../evil", F, "", b"x")],
+            ),
+            ("/evil", &[("/evil", F, "", b"x")]),
+            (
+                "link/evil",
+                &[("link", S, "../../..", b""), ("link/evil", F, "", b"x")],
+            ),
+            (
+                "up/evil",
+                &[("up", S, "/..", b""), ("up/evil", F, "", b"x")],
+            ),
+            ("hard", &[("hard", H, "../outside", b"")]),
+        ];
+        for (bad, entries) in cases {
+            let parent = tempfile::tempdir().expect("tempdir");
+            let dest = parent.path().join("dest");
+            fs::create_dir(&dest).expect("dest");
+            let tar = raw_tar(entries);
+            let err = unpack(tar.as_slice(), &dest, Whiteouts::Apply).expect_err(bad);
+            assert!(
+                err.to_string().contains(&format!("{bad:?}")),
+                "{bad}: {err}"
+            );
+            let outside: Vec<_> = list_dir(parent.path())
+                .into_keys()
+                .filter(|path| path != "dest" && !path.starts_with("dest/"))
+                .collect();
+            assert!(outside.is_empty(), "{bad}: wrote {outside:?}");
+        }
+    }
+
+    #[test]
+    fn symlinks_on_the_way_resolve_inside_dest() {
+        let dest = tempfile::tempdir().expect("dest");
+        let tar = raw_tar(&[
+            ("etc/", D, "", b""),
+            ("abs", S, "/etc", b""),
+            ("abs/a", F, "", b"a"),
+            ("rel", S, "etc/../etc", b""),
+            ("rel/b", F, "", b"b"),
+            ("rel/hard", H, "abs/a", b""),
+        ]);
+        let stats = unpack(tar.as_slice(), dest.path(), Whiteouts::Apply).expect("unpack");
+        assert_eq!(
+            stats,
+            UnpackStats {
+                entries: 6,
+                bytes: 2
+            }
+        );
+        assert_eq!(fs::read(dest.path().join("etc/a")).expect("a"), b"a");
+        assert_eq!(fs::read(dest.path().join("etc/b")).expect("b"), b"b");
+        assert_eq!(fs::read(dest.path().join("etc/hard")).expect("hard"), b"a");
+        assert_eq!(
+            fs::read_link(dest.path().join("abs")).expect("link"),
+            Path::new("/etc")
+        );
+    }
+
+    #[test]
+    fn applied_whiteouts_delete_and_directories_come_back() {
+        let dest = tempfile::tempdir().expect("dest");
+        let layers = [
+            raw_tar(&[
+                ("a/", D, "", b""),
+                ("a/keep", F, "", b"keep"),
+                ("a/gone", F, "", b"gone"),
+                ("d/", D, "", b""),
+                ("d/old", F, "", b"old"),
+                ("d/sub/", D, "", b""),
+                ("e/", D, "", b""),
+                ("e/x", F, "", b"x"),
+            ]),
+            raw_tar(&[
+                ("a/.wh.gone", F, "", b""),
+                ("d/", D, "", b""),
+                ("d/-new", F, "", b"sorts before the marker"),
+                ("d/.wh..wh..opq", F, "", b""),
+                (".wh.e", F, "", b""),
+            ]),
+            raw_tar(&[("e/", D, "", b""), ("e/y", F, "", b"y")]),
+        ];
+        for layer in &layers {
+            unpack(layer.as_slice(), dest.path(), Whiteouts::Apply).expect("unpack");
+        }
+        let paths: Vec<String> = list_dir(dest.path()).into_keys().collect();
+        assert_eq!(paths, ["a", "a/keep", "d", "d/-new", "e", "e/y"]);
+    }
+
+    #[test]
+    fn gzip_is_detected_and_zstd_refused() {
+        let tar = raw_tar(&[("f", F, "", b"data")]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &tar).expect("gzip");
+        let dest = tempfile::tempdir().expect("dest");
+        let gz = gz.finish().expect("gzip");
+        unpack(gz.as_slice(), dest.path(), Whiteouts::Apply).expect("gzip layer");
+        assert_eq!(fs::read(dest.path().join("f")).expect("f"), b"data");
+        let zstd = [0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
+        let err = unpack(&zstd[..], dest.path(), Whiteouts::Apply).expect_err("zstd");
+        assert!(
+            err.to_string()
+                .contains("zstd layers are not supported yet"),
+            "{err}"
+        );
+    }
+}
