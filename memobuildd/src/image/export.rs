@@ -365,3 +365,248 @@ impl Tree {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use tar::EntryType::{Directory as D, Regular as F};
+
+    use super::*;
+    use crate::cache::Digest;
+    use crate::image::layer::{Compression, write_layer};
+    use crate::image::oci::{Platform, manifest_json};
+    use crate::image::testutil::{
+        Listing, list_dir, list_tar, raw_tar, require_tool, sample_tree, store,
+    };
+    use crate::image::{ImageConfig, sys};
+
+    /// Two layers: the sample tree, then one that deletes a hard-linked file (its other
+    /// name keeps the data), hides `tmp` behind an opaque marker, replaces `bin/su` and
+    /// adds a file.
+    fn sample_image(cas: &Cas) -> ImageParts {
+        let tree = tempfile::tempdir().expect("tree");
+        sample_tree(tree.path(), 1_700_000_000);
+        let first = write_layer(cas, tree.path(), &LayerOptions::default())
+            .expect("write")
+            .expect("layer");
+        let tar = raw_tar(&[
+            ("bin/su", F, "", b"replaced"),
+            ("etc/.wh.conf", F, "", b""),
+            ("new/", D, "", b""),
+            ("new/file", F, "", b"new"),
+            ("tmp/", D, "", b""),
+            ("tmp/.wh..wh..opq", F, "", b""),
+        ]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &tar).expect("gzip");
+        let second = Layer {
+            blob: cas.put(&gz.finish().expect("gzip")).expect("put"),
+            diff_id: Digest::of(&tar),
+            media_type: MediaTypes::Oci.layer_gzip().to_owned(),
+        };
+        let layers = vec![first, second];
+        let host = Platform::host();
+        let config = ImageConfig {
+            architecture: host.architecture,
+            os: host.os,
+            variant: host.variant,
+            diff_ids: layers.iter().map(|layer| layer.diff_id.clone()).collect(),
+            ..ImageConfig::default()
+        };
+        let config = cas.put(&config.to_json()).expect("config");
+        let manifest = cas
+            .put(&manifest_json(MediaTypes::Oci, &config, &layers))
+            .expect("manifest");
+        ImageParts {
+            manifest,
+            config,
+            layers,
+            media: MediaTypes::Oci,
+        }
+    }
+
+    fn blobs(image: &ImageParts) -> Vec<Blob> {
+        image
+            .layers
+            .iter()
+            .map(|layer| layer.blob.clone())
+            .collect()
+    }
+
+    fn rootfs_tar(cas: &Cas, image: &ImageParts) -> Vec<u8> {
+        let opts = LayerOptions {
+            compression: Compression::None,
+            ..LayerOptions::default()
+        };
+        let mut out = Vec::new();
+        write_rootfs_tar(cas, &blobs(image), &opts, &mut out).expect("rootfs tar");
+        out
+    }
+
+    /// Without root, unpacked files belong to the caller: compare all but ownership.
+    fn comparable(listing: Listing, keep_owners: bool) -> Listing {
+        let strip = |line: String| {
+            let mut fields: Vec<&str> = line.split(' ').collect();
+            fields[2] = "-";
+            fields.join(" ")
+        };
+        listing
+            .into_iter()
+            .map(|(path, line)| (path, if keep_owners { line } else { strip(line) }))
+            .collect()
+    }
+
+    #[test]
+    fn the_rootfs_tar_is_the_merged_tree() {
+        let (_root, cas) = store();
+        let image = sample_image(&cas);
+        let tar = rootfs_tar(&cas, &image);
+        assert_eq!(rootfs_tar(&cas, &image), tar, "deterministic");
+        let listing = list_tar(tar.as_slice());
+        assert!(!listing.contains_key("etc/conf") && !listing.contains_key("tmp/fifo"));
+        assert!(
+            listing["etc/conf.hard"].starts_with("file 640 "),
+            "{listing:?}"
+        );
+        assert!(listing.contains_key("tmp") && listing.contains_key("new/file"));
+
+        let dest = tempfile::tempdir().expect("dest");
+        write_rootfs_dir(&cas, &blobs(&image), dest.path()).expect("rootfs dir");
+        let as_root = sys::is_root();
+        assert_eq!(
+            comparable(list_dir(dest.path()), as_root),
+            comparable(listing, as_root)
+        );
+    }
+
+    fn archive_paths(archive: &[u8]) -> Vec<String> {
+        let mut tar = tar::Archive::new(archive);
+        let entries = tar.entries().expect("entries");
+        entries
+            .map(|entry| {
+                let entry = entry.expect("entry");
+                String::from_utf8_lossy(&entry.path_bytes()).into_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn oci_archives_are_deterministic_and_blobs_verified() {
+        let (_root, cas) = store();
+        let image = sample_image(&cas);
+        let write = || {
+            let mut out = Vec::new();
+            write_oci_archive(&cas, &image, Some("latest"), &mut out).map(|()| out)
+        };
+        let archive = write().expect("archive");
+        assert_eq!(write().expect("again"), archive);
+        let paths = archive_paths(&archive);
+        assert_eq!(paths.len(), 2 + 4 + 2, "{paths:?}");
+        assert_eq!(&paths[..2], ["blobs/", "blobs/sha256/"]);
+        assert_eq!(&paths[6..], ["index.json", "oci-layout"]);
+
+        let layer = &image.layers[0].blob;
+        let mut damaged = std::fs::read(cas.path(&layer.digest)).expect("read");
+        damaged[100] ^= 1;
+        std::fs::write(cas.path(&layer.digest), damaged).expect("damage");
+        let err = write().expect_err("corrupt blob");
+        assert!(err.to_string().contains(layer.digest.as_str()), "{err}");
+    }
+
+    #[test]
+    fn docker_archives_carry_manifest_json() {
+        let (_root, cas) = store();
+        let image = sample_image(&cas);
+        let mut archive = Vec::new();
+        let tags = ["app:latest".to_owned(), "app:v1".to_owned()];
+        write_docker_archive(&cas, &image, &tags, &mut archive).expect("archive");
+        let paths = archive_paths(&archive);
+        let mut tar = tar::Archive::new(archive.as_slice());
+        let mut manifest = Vec::new();
+        for entry in tar.entries().expect("entries") {
+            let mut entry = entry.expect("entry");
+            if entry.path_bytes().as_ref() == b"manifest.json" {
+                entry.read_to_end(&mut manifest).expect("read");
+            }
+        }
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest).expect("json");
+        let image_entry = &manifest[0];
+        assert_eq!(image_entry["RepoTags"], json!(tags));
+        let config = image_entry["Config"].as_str().expect("config");
+        assert_eq!(
+            config,
+            format!("blobs/sha256/{}", image.config.digest.hex())
+        );
+        let layers = image_entry["Layers"].as_array().expect("layers");
+        assert_eq!(layers.len(), 2);
+        for path in layers
+            .iter()
+            .map(|l| l.as_str().expect("str"))
+            .chain([config])
+        {
+            assert!(
+                paths.iter().any(|p| p == path),
+                "{path} missing from {paths:?}"
+            );
+        }
+        assert!(paths.iter().any(|p| p == "index.json"));
+    }
+
+    #[test]
+    fn umoci_and_skopeo_accept_oci_archives() {
+        let test = "umoci_and_skopeo_accept_oci_archives";
+        if !require_tool("umoci", test) || !require_tool("skopeo", test) {
+            return;
+        }
+        let (_root, cas) = store();
+        let image = sample_image(&cas);
+        let work = tempfile::tempdir().expect("work");
+        let file = work.path().join("image.tar");
+        let out = File::create(&file).expect("create");
+        write_oci_archive(&cas, &image, Some("latest"), out).expect("archive");
+
+        let run = |command: &mut Command| {
+            let output = command.output().expect("run");
+            assert!(
+                output.status.success(),
+                "{command:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            output.stdout
+        };
+        let inspect = run(Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci-archive:{}", file.display())));
+        let inspect: serde_json::Value = serde_json::from_slice(&inspect).expect("json");
+        assert_eq!(
+            inspect["Layers"].as_array().map(Vec::len),
+            Some(2),
+            "{inspect}"
+        );
+
+        let layout = work.path().join("layout");
+        std::fs::create_dir(&layout).expect("mkdir");
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(&file)
+            .arg("-C")
+            .arg(&layout));
+        let bundle = work.path().join("bundle");
+        let as_root = sys::is_root();
+        let mut umoci = Command::new("umoci");
+        umoci.arg("unpack");
+        if !as_root {
+            umoci.arg("--rootless");
+        }
+        run(umoci
+            .arg("--image")
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&bundle));
+        let ours = list_tar(rootfs_tar(&cas, &image).as_slice());
+        assert_eq!(
+            comparable(list_dir(&bundle.join("rootfs")), as_root),
+            comparable(ours, as_root)
+        );
+    }
+}
