@@ -10,6 +10,7 @@ pub mod context;
 pub mod engine;
 pub mod exec;
 pub mod frontend;
+pub mod image;
 pub mod layout;
 pub mod passwd;
 pub mod plan;

@@ -1,0 +1,374 @@
+//! One tar entry in both directions: [`TarSink`] writes the headers of every tar this module
+//! makes (layers, root filesystems, archives) and [`read_entry`] reads the ones it is given
+//! (layers to unpack or merge), so the two agree on paths, whiteouts and PAX records.
+//!
+//! Headers are built field by field: ustar with explicit mode (setuid, setgid and sticky
+//! kept — `tar::HeaderMode::Deterministic` would drop them), uid, gid and mtime, empty user
+//! and group names, and a PAX record for whatever ustar cannot hold (long names and link
+//! targets, big ids and sizes).
+
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use tar::{EntryType, Header};
+
+use super::ImageError;
+use super::layer::LayerOptions;
+
+/// The OCI whiteout prefix: `.wh.x` deletes `x` of the layers below.
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
+/// The OCI opaque marker: the directory holding it hides everything below it.
+pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+// The largest numbers ustar's octal fields hold; beyond them a PAX record carries the value.
+const MAX_USTAR_ID: u64 = 0o7777777;
+const MAX_USTAR_SIZE: u64 = 0o77777777777;
+const MAX_USTAR_NAME: usize = 100;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Kind {
+    File,
+    Dir,
+    Symlink(PathBuf),
+    /// A hard link to an earlier entry of the same tar, by its path.
+    HardLink(PathBuf),
+    Fifo,
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
+}
+
+/// A tar entry's metadata. `path` is relative, with only normal components.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) path: PathBuf,
+    pub(crate) kind: Kind,
+    /// Permission bits with setuid, setgid and sticky.
+    pub(crate) mode: u32,
+    pub(crate) uid: u64,
+    pub(crate) gid: u64,
+    pub(crate) mtime: i64,
+    /// Data bytes; only files have any.
+    pub(crate) size: u64,
+}
+
+impl Entry {
+    /// An empty regular file, as whiteouts and opaque markers are written.
+    pub(crate) fn marker(path: PathBuf, mtime: i64) -> Self {
+        Self {
+            path,
+            kind: Kind::File,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime,
+            size: 0,
+        }
+    }
+}
+
+/// What a whiteout entry asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Whiteout<'p> {
+    /// Delete this path of the layers below.
+    Remove(PathBuf),
+    /// Hide everything the layers below put in this directory.
+    Opaque(&'p Path),
+}
+
+pub(crate) fn whiteout(path: &Path) -> Option<Whiteout<'_>> {
+    let name = path.file_name()?.as_bytes();
+    let parent = path.parent().unwrap_or(Path::new(""));
+    if name == OPAQUE_MARKER.as_bytes() {
+        return Some(Whiteout::Opaque(parent));
+    }
+    let hidden = name.strip_prefix(WHITEOUT_PREFIX.as_bytes())?;
+    Some(Whiteout::Remove(parent.join(OsStr::from_bytes(hidden))))
+}
+
+/// Writes entries into a tar, applying the caller's ownership and mtime rules.
+pub(crate) struct TarSink<'o, W: Write> {
+    builder: tar::Builder<W>,
+    opts: &'o LayerOptions<'o>,
+}
+
+impl<W: Write> std::fmt::Debug for TarSink<'_, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TarSink").field("opts", &self.opts).finish()
+    }
+}
+
+impl<'o, W: Write> TarSink<'o, W> {
+    pub(crate) fn new(out: W, opts: &'o LayerOptions<'o>) -> Self {
+        Self {
+            builder: tar::Builder::new(out),
+            opts,
+        }
+    }
+
+    /// Appends `entry`; `data` must hold exactly `entry.size` bytes.
+    pub(crate) fn append(&mut self, entry: &Entry, data: impl Read) -> Result<(), ImageError> {
+        let (header, pax) = self.header(entry);
+        let io = ImageError::entry_io(&entry.path);
+        if !pax.is_empty() {
+            let records = pax.iter().map(|(key, value)| (*key, value.as_slice()));
+            if let Err(err) = self.builder.append_pax_extensions(records) {
+                return Err(io(err));
+            }
+        }
+        let data = Exact {
+            inner: data,
+            left: entry.size,
+        };
+        self.builder.append(&header, data).map_err(io)
+    }
+
+    /// Writes the end-of-archive blocks and hands back the output.
+    pub(crate) fn finish(self) -> io::Result<W> {
+        self.builder.into_inner()
+    }
+
+    fn header(&self, entry: &Entry) -> (Header, Vec<(&'static str, Vec<u8>)>) {
+        let mut header = Header::new_ustar();
+        let mut pax = Vec::new();
+        let (entry_type, link) = match &entry.kind {
+            Kind::File => (EntryType::Regular, None),
+            Kind::Dir => (EntryType::Directory, None),
+            Kind::Symlink(target) => (EntryType::Symlink, Some(target)),
+            Kind::HardLink(target) => (EntryType::Link, Some(target)),
+            Kind::Fifo => (EntryType::Fifo, None),
+            Kind::Char { .. } => (EntryType::Char, None),
+            Kind::Block { .. } => (EntryType::Block, None),
+        };
+        header.set_entry_type(entry_type);
+
+        let mut name = entry.path.as_os_str().as_bytes().to_vec();
+        if entry.kind == Kind::Dir {
+            name.push(b'/');
+        }
+        if header.set_path(OsStr::from_bytes(&name)).is_err() {
+            set_truncated(&mut header.as_old_mut().name, &name);
+            pax.push(("path", name));
+        }
+        if let Some(target) = link {
+            let target = target.as_os_str().as_bytes();
+            if target.len() > MAX_USTAR_NAME || header.set_link_name_literal(target).is_err() {
+                set_truncated(&mut header.as_old_mut().linkname, target);
+                pax.push(("linkpath", target.to_vec()));
+            }
+        }
+
+        let (uid, gid) = match self.opts.owner.and_then(|owner| owner(&entry.path)) {
+            Some((uid, gid)) => (u64::from(uid), u64::from(gid)),
+            None => (entry.uid, entry.gid),
+        };
+        for (key, value) in [("uid", uid), ("gid", gid)] {
+            if value > MAX_USTAR_ID {
+                pax.push((key, value.to_string().into_bytes()));
+            }
+        }
+        header.set_uid(uid);
+        header.set_gid(gid);
+        header.set_mode(entry.mode & 0o7777);
+        let mtime = match self.opts.source_date_epoch {
+            Some(epoch) => entry.mtime.min(epoch),
+            None => entry.mtime,
+        };
+        header.set_mtime(u64::try_from(mtime).unwrap_or(0));
+        header.set_size(entry.size);
+        if entry.size > MAX_USTAR_SIZE {
+            pax.push(("size", entry.size.to_string().into_bytes()));
+        }
+        if let Kind::Char { major, minor } | Kind::Block { major, minor } = entry.kind {
+            // Infallible on a ustar header.
+            let _ = header.set_device_major(major);
+            let _ = header.set_device_minor(minor);
+        }
+        header.set_cksum();
+        (header, pax)
+    }
+}
+
+/// The start of a name too long for its field; readers take the whole one from PAX.
+fn set_truncated(field: &mut [u8], name: &[u8]) {
+    let n = name.len().min(field.len());
+    field[..n].copy_from_slice(&name[..n]);
+}
+
+/// A reader that yields exactly `left` bytes or fails: a file that shrank while being read
+/// must not produce a tar whose header and data disagree.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let max = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = self.inner.read(&mut buf[..max])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while being read",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads one entry's metadata, with PAX records applied and its path checked: relative,
+/// no `..` (`./` prefixes are dropped). `Ok(None)` for what carries no file: the root
+/// directory itself and PAX global headers.
+pub(crate) fn read_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+) -> Result<Option<Entry>, ImageError> {
+    let raw = entry.path_bytes().into_owned();
+    let path = clean_path(&raw)?;
+    let header = entry.header();
+    let kind = match header.entry_type() {
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Kind::File,
+        EntryType::Directory => Kind::Dir,
+        EntryType::Symlink => Kind::Symlink(PathBuf::from(OsStr::from_bytes(
+            &entry.link_name_bytes().unwrap_or_default(),
+        ))),
+        EntryType::Link => {
+            let target = entry.link_name_bytes().unwrap_or_default();
+            let target = clean_path(&target).map_err(|_| {
+                let target = String::from_utf8_lossy(&target);
+                ImageError::entry(
+                    &path,
+                    format!("hard link target {target:?} leaves the layer"),
+                )
+            })?;
+            Kind::HardLink(target)
+        }
+        EntryType::Fifo => Kind::Fifo,
+        EntryType::Char | EntryType::Block => {
+            let major = header.device_major().ok().flatten().unwrap_or(0);
+            let minor = header.device_minor().ok().flatten().unwrap_or(0);
+            if header.entry_type() == EntryType::Char {
+                Kind::Char { major, minor }
+            } else {
+                Kind::Block { major, minor }
+            }
+        }
+        EntryType::XGlobalHeader => return Ok(None),
+        other => {
+            return Err(ImageError::entry(
+                &path,
+                format!("unsupported tar entry type {other:?}"),
+            ));
+        }
+    };
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let io = ImageError::entry_io(&path);
+    let mut read = Entry {
+        mode: header.mode().map_err(io)? & 0o7777,
+        uid: header.uid().map_err(ImageError::entry_io(&path))?,
+        gid: header.gid().map_err(ImageError::entry_io(&path))?,
+        mtime: header
+            .mtime()
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
+            .map_err(ImageError::entry_io(&path))?,
+        size: if kind == Kind::File { entry.size() } else { 0 },
+        kind,
+        path,
+    };
+    if let Some(records) = entry
+        .pax_extensions()
+        .map_err(ImageError::entry_io(&read.path))?
+    {
+        for record in records {
+            let record = record.map_err(ImageError::entry_io(&read.path))?;
+            let value = || std::str::from_utf8(record.value_bytes()).ok();
+            match record.key() {
+                Ok("uid") => read.uid = parse_pax(value(), &read.path, "uid")?,
+                Ok("gid") => read.gid = parse_pax(value(), &read.path, "gid")?,
+                // Fractional seconds exist; tar headers here carry whole ones.
+                Ok("mtime") => {
+                    let whole = value().map(|v| v.split('.').next().unwrap_or(v));
+                    read.mtime = parse_pax(whole, &read.path, "mtime")?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(Some(read))
+}
+
+fn parse_pax<T: std::str::FromStr>(
+    value: Option<&str>,
+    path: &Path,
+    key: &str,
+) -> Result<T, ImageError> {
+    value
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ImageError::entry(path, format!("bad PAX {key} record")))
+}
+
+/// An archive path made safe to join under a destination, or refused.
+pub(crate) fn clean_path(raw: &[u8]) -> Result<PathBuf, ImageError> {
+    let path = Path::new(OsStr::from_bytes(raw));
+    let mut clean = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => clean.push(part),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(ImageError::entry(path, "absolute path"));
+            }
+            Component::ParentDir => {
+                return Err(ImageError::entry(path, "path leaves the layer with `..`"));
+            }
+        }
+    }
+    Ok(clean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whiteouts_are_recognised() {
+        assert_eq!(
+            whiteout(Path::new("a/b/.wh.c")),
+            Some(Whiteout::Remove(PathBuf::from("a/b/c")))
+        );
+        assert_eq!(
+            whiteout(Path::new("a/.wh..wh..opq")),
+            Some(Whiteout::Opaque(Path::new("a")))
+        );
+        assert_eq!(
+            whiteout(Path::new(".wh.top")),
+            Some(Whiteout::Remove("top".into()))
+        );
+        assert_eq!(whiteout(Path::new("a/wh.c")), None);
+    }
+
+    #[test]
+    fn paths_are_cleaned_or_refused() {
+        assert_eq!(
+            clean_path(b"./etc/passwd").expect("clean"),
+            Path::new("etc/passwd")
+        );
+        assert_eq!(clean_path(b"./").expect("root"), Path::new(""));
+        assert!(clean_path(b"/etc/passwd").is_err());
+        assert!(clean_path(b"a/../../evil").is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! Images: the OCI model, layer tars, unpacking, and exporters.
+//!
+//! This stage owns everything about the bytes of an image and nothing about how a build got
+//! there:
+//!
+//! - [`oci`]: [`ImageConfig`], manifests and indexes — canonical JSON in, canonical JSON out, so
+//!   one config always has one digest.
+//! - [`layer`]: [`write_layer`] turns a directory (an overlayfs upper dir or a staged tree) into
+//!   a deterministic, compressed layer [`Layer`] in the [`Cas`](crate::cache::Cas), hashing the
+//!   tar (diff-id) and the gzip (digest) in one pass.
+//! - [`unpack`]: [`unpack()`] extracts a layer into a directory, either as an overlayfs lowerdir
+//!   ([`Whiteouts::Overlay`]) or merged into a root filesystem ([`Whiteouts::Apply`]), never
+//!   writing outside it.
+//! - [`export`]: [`ImageParts`] to an OCI archive, a `docker load` archive, or a root-filesystem
+//!   tar or directory.
+//!
+//! The `snapshot` and `exec` stages hand this module directories; the `engine` assembles the
+//! config and manifest from what it returns and the `server` streams the exports to clients.
+
+mod entry;
+pub mod export;
+pub mod layer;
+pub mod oci;
+mod sys;
+#[cfg(test)]
+mod testutil;
+pub mod unpack;
+
+use std::path::PathBuf;
+
+use crate::cache::{CasError, Digest};
+
+pub use export::{
+    ImageParts, write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
+};
+pub use layer::{Compression, Layer, LayerOptions, write_layer};
+pub use oci::{
+    Descriptor, Healthcheck, History, ImageConfig, Index, Manifest, MediaTypes, Platform,
+    RuntimeConfig,
+};
+pub use unpack::{UnpackStats, Whiteouts, unpack};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    #[error("blob {digest}: {source}")]
+    Blob {
+        digest: Digest,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading a layer: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("invalid {what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+    /// A layer entry that would escape the destination, or that cannot be represented.
+    #[error("layer entry {entry:?}: {reason}")]
+    Entry { entry: String, reason: String },
+    #[error("layer entry {entry:?}: {source}")]
+    EntryIo {
+        entry: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} layers are not supported yet")]
+    UnsupportedCompression(&'static str),
+}
+
+impl ImageError {
+    fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+
+    fn entry_io(entry: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::EntryIo {
+            entry: entry.display().to_string(),
+            source,
+        }
+    }
+
+    fn entry(entry: &std::path::Path, reason: impl Into<String>) -> Self {
+        Self::Entry {
+            entry: entry.display().to_string(),
+            reason: reason.into(),
+        }
+    }
+}
