@@ -11,6 +11,7 @@ pub mod frontend;
 pub mod layout;
 pub mod passwd;
 pub mod plan;
+pub mod registry;
 pub mod server;
 pub mod watch;
 
