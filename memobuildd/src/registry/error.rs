@@ -37,8 +37,9 @@ pub enum RegistryError {
     },
     #[error("registry {registry} is unavailable: {reason}")]
     Unavailable { registry: String, reason: String },
-    #[error("blob {digest} of {reference} is corrupt: its content does not match its digest")]
-    Corrupt { digest: Digest, reference: String },
+    /// `repository` is `registry/repository`, where the content came from.
+    #[error("blob {digest} from {repository} is corrupt: its content does not match its digest")]
+    Corrupt { digest: Digest, repository: String },
     #[error("credentials for {registry}: {reason}")]
     Credentials { registry: String, reason: String },
     #[error("{registry}: {reason}")]
@@ -103,9 +104,10 @@ impl Subject<'_> {
     }
 
     pub(super) fn corrupt(&self, digest: &Digest) -> RegistryError {
+        let repository = self.reference.split('@').next().unwrap_or(self.reference);
         RegistryError::Corrupt {
             digest: digest.clone(),
-            reference: self.reference.to_owned(),
+            repository: repository.to_owned(),
         }
     }
 

@@ -314,6 +314,9 @@ async fn store(
     digest: Digest,
     reference: &Reference,
 ) -> Result<Blob, RegistryError> {
+    if let Some(size) = cas.size(&digest) {
+        return Ok(Blob { digest, size });
+    }
     let cas = cas.clone();
     let expected = digest.clone();
     let stored = blocking(move || {
@@ -328,7 +331,7 @@ async fn store(
     stored.map_err(|err| match err {
         CasError::Mismatch { .. } => RegistryError::Corrupt {
             digest,
-            reference: reference.to_string(),
+            repository: format!("{}/{}", reference.registry(), reference.repository()),
         },
         err => RegistryError::Store(err),
     })

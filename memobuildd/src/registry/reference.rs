@@ -268,114 +268,103 @@ mod tests {
 
     #[test]
     fn docker_defaults_and_full_display() {
-        let digest = format!("sha256:{HEX}");
-        let cases: &[(&str, &str, &str, Option<&str>, bool, String)] = &[
+        let d = format!("sha256:{HEX}");
+        // input, registry, repository, tag, full form (the digest, if any, is `d`)
+        let cases = [
             (
                 "busybox",
                 "docker.io",
                 "library/busybox",
                 Some("latest"),
-                false,
-                "docker.io/library/busybox:latest".into(),
+                "docker.io/library/busybox:latest".to_owned(),
             ),
             (
                 "busybox:1.36",
                 "docker.io",
                 "library/busybox",
                 Some("1.36"),
-                false,
-                "docker.io/library/busybox:1.36".into(),
+                "docker.io/library/busybox:1.36".to_owned(),
             ),
             (
                 "library/busybox",
                 "docker.io",
                 "library/busybox",
                 Some("latest"),
-                false,
-                "docker.io/library/busybox:latest".into(),
+                "docker.io/library/busybox:latest".to_owned(),
             ),
             (
                 "index.docker.io/busybox",
                 "docker.io",
                 "library/busybox",
                 Some("latest"),
-                false,
-                "docker.io/library/busybox:latest".into(),
+                "docker.io/library/busybox:latest".to_owned(),
             ),
             (
                 "user/app",
                 "docker.io",
                 "user/app",
                 Some("latest"),
-                false,
-                "docker.io/user/app:latest".into(),
+                "docker.io/user/app:latest".to_owned(),
             ),
             (
                 "host:5000/a/b:tag",
                 "host:5000",
                 "a/b",
                 Some("tag"),
-                false,
-                "host:5000/a/b:tag".into(),
+                "host:5000/a/b:tag".to_owned(),
             ),
             (
                 "localhost/x",
                 "localhost",
                 "x",
                 Some("latest"),
-                false,
-                "localhost/x:latest".into(),
+                "localhost/x:latest".to_owned(),
             ),
             (
                 "127.0.0.1:5000/x",
                 "127.0.0.1:5000",
                 "x",
                 Some("latest"),
-                false,
-                "127.0.0.1:5000/x:latest".into(),
+                "127.0.0.1:5000/x:latest".to_owned(),
             ),
             (
                 "[::1]:5000/x:v1",
                 "[::1]:5000",
                 "x",
                 Some("v1"),
-                false,
-                "[::1]:5000/x:v1".into(),
+                "[::1]:5000/x:v1".to_owned(),
             ),
             (
                 "ghcr.io/o/r/deep-name__x.y",
                 "ghcr.io",
                 "o/r/deep-name__x.y",
                 Some("latest"),
-                false,
-                "ghcr.io/o/r/deep-name__x.y:latest".into(),
+                "ghcr.io/o/r/deep-name__x.y:latest".to_owned(),
             ),
             (
-                &*format!("busybox@{digest}"),
+                &*format!("busybox@{d}"),
                 "docker.io",
                 "library/busybox",
                 None,
-                true,
-                format!("docker.io/library/busybox@{digest}"),
+                format!("docker.io/library/busybox@{d}"),
             ),
             (
-                &*format!("host:5000/a:t@{digest}"),
+                &*format!("host:5000/a:t@{d}"),
                 "host:5000",
                 "a",
                 Some("t"),
-                true,
-                format!("host:5000/a:t@{digest}"),
+                format!("host:5000/a:t@{d}"),
             ),
         ];
-        for (text, registry, repository, tag, has_digest, display) in cases {
+        for (text, registry, repository, tag, display) in cases {
             let r = Reference::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!(r.registry(), *registry, "{text}");
-            assert_eq!(r.repository(), *repository, "{text}");
-            assert_eq!(r.tag(), *tag, "{text}");
-            assert_eq!(r.digest().is_some(), *has_digest, "{text}");
-            assert_eq!(r.to_string(), *display, "{text}");
+            assert_eq!(r.registry(), registry, "{text}");
+            assert_eq!(r.repository(), repository, "{text}");
+            assert_eq!(r.tag(), tag, "{text}");
+            assert_eq!(r.digest().is_some(), text.contains('@'), "{text}");
+            assert_eq!(r.to_string(), display, "{text}");
             assert_eq!(
-                Reference::parse(display).as_ref(),
+                Reference::parse(&display).as_ref(),
                 Ok(&r),
                 "round trip {text}"
             );
