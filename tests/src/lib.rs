@@ -13,6 +13,7 @@ use memobuild_client::Connection;
 use memobuild_client::launch::spawn_until_ready;
 use tempfile::TempDir;
 
+pub mod registry;
 pub mod workload;
 
 /// Set in CI: a test that cannot get the privileges it needs fails instead of skipping.
