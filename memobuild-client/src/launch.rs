@@ -106,10 +106,13 @@ pub fn spawn_until_ready(
         match notify.socket.recv(&mut buf) {
             Ok(n) if is_ready(&buf[..n]) => return Ok(child),
             Ok(_) => {}
+            // A signal (a sibling process exiting, say) may interrupt the wait: wait again.
             Err(err)
                 if matches!(
                     err.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(err) => return Err(LaunchError::Prepare(err)),
         }

@@ -7,6 +7,7 @@
 
 pub mod connection;
 pub mod launch;
+pub mod progress;
 pub mod render;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ pub enum Exit {
     /// Client and daemon speak different protocol versions.
     VersionMismatch = 5,
     PermissionDenied = 6,
+    /// The build was cancelled (Ctrl-C), as a shell reports SIGINT.
+    Cancelled = 130,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,7 @@ impl ClientError {
                 ErrorCode::PermissionDenied => Exit::PermissionDenied,
                 ErrorCode::VersionMismatch => Exit::VersionMismatch,
                 ErrorCode::Unavailable => Exit::Unavailable,
+                ErrorCode::Cancelled => Exit::Cancelled,
                 _ => Exit::Failure,
             },
             Self::Request(_) | Self::Signal { .. } => Exit::Unavailable,

@@ -4,13 +4,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use memobuild_client::progress::{Progress, ProgressMode};
 use memobuild_client::{
     ClientError, ConnectError, Connection, DaemonPlace, Exit, RequestError, connect_or_start,
     daemon_place, launch, render,
 };
 use memobuild_protocol::{
-    DockerfileSource, DumpDockerfileRequest, GraphRequest, NotifyRequest, PACKAGE_VERSION,
-    PROTOCOL_VERSION, Request, Response, UnwatchRequest, WatchRequest,
+    BuildRequest, DockerfileSource, DumpDockerfileRequest, GraphRequest, NetworkMode,
+    NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION, PROTOCOL_VERSION, Request, Response,
+    UnwatchRequest, WatchRequest,
 };
 use serde_json::json;
 
@@ -78,6 +80,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build an image from a Dockerfile (buildx's flags and meanings)
+    Build(Box<BuildArgs>),
+    /// List the images in the daemon's store
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
     /// Tools for looking inside
     Debug {
         #[command(subcommand)]
@@ -103,6 +112,49 @@ impl SourceArgs {
             dockerfile: self.dockerfile.as_deref().map(absolute),
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Name and optionally tag the image (`name:tag`); repeatable
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    tags: Vec<String>,
+    /// Set a build-time variable (repeatable)
+    #[arg(long = "build-arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    build_args: Vec<(String, String)>,
+    /// Build only what this stage needs
+    #[arg(long)]
+    target: Option<String>,
+    /// Run every step, ignoring cached results
+    #[arg(long)]
+    no_cache: bool,
+    /// Ask the registry again for base image tags, even if resolved recently
+    #[arg(long)]
+    pull: bool,
+    /// Network for RUN steps
+    #[arg(long, value_enum, default_value_t = NetworkArg::Host)]
+    network: NetworkArg,
+    /// Progress output
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+    /// Output: type=oci|docker|tar|local|image,dest=PATH (`dest=-` for stdout); `PATH` alone is
+    /// type=local, `-` alone a tar on stdout
+    #[arg(short = 'o', long = "output", value_name = "SPEC", value_parser = parse_output)]
+    outputs: Vec<OutputSpec>,
+    /// Clamp timestamps for reproducible images [env: SOURCE_DATE_EPOCH]
+    #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
+    source_date_epoch: Option<u64>,
+    /// Push the image to its registry after building
+    #[arg(long)]
+    push: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum NetworkArg {
+    Host,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -238,6 +290,33 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             }
             Ok(Exit::Success)
         }
+        Command::Build(args) => build(*args, place).await,
+        Command::Images { json } => {
+            let mut conn = connect_or_start(place).await?;
+            let Response::Images(images) = conn.call(&Request::Images).await? else {
+                return Err(unexpected("images"));
+            };
+            if json {
+                print_json(&images);
+            } else {
+                println!("{:<40} {:<20} {:>10}  CREATED", "NAME", "DIGEST", "SIZE");
+                for image in images {
+                    let short = image
+                        .digest
+                        .trim_start_matches("sha256:")
+                        .get(..12)
+                        .unwrap_or("");
+                    println!(
+                        "{:<40} {:<20} {:>10}  {}",
+                        image.name,
+                        format!("sha256:{short}"),
+                        render::bytes(image.size),
+                        image.created_unix
+                    );
+                }
+            }
+            Ok(Exit::Success)
+        }
         Command::Debug {
             action: DebugAction::DumpDockerfile { file },
         } => {
@@ -252,6 +331,102 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             Ok(Exit::Success)
         }
     }
+}
+
+async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError> {
+    let request = Request::Build(BuildRequest {
+        source: args.source.resolve(),
+        tags: args.tags,
+        build_args: args.build_args,
+        target: args.target,
+        no_cache: args.no_cache,
+        pull: args.pull,
+        network: match args.network {
+            NetworkArg::Host => NetworkMode::Host,
+            NetworkArg::None => NetworkMode::None,
+        },
+        outputs: args.outputs,
+        push: args.push,
+        source_date_epoch: args.source_date_epoch,
+    });
+    let mut conn = connect_or_start(place).await?;
+    conn.send(&request).await?;
+    let mut progress = Progress::new(args.progress, std::io::stderr());
+    let mut stdout = std::io::stdout();
+    loop {
+        let frame = tokio::select! {
+            frame = conn.next() => frame?,
+            // Dropping the connection is the cancel request: the daemon stops the build.
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("memobuild: cancelling the build");
+                return Ok(Exit::Cancelled);
+            }
+        };
+        match frame {
+            Response::Event(event) => progress.event(&event),
+            Response::OutputChunk(bytes) => {
+                if let Err(err) = std::io::Write::write_all(&mut stdout, &bytes) {
+                    eprintln!("memobuild: writing the output: {err}");
+                    return Ok(Exit::Failure);
+                }
+            }
+            Response::BuildDone(result) => {
+                let _ = std::io::Write::flush(&mut stdout);
+                progress.finished(&result);
+                return Ok(Exit::Success);
+            }
+            _ => return Err(unexpected("build")),
+        }
+    }
+}
+
+/// buildx's `-o` syntax.
+fn parse_output(text: &str) -> Result<OutputSpec, String> {
+    if text == "-" {
+        return parse_output("type=tar,dest=-");
+    }
+    if !text.contains('=') {
+        return parse_output(&format!("type=local,dest={text}"));
+    }
+    let mut kind = None;
+    let mut spec = OutputSpec {
+        kind: OutputKind::Local,
+        dest: None,
+        to_client: false,
+        name: None,
+        push: false,
+    };
+    for field in text.split(',') {
+        let (key, value) = field
+            .split_once('=')
+            .ok_or_else(|| format!("output field {field:?} is not key=value"))?;
+        match key {
+            "type" => {
+                kind = Some(match value {
+                    "oci" => OutputKind::Oci,
+                    "docker" => OutputKind::Docker,
+                    "tar" => OutputKind::Tar,
+                    "local" => OutputKind::Local,
+                    "image" | "registry" => OutputKind::Image,
+                    other => return Err(format!("unknown output type {other:?}")),
+                });
+            }
+            "dest" if value == "-" => spec.to_client = true,
+            "dest" => spec.dest = Some(absolute(Path::new(value))),
+            "name" => spec.name = Some(value.to_owned()),
+            "push" => spec.push = value == "true",
+            other => return Err(format!("unknown output field {other:?}")),
+        }
+    }
+    spec.kind = kind.ok_or("the output needs type=…")?;
+    let needs_dest = !matches!(spec.kind, OutputKind::Image);
+    if needs_dest && spec.dest.is_none() && !spec.to_client {
+        return Err("this output type needs dest=PATH (or dest=- for stdout)".into());
+    }
+    if spec.kind == OutputKind::Local && spec.to_client {
+        return Err("type=local writes a directory; use type=tar,dest=- for stdout".into());
+    }
+    Ok(spec)
 }
 
 fn absolute(path: &Path) -> PathBuf {

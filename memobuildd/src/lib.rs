@@ -14,6 +14,7 @@ pub mod image;
 pub mod layout;
 pub mod passwd;
 pub mod plan;
+pub mod registry;
 pub mod server;
 pub mod snapshot;
 #[doc(hidden)]

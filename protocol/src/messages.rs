@@ -78,6 +78,8 @@ pub enum ErrorCode {
     Conflict,
     /// A limit was hit: disk full, frame too large, too many watches.
     ResourceExhausted,
+    /// The build itself failed: a step exited non-zero or could not be carried out.
+    Failed,
 }
 
 impl ErrorCode {
@@ -93,6 +95,7 @@ impl ErrorCode {
             Self::Cancelled => "cancelled",
             Self::Conflict => "conflict",
             Self::ResourceExhausted => "resource-exhausted",
+            Self::Failed => "failed",
         }
     }
 }

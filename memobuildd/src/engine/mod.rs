@@ -1,5 +1,495 @@
-//! The scheduler (being written).
+//! The scheduler: a build request becomes a plan, every node gets a key, keys are looked up
+//! in the cache, and only the nodes that miss are executed — independent stages in parallel.
+//!
+//! Flow of [`Engine::build`]: parse and plan the Dockerfile (`frontend`, `plan`), resolve and
+//! pull base images (`registry`, remembering tag → digest for a TTL so a rebuild stays
+//! offline), fingerprint context sources from the hot workspace (`watch`/`context`), compute
+//! keys ([`keys`]), then run one task per node: a node waits for its parents, looks its key
+//! up (L2 action cache), and on a miss executes — COPY/ADD/WORKDIR without a container
+//! ([`copy`]), RUN in the OCI runtime over an overlay snapshot (`snapshot`, `exec`) — and
+//! records the layer. Metadata steps only change the config ([`state`]). The export node's
+//! state becomes the image (`image`). Progress goes to a [`Reporter`]; only the client draws.
+//!
+//! Invariants: keys never include paths, roots, hostnames or times; a node whose key hits
+//! is not executed; two builds that need the same key at once compute it once.
 
 pub mod copy;
+pub mod keys;
+mod node;
+pub mod state;
 pub mod user;
 pub mod view;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, watch};
+use tracing::{Instrument, info_span};
+
+use crate::cache::{ActionResult, Cas, Index};
+use crate::context::Hash;
+use crate::exec::{Executor, LogStream, Network};
+use crate::frontend::{self, Diagnostic};
+use crate::image::ImageError;
+use crate::image::export::ImageParts;
+use crate::image::oci::{ImageConfig, MediaTypes, Platform, manifest_json};
+use crate::layout::Layout;
+use crate::plan::{self, BuildGraph, NodeIndex, NodeKind, PlanError, PlanOptions};
+use crate::registry::{Reference, Registry, RegistryError};
+use crate::snapshot::Snapshotter;
+use crate::snapshot::store::LayerStore;
+use crate::watch::Hub;
+use state::State;
+
+/// What happened to a node, as the client's progress display needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Queued {
+        node: u32,
+        name: String,
+    },
+    Cached {
+        node: u32,
+    },
+    Started {
+        node: u32,
+    },
+    Log {
+        node: u32,
+        stream: LogStream,
+        line: Vec<u8>,
+    },
+    Done {
+        node: u32,
+        duration: Duration,
+    },
+    Failed {
+        node: u32,
+        message: String,
+    },
+}
+
+/// Receives progress. The server forwards it to the client; tests collect it.
+pub trait Reporter: Send + Sync {
+    fn report(&self, event: Progress);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Dockerfile(Box<Diagnostic>),
+    #[error(transparent)]
+    Plan(Box<PlanError>),
+    #[error("base image {reference}: {source}")]
+    Registry {
+        reference: String,
+        #[source]
+        source: Box<RegistryError>,
+    },
+    #[error("base image {reference}: {source}")]
+    BaseImage {
+        reference: String,
+        #[source]
+        source: ImageError,
+    },
+    #[error("{step}: {message}")]
+    Step { step: String, message: String },
+    #[error("{step} failed: exit code {code}\n{tail}")]
+    RunFailed {
+        step: String,
+        code: i32,
+        tail: String,
+    },
+    #[error("RUN steps need {0}; this daemon can still build Dockerfiles without RUN")]
+    NoRuntime(String),
+    #[error("build cancelled")]
+    Cancelled,
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl From<Diagnostic> for BuildError {
+    fn from(diagnostic: Diagnostic) -> Self {
+        Self::Dockerfile(Box::new(diagnostic))
+    }
+}
+
+impl From<PlanError> for BuildError {
+    fn from(err: PlanError) -> Self {
+        Self::Plan(Box::new(err))
+    }
+}
+
+/// A build request, paths resolved and the Dockerfile read by the caller.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    pub context: PathBuf,
+    pub dockerfile: PathBuf,
+    pub dockerfile_text: String,
+    pub build_args: Vec<(String, String)>,
+    pub target: Option<String>,
+    pub no_cache: bool,
+    pub pull: bool,
+    pub network: Network,
+    pub source_date_epoch: Option<i64>,
+}
+
+/// A finished build: the image in the CAS, and what it took.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub image: ImageParts,
+    pub config: ImageConfig,
+    pub steps: u64,
+    pub cached: u64,
+    pub executed: u64,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Filesystem steps executing at once (across stages and builds).
+    pub max_parallel: usize,
+    /// How long a tag → digest resolution is trusted without asking the registry.
+    pub resolve_ttl: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            max_parallel: 2,
+            resolve_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+type Shared<T> = watch::Receiver<Option<Result<T, Arc<BuildError>>>>;
+
+pub struct Engine {
+    layout: Layout,
+    cas: Cas,
+    index: Index,
+    layers: LayerStore,
+    snapshotter: Arc<dyn Snapshotter>,
+    /// `Err(why)` when this daemon cannot run containers.
+    executor: Result<Arc<dyn Executor>, String>,
+    registry: Registry,
+    hub: Arc<Hub>,
+    platform: Platform,
+    options: EngineOptions,
+    permits: Semaphore,
+    /// Keys being computed right now, so concurrent builds share the work.
+    inflight: Mutex<HashMap<Hash, Shared<ActionResult>>>,
+    run_ids: AtomicU64,
+    as_root: bool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("root", &self.layout.root())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts an engine is made of; the daemon passes real ones, tests may pass fakes.
+#[derive(Debug)]
+pub struct EngineParts {
+    pub layout: Layout,
+    pub cas: Cas,
+    pub index: Index,
+    pub layers: LayerStore,
+    pub snapshotter: Arc<dyn Snapshotter>,
+    pub executor: Result<Arc<dyn Executor>, String>,
+    pub registry: Registry,
+    pub hub: Arc<Hub>,
+    pub options: EngineOptions,
+}
+
+impl Engine {
+    pub fn new(parts: EngineParts) -> Self {
+        Self {
+            permits: Semaphore::new(parts.options.max_parallel.max(1)),
+            layout: parts.layout,
+            cas: parts.cas,
+            index: parts.index,
+            layers: parts.layers,
+            snapshotter: parts.snapshotter,
+            executor: parts.executor,
+            registry: parts.registry,
+            hub: parts.hub,
+            platform: Platform::host(),
+            options: parts.options,
+            inflight: Mutex::new(HashMap::new()),
+            run_ids: AtomicU64::new(0),
+            as_root: crate::passwd::effective_uid() == 0,
+        }
+    }
+
+    pub fn cas(&self) -> &Cas {
+        &self.cas
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Where scratch files live (same filesystem as the store, so renames are atomic).
+    pub fn layers_tmp(&self) -> PathBuf {
+        self.layout.tmp_dir()
+    }
+
+    /// Removes what a daemon killed mid-build left behind: mounts, containers, scratch
+    /// directories. Called at start, before anything else uses the store.
+    pub fn recover(&self) {
+        let stale = crate::snapshot::unmount_all_under(self.layout.root());
+        if !stale.is_empty() {
+            tracing::warn!(
+                mounts = stale.len(),
+                "unmounted what a previous daemon left mounted"
+            );
+        }
+        if let Ok(executor) = &self.executor {
+            executor.clean_up();
+        }
+        self.layers.clear_scratch();
+    }
+
+    /// Builds `spec`. Dropping the future, or setting `cancel`, stops it; containers, mounts
+    /// and scratch directories are cleaned up either way.
+    pub async fn build(
+        self: &Arc<Self>,
+        spec: BuildSpec,
+        reporter: Arc<dyn Reporter>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Built, BuildError> {
+        let started = Instant::now();
+        let dockerfile = frontend::parse(
+            &spec.dockerfile_text,
+            &spec.dockerfile.display().to_string(),
+        )?;
+        let options = PlanOptions {
+            target: spec.target.clone(),
+            build_args: spec.build_args.clone(),
+        };
+        // Plan once to learn the base images, fetch their configs, then plan with their ENV.
+        let first = plan::lower(&dockerfile, &options)?;
+        let bases = self.base_images(&first, spec.pull).await?;
+        let graph = {
+            let base_env = |image: &str, _platform: Option<&str>| -> Vec<(String, String)> {
+                bases
+                    .get(image)
+                    .map(|b| {
+                        b.state
+                            .config
+                            .config
+                            .env
+                            .iter()
+                            .filter_map(|kv| kv.split_once('='))
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            Arc::new(plan::lower_with_base_env(&dockerfile, &options, &base_env)?)
+        };
+        let fingerprints = self.fingerprints(&spec, &graph).await?;
+        let keys = keys::compute(&graph, &bases, &fingerprints);
+
+        let run = Arc::new(node::BuildRun {
+            engine: Arc::clone(self),
+            spec,
+            graph: Arc::clone(&graph),
+            keys,
+            bases,
+            reporter,
+            cancel,
+            created: state::timestamp(None),
+            cached: AtomicU64::new(0),
+            executed: AtomicU64::new(0),
+        });
+        let final_state = run.execute_all().await?;
+        let image = self.export(&final_state, run.spec.source_date_epoch)?;
+        Ok(Built {
+            image,
+            config: final_state.config.clone(),
+            steps: run.step_count(),
+            cached: run.cached.load(Ordering::Relaxed),
+            executed: run.executed.load(Ordering::Relaxed),
+            duration: started.elapsed(),
+        })
+    }
+
+    /// Resolves and pulls every base image the plan names (once each).
+    async fn base_images(
+        &self,
+        graph: &BuildGraph,
+        pull: bool,
+    ) -> Result<HashMap<String, keys::BaseImage>, BuildError> {
+        let mut images: Vec<String> = graph.nodes().filter_map(|(_, n)| n.image.clone()).collect();
+        images.sort();
+        images.dedup();
+        let mut bases = HashMap::new();
+        for image in images {
+            let base = self
+                .base_image(&image, pull)
+                .instrument(info_span!("base_image", %image))
+                .await?;
+            bases.insert(image, base);
+        }
+        Ok(bases)
+    }
+
+    async fn base_image(&self, image: &str, pull: bool) -> Result<keys::BaseImage, BuildError> {
+        let registry_err = |source| BuildError::Registry {
+            reference: image.to_owned(),
+            source: Box::new(source),
+        };
+        let reference = Reference::parse(image).map_err(|err| BuildError::Step {
+            step: format!("FROM {image}"),
+            message: err.to_string(),
+        })?;
+        let platform = self.platform.to_string();
+        let full = reference.to_string();
+        // A digest pins the image; a tag resolved less than a TTL ago is trusted as is, so a
+        // rebuild neither waits on nor needs the registry.
+        let remembered = match reference.digest() {
+            Some(digest) => Some(digest.clone()),
+            None if pull => None,
+            None => self
+                .index
+                .resolution(&full, &platform, self.options.resolve_ttl)
+                .map_err(|e| BuildError::Store(e.to_string()))?,
+        };
+        let pinned = match remembered {
+            Some(digest) if self.cas.contains(&digest) => reference.with_digest(digest),
+            _ => {
+                let resolved = self
+                    .registry
+                    .resolve(&reference, &self.registry_platform())
+                    .await
+                    .map_err(registry_err)?;
+                self.index
+                    .remember_resolution(&full, &platform, &resolved.manifest_digest)
+                    .map_err(|e| BuildError::Store(e.to_string()))?;
+                reference.with_digest(resolved.manifest_digest)
+            }
+        };
+        let manifest_digest = pinned
+            .digest()
+            .cloned()
+            .ok_or_else(|| BuildError::Store("a pinned reference has a digest".into()))?;
+        let local = keys::BaseImage::from_cas(&self.cas, &manifest_digest);
+        let base = match local {
+            Ok(base) => base,
+            Err(_) => {
+                self.registry
+                    .pull(&self.cas, &pinned, &self.registry_platform())
+                    .await
+                    .map_err(registry_err)?;
+                keys::BaseImage::from_cas(&self.cas, &manifest_digest).map_err(|source| {
+                    BuildError::BaseImage {
+                        reference: image.to_owned(),
+                        source,
+                    }
+                })?
+            }
+        };
+        Ok(base)
+    }
+
+    /// Fingerprints of the context-source nodes, from the workspace kept hot by the watcher
+    /// (registering the workspace on first build).
+    async fn fingerprints(
+        &self,
+        spec: &BuildSpec,
+        graph: &BuildGraph,
+    ) -> Result<HashMap<NodeIndex, Hash>, BuildError> {
+        let sources: Vec<(NodeIndex, Vec<String>, Vec<String>)> = graph
+            .toposort()
+            .into_iter()
+            .filter(|n| graph.node(*n).kind == NodeKind::ContextSource)
+            .map(|n| {
+                (
+                    n,
+                    graph.node(n).sources.clone(),
+                    graph.node(n).excludes.clone(),
+                )
+            })
+            .collect();
+        if sources.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let hub = Arc::clone(&self.hub);
+        let context = spec.context.clone();
+        let dockerfile = spec.dockerfile.clone();
+        tokio::task::spawn_blocking(move || {
+            if hub.with_workspace(&context, |_| ()).is_none() {
+                hub.watch(&context, &dockerfile)
+                    .map_err(|e| BuildError::Store(format!("build context: {e}")))?;
+            }
+            hub.with_workspace(&context, |ws| {
+                sources
+                    .iter()
+                    .map(|(node, patterns, excludes)| {
+                        ws.fingerprint(patterns, excludes)
+                            .map(|fp| (*node, fp))
+                            .map_err(|message| BuildError::Step {
+                                step: "context".into(),
+                                message,
+                            })
+                    })
+                    .collect::<Result<HashMap<_, _>, _>>()
+            })
+            .unwrap_or_else(|| Err(BuildError::Store("workspace vanished".into())))
+        })
+        .await
+        .map_err(|e| BuildError::Store(e.to_string()))?
+    }
+
+    /// Writes the config and manifest of `state` into the CAS.
+    fn export(
+        &self,
+        state: &State,
+        source_date_epoch: Option<i64>,
+    ) -> Result<ImageParts, BuildError> {
+        let mut config = state.config.clone();
+        config.created = Some(state::timestamp(source_date_epoch));
+        if source_date_epoch.is_some() {
+            for history in &mut config.history {
+                history.created = config.created.clone();
+            }
+        }
+        let store = |e: crate::cache::CasError| BuildError::Store(e.to_string());
+        let config_blob = self.cas.put(&config.to_json()).map_err(store)?;
+        let media = MediaTypes::Oci;
+        let manifest = self
+            .cas
+            .put(&manifest_json(media, &config_blob, &state.layers))
+            .map_err(store)?;
+        Ok(ImageParts {
+            manifest,
+            config: config_blob,
+            layers: state.layers.clone(),
+            media,
+        })
+    }
+
+    fn registry_platform(&self) -> crate::registry::Platform {
+        crate::registry::Platform {
+            os: self.platform.os.clone(),
+            architecture: self.platform.architecture.clone(),
+            variant: self.platform.variant.clone(),
+        }
+    }
+
+    fn next_run_id(&self) -> String {
+        format!(
+            "mb-{}-{}",
+            std::process::id(),
+            self.run_ids.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}

@@ -85,4 +85,7 @@ pub trait Executor: Send + Sync + std::fmt::Debug {
         logs: &mut LogSink<'_>,
         cancel: &AtomicBool,
     ) -> Result<i32, ExecError>;
+
+    /// Deletes containers a previous daemon left behind (crash recovery).
+    fn clean_up(&self);
 }

@@ -62,21 +62,6 @@ impl Runc {
         command
     }
 
-    /// Force-deletes every container in our state root (crash recovery at start).
-    pub fn delete_all(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.state_root) else {
-            return Vec::new();
-        };
-        let ids: Vec<String> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        for id in &ids {
-            self.delete(id);
-        }
-        ids
-    }
-
     fn delete(&self, id: &str) {
         let _ = self
             .command()
@@ -169,6 +154,19 @@ impl Executor for Runc {
             return Err(ExecError::Cancelled);
         }
         Ok(status.code().unwrap_or(128 + 9))
+    }
+
+    fn clean_up(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.state_root) else {
+            return;
+        };
+        for id in entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+        {
+            tracing::warn!(container = %id, "deleting a container a previous daemon left behind");
+            self.delete(&id);
+        }
     }
 }
 

@@ -313,6 +313,10 @@ impl Lowering<'_> {
                 let node = Node {
                     env: resolved.env.clone(),
                     lines,
+                    image: match &resolved.base {
+                        Base::Image(image) => Some(image.clone()),
+                        _ => None,
+                    },
                     ..Node::bare(
                         NodeKind::BaseImage,
                         Some(i as u32),
@@ -423,6 +427,7 @@ impl Lowering<'_> {
             env,
             lines: Some((span.start_line, span.end_line)),
             parent: Some(parent),
+            image: None,
         };
         Ok(self.add(node, &inputs))
     }
@@ -502,7 +507,10 @@ impl Lowering<'_> {
         let label = format!("image {image}");
         let instruction = format!("FROM {}", json(&image));
         let node = self.add(
-            Node::bare(NodeKind::BaseImage, None, label, instruction),
+            Node {
+                image: Some(image.clone()),
+                ..Node::bare(NodeKind::BaseImage, None, label, instruction)
+            },
             &[],
         );
         self.images.insert(image, node);
@@ -524,6 +532,7 @@ impl Node {
             env: Vec::new(),
             lines: None,
             parent: None,
+            image: None,
         }
     }
 }

@@ -103,6 +103,8 @@ pub struct Node {
     pub lines: Option<(u32, u32)>,
     /// The previous node of the stage chain.
     pub parent: Option<NodeIndex>,
+    /// For a base-image node: the image reference after expansion (`None`: scratch).
+    pub image: Option<String>,
 }
 
 impl Node {

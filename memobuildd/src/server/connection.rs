@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
 use super::access::Peer;
+use super::build;
 use super::requests::{self, HandlerError};
 
 /// A client that connects and says nothing is dropped after this long.
@@ -168,6 +169,18 @@ impl Connection {
                 self.shared.request_shutdown("shutdown request");
                 return Ok(Next::HoldUntilExit);
             }
+            Request::Build(request) => {
+                build::serve(
+                    &mut self.stream,
+                    &self.shared.engine,
+                    &self.shared.hub,
+                    request,
+                    self.peer,
+                )
+                .await?;
+                return Ok(Next::Continue);
+            }
+            Request::Images => build::images(&self.shared.engine),
             Request::Graph(request) => respond(requests::graph(&request, self.peer)),
             Request::Watch(request) => {
                 respond(requests::watch(&self.shared.hub, request, self.peer).await)

@@ -9,6 +9,7 @@
 //! Only this module converts between engine types and `memobuild_protocol` messages.
 
 mod access;
+mod build;
 mod connection;
 mod listener;
 mod requests;
@@ -24,9 +25,15 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::cache::{Cas, Index};
 use crate::config::Config;
+use crate::engine::{Engine, EngineOptions, EngineParts};
+use crate::exec::{Executor, Runc};
 use crate::layout::Layout;
 use crate::passwd;
+use crate::registry::{Registry, RegistryOptions};
+use crate::snapshot::Overlay;
+use crate::snapshot::store::LayerStore;
 use crate::watch::{Change, Hub, NotifyBackend, WatchError};
 use access::AccessPolicy;
 
@@ -60,6 +67,8 @@ pub enum ServerError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Watch(#[from] WatchError),
+    #[error("opening the build store under {root}: {message}")]
+    Store { root: PathBuf, message: String },
 }
 
 /// State every connection sees.
@@ -74,6 +83,7 @@ pub(crate) struct Shared {
     requests_total: AtomicU64,
     shutdown: watch::Sender<bool>,
     hub: Arc<Hub>,
+    engine: Arc<Engine>,
     /// Connections that asked for the shutdown: kept open until the process exits, so their
     /// end of the socket closing means "the daemon is gone and its root is free".
     held_until_exit: Mutex<Vec<UnixStream>>,
@@ -132,6 +142,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let (changes, changes_seen) = mpsc::unbounded_channel();
     let backend = NotifyBackend::new(config.debounce, changes)?;
     let hub = Arc::new(Hub::open(&layout, Box::new(backend))?);
+    let engine = Arc::new(open_engine(&layout, Arc::clone(&hub))?);
+    // Whatever a daemon killed mid-build left (mounts, containers, scratch) goes first.
+    engine.recover();
     let (shutdown, mut shutdown_seen) = watch::channel(false);
     let shared = Arc::new(Shared {
         access,
@@ -142,6 +155,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         requests_total: AtomicU64::new(0),
         shutdown,
         hub: Arc::clone(&hub),
+        engine,
         held_until_exit: Mutex::new(Vec::new()),
         config,
     });
@@ -209,6 +223,39 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     // Dropped last: the requesters of the shutdown see end-of-stream only now.
     shared.held_until_exit.lock().await.clear();
     Ok(())
+}
+
+fn open_engine(layout: &Layout, hub: Arc<Hub>) -> Result<Engine, ServerError> {
+    let store = |message: String| ServerError::Store {
+        root: layout.root().to_owned(),
+        message,
+    };
+    let cas = Cas::open(layout).map_err(|e| store(e.to_string()))?;
+    let index = Index::open(&layout.index_db()).map_err(|e| store(e.to_string()))?;
+    let layers = LayerStore::open(layout.layers_dir(), layout.tmp_dir())
+        .map_err(|e| store(e.to_string()))?;
+    let executor: Result<Arc<dyn Executor>, String> = if passwd::effective_uid() != 0 {
+        Err("root (overlay mounts and the OCI runtime need it): run memobuildd as root".into())
+    } else {
+        Runc::find(layout.run_dir().join("runc"))
+            .map(|runc| Arc::new(runc) as Arc<dyn Executor>)
+            .map_err(|e| e.to_string())
+    };
+    if let Err(why) = &executor {
+        warn!(%why, "RUN steps are unavailable");
+    }
+    let registry = Registry::new(RegistryOptions::default()).map_err(|e| store(e.to_string()))?;
+    Ok(Engine::new(EngineParts {
+        layout: layout.clone(),
+        cas,
+        index,
+        layers,
+        snapshotter: Arc::new(Overlay::new(layout.layers_dir())),
+        executor,
+        registry,
+        hub,
+        options: EngineOptions::default(),
+    }))
 }
 
 /// Applies what the watcher reports. A burst that queued up while the previous one was

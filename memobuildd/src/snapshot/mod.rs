@@ -9,6 +9,8 @@
 //! mount option of at most a page, and short names relative to the layer store keep 100+
 //! layer images mountable. Comes before `exec`, after the engine has the parents' layers.
 
+pub mod store;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -237,6 +237,17 @@ impl Workspace {
             .collect();
     }
 
+    /// The fingerprint of a source set (`patterns`, `--exclude` patterns) in the current tree.
+    pub fn fingerprint(&self, patterns: &[String], excludes: &[String]) -> Result<Hash, String> {
+        let patterns = patterns
+            .iter()
+            .map(|p| SourcePattern::new(p).map_err(|e| format!("source {p:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let excludes =
+            IgnoreRules::parse(&excludes.join("\n"), "--exclude").map_err(|e| e.to_string())?;
+        Ok(self.tree.fingerprint(&patterns, &excludes).hash)
+    }
+
     /// Makes the current state the baseline (after a successful build).
     pub fn mark_built(&mut self) {
         self.baseline = self.current_baseline();

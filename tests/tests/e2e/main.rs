@@ -4,5 +4,6 @@ mod access;
 mod frontend;
 mod lifecycle;
 mod protocol;
+mod registry;
 mod service_units;
 mod watch;

@@ -184,14 +184,15 @@ async fn random_bytes_instead_of_a_handshake_are_refused() {
 async fn requests_of_later_features_answer_not_implemented() {
     let daemon = TestDaemon::start();
     let mut conn = daemon.connect().await;
-    let err = conn
-        .call(&Request::Images)
-        .await
-        .expect_err("images is not served yet");
+    let gc = Request::Gc(memobuild_protocol::GcRequest {
+        keep_bytes: None,
+        dry_run: true,
+    });
+    let err = conn.call(&gc).await.expect_err("gc is not served yet");
     match err {
         memobuild_client::RequestError::Daemon(reply) => {
             assert_eq!(reply.code, ErrorCode::NotImplemented);
-            assert!(reply.message.contains("images"), "{}", reply.message);
+            assert!(reply.message.contains("gc"), "{}", reply.message);
         }
         other => panic!("unexpected {other}"),
     }

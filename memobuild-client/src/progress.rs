@@ -1,0 +1,187 @@
+//! Build progress on the client: BuildKit's plain format (so CI log readers keep working),
+//! JSON lines, or nothing. The daemon sends events; only this module draws.
+//!
+//! Plain, as BuildKit prints it:
+//! ```text
+//! #3 [build 2/5] RUN make
+//! #3 0.214 compiling…
+//! #3 DONE 1.3s
+//! #4 [build 3/5] COPY src/ /app/
+//! #4 CACHED
+//! ```
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Instant;
+
+use memobuild_protocol::{BuildEvent, BuildEventKind, BuildResult, LogStream};
+use serde_json::json;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// Plain on a pipe or a file, plain on a terminal too (bars are not drawn yet)
+    Auto,
+    Tty,
+    Plain,
+    Json,
+    Quiet,
+}
+
+/// Turns events into lines on `out` (normally stderr, as BuildKit writes progress).
+#[derive(Debug)]
+pub struct Progress<W: Write> {
+    mode: ProgressMode,
+    out: W,
+    names: HashMap<u32, String>,
+    started: HashMap<u32, Instant>,
+}
+
+impl<W: Write> Progress<W> {
+    pub fn new(mode: ProgressMode, out: W) -> Self {
+        Self {
+            mode,
+            out,
+            names: HashMap::new(),
+            started: HashMap::new(),
+        }
+    }
+
+    pub fn event(&mut self, event: &BuildEvent) {
+        match self.mode {
+            ProgressMode::Quiet => {}
+            ProgressMode::Json => {
+                let _ = writeln!(self.out, "{}", json_event(event));
+            }
+            ProgressMode::Auto | ProgressMode::Tty | ProgressMode::Plain => self.plain(event),
+        }
+    }
+
+    fn plain(&mut self, event: &BuildEvent) {
+        let n = event.node;
+        let line = match &event.kind {
+            BuildEventKind::Queued { name } => {
+                self.names.insert(n, name.clone());
+                return;
+            }
+            BuildEventKind::Cached => format!("#{n} {}\n#{n} CACHED", self.name(n)),
+            BuildEventKind::Started => {
+                self.started.insert(n, Instant::now());
+                format!("#{n} {}", self.name(n))
+            }
+            BuildEventKind::Log { line, .. } => {
+                let elapsed = self
+                    .started
+                    .get(&n)
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                format!("#{n} {elapsed:.3} {}", String::from_utf8_lossy(line))
+            }
+            BuildEventKind::Done { duration_ms } => {
+                format!("#{n} DONE {:.1}s", *duration_ms as f64 / 1000.0)
+            }
+            BuildEventKind::Failed { message } => {
+                format!("#{n} ERROR: {}", message.lines().next().unwrap_or(message))
+            }
+        };
+        let _ = writeln!(self.out, "{line}");
+    }
+
+    fn name(&self, n: u32) -> &str {
+        self.names.get(&n).map_or("", String::as_str)
+    }
+
+    pub fn finished(&mut self, result: &BuildResult) {
+        let digest = result.image_digest.as_deref().unwrap_or("(none)");
+        match self.mode {
+            ProgressMode::Quiet => {}
+            ProgressMode::Json => {
+                let _ = writeln!(self.out, "{}", json!({ "result": result }));
+            }
+            _ => {
+                let _ = writeln!(
+                    self.out,
+                    "built {digest} in {:.2}s: {} steps, {} cached, {} executed",
+                    result.duration_ms as f64 / 1000.0,
+                    result.steps,
+                    result.cached,
+                    result.executed
+                );
+            }
+        }
+    }
+}
+
+fn json_event(event: &BuildEvent) -> serde_json::Value {
+    let node = event.node;
+    match &event.kind {
+        BuildEventKind::Queued { name } => json!({"node": node, "event": "queued", "name": name}),
+        BuildEventKind::Cached => json!({"node": node, "event": "cached"}),
+        BuildEventKind::Started => json!({"node": node, "event": "started"}),
+        BuildEventKind::Log { stream, line } => json!({
+            "node": node,
+            "event": "log",
+            "stream": match stream { LogStream::Stdout => "stdout", LogStream::Stderr => "stderr" },
+            "line": String::from_utf8_lossy(line),
+        }),
+        BuildEventKind::Done { duration_ms } => {
+            json!({"node": node, "event": "done", "duration_ms": duration_ms})
+        }
+        BuildEventKind::Failed { message } => {
+            json!({"node": node, "event": "failed", "message": message})
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(events: &[BuildEvent]) -> String {
+        let mut progress = Progress::new(ProgressMode::Plain, Vec::new());
+        for event in events {
+            progress.event(event);
+        }
+        String::from_utf8(progress.out).expect("utf-8")
+    }
+
+    fn ev(node: u32, kind: BuildEventKind) -> BuildEvent {
+        BuildEvent { node, kind }
+    }
+
+    #[test]
+    fn plain_output_reads_like_buildkit() {
+        let out = render(&[
+            ev(
+                1,
+                BuildEventKind::Queued {
+                    name: "[stage-0 1/2] FROM busybox".into(),
+                },
+            ),
+            ev(
+                2,
+                BuildEventKind::Queued {
+                    name: "[stage-0 2/2] RUN echo hi".into(),
+                },
+            ),
+            ev(1, BuildEventKind::Cached),
+            ev(2, BuildEventKind::Started),
+            ev(
+                2,
+                BuildEventKind::Log {
+                    stream: LogStream::Stdout,
+                    line: b"hi".to_vec(),
+                },
+            ),
+            ev(2, BuildEventKind::Done { duration_ms: 300 }),
+        ]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "#1 [stage-0 1/2] FROM busybox");
+        assert_eq!(lines[1], "#1 CACHED");
+        assert_eq!(lines[2], "#2 [stage-0 2/2] RUN echo hi");
+        assert!(
+            lines[3].starts_with("#2 0.") && lines[3].ends_with(" hi"),
+            "{}",
+            lines[3]
+        );
+        assert_eq!(lines[4], "#2 DONE 0.3s");
+    }
+}

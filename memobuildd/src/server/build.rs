@@ -1,0 +1,378 @@
+//! The `Build` request: run the engine, stream its progress to the client as it happens,
+//! write the outputs, answer with the result. A client that goes away cancels its build
+//! (containers killed, mounts and scratch directories removed by the engine's guards).
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use memobuild_protocol::{
+    BuildEvent, BuildEventKind, BuildRequest, BuildResult, ErrorCode, FrameError, ImageSummary,
+    LogStream, OutputKind, OutputSpec, Response, write_frame,
+};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use super::access::Peer;
+use super::requests::DockerfileText;
+use crate::cache::ImageRecord;
+use crate::engine::{BuildError, BuildSpec, Built, Engine, Progress, Reporter};
+use crate::exec::{self, Network};
+use crate::image::export::{
+    write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
+};
+use crate::image::layer::LayerOptions;
+use crate::registry::RegistryError;
+use crate::watch::Hub;
+
+/// Largest output chunk streamed to the client (`dest=-`).
+const CHUNK: usize = 1 << 20;
+
+struct ChannelReporter(mpsc::UnboundedSender<Progress>);
+
+impl Reporter for ChannelReporter {
+    fn report(&self, event: Progress) {
+        // The receiver outlives the build unless the connection died; then nobody cares.
+        let _ = self.0.send(event);
+    }
+}
+
+/// Serves one build on `stream`: events, then output chunks, then the final answer.
+pub(crate) async fn serve(
+    stream: &mut UnixStream,
+    engine: &Arc<Engine>,
+    hub: &Arc<Hub>,
+    request: BuildRequest,
+    peer: Peer,
+) -> Result<(), FrameError> {
+    let dockerfile = match DockerfileText::read(&request.source, peer) {
+        Ok(dockerfile) => dockerfile,
+        Err(err) => return write_frame(stream, &err.into_response()).await,
+    };
+    let spec = BuildSpec {
+        context: dockerfile.context.clone(),
+        dockerfile: dockerfile.path.clone(),
+        dockerfile_text: dockerfile.text,
+        build_args: request.build_args.clone(),
+        target: request.target.clone(),
+        no_cache: request.no_cache,
+        pull: request.pull,
+        network: match request.network {
+            memobuild_protocol::NetworkMode::Host => Network::Host,
+            memobuild_protocol::NetworkMode::None => Network::None,
+        },
+        source_date_epoch: request.source_date_epoch.map(|s| s as i64),
+    };
+    let (events, mut received) = mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let build = tokio::spawn({
+        let engine = Arc::clone(engine);
+        let cancel = Arc::clone(&cancel);
+        async move {
+            engine
+                .build(spec, Arc::new(ChannelReporter(events)), cancel)
+                .await
+        }
+    });
+
+    let (mut reader, mut writer) = stream.split();
+    let mut client_gone = false;
+    let mut probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            event = received.recv() => match event {
+                Some(event) => {
+                    if !client_gone && write_frame(&mut writer, &Response::Event(event_frame(event))).await.is_err() {
+                        client_gone = true;
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+                // The engine dropped the reporter: the build is over.
+                None => break,
+            },
+            // The client sends nothing during a build; readable means it closed (or broke the
+            // protocol): either way the build is cancelled, unless it already finished.
+            read = reader.read(&mut probe), if !client_gone => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    tracing::info!("client went away; cancelling its build");
+                }
+                client_gone = true;
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let outcome = build
+        .await
+        .unwrap_or_else(|err| Err(BuildError::Store(format!("build task failed: {err}"))));
+    if client_gone {
+        return Ok(());
+    }
+    let built = match outcome {
+        Ok(built) => built,
+        Err(err) => {
+            return write_frame(stream, &Response::error(code(&err), err.to_string())).await;
+        }
+    };
+    // What was just built is the new baseline: the workspace is clean again.
+    hub.with_workspace(&dockerfile.context, |ws| ws.mark_built());
+    match write_outputs(engine, &built, &request, peer, stream).await {
+        Ok(()) => {}
+        Err(message) => {
+            return write_frame(stream, &Response::error(ErrorCode::Internal, message)).await;
+        }
+    }
+    let result = BuildResult {
+        image_digest: Some(built.image.manifest.digest.to_string()),
+        steps: built.steps,
+        cached: built.cached,
+        executed: built.executed,
+        duration_ms: built.duration.as_millis() as u64,
+    };
+    write_frame(stream, &Response::BuildDone(result)).await
+}
+
+fn event_frame(event: Progress) -> BuildEvent {
+    let (node, kind) = match event {
+        Progress::Queued { node, name } => (node, BuildEventKind::Queued { name }),
+        Progress::Cached { node } => (node, BuildEventKind::Cached),
+        Progress::Started { node } => (node, BuildEventKind::Started),
+        Progress::Log { node, stream, line } => (
+            node,
+            BuildEventKind::Log {
+                stream: match stream {
+                    exec::LogStream::Stdout => LogStream::Stdout,
+                    exec::LogStream::Stderr => LogStream::Stderr,
+                },
+                line,
+            },
+        ),
+        Progress::Done { node, duration } => (
+            node,
+            BuildEventKind::Done {
+                duration_ms: duration.as_millis() as u64,
+            },
+        ),
+        Progress::Failed { node, message } => (node, BuildEventKind::Failed { message }),
+    };
+    BuildEvent { node, kind }
+}
+
+/// The one place build errors become protocol codes.
+fn code(err: &BuildError) -> ErrorCode {
+    match err {
+        BuildError::Dockerfile(_) | BuildError::Plan(_) => ErrorCode::InvalidInput,
+        BuildError::Registry { source, .. } => match **source {
+            RegistryError::Unauthorized { .. } | RegistryError::Forbidden { .. } => {
+                ErrorCode::PermissionDenied
+            }
+            RegistryError::NotFound { .. } | RegistryError::NoMatchingPlatform { .. } => {
+                ErrorCode::NotFound
+            }
+            RegistryError::Reference(_) => ErrorCode::InvalidInput,
+            _ => ErrorCode::Unavailable,
+        },
+        BuildError::BaseImage { .. } | BuildError::Store(_) => ErrorCode::Internal,
+        BuildError::Step { .. } | BuildError::RunFailed { .. } => ErrorCode::Failed,
+        BuildError::NoRuntime(_) => ErrorCode::Unavailable,
+        BuildError::Cancelled => ErrorCode::Cancelled,
+    }
+}
+
+async fn write_outputs(
+    engine: &Arc<Engine>,
+    built: &Built,
+    request: &BuildRequest,
+    peer: Peer,
+    stream: &mut UnixStream,
+) -> Result<(), String> {
+    let outputs: Vec<OutputSpec> = if request.outputs.is_empty() {
+        vec![OutputSpec {
+            kind: OutputKind::Image,
+            dest: None,
+            to_client: false,
+            name: None,
+            push: request.push,
+        }]
+    } else {
+        request.outputs.clone()
+    };
+    for output in outputs {
+        if output.kind == OutputKind::Image {
+            tag(engine, built, &request.tags, output.name.as_deref())?;
+            continue;
+        }
+        let engine_for_task = Arc::clone(engine);
+        let built_for_task = built.clone();
+        let tags = request.tags.clone();
+        let dest = match (&output.dest, output.to_client) {
+            (_, true) => {
+                let scratch = tempfile::NamedTempFile::new_in(engine.layers_tmp())
+                    .map_err(|e| format!("output: {e}"))?;
+                scratch.path().to_owned()
+            }
+            (Some(dest), false) => dest.clone(),
+            (None, false) => return Err("an output without a destination".into()),
+        };
+        let target = dest.clone();
+        let kind = output.kind;
+        tokio::task::spawn_blocking(move || {
+            export(&engine_for_task, &built_for_task, kind, &tags, &target)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        if output.to_client {
+            stream_file(stream, &dest).await?;
+            let _ = std::fs::remove_file(&dest);
+        } else {
+            give_to(&dest, peer);
+        }
+    }
+    Ok(())
+}
+
+fn tag(engine: &Engine, built: &Built, tags: &[String], name: Option<&str>) -> Result<(), String> {
+    let created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let names = tags.iter().map(String::as_str).chain(name);
+    for name in names {
+        engine
+            .index()
+            .tag(&ImageRecord {
+                name: normalize_tag(name),
+                manifest: built.image.manifest.clone(),
+                config: built.image.config.digest.clone(),
+                created_unix,
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// `app` → `app:latest`, as Docker names images.
+fn normalize_tag(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || name.contains('@') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+fn export(
+    engine: &Engine,
+    built: &Built,
+    kind: OutputKind,
+    tags: &[String],
+    dest: &Path,
+) -> Result<(), String> {
+    let cas = engine.cas();
+    let blobs: Vec<crate::cache::Blob> =
+        built.image.layers.iter().map(|l| l.blob.clone()).collect();
+    let create = || -> Result<BufWriter<File>, String> {
+        File::create(dest)
+            .map(|f| BufWriter::with_capacity(1 << 20, f))
+            .map_err(|e| format!("{}: {e}", dest.display()))
+    };
+    let finish =
+        |mut out: BufWriter<File>| out.flush().map_err(|e| format!("{}: {e}", dest.display()));
+    match kind {
+        OutputKind::Oci => {
+            let mut out = create()?;
+            write_oci_archive(
+                cas,
+                &built.image,
+                tags.first().map(String::as_str),
+                &mut out,
+            )
+            .map_err(|e| e.to_string())?;
+            finish(out)
+        }
+        OutputKind::Docker => {
+            let mut out = create()?;
+            let tags: Vec<String> = tags.iter().map(|t| normalize_tag(t)).collect();
+            write_docker_archive(cas, &built.image, &tags, &mut out).map_err(|e| e.to_string())?;
+            finish(out)
+        }
+        OutputKind::Tar => {
+            let mut out = create()?;
+            write_rootfs_tar(cas, &blobs, &LayerOptions::default(), &mut out)
+                .map_err(|e| e.to_string())?;
+            finish(out)
+        }
+        OutputKind::Local => {
+            std::fs::create_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+            write_rootfs_dir(cas, &blobs, dest)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+        OutputKind::Image => Ok(()),
+    }
+}
+
+async fn stream_file(stream: &mut UnixStream, path: &Path) -> Result<(), String> {
+    let mut file = File::open(path).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(());
+        }
+        write_frame(stream, &Response::OutputChunk(buf[..n].to_vec()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+}
+
+/// An output the daemon wrote for a client belongs to the client.
+fn give_to(path: &Path, peer: Peer) {
+    if crate::passwd::effective_uid() != 0 {
+        return;
+    }
+    let _ = std::os::unix::fs::lchown(path, Some(peer.uid), Some(peer.gid));
+    if path.is_dir() {
+        let mut stack = vec![path.to_owned()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let child = entry.path();
+                let _ = std::os::unix::fs::lchown(&child, Some(peer.uid), Some(peer.gid));
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(child);
+                }
+            }
+        }
+    }
+}
+
+/// The image store as `memobuild images` lists it.
+pub(crate) fn images(engine: &Engine) -> Response {
+    match engine.index().images() {
+        Ok(images) => Response::Images(
+            images
+                .into_iter()
+                .map(|image| ImageSummary {
+                    size: image_size(engine, &image),
+                    name: image.name,
+                    digest: image.manifest.digest.to_string(),
+                    created_unix: image.created_unix,
+                })
+                .collect(),
+        ),
+        Err(err) => Response::error(ErrorCode::Internal, err.to_string()),
+    }
+}
+
+/// Config plus layers, from the stored manifest.
+fn image_size(engine: &Engine, image: &ImageRecord) -> u64 {
+    engine
+        .cas()
+        .read(&image.manifest.digest)
+        .ok()
+        .and_then(|bytes| crate::image::oci::Manifest::parse(&bytes).ok())
+        .map_or(0, |m| {
+            m.config.size + m.layers.iter().map(|l| l.size).sum::<u64>()
+        })
+}

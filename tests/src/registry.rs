@@ -1,0 +1,324 @@
+//! A real registry for the tests: Debian's `docker-registry` (the CNCF distribution
+//! registry) on 127.0.0.1, with temp storage, optional htpasswd auth, and an access log the
+//! tests read to count requests. [`TestRegistry::seed_busybox`] pushes a tiny busybox image
+//! built here by hand, so no test needs the network.
+//!
+//! Needs the Debian packages `docker-registry`, `skopeo`, `busybox-static` and
+//! `apache2-utils` (for `htpasswd`).
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use memobuildd::cache::Digest;
+use sha2::{Digest as _, Sha256};
+use tempfile::TempDir;
+
+/// Where Debian's busybox-static puts its binary.
+const BUSYBOX: &str = "/bin/busybox";
+const APPLETS: &[&str] = &[
+    "sh", "ls", "cat", "echo", "true", "id", "mkdir", "rm", "touch", "env", "wc",
+];
+const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// A running `docker-registry serve`, killed on drop.
+#[derive(Debug)]
+pub struct TestRegistry {
+    pub dir: TempDir,
+    pub port: u16,
+    /// The registry's stdout and stderr: its access log is there.
+    pub log: PathBuf,
+    credentials: Option<(String, String)>,
+    child: Child,
+}
+
+impl TestRegistry {
+    pub fn start() -> Self {
+        Self::launch(None)
+    }
+
+    /// A registry that wants HTTP basic auth as `user`/`password`.
+    pub fn start_with_htpasswd(user: &str, password: &str) -> Self {
+        Self::launch(Some((user.to_owned(), password.to_owned())))
+    }
+
+    fn launch(credentials: Option<(String, String)>) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("mbreg")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_port();
+        let auth = match &credentials {
+            Some((user, password)) => {
+                let htpasswd = dir.path().join("htpasswd");
+                let output = Command::new("htpasswd")
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .expect("run htpasswd (Debian package apache2-utils)");
+                assert!(output.status.success(), "htpasswd: {output:?}");
+                std::fs::write(&htpasswd, &output.stdout).expect("write htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: memobuild-test\n    path: {}\n",
+                    htpasswd.display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\n\
+                 log:\n  level: error\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: memobuild-test\n\
+                 {auth}",
+                dir.path().join("storage").display()
+            ),
+        )
+        .expect("write registry config");
+        let log = dir.path().join("registry.log");
+        let log_file = std::fs::File::create(&log).expect("registry log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file)
+            .spawn()
+            .expect("run docker-registry (Debian package docker-registry)");
+        let registry = Self {
+            dir,
+            port,
+            log,
+            credentials,
+            child,
+        };
+        registry.wait_ready();
+        registry
+    }
+
+    /// Polls `GET /v2/` until the registry answers (200, or 401 when it wants auth).
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            if let Some(status) = http_status(self.port, "/v2/") {
+                assert!(
+                    status == 200 || status == 401,
+                    "registry answered {status} on /v2/"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "registry not ready within {READY_WITHIN:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Access-log lines for requests of `method` whose path starts with `path_prefix`.
+    pub fn requests(&self, method: &str, path_prefix: &str) -> usize {
+        let needle = format!("\"{method} {path_prefix}");
+        self.log_text()
+            .lines()
+            .filter(|line| line.contains(&needle))
+            .count()
+    }
+
+    /// Blob downloads from `repo` so far.
+    pub fn blob_downloads(&self, repo: &str) -> usize {
+        self.requests("GET", &format!("/v2/{repo}/blobs/"))
+    }
+
+    /// Completed blob uploads into `repo` so far (the PUT that ends each upload session).
+    pub fn blob_uploads(&self, repo: &str) -> usize {
+        self.requests("PUT", &format!("/v2/{repo}/blobs/uploads/"))
+    }
+
+    /// Builds a busybox image by hand (one layer: `/bin/busybox` with applet symlinks,
+    /// `/etc/passwd`, `/etc/group`) as an OCI layout and pushes it with skopeo as
+    /// `REPO:latest`. Returns the manifest digest the registry reports.
+    pub fn seed_busybox(&self, repo: &str) -> Digest {
+        let layout = self
+            .dir
+            .path()
+            .join(format!("layout-{}", repo.replace('/', "-")));
+        write_busybox_layout(&layout);
+        let mut copy = Command::new("skopeo");
+        copy.args(["copy", "--dest-tls-verify=false"]);
+        if let Some((user, password)) = &self.credentials {
+            copy.arg(format!("--dest-creds={user}:{password}"));
+        }
+        let output = copy
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{}/{repo}:latest", self.address()))
+            .output()
+            .expect("run skopeo (Debian package skopeo)");
+        assert!(output.status.success(), "skopeo copy: {output:?}");
+        self.inspect_digest(&format!("{repo}:latest"))
+    }
+
+    /// The manifest digest of `repo:tag` according to skopeo.
+    pub fn inspect_digest(&self, repo_and_tag: &str) -> Digest {
+        let mut inspect = Command::new("skopeo");
+        inspect.args(["inspect", "--tls-verify=false"]);
+        if let Some((user, password)) = &self.credentials {
+            inspect.arg(format!("--creds={user}:{password}"));
+        }
+        let output = inspect
+            .arg(format!("docker://{}/{repo_and_tag}", self.address()))
+            .output()
+            .expect("run skopeo inspect");
+        assert!(output.status.success(), "skopeo inspect: {output:?}");
+        let info: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("skopeo inspect JSON");
+        Digest::parse(info["Digest"].as_str().expect("Digest field")).expect("digest")
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port nothing listens on right now (the kernel's pick, released at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// The status of a plain `GET path`, or `None` if nothing answers.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Writes `bytes` as a blob of the OCI layout at `dir`; returns its descriptor.
+fn put_blob(dir: &Path, media_type: &str, bytes: &[u8]) -> serde_json::Value {
+    let digest = sha256(bytes);
+    let path = dir.join("blobs/sha256").join(&digest["sha256:".len()..]);
+    std::fs::write(path, bytes).expect("write blob");
+    serde_json::json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})
+}
+
+/// The busybox root filesystem as a deterministic tar.
+fn busybox_tar() -> Vec<u8> {
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(size);
+        h
+    }
+    let busybox = std::fs::read(BUSYBOX)
+        .unwrap_or_else(|err| panic!("{BUSYBOX} (Debian package busybox-static): {err}"));
+    let passwd = "root:x:0:0:root:/root:/bin/sh\n\
+                  app:x:1000:1000:app:/home/app:/bin/sh\n\
+                  nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+    let group = "root:x:0:\napp:x:1000:\nnogroup:x:65534:\n";
+
+    let mut tar = tar::Builder::new(Vec::new());
+    let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        tar.append_data(&mut h, path, std::io::empty())
+            .expect("dir");
+    };
+    dir(&mut tar, "bin/");
+    let mut h = header(tar::EntryType::Regular, 0o755, busybox.len() as u64);
+    tar.append_data(&mut h, "bin/busybox", busybox.as_slice())
+        .expect("busybox");
+    for applet in APPLETS {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .expect("symlink");
+    }
+    dir(&mut tar, "etc/");
+    for (path, text) in [("etc/group", group), ("etc/passwd", passwd)] {
+        let mut h = header(tar::EntryType::Regular, 0o644, text.len() as u64);
+        tar.append_data(&mut h, path, text.as_bytes())
+            .expect("file");
+    }
+    tar.into_inner().expect("finish tar")
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).expect("gzip");
+    encoder.finish().expect("gzip")
+}
+
+/// An OCI image layout at `dir` holding the busybox image as `latest`.
+fn write_busybox_layout(dir: &Path) {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).expect("layout dirs");
+    let tar = busybox_tar();
+    let layer = put_blob(
+        dir,
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        &gzip(&tar),
+    );
+    let architecture = memobuildd::registry::Platform::host().architecture;
+    let config = serde_json::json!({
+        "architecture": architecture,
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/sh"],
+        },
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&tar)]},
+        "history": [{"created_by": "memobuild tests: busybox-static by hand"}],
+    });
+    let config = put_blob(
+        dir,
+        "application/vnd.oci.image.config.v1+json",
+        config.to_string().as_bytes(),
+    );
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": [layer],
+    });
+    let mut manifest = put_blob(
+        dir,
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.to_string().as_bytes(),
+    );
+    manifest["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "latest"});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest]});
+    std::fs::write(dir.join("index.json"), index.to_string()).expect("index.json");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("oci-layout");
+}

@@ -1,0 +1,399 @@
+//! Registry pull and push against a real `docker-registry` on 127.0.0.1 (and, for a corrupt
+//! blob, a hand-written HTTP server posing as one).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use memobuild_tests::registry::{TestRegistry, free_port};
+use memobuildd::cache::{Cas, Digest};
+use memobuildd::layout::Layout;
+use memobuildd::registry::{
+    OCI_MANIFEST, Platform, PushEvent, PushImage, Reference, Registry, RegistryError,
+    RegistryOptions,
+};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+/// Every registry operation in these tests is over in well under this.
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<T>(work: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, work)
+        .await
+        .expect("registry operation took too long")
+}
+
+fn cas(dir: &Path) -> Cas {
+    Cas::open(&Layout::new(dir.join("root"))).expect("open CAS")
+}
+
+/// A client whose Docker config is `config` (by default one that does not exist, so that
+/// the machine's own credentials stay out of the tests).
+fn client(dir: &Path, config: Option<&Path>) -> Registry {
+    Registry::new(RegistryOptions {
+        docker_config: Some(
+            config.map_or_else(|| dir.join("no-docker-config.json"), Path::to_owned),
+        ),
+        ..RegistryOptions::default()
+    })
+    .expect("registry client")
+}
+
+fn reference(registry: &TestRegistry, name: &str) -> Reference {
+    Reference::parse(&format!("{}/{name}", registry.address())).expect("reference")
+}
+
+fn temp_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("root/tmp"))
+        .expect("CAS tmp dir")
+        .count()
+}
+
+/// Access-log lines are written after the response; wait until the count stops moving.
+fn settled(count: impl Fn() -> usize) -> usize {
+    let mut last = count();
+    loop {
+        std::thread::sleep(Duration::from_millis(150));
+        let now = count();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test]
+async fn pull_stores_verified_blobs_and_a_second_pull_downloads_nothing() {
+    let registry = TestRegistry::start();
+    let seeded = registry.seed_busybox("base/busybox");
+    let dir = TempDir::new().expect("temp dir");
+    let (cas, client) = (cas(dir.path()), client(dir.path(), None));
+    let image = reference(&registry, "base/busybox:latest");
+    let platform = Platform::host();
+    // `skopeo inspect` in seeding read the config blob.
+    let seeding_downloads = settled(|| registry.blob_downloads("base/busybox"));
+
+    let resolved = bounded(client.resolve(&image, &platform))
+        .await
+        .expect("resolve");
+    assert_eq!(resolved.manifest_digest, seeded);
+    assert_eq!(resolved.media_type, OCI_MANIFEST);
+
+    let pulled = bounded(client.pull(&cas, &image, &platform))
+        .await
+        .expect("pull");
+    assert_eq!(pulled.manifest.digest, seeded);
+    assert_eq!(Digest::of(&pulled.manifest_bytes), seeded);
+    assert_eq!(Digest::of(&pulled.config_bytes), pulled.config.digest);
+    assert_eq!(pulled.layers.len(), 1);
+    assert_eq!(
+        pulled.layers[0].media_type,
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    for digest in [&pulled.manifest.digest, &pulled.config.digest]
+        .into_iter()
+        .chain(pulled.layers.iter().map(|l| &l.blob.digest))
+    {
+        cas.verify(digest)
+            .unwrap_or_else(|err| panic!("{digest}: {err}"));
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&pulled.config_bytes).expect("config JSON");
+    assert_eq!(
+        config["rootfs"]["diff_ids"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(temp_files(dir.path()), 0);
+
+    let downloads = settled(|| registry.blob_downloads("base/busybox"));
+    assert_eq!(
+        downloads - seeding_downloads,
+        2,
+        "config and layer, once each"
+    );
+    let again = bounded(client.pull(&cas, &image, &platform))
+        .await
+        .expect("second pull");
+    assert_eq!(again.manifest, pulled.manifest);
+    assert_eq!(again.layers, pulled.layers);
+    assert_eq!(
+        settled(|| registry.blob_downloads("base/busybox")),
+        downloads,
+        "the second pull downloaded blobs"
+    );
+}
+
+/// Serves fixed responses by path, one request per connection, like a registry would.
+async fn serve(listener: tokio::net::TcpListener, routes: HashMap<String, (String, Vec<u8>)>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut request_line = String::new();
+            if stream.read_line(&mut request_line).await.is_err() {
+                return;
+            }
+            loop {
+                let mut header = String::new();
+                match stream.read_line(&mut header).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if header == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let mut parts = request_line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let response = match routes.get(path) {
+                Some((content_type, body)) => {
+                    let mut head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\
+                         Docker-Distribution-Api-Version: registry/2.0\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    if method != "HEAD" {
+                        head.extend_from_slice(body);
+                    }
+                    head
+                }
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+            };
+            let _ = stream.get_mut().write_all(&response).await;
+            let _ = stream.get_mut().shutdown().await;
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_blob_is_rejected_by_digest_and_never_stored() {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let layer = b"the layer the manifest promises".to_vec();
+    let tampered = b"the layer an attacker delivers!".to_vec();
+    assert_eq!(layer.len(), tampered.len());
+    let (config_digest, layer_digest) = (Digest::of(config), Digest::of(&layer));
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest.as_str(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest.as_str(), "size": layer.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    let json = |body: Vec<u8>, media_type: &str| (media_type.to_owned(), body);
+    let routes = HashMap::from([
+        ("/v2/".to_owned(), json(b"{}".to_vec(), "application/json")),
+        (
+            "/v2/bad/app/manifests/latest".to_owned(),
+            json(manifest, OCI_MANIFEST),
+        ),
+        (
+            format!("/v2/bad/app/blobs/{config_digest}"),
+            json(config.to_vec(), "application/octet-stream"),
+        ),
+        (
+            format!("/v2/bad/app/blobs/{layer_digest}"),
+            json(tampered.clone(), "application/octet-stream"),
+        ),
+    ]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let server = tokio::spawn(serve(listener, routes));
+
+    let dir = TempDir::new().expect("temp dir");
+    let (cas, client) = (cas(dir.path()), client(dir.path(), None));
+    let image = Reference::parse(&format!("{address}/bad/app")).expect("reference");
+    let err = bounded(client.pull(&cas, &image, &Platform::host()))
+        .await
+        .expect_err("a corrupt layer must fail the pull");
+    server.abort();
+
+    assert!(
+        matches!(&err, RegistryError::Corrupt { digest, .. } if digest == &layer_digest),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(layer_digest.as_str()), "{err}");
+    assert!(!cas.contains(&layer_digest));
+    assert!(!cas.contains(&Digest::of(&tampered)));
+    assert_eq!(temp_files(dir.path()), 0, "a temp file was left behind");
+}
+
+#[tokio::test]
+async fn push_uploads_only_what_is_missing_and_mounts_from_siblings() {
+    let registry = TestRegistry::start();
+    let seeded = registry.seed_busybox("base/busybox");
+    let dir = TempDir::new().expect("temp dir");
+    let (cas, client) = (cas(dir.path()), client(dir.path(), None));
+    let pulled = bounded(client.pull(
+        &cas,
+        &reference(&registry, "base/busybox:latest"),
+        &Platform::host(),
+    ))
+    .await
+    .expect("pull");
+    let mut image = PushImage {
+        manifest_bytes: pulled.manifest_bytes.clone(),
+        manifest_media_type: OCI_MANIFEST.to_owned(),
+        config: pulled.config.clone(),
+        layers: pulled.layers.iter().map(|l| l.blob.clone()).collect(),
+        mount_from: Vec::new(),
+    };
+    let blob_bytes = pulled.config.size + pulled.layers.iter().map(|l| l.blob.size).sum::<u64>();
+
+    let events = Mutex::new(Vec::new());
+    let record = |event: PushEvent| events.lock().expect("events").push(event);
+    let report = bounded(client.push(&cas, &image, &reference(&registry, "apps/copy:v1"), &record))
+        .await
+        .expect("push");
+    assert_eq!(report.digest, seeded);
+    assert_eq!(
+        (
+            report.blobs_uploaded,
+            report.blobs_skipped,
+            report.blobs_mounted
+        ),
+        (2, 0, 0)
+    );
+    assert_eq!(report.bytes_uploaded, blob_bytes);
+    assert_eq!(registry.inspect_digest("apps/copy:v1"), seeded);
+    let done: Vec<Digest> = events
+        .lock()
+        .expect("events")
+        .iter()
+        .filter_map(|e| match e {
+            PushEvent::Done { digest, .. } => Some(digest.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done.len(), 2, "{:?}", events.lock().expect("events"));
+    let uploads = settled(|| registry.blob_uploads("apps/copy"));
+    assert_eq!(uploads, 2);
+
+    let again = bounded(client.push(&cas, &image, &reference(&registry, "apps/copy:v1"), &|_| {}))
+        .await
+        .expect("push again");
+    assert_eq!(
+        (
+            again.blobs_uploaded,
+            again.blobs_skipped,
+            again.bytes_uploaded
+        ),
+        (0, 2, 0)
+    );
+    assert_eq!(settled(|| registry.blob_uploads("apps/copy")), uploads);
+
+    image.mount_from = vec!["nowhere/empty".to_owned(), "base/busybox".to_owned()];
+    let mounted = bounded(client.push(
+        &cas,
+        &image,
+        &reference(&registry, "apps/mounted:v1"),
+        &|_| {},
+    ))
+    .await
+    .expect("push with mounts");
+    assert_eq!(
+        (
+            mounted.blobs_uploaded,
+            mounted.blobs_mounted,
+            mounted.bytes_uploaded
+        ),
+        (0, 2, 0)
+    );
+    assert_eq!(registry.inspect_digest("apps/mounted:v1"), seeded);
+    assert_eq!(settled(|| registry.blob_uploads("apps/mounted")), 0);
+    assert_eq!(
+        registry.requests("POST", "/v2/apps/mounted/blobs/uploads/?mount="),
+        4,
+        "each blob: a failed mount from nowhere/empty, then one from base/busybox"
+    );
+}
+
+#[tokio::test]
+async fn an_htpasswd_registry_takes_docker_config_credentials_and_refuses_anonymous() {
+    let registry = TestRegistry::start_with_htpasswd("builder", "s3cret:pass");
+    let seeded = registry.seed_busybox("base/busybox");
+    let dir = TempDir::new().expect("temp dir");
+    let docker_config = dir.path().join("docker/config.json");
+    std::fs::create_dir_all(docker_config.parent().expect("parent")).expect("mkdir");
+    let auth = base64::engine::general_purpose::STANDARD.encode("builder:s3cret:pass");
+    std::fs::write(
+        &docker_config,
+        serde_json::json!({"auths": {registry.address(): {"auth": auth}}}).to_string(),
+    )
+    .expect("write config.json");
+
+    let cas = cas(dir.path());
+    let client = client(dir.path(), Some(&docker_config));
+    let pulled = bounded(client.pull(
+        &cas,
+        &reference(&registry, "base/busybox:latest"),
+        &Platform::host(),
+    ))
+    .await
+    .expect("pull with credentials");
+    let image = PushImage {
+        manifest_bytes: pulled.manifest_bytes.clone(),
+        manifest_media_type: OCI_MANIFEST.to_owned(),
+        config: pulled.config.clone(),
+        layers: pulled.layers.iter().map(|l| l.blob.clone()).collect(),
+        mount_from: Vec::new(),
+    };
+    let target = reference(&registry, "apps/private:v1");
+    let report = bounded(client.push(&cas, &image, &target, &|_| {}))
+        .await
+        .expect("push with credentials");
+    assert_eq!(report.digest, seeded);
+    assert_eq!(registry.inspect_digest("apps/private:v1"), seeded);
+
+    let anonymous = self::client(dir.path(), None);
+    let err = bounded(anonymous.push(&cas, &image, &target, &|_| {}))
+        .await
+        .expect_err("anonymous push");
+    assert!(
+        matches!(&err, RegistryError::Unauthorized { registry: r, .. } if *r == registry.address()),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("docker login"), "{message}");
+    assert!(message.contains("MEMOBUILD_REGISTRY_USER"), "{message}");
+    let err = bounded(anonymous.resolve(&target, &Platform::host()))
+        .await
+        .expect_err("anonymous resolve");
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_registry_that_is_down_is_reported_unavailable_quickly() {
+    let dir = TempDir::new().expect("temp dir");
+    let client = client(dir.path(), None);
+    let address = format!("127.0.0.1:{}", free_port());
+    let image = Reference::parse(&format!("{address}/some/app:v1")).expect("reference");
+
+    let started = Instant::now();
+    let err = bounded(client.resolve(&image, &Platform::host()))
+        .await
+        .expect_err("nobody listens");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(&err, RegistryError::Unavailable { registry, .. } if *registry == address),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&address), "{err}");
+}
