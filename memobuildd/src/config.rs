@@ -11,7 +11,6 @@
 //! | socket group | `--socket-group` | `MEMOBUILD_SOCKET_GROUP` | `socket_group` | none: socket mode 0600; with a group: 0660 and that group may connect |
 //! | log filter | `--log` | `MEMOBUILD_LOG`, then `RUST_LOG` | `log` | `info` |
 //! | shutdown grace | | | `shutdown_grace_secs` | 10 |
-//! | watcher debounce | | | `debounce_ms` | 50 |
 //! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
 //!
 //! A missing default config file is fine; a missing file named by flag or environment is an
@@ -35,8 +34,6 @@ pub struct Config {
     pub log: String,
     /// How long in-flight requests may run after a shutdown signal before being cancelled.
     pub shutdown_grace: Duration,
-    /// How long the watcher waits for a burst of file events to settle.
-    pub debounce: Duration,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -76,14 +73,13 @@ struct FileConfig {
     socket_group: Option<String>,
     log: Option<String>,
     shutdown_grace_secs: Option<u64>,
-    debounce_ms: Option<u64>,
 }
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
 const SOCKET_GROUP_ENV: &str = "MEMOBUILD_SOCKET_GROUP";
 const LOG_ENV: &str = "MEMOBUILD_LOG";
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
+
 
 impl Config {
     /// Resolves the configuration for a daemon running as `euid`.
@@ -159,9 +155,6 @@ impl Config {
             socket_group,
             log,
             shutdown_grace,
-            debounce: file
-                .debounce_ms
-                .map_or(DEFAULT_DEBOUNCE, Duration::from_millis),
             config_file,
         })
     }

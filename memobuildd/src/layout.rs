@@ -11,6 +11,7 @@
 //!   layers-v1/<id>/       unpacked layers, the lowerdirs of RUN mounts (snapshot)
 //!   tmp/                  blobs being written; emptied at start
 //!   run/                  mounts, bundles and upper dirs of running steps; emptied at start
+//!   cookies/              files a build writes to sync with the watcher (watch::Cookies)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -59,5 +60,9 @@ impl Layout {
 
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")
+    }
+
+    pub fn cookies_dir(&self) -> PathBuf {
+        self.root.join("cookies")
     }
 }

@@ -142,6 +142,13 @@ impl TestDaemon {
             .unwrap_or_else(|err| panic!("connect: {err}\nlog:\n{}", self.log_text()))
     }
 
+    /// SIGKILL, as a crash or the OOM killer would, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
     /// Sends SIGTERM and waits (bounded) for the daemon to exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");

@@ -24,7 +24,7 @@ use crate::exec::{self, Network};
 use crate::image::export::{
     write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
 };
-use crate::image::layer::LayerOptions;
+use crate::image::layer::{Compression, LayerOptions};
 use crate::registry::RegistryError;
 use crate::watch::Hub;
 
@@ -66,6 +66,8 @@ pub(crate) async fn serve(
         },
         source_date_epoch: request.source_date_epoch.map(|s| s as i64),
     };
+    // Every change made before this request must be in the fingerprints it uses.
+    hub.cookies().sync().await;
     let (events, mut received) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let build = tokio::spawn({
@@ -299,7 +301,11 @@ fn export(
         }
         OutputKind::Tar => {
             let mut out = create()?;
-            write_rootfs_tar(cas, &blobs, &LayerOptions::default(), &mut out)
+            let plain = LayerOptions {
+                compression: Compression::None,
+                ..LayerOptions::default()
+            };
+            write_rootfs_tar(cas, &blobs, &plain, &mut out)
                 .map_err(|e| e.to_string())?;
             finish(out)
         }

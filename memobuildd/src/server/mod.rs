@@ -140,7 +140,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let access = AccessPolicy::new(passwd::effective_uid(), group);
     let listening = listener::listen(&config.socket, access.group())?;
     let (changes, changes_seen) = mpsc::unbounded_channel();
-    let backend = NotifyBackend::new(config.debounce, changes)?;
+    let backend = NotifyBackend::new(changes)?;
     let hub = Arc::new(Hub::open(&layout, Box::new(backend))?);
     let engine = Arc::new(open_engine(&layout, Arc::clone(&hub))?);
     // Whatever a daemon killed mid-build left (mounts, containers, scratch) goes first.
@@ -258,8 +258,8 @@ fn open_engine(layout: &Layout, hub: Arc<Hub>) -> Result<Engine, ServerError> {
     }))
 }
 
-/// Applies what the watcher reports. A burst that queued up while the previous one was
-/// applied is taken in one pass.
+/// Applies what the watcher reports, as it comes. A burst that queued up while the previous
+/// batch was applied is taken in one pass, so an editor's save costs one re-hash.
 async fn follow_changes(hub: Arc<Hub>, mut changes: mpsc::UnboundedReceiver<Change>) {
     while let Some(first) = changes.recv().await {
         let mut paths = Vec::new();
@@ -271,15 +271,18 @@ async fn follow_changes(hub: Arc<Hub>, mut changes: mpsc::UnboundedReceiver<Chan
                 Change::Rescan => rescan = true,
             }
         }
-        let hub = Arc::clone(&hub);
+        let worker = Arc::clone(&hub);
         let count = paths.len();
         let started = std::time::Instant::now();
         let applied = tokio::task::spawn_blocking(move || {
-            if rescan {
-                hub.rescan()
+            let outcome = if rescan {
+                worker.rescan()
             } else {
-                hub.changed(&paths)
-            }
+                worker.changed(&paths)
+            };
+            // Builds waiting on a cookie of this batch may go now: all before it is applied.
+            worker.cookies().applied(&paths);
+            outcome
         })
         .await;
         tracing::debug!(paths = count, rescan, elapsed = ?started.elapsed(), "applied changes");

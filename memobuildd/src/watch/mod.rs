@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tracing::{info, warn};
 
-pub use backend::{Change, NotifyBackend, WatchBackend};
+pub use backend::{Change, Cookies, NotifyBackend, WatchBackend};
 pub use workspace::{DirtyMark, Workspace};
 
 use crate::context::{ContextError, StatCache};
@@ -76,6 +76,7 @@ pub struct Hub {
     stat_cache: Mutex<StatCache>,
     registry: Mutex<Registry>,
     backend: Mutex<Box<dyn WatchBackend>>,
+    cookies: Cookies,
 }
 
 impl std::fmt::Debug for Hub {
@@ -89,13 +90,26 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn open(layout: &Layout, backend: Box<dyn WatchBackend>) -> Result<Self, WatchError> {
+    pub fn open(layout: &Layout, mut backend: Box<dyn WatchBackend>) -> Result<Self, WatchError> {
+        let cookies = Cookies::new(layout.cookies_dir()).map_err(|source| WatchError::Read {
+            path: layout.cookies_dir(),
+            source,
+        })?;
+        if let Err(err) = backend.watch(cookies.dir(), false) {
+            warn!(%err, "builds cannot sync with the watcher");
+        }
         Ok(Self {
             workspaces: Mutex::new(BTreeMap::new()),
             stat_cache: Mutex::new(StatCache::open(&layout.context_db())?),
             registry: Mutex::new(Registry::open(&layout.context_db())?),
             backend: Mutex::new(backend),
+            cookies,
         })
+    }
+
+    /// How a build waits for the watcher to catch up (see [`Cookies`]).
+    pub fn cookies(&self) -> &Cookies {
+        &self.cookies
     }
 
     /// Watches the workspaces registered before the daemon restarted. One that cannot be

@@ -1,0 +1,409 @@
+//! Real builds: a busybox base served by a real registry, RUN in runc on overlayfs, outputs
+//! checked by listing them and, for OCI layouts, by umoci. These need root.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use memobuild_tests::registry::TestRegistry;
+use memobuild_tests::{TestDaemon, privileged, texts};
+
+/// path → "type mode uid:gid content-or-target"
+type Listing = BTreeMap<String, String>;
+
+struct Bench {
+    registry: TestRegistry,
+    daemon: TestDaemon,
+    base: String,
+}
+
+impl Bench {
+    fn start() -> Self {
+        let registry = TestRegistry::start();
+        registry.seed_busybox("busybox");
+        let base = format!("{}/busybox", registry.address());
+        Self {
+            registry,
+            daemon: TestDaemon::start(),
+            base,
+        }
+    }
+
+    /// A context directory holding `files`, with `FROM BASE` substituted in the Dockerfile.
+    fn context(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let ctx = self.daemon.dir.path().join(name);
+        for (path, content) in files {
+            let file = ctx.join(path);
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            std::fs::write(file, content.replace("BASE", &self.base)).expect("write");
+        }
+        ctx
+    }
+
+    fn build(&self, ctx: &Path, args: &[&str]) -> Output {
+        let mut command = self.daemon.client();
+        command
+            .args(["build", "--progress", "json"])
+            .arg(ctx)
+            .args(args);
+        command.output().expect("run memobuild build")
+    }
+
+    /// Builds and returns the result record (fails the test on a failed build).
+    fn build_ok(&self, ctx: &Path, args: &[&str]) -> serde_json::Value {
+        let output = self.build(ctx, args);
+        let (_, stderr) = texts(&output);
+        assert!(
+            output.status.success(),
+            "build failed: {stderr}\ndaemon log:\n{}",
+            tail(&self.daemon.log_text())
+        );
+        stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v.get("result").cloned())
+            .unwrap_or_else(|| panic!("no result line in: {stderr}"))
+    }
+
+    fn rootfs_tar(&self, ctx: &Path, args: &[&str]) -> Listing {
+        let out = self.daemon.dir.path().join(format!("rootfs-{}.tar", unique()));
+        let dest = format!("type=tar,dest={}", out.display());
+        let mut all = vec!["-o", &dest];
+        all.extend_from_slice(args);
+        self.build_ok(ctx, &all);
+        tar_listing(&out)
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn describe(kind: &str, mode: u32, uid: u64, gid: u64, content: &str) -> String {
+    format!("{kind} {:o} {uid}:{gid} {content}", mode & 0o7777)
+}
+
+fn tar_listing(path: &Path) -> Listing {
+    let mut archive = tar::Archive::new(std::fs::File::open(path).expect("open tar"));
+    let mut listing = Listing::new();
+    for entry in archive.entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        let header = entry.header().clone();
+        let name = entry.path().expect("path").display().to_string();
+        let name = name.trim_end_matches('/').trim_start_matches("./").to_owned();
+        let (kind, content) = match header.entry_type() {
+            tar::EntryType::Directory => ("dir", String::new()),
+            tar::EntryType::Symlink => (
+                "link",
+                header
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            tar::EntryType::Regular => {
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).expect("read");
+                ("file", blake3::hash(&bytes).to_hex()[..16].to_owned())
+            }
+            other => ("other", format!("{other:?}")),
+        };
+        let mode = header.mode().expect("mode");
+        let uid = header.uid().expect("uid");
+        let gid = header.gid().expect("gid");
+        listing.insert(name, describe(kind, mode, uid, gid, &content));
+    }
+    listing
+}
+
+fn dir_listing(root: &Path) -> Listing {
+    use std::os::unix::fs::MetadataExt;
+    let mut listing = Listing::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).expect("meta");
+            let name = path.strip_prefix(root).expect("inside").display().to_string();
+            let (kind, content) = if meta.is_dir() {
+                stack.push(path.clone());
+                ("dir", String::new())
+            } else if meta.file_type().is_symlink() {
+                ("link", std::fs::read_link(&path).expect("link").display().to_string())
+            } else if meta.is_file() {
+                let bytes = std::fs::read(&path).expect("read");
+                ("file", blake3::hash(&bytes).to_hex()[..16].to_owned())
+            } else {
+                ("other", String::new())
+            };
+            listing.insert(name, describe(kind, meta.mode(), u64::from(meta.uid()), u64::from(meta.gid()), &content));
+        }
+    }
+    listing
+}
+
+fn content_of(text: &str) -> String {
+    blake3::hash(text.as_bytes()).to_hex()[..16].to_owned()
+}
+
+const MULTI_STAGE: &str = "\
+FROM BASE AS builder
+WORKDIR /src
+COPY app.txt ./
+RUN echo built > /src/out.txt && mkdir -p /gone/sub && echo x > /gone/sub/f && echo tmp > /tmp-file
+RUN rm /tmp-file && rm -rf /gone && mkdir /gone && echo back > /gone/new
+
+FROM BASE
+COPY --from=builder /src/out.txt /app/
+COPY --from=builder /gone /gone
+USER app
+WORKDIR /home/app/work
+RUN id -u > /home/app/work/uid
+RUN [\"/bin/sh\", \"-c\", \"echo exec > /home/app/work/exec\"]
+CMD [\"cat\", \"/app/out.txt\"]
+";
+
+#[test]
+fn a_multi_stage_build_gives_the_expected_filesystem() {
+    if !privileged("a_multi_stage_build_gives_the_expected_filesystem") {
+        return;
+    }
+    let bench = Bench::start();
+    let ctx = bench.context("multi", &[("Dockerfile", MULTI_STAGE), ("app.txt", "hello")]);
+
+    let builder = bench.rootfs_tar(&ctx, &["--target", "builder"]);
+    assert_eq!(builder["src/app.txt"], describe("file", 0o644, 0, 0, &content_of("hello")));
+    assert_eq!(builder["src/out.txt"], describe("file", 0o644, 0, 0, &content_of("built\n")));
+    assert!(!builder.contains_key("tmp-file"), "a file deleted by a later RUN is gone");
+    assert!(!builder.contains_key("gone/sub"), "a deleted directory's contents are gone");
+    assert_eq!(builder["gone/new"], describe("file", 0o644, 0, 0, &content_of("back\n")));
+    for mount_point in ["etc/hosts", "etc/resolv.conf", "etc/hostname", "proc", "sys"] {
+        assert!(!builder.contains_key(mount_point), "{mount_point} leaked into a layer");
+    }
+
+    let last = bench.rootfs_tar(&ctx, &[]);
+    assert_eq!(last["app/out.txt"], describe("file", 0o644, 0, 0, &content_of("built\n")));
+    assert_eq!(last["gone/new"], describe("file", 0o644, 0, 0, &content_of("back\n")));
+    assert_eq!(last["home/app/work"], describe("dir", 0o755, 1000, 1000, ""));
+    assert_eq!(last["home/app/work/uid"], describe("file", 0o644, 1000, 1000, &content_of("1000\n")));
+    assert_eq!(last["home/app/work/exec"], describe("file", 0o644, 1000, 1000, &content_of("exec\n")));
+    assert!(last["bin/sh"].starts_with("link"), "{}", last["bin/sh"]);
+    assert!(!last.contains_key("src"), "the builder stage's files stay in the builder");
+
+    // umoci, reading our OCI layout independently, must see the same root filesystem.
+    let oci = bench.daemon.dir.path().join("image.oci.tar");
+    let dest = format!("type=oci,dest={}", oci.display());
+    bench.build_ok(&ctx, &["-t", "demo", "-o", &dest]);
+    let layout = bench.daemon.dir.path().join("layout");
+    std::fs::create_dir_all(&layout).expect("layout");
+    tar::Archive::new(std::fs::File::open(&oci).expect("oci"))
+        .unpack(&layout)
+        .expect("unpack layout");
+    let bundle = bench.daemon.dir.path().join("bundle");
+    let umoci = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:demo", layout.display()))
+        .arg(&bundle)
+        .output()
+        .expect("umoci is installed by .ci/install-deps");
+    assert!(umoci.status.success(), "umoci unpack: {:?}", texts(&umoci));
+    assert_eq!(dir_listing(&bundle.join("rootfs")), last);
+}
+
+const INCREMENTAL: &str = "\
+FROM BASE
+COPY package.json /app/
+RUN cat /app/package.json > /app/deps
+COPY src/ /app/src/
+RUN cat /app/src/* > /app/bundle
+CMD [\"cat\", \"/app/bundle\"]
+";
+
+fn executed(result: &serde_json::Value) -> u64 {
+    result["executed"].as_u64().expect("executed")
+}
+
+#[test]
+fn rebuilds_execute_only_what_changed_also_after_a_restart() {
+    if !privileged("rebuilds_execute_only_what_changed_also_after_a_restart") {
+        return;
+    }
+    let mut bench = Bench::start();
+    let files = [
+        ("Dockerfile", INCREMENTAL),
+        ("package.json", "{}"),
+        ("src/a.js", "a"),
+        ("src/b.js", "b"),
+    ];
+    let ctx = bench.context("incremental", &files);
+    assert_eq!(executed(&bench.build_ok(&ctx, &["-t", "inc"])), 4);
+    assert_eq!(executed(&bench.build_ok(&ctx, &["-t", "inc"])), 0, "nothing changed");
+
+    // A fresh daemon on the same root still has everything.
+    bench.daemon.terminate();
+    let root = bench.daemon.root.clone();
+    let socket = bench.daemon.socket.clone();
+    bench.daemon.launch(|_| {}).expect("restart");
+    assert_eq!((bench.daemon.root.clone(), bench.daemon.socket.clone()), (root, socket));
+    assert_eq!(executed(&bench.build_ok(&ctx, &["-t", "inc"])), 0, "after a restart");
+
+    std::fs::write(ctx.join("src/a.js"), "a2").expect("edit");
+    assert_eq!(
+        executed(&bench.build_ok(&ctx, &["-t", "inc"])),
+        2,
+        "the src COPY and the RUN after it"
+    );
+    let dockerfile = INCREMENTAL.replace("BASE", &bench.base).replace("/app/bundle\"]", "/app/deps\"]");
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).expect("CMD edit");
+    assert_eq!(executed(&bench.build_ok(&ctx, &["-t", "inc"])), 0, "CMD changes no layer");
+
+    let images = bench.daemon.run_client(&["images", "--json"]);
+    let images: serde_json::Value = serde_json::from_slice(&images.stdout).expect("json");
+    assert_eq!(images[0]["name"], "inc:latest");
+    drop(bench.registry);
+}
+
+#[test]
+fn an_unneeded_broken_stage_does_not_fail_a_target_build() {
+    if !privileged("an_unneeded_broken_stage_does_not_fail_a_target_build") {
+        return;
+    }
+    let bench = Bench::start();
+    let dockerfile = "FROM BASE AS broken\nRUN exit 7\n\nFROM BASE AS good\nRUN echo fine > /ok\n";
+    let ctx = bench.context("target", &[("Dockerfile", dockerfile)]);
+    let listing = bench.rootfs_tar(&ctx, &["--target", "good"]);
+    assert!(listing.contains_key("ok"));
+
+    let output = bench
+        .daemon
+        .client()
+        .args(["build", "--progress", "plain", "--target", "broken"])
+        .arg(&ctx)
+        .output()
+        .expect("run build");
+    let (_, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("RUN exit 7"), "{stderr}");
+    assert!(stderr.contains("exit code 7"), "{stderr}");
+}
+
+/// Mounts and runc containers under a daemon root, and scratch entries left in tmp/.
+fn leftovers(root: &Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+        .expect("mounts")
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|target| target.starts_with(root.to_str().expect("utf-8")))
+        .map(|t| format!("mount {t}"))
+        .collect();
+    let runc = Command::new("runc")
+        .arg("--root")
+        .arg(root.join("run/runc"))
+        .arg("list")
+        .arg("-q")
+        .output()
+        .expect("runc list");
+    found.extend(
+        String::from_utf8_lossy(&runc.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("container {l}")),
+    );
+    if let Ok(entries) = std::fs::read_dir(root.join("tmp")) {
+        found.extend(entries.flatten().map(|e| format!("scratch {}", e.path().display())));
+    }
+    found
+}
+
+fn wait_for_clean(root: &Path) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = leftovers(root);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const SLOW: &str = "FROM BASE\nRUN echo started && /bin/busybox sleep 30\n";
+
+#[test]
+fn ctrl_c_mid_run_leaves_no_mount_container_or_scratch() {
+    if !privileged("ctrl_c_mid_run_leaves_no_mount_container_or_scratch") {
+        return;
+    }
+    let bench = Bench::start();
+    let ctx = bench.context("cancel", &[("Dockerfile", SLOW)]);
+    let mut client = bench
+        .daemon
+        .client()
+        .args(["build", "--progress", "plain"])
+        .arg(&ctx)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start build");
+    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    memobuild_tests::signal(client.id(), libc::SIGINT);
+    let status = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130));
+    let left = wait_for_clean(&bench.daemon.root);
+    assert!(left.is_empty(), "left behind: {left:?}\n{}", tail(&bench.daemon.log_text()));
+}
+
+#[test]
+fn a_daemon_killed_mid_build_recovers_at_its_next_start() {
+    if !privileged("a_daemon_killed_mid_build_recovers_at_its_next_start") {
+        return;
+    }
+    let mut bench = Bench::start();
+    let ctx = bench.context("kill", &[("Dockerfile", SLOW)]);
+    let mut client = bench
+        .daemon
+        .client()
+        .args(["build", "--progress", "plain"])
+        .arg(&ctx)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start build");
+    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    bench.daemon.kill();
+    let _ = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
+    // The runc container survives its daemon; the next start must clean it up.
+    bench.daemon.launch(|_| {}).expect("restart after SIGKILL");
+    let left = wait_for_clean(&bench.daemon.root);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let quick = bench.context("after", &[("Dockerfile", "FROM BASE\nRUN echo again > /again\n")]);
+    let listing = bench.rootfs_tar(&quick, &[]);
+    assert!(listing.contains_key("again"));
+}
+
+/// Reads `stream` until a line contains `needle` (bounded), then keeps draining it.
+fn wait_for_line(stream: impl Read + Send + 'static, needle: &str) {
+    use std::io::BufRead;
+    let (found, seen) = std::sync::mpsc::channel();
+    let wanted = needle.to_owned();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+            if !sent && line.contains(&wanted) {
+                let _ = found.send(());
+                sent = true;
+            }
+        }
+    });
+    seen.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("never saw {needle:?}"));
+}
