@@ -74,6 +74,17 @@ impl Registry {
         target: &Reference,
         progress: &(dyn Fn(PushEvent) + Send + Sync),
     ) -> Result<PushReport, RegistryError> {
+        let result = self.push_to(cas, image, target, progress).await;
+        self.forget_refused(target.registry(), result)
+    }
+
+    async fn push_to(
+        &self,
+        cas: &Cas,
+        image: &PushImage,
+        target: &Reference,
+        progress: &(dyn Fn(PushEvent) + Send + Sync),
+    ) -> Result<PushReport, RegistryError> {
         let digest = Digest::of(&image.manifest_bytes);
         if let Some(pinned) = target.digest()
             && pinned != &digest
@@ -91,8 +102,13 @@ impl Registry {
                 blobs.push(blob);
             }
         }
-        let outcomes: Vec<Outcome> = futures_util::stream::iter(blobs)
-            .map(|blob| self.push_blob(&host, cas, image, target, blob, progress))
+        // Each future owns its blob: see `pull` for why.
+        let host = &host;
+        let uploads = blobs.into_iter().cloned().map(|blob| async move {
+            self.push_blob(host, cas, image, target, &blob, progress)
+                .await
+        });
+        let outcomes: Vec<Outcome> = futures_util::stream::iter(uploads)
             .buffer_unordered(PARALLEL_UPLOADS)
             .try_collect()
             .await?;

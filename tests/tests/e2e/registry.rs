@@ -326,7 +326,25 @@ async fn an_htpasswd_registry_takes_docker_config_credentials_and_refuses_anonym
     let registry = TestRegistry::start_with_htpasswd("builder", "s3cret:pass");
     let seeded = registry.seed_busybox("base/busybox");
     let dir = TempDir::new().expect("temp dir");
+    let cas = cas(dir.path());
+    let base = reference(&registry, "base/busybox:latest");
+    let target = reference(&registry, "apps/private:v1");
+    // Not there yet: the first request goes out anonymously.
     let docker_config = dir.path().join("docker/config.json");
+    let client = client(dir.path(), Some(&docker_config));
+
+    let err = bounded(client.resolve(&base, &Platform::host()))
+        .await
+        .expect_err("anonymous resolve");
+    assert!(
+        matches!(&err, RegistryError::Unauthorized { registry: r, .. } if *r == registry.address()),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("docker login"), "{message}");
+    assert!(message.contains("MEMOBUILD_REGISTRY_USER"), "{message}");
+
+    // `docker login`, as it writes the config; the same client picks it up.
     std::fs::create_dir_all(docker_config.parent().expect("parent")).expect("mkdir");
     let auth = base64::engine::general_purpose::STANDARD.encode("builder:s3cret:pass");
     std::fs::write(
@@ -334,16 +352,9 @@ async fn an_htpasswd_registry_takes_docker_config_credentials_and_refuses_anonym
         serde_json::json!({"auths": {registry.address(): {"auth": auth}}}).to_string(),
     )
     .expect("write config.json");
-
-    let cas = cas(dir.path());
-    let client = client(dir.path(), Some(&docker_config));
-    let pulled = bounded(client.pull(
-        &cas,
-        &reference(&registry, "base/busybox:latest"),
-        &Platform::host(),
-    ))
-    .await
-    .expect("pull with credentials");
+    let pulled = bounded(client.pull(&cas, &base, &Platform::host()))
+        .await
+        .expect("pull with credentials");
     let image = PushImage {
         manifest_bytes: pulled.manifest_bytes.clone(),
         manifest_media_type: OCI_MANIFEST.to_owned(),
@@ -351,7 +362,6 @@ async fn an_htpasswd_registry_takes_docker_config_credentials_and_refuses_anonym
         layers: pulled.layers.iter().map(|l| l.blob.clone()).collect(),
         mount_from: Vec::new(),
     };
-    let target = reference(&registry, "apps/private:v1");
     let report = bounded(client.push(&cas, &image, &target, &|_| {}))
         .await
         .expect("push with credentials");
@@ -362,16 +372,6 @@ async fn an_htpasswd_registry_takes_docker_config_credentials_and_refuses_anonym
     let err = bounded(anonymous.push(&cas, &image, &target, &|_| {}))
         .await
         .expect_err("anonymous push");
-    assert!(
-        matches!(&err, RegistryError::Unauthorized { registry: r, .. } if *r == registry.address()),
-        "{err:?}"
-    );
-    let message = err.to_string();
-    assert!(message.contains("docker login"), "{message}");
-    assert!(message.contains("MEMOBUILD_REGISTRY_USER"), "{message}");
-    let err = bounded(anonymous.resolve(&target, &Platform::host()))
-        .await
-        .expect_err("anonymous resolve");
     assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
 }
 
