@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -127,91 +128,141 @@ async fn pull_stores_verified_blobs_and_a_second_pull_downloads_nothing() {
     );
 }
 
-/// Serves fixed responses by path, one request per connection, like a registry would.
-async fn serve(listener: tokio::net::TcpListener, routes: HashMap<String, (String, Vec<u8>)>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
-        let routes = routes.clone();
-        tokio::spawn(async move {
-            let mut stream = tokio::io::BufReader::new(stream);
-            let mut request_line = String::new();
-            if stream.read_line(&mut request_line).await.is_err() {
-                return;
-            }
-            loop {
-                let mut header = String::new();
-                match stream.read_line(&mut header).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) if header == "\r\n" => break,
-                    Ok(_) => {}
-                }
-            }
-            let mut parts = request_line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let response = match routes.get(path) {
-                Some((content_type, body)) => {
-                    let mut head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\
-                         Content-Length: {}\r\nConnection: close\r\n\
-                         Docker-Distribution-Api-Version: registry/2.0\r\n\r\n",
-                        body.len()
-                    )
-                    .into_bytes();
-                    if method != "HEAD" {
-                        head.extend_from_slice(body);
-                    }
-                    head
-                }
-                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_vec(),
-            };
-            let _ = stream.get_mut().write_all(&response).await;
-            let _ = stream.get_mut().shutdown().await;
+/// A hand-written HTTP/1.1 server posing as a registry: fixed responses by path, one
+/// request per connection, and optionally a run of 503s first.
+struct FakeRegistry {
+    routes: HashMap<String, (String, Vec<u8>)>,
+    /// Requests (other than `GET /v2/`) still to be answered 503.
+    failures_left: AtomicUsize,
+    /// Paths requested, in order.
+    requests: Mutex<Vec<String>>,
+}
+
+/// A one-layer image served by a [`FakeRegistry`] as `bad/app:latest`, whose layer is
+/// served as `served_layer` (the promised bytes, or others).
+struct FakeImage {
+    routes: HashMap<String, (String, Vec<u8>)>,
+    layer_digest: Digest,
+}
+
+impl FakeImage {
+    fn new(promised_layer: &[u8], served_layer: &[u8]) -> Self {
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let (config_digest, layer_digest) = (Digest::of(config), Digest::of(promised_layer));
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest.as_str(), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer_digest.as_str(), "size": promised_layer.len()}],
         });
+        let blob = |bytes: &[u8]| ("application/octet-stream".to_owned(), bytes.to_vec());
+        let routes = HashMap::from([
+            (
+                "/v2/".to_owned(),
+                ("application/json".to_owned(), b"{}".to_vec()),
+            ),
+            (
+                "/v2/bad/app/manifests/latest".to_owned(),
+                (OCI_MANIFEST.to_owned(), manifest.to_string().into_bytes()),
+            ),
+            (format!("/v2/bad/app/blobs/{config_digest}"), blob(config)),
+            (
+                format!("/v2/bad/app/blobs/{layer_digest}"),
+                blob(served_layer),
+            ),
+        ]);
+        Self {
+            routes,
+            layer_digest,
+        }
+    }
+}
+
+impl FakeRegistry {
+    /// Starts serving `image` on a free 127.0.0.1 port; returns the address and the
+    /// server's task (abort it when done).
+    async fn start(
+        image: FakeImage,
+        failures: usize,
+    ) -> (Arc<Self>, String, tokio::task::JoinHandle<()>) {
+        let fake = Arc::new(Self {
+            routes: image.routes,
+            failures_left: AtomicUsize::new(failures),
+            requests: Mutex::default(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let server = tokio::spawn(Arc::clone(&fake).serve(listener));
+        (fake, address, server)
+    }
+
+    fn requests_of(&self, path: &str) -> usize {
+        let requests = self.requests.lock().expect("requests");
+        requests.iter().filter(|p| *p == path).count()
+    }
+
+    async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(Arc::clone(&self).answer(stream));
+        }
+    }
+
+    async fn answer(self: Arc<Self>, stream: tokio::net::TcpStream) {
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut request_line = String::new();
+        if stream.read_line(&mut request_line).await.is_err() {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            match stream.read_line(&mut header).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if header == "\r\n" => break,
+                Ok(_) => {}
+            }
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        self.requests
+            .lock()
+            .expect("requests")
+            .push(path.to_owned());
+        let fail = path != "/v2/"
+            && self
+                .failures_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        let (status, content_type, body) = match self.routes.get(path) {
+            _ if fail => ("503 Service Unavailable", "text/plain", &b"busy"[..]),
+            Some((content_type, body)) => ("200 OK", content_type.as_str(), body.as_slice()),
+            None => ("404 Not Found", "text/plain", &b""[..]),
+        };
+        let mut response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\
+             Docker-Distribution-Api-Version: registry/2.0\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        if method != "HEAD" {
+            response.extend_from_slice(body);
+        }
+        let _ = stream.get_mut().write_all(&response).await;
+        let _ = stream.get_mut().shutdown().await;
     }
 }
 
 #[tokio::test]
 async fn a_corrupt_blob_is_rejected_by_digest_and_never_stored() {
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let layer = b"the layer the manifest promises".to_vec();
-    let tampered = b"the layer an attacker delivers!".to_vec();
-    assert_eq!(layer.len(), tampered.len());
-    let (config_digest, layer_digest) = (Digest::of(config), Digest::of(&layer));
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config_digest.as_str(), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer_digest.as_str(), "size": layer.len()}],
-    })
-    .to_string()
-    .into_bytes();
-    let json = |body: Vec<u8>, media_type: &str| (media_type.to_owned(), body);
-    let routes = HashMap::from([
-        ("/v2/".to_owned(), json(b"{}".to_vec(), "application/json")),
-        (
-            "/v2/bad/app/manifests/latest".to_owned(),
-            json(manifest, OCI_MANIFEST),
-        ),
-        (
-            format!("/v2/bad/app/blobs/{config_digest}"),
-            json(config.to_vec(), "application/octet-stream"),
-        ),
-        (
-            format!("/v2/bad/app/blobs/{layer_digest}"),
-            json(tampered.clone(), "application/octet-stream"),
-        ),
-    ]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    let server = tokio::spawn(serve(listener, routes));
+    let tampered = b"the layer an attacker delivers!";
+    let image = FakeImage::new(b"the layer the manifest promises", tampered);
+    let layer_digest = image.layer_digest.clone();
+    let (_fake, address, server) = FakeRegistry::start(image, 0).await;
 
     let dir = TempDir::new().expect("temp dir");
     let (cas, client) = (cas(dir.path()), client(dir.path(), None));
@@ -227,8 +278,42 @@ async fn a_corrupt_blob_is_rejected_by_digest_and_never_stored() {
     );
     assert!(err.to_string().contains(layer_digest.as_str()), "{err}");
     assert!(!cas.contains(&layer_digest));
-    assert!(!cas.contains(&Digest::of(&tampered)));
+    assert!(!cas.contains(&Digest::of(tampered)));
     assert_eq!(temp_files(dir.path()), 0, "a temp file was left behind");
+}
+
+#[tokio::test]
+async fn passing_server_errors_are_retried_a_bounded_number_of_times() {
+    let layer = b"layer";
+    let dir = TempDir::new().expect("temp dir");
+    let (cas, client) = (cas(dir.path()), client(dir.path(), None));
+
+    // Two 503s, then answers: the pull goes through.
+    let (fake, address, server) = FakeRegistry::start(FakeImage::new(layer, layer), 2).await;
+    let image = Reference::parse(&format!("{address}/bad/app")).expect("reference");
+    let pulled = bounded(client.pull(&cas, &image, &Platform::host()))
+        .await
+        .expect("pull after two 503s");
+    server.abort();
+    assert_eq!(pulled.layers[0].blob.digest, Digest::of(layer));
+    assert_eq!(fake.requests_of("/v2/bad/app/manifests/latest"), 3);
+
+    // Nothing but 503s: four tries, then the error, in bounded time.
+    let (fake, address, server) = FakeRegistry::start(FakeImage::new(layer, layer), 1000).await;
+    let image = Reference::parse(&format!("{address}/bad/app")).expect("reference");
+    let started = Instant::now();
+    let err = bounded(client.resolve(&image, &Platform::host()))
+        .await
+        .expect_err("a registry that only answers 503");
+    server.abort();
+    assert!(matches!(err, RegistryError::Protocol { .. }), "{err:?}");
+    assert!(err.to_string().contains("503"), "{err}");
+    assert_eq!(fake.requests_of("/v2/bad/app/manifests/latest"), 4);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
