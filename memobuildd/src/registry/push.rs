@@ -96,15 +96,15 @@ impl Registry {
         }
         let host = self.host(target).await?;
 
-        let mut blobs: Vec<&Blob> = Vec::with_capacity(image.layers.len() + 1);
+        let mut blobs: Vec<Blob> = Vec::with_capacity(image.layers.len() + 1);
         for blob in std::iter::once(&image.config).chain(&image.layers) {
             if !blobs.iter().any(|b| b.digest == blob.digest) {
-                blobs.push(blob);
+                blobs.push(blob.clone());
             }
         }
         // Each future owns its blob: see `pull` for why.
         let host = &host;
-        let uploads = blobs.into_iter().cloned().map(|blob| async move {
+        let uploads = blobs.into_iter().map(|blob| async move {
             self.push_blob(host, cas, image, target, &blob, progress)
                 .await
         });
