@@ -152,13 +152,25 @@ impl TestRegistry {
     /// `/etc/passwd`, `/etc/group`) as an OCI layout and pushes it with skopeo as
     /// `REPO:latest`. Returns the manifest digest the registry reports.
     pub fn seed_busybox(&self, repo: &str) -> Digest {
+        let host = memobuildd::registry::Platform::host().architecture;
+        self.push_layout(repo, &[&host], false);
+        self.inspect_digest(&format!("{repo}:latest"))
+    }
+
+    /// Like [`seed_busybox`](Self::seed_busybox), as an OCI index with one manifest per
+    /// architecture (all sharing the layer; only the config's `architecture` differs).
+    pub fn seed_busybox_index(&self, repo: &str, architectures: &[&str]) -> SeededIndex {
+        self.push_layout(repo, architectures, true)
+    }
+
+    fn push_layout(&self, repo: &str, architectures: &[&str], as_index: bool) -> SeededIndex {
         let layout = self
             .dir
             .path()
             .join(format!("layout-{}", repo.replace('/', "-")));
-        write_busybox_layout(&layout);
+        let seeded = write_busybox_layout(&layout, architectures, as_index);
         let mut copy = Command::new("skopeo");
-        copy.args(["copy", "--dest-tls-verify=false"]);
+        copy.args(["copy", "--all", "--dest-tls-verify=false"]);
         if let Some((user, password)) = &self.credentials {
             copy.arg(format!("--dest-creds={user}:{password}"));
         }
@@ -168,7 +180,7 @@ impl TestRegistry {
             .output()
             .expect("run skopeo (Debian package skopeo)");
         assert!(output.status.success(), "skopeo copy: {output:?}");
-        self.inspect_digest(&format!("{repo}:latest"))
+        seeded
     }
 
     /// The manifest digest of `repo:tag` according to skopeo.
@@ -280,8 +292,26 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     encoder.finish().expect("gzip")
 }
 
-/// An OCI image layout at `dir` holding the busybox image as `latest`.
-fn write_busybox_layout(dir: &Path) {
+/// What [`TestRegistry::seed_busybox_index`] pushed, by digest (skopeo copies OCI
+/// documents unchanged).
+#[derive(Debug)]
+pub struct SeededIndex {
+    /// What `latest` names: the index (or the manifest, when seeded without one).
+    pub index: Digest,
+    /// (architecture, manifest digest), in index order.
+    pub manifests: Vec<(String, Digest)>,
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An OCI image layout at `dir` holding busybox as `latest`: one manifest per architecture,
+/// under an image index if `as_index` (else `architectures` must be one).
+fn write_busybox_layout(dir: &Path, architectures: &[&str], as_index: bool) -> SeededIndex {
+    assert!(
+        as_index || architectures.len() == 1,
+        "one manifest needs one architecture"
+    );
     std::fs::create_dir_all(dir.join("blobs/sha256")).expect("layout dirs");
     let tar = busybox_tar();
     let layer = put_blob(
@@ -289,36 +319,53 @@ fn write_busybox_layout(dir: &Path) {
         "application/vnd.oci.image.layer.v1.tar+gzip",
         &gzip(&tar),
     );
-    let architecture = memobuildd::registry::Platform::host().architecture;
-    let config = serde_json::json!({
-        "architecture": architecture,
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["/bin/sh"],
-        },
-        "rootfs": {"type": "layers", "diff_ids": [sha256(&tar)]},
-        "history": [{"created_by": "memobuild tests: busybox-static by hand"}],
-    });
-    let config = put_blob(
-        dir,
-        "application/vnd.oci.image.config.v1+json",
-        config.to_string().as_bytes(),
-    );
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config,
-        "layers": [layer],
-    });
-    let mut manifest = put_blob(
-        dir,
-        "application/vnd.oci.image.manifest.v1+json",
-        manifest.to_string().as_bytes(),
-    );
-    manifest["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "latest"});
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest]});
-    std::fs::write(dir.join("index.json"), index.to_string()).expect("index.json");
+    let mut manifests = Vec::new();
+    let mut descriptors = Vec::new();
+    for architecture in architectures {
+        let config = serde_json::json!({
+            "architecture": architecture,
+            "os": "linux",
+            "config": {
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["/bin/sh"],
+            },
+            "rootfs": {"type": "layers", "diff_ids": [sha256(&tar)]},
+            "history": [{"created_by": "memobuild tests: busybox-static by hand"}],
+        });
+        let config = put_blob(
+            dir,
+            "application/vnd.oci.image.config.v1+json",
+            config.to_string().as_bytes(),
+        );
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config,
+            "layers": [&layer],
+        });
+        let mut descriptor = put_blob(dir, OCI_MANIFEST, manifest.to_string().as_bytes());
+        manifests.push((
+            (*architecture).to_owned(),
+            Digest::parse(descriptor["digest"].as_str().expect("digest")).expect("digest"),
+        ));
+        descriptor["platform"] = serde_json::json!({"os": "linux", "architecture": architecture});
+        descriptors.push(descriptor);
+    }
+    let mut top = if as_index {
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": descriptors,
+        });
+        put_blob(dir, OCI_INDEX, index.to_string().as_bytes())
+    } else {
+        descriptors.remove(0)
+    };
+    let index = Digest::parse(top["digest"].as_str().expect("digest")).expect("digest");
+    top["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "latest"});
+    let layout_index = serde_json::json!({"schemaVersion": 2, "manifests": [top]});
+    std::fs::write(dir.join("index.json"), layout_index.to_string()).expect("index.json");
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
         .expect("oci-layout");
+    SeededIndex { index, manifests }
 }

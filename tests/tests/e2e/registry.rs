@@ -128,6 +128,56 @@ async fn pull_stores_verified_blobs_and_a_second_pull_downloads_nothing() {
     );
 }
 
+#[tokio::test]
+async fn an_index_resolves_to_the_manifest_of_the_wanted_platform() {
+    let registry = TestRegistry::start();
+    let seeded = registry.seed_busybox_index("multi/busybox", &["amd64", "arm64"]);
+    let dir = TempDir::new().expect("temp dir");
+    let (cas, client) = (cas(dir.path()), client(dir.path(), None));
+    let image = reference(&registry, "multi/busybox:latest");
+    let linux = |architecture: &str| Platform {
+        os: "linux".to_owned(),
+        architecture: architecture.to_owned(),
+        variant: None,
+    };
+
+    for (architecture, digest) in &seeded.manifests {
+        let resolved = bounded(client.resolve(&image, &linux(architecture)))
+            .await
+            .unwrap_or_else(|err| panic!("{architecture}: {err}"));
+        assert_eq!(&resolved.manifest_digest, digest, "{architecture}");
+        assert_eq!(resolved.media_type, OCI_MANIFEST);
+    }
+    let pinned = Reference::parse(&format!(
+        "{}/multi/busybox@{}",
+        registry.address(),
+        seeded.index
+    ))
+    .expect("reference");
+    let pulled = bounded(client.pull(&cas, &pinned, &linux("arm64")))
+        .await
+        .expect("pull arm64 through the index digest");
+    assert_eq!(pulled.manifest.digest, seeded.manifests[1].1);
+    let config: serde_json::Value =
+        serde_json::from_slice(&pulled.config_bytes).expect("config JSON");
+    assert_eq!(config["architecture"], "arm64");
+
+    let err = bounded(client.resolve(&image, &linux("riscv64")))
+        .await
+        .expect_err("no riscv64 image");
+    assert!(
+        matches!(&err, RegistryError::NoMatchingPlatform { available, .. } if available.len() == 2),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("linux/riscv64")
+            && message.contains("linux/amd64")
+            && message.contains("linux/arm64"),
+        "{message}"
+    );
+}
+
 /// A hand-written HTTP/1.1 server posing as a registry: fixed responses by path, one
 /// request per connection, and optionally a run of 503s first.
 struct FakeRegistry {
