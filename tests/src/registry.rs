@@ -152,18 +152,29 @@ impl TestRegistry {
     /// `/etc/passwd`, `/etc/group`) as an OCI layout and pushes it with skopeo as
     /// `REPO:latest`. Returns the manifest digest the registry reports.
     pub fn seed_busybox(&self, repo: &str) -> Digest {
+        self.seed_busybox_as(repo, ManifestFormat::Oci)
+    }
+
+    /// [`seed_busybox`](Self::seed_busybox), with the manifest in `format`.
+    pub fn seed_busybox_as(&self, repo: &str, format: ManifestFormat) -> Digest {
         let host = memobuildd::registry::Platform::host().architecture;
-        self.push_layout(repo, &[&host], false);
+        self.push_layout(repo, &[&host], false, format);
         self.inspect_digest(&format!("{repo}:latest"))
     }
 
     /// Like [`seed_busybox`](Self::seed_busybox), as an OCI index with one manifest per
     /// architecture (all sharing the layer; only the config's `architecture` differs).
     pub fn seed_busybox_index(&self, repo: &str, architectures: &[&str]) -> SeededIndex {
-        self.push_layout(repo, architectures, true)
+        self.push_layout(repo, architectures, true, ManifestFormat::Oci)
     }
 
-    fn push_layout(&self, repo: &str, architectures: &[&str], as_index: bool) -> SeededIndex {
+    fn push_layout(
+        &self,
+        repo: &str,
+        architectures: &[&str],
+        as_index: bool,
+        format: ManifestFormat,
+    ) -> SeededIndex {
         let layout = self
             .dir
             .path()
@@ -171,6 +182,9 @@ impl TestRegistry {
         let seeded = write_busybox_layout(&layout, architectures, as_index);
         let mut copy = Command::new("skopeo");
         copy.args(["copy", "--all", "--dest-tls-verify=false"]);
+        if format == ManifestFormat::DockerV2 {
+            copy.arg("--format=v2s2");
+        }
         if let Some((user, password)) = &self.credentials {
             copy.arg(format!("--dest-creds={user}:{password}"));
         }
@@ -290,6 +304,14 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     encoder.write_all(bytes).expect("gzip");
     encoder.finish().expect("gzip")
+}
+
+/// How a seeded image's manifest is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestFormat {
+    Oci,
+    /// Docker's schema 2 (skopeo converts the OCI layout on the way).
+    DockerV2,
 }
 
 /// What [`TestRegistry::seed_busybox_index`] pushed, by digest (skopeo copies OCI

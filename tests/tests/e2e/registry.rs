@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use memobuild_tests::registry::{TestRegistry, free_port};
+use memobuild_tests::registry::{ManifestFormat, TestRegistry, free_port};
 use memobuildd::cache::{Cas, Digest};
 use memobuildd::layout::Layout;
 use memobuildd::registry::{
-    OCI_MANIFEST, Platform, PushEvent, PushImage, Reference, Registry, RegistryError,
-    RegistryOptions,
+    DOCKER_MANIFEST, OCI_MANIFEST, Platform, PushEvent, PushImage, Reference, Registry,
+    RegistryError, RegistryOptions,
 };
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
@@ -126,6 +126,47 @@ async fn pull_stores_verified_blobs_and_a_second_pull_downloads_nothing() {
         downloads,
         "the second pull downloaded blobs"
     );
+}
+
+#[tokio::test]
+async fn docker_schema_2_images_pull_and_push_unchanged() {
+    let registry = TestRegistry::start();
+    let seeded = registry.seed_busybox_as("docker/busybox", ManifestFormat::DockerV2);
+    let dir = TempDir::new().expect("temp dir");
+    let (cas, client) = (cas(dir.path()), client(dir.path(), None));
+    let pulled = bounded(client.pull(
+        &cas,
+        &reference(&registry, "docker/busybox:latest"),
+        &Platform::host(),
+    ))
+    .await
+    .expect("pull");
+    assert_eq!(pulled.manifest.digest, seeded);
+    assert_eq!(
+        pulled.layers[0].media_type,
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&pulled.manifest_bytes).expect("manifest JSON");
+    assert_eq!(manifest["mediaType"], DOCKER_MANIFEST);
+
+    let image = PushImage {
+        manifest_bytes: pulled.manifest_bytes.clone(),
+        manifest_media_type: DOCKER_MANIFEST.to_owned(),
+        config: pulled.config.clone(),
+        layers: pulled.layers.iter().map(|l| l.blob.clone()).collect(),
+        mount_from: Vec::new(),
+    };
+    let report = bounded(client.push(
+        &cas,
+        &image,
+        &reference(&registry, "docker/copy:v1"),
+        &|_| {},
+    ))
+    .await
+    .expect("push");
+    assert_eq!(report.digest, seeded);
+    assert_eq!(registry.inspect_digest("docker/copy:v1"), seeded);
 }
 
 #[tokio::test]
