@@ -193,9 +193,9 @@ struct HelperReply {
     secret: String,
 }
 
-async fn run_helper(helper: &str, server: &str) -> Result<RegistryAuth, String> {
-    let program = format!("docker-credential-{helper}");
-    let mut child = tokio::process::Command::new(&program)
+/// Runs a credential helper (`program get`, the server on stdin) and reads its answer.
+async fn run_helper(program: &str, server: &str) -> Result<RegistryAuth, String> {
+    let mut child = tokio::process::Command::new(program)
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -219,11 +219,15 @@ async fn run_helper(helper: &str, server: &str) -> Result<RegistryAuth, String> 
         if stdout.contains("credentials not found") {
             return Ok(RegistryAuth::Anonymous);
         }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let said: Vec<&str> = [stdout.trim(), stderr.trim()]
+            .into_iter()
+            .filter(|text| !text.is_empty())
+            .collect();
         return Err(format!(
-            "{program} get failed ({}): {}{}",
+            "{program} get failed ({}): {}",
             output.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
+            said.join("; ")
         ));
     }
     let reply: HelperReply = serde_json::from_str(&stdout)
@@ -283,6 +287,42 @@ mod tests {
         );
         assert_eq!(c.source("quay.io"), Ok(inline("u", "p")));
         assert_eq!(c.source("other.io"), Ok(helper("desktop", "other.io")));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn credential_helpers_are_asked_on_stdin() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let helper = dir.path().join("docker-credential-fake");
+        std::fs::write(
+            &helper,
+            r#"#!/bin/sh
+[ "$1" = get ] || exit 3
+read -r server
+case "$server" in
+  reg.example) echo '{"ServerURL":"reg.example","Username":"u","Secret":"s3"}' ;;
+  broken.example) echo 'keychain locked' >&2; exit 2 ;;
+  *) echo 'credentials not found in native keychain'; exit 1 ;;
+esac
+"#,
+        )
+        .expect("write helper");
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let helper = helper.to_str().expect("utf-8 path");
+
+        let auth = run_helper(helper, "reg.example").await.expect("answer");
+        assert!(matches!(auth, RegistryAuth::Basic(u, s) if u == "u" && s == "s3"));
+        let auth = run_helper(helper, "other.example").await.expect("no entry");
+        assert!(matches!(auth, RegistryAuth::Anonymous));
+        let err = run_helper(helper, "broken.example")
+            .await
+            .expect_err("failure");
+        assert!(err.contains("keychain locked"), "{err}");
+        let err = run_helper("/nonexistent/docker-credential-x", "reg.example")
+            .await
+            .expect_err("missing helper");
+        assert!(err.contains("cannot run"), "{err}");
     }
 
     #[test]
