@@ -231,10 +231,15 @@ impl Registry {
             sent.store(0, Ordering::Relaxed);
             let (path, sent) = (path.clone(), Arc::clone(&sent));
             async move {
-                let file = tokio::fs::File::open(&path).await?;
+                // A local failure is not the registry's, and not worth a retry.
+                let file = match tokio::fs::File::open(&path).await {
+                    Ok(file) => file,
+                    Err(source) => return Ok(Err(CasError::Io { path, source })),
+                };
                 host.client
                     .push_blob_stream(oci, read_stream(file, sent), digest.as_str(), Some(size))
                     .await
+                    .map(Ok)
             }
         });
         tokio::pin!(upload);
@@ -249,7 +254,9 @@ impl Registry {
                 }),
             }
         };
-        uploaded.map_err(|err| subject.classify(err))?;
+        uploaded
+            .map_err(|err| subject.classify(err))?
+            .map_err(RegistryError::Store)?;
         progress(PushEvent::Done {
             digest: digest.clone(),
             size,
