@@ -1,10 +1,10 @@
 //! A real registry for the tests: Debian's `docker-registry` (the CNCF distribution
-//! registry) on 127.0.0.1, with temp storage, optional htpasswd auth, and an access log the
-//! tests read to count requests. [`TestRegistry::seed_busybox`] pushes a tiny busybox image
+//! registry) on 127.0.0.1 (or over HTTPS on the host name), with temp storage, optional
+//! htpasswd auth, and an access log the tests read to count requests. [`TestRegistry::seed_busybox`] pushes a tiny busybox image
 //! built here by hand, so no test needs the network.
 //!
-//! Needs the Debian packages `docker-registry`, `skopeo`, `busybox-static` and
-//! `apache2-utils` (for `htpasswd`).
+//! Needs the Debian packages `docker-registry`, `skopeo`, `busybox-static`,
+//! `apache2-utils` (for `htpasswd`) and `openssl`.
 
 use std::io::Write as _;
 use std::net::TcpListener;
@@ -27,7 +27,11 @@ const READY_WITHIN: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct TestRegistry {
     pub dir: TempDir,
+    /// The name clients use: `127.0.0.1`, or for TLS the machine's host name.
+    pub host: String,
     pub port: u16,
+    /// The CA that signed a TLS registry's certificate (PEM).
+    pub ca: Option<PathBuf>,
     /// The registry's stdout and stderr: its access log is there.
     pub log: PathBuf,
     credentials: Option<(String, String)>,
@@ -36,20 +40,45 @@ pub struct TestRegistry {
 
 impl TestRegistry {
     pub fn start() -> Self {
-        Self::launch(None)
+        Self::launch(None, false)
     }
 
     /// A registry that wants HTTP basic auth as `user`/`password`.
     pub fn start_with_htpasswd(user: &str, password: &str) -> Self {
-        Self::launch(Some((user.to_owned(), password.to_owned())))
+        Self::launch(Some((user.to_owned(), password.to_owned())), false)
     }
 
-    fn launch(credentials: Option<(String, String)>) -> Self {
+    /// A registry serving HTTPS with a certificate from a fresh CA ([`Self::ca`]), reached
+    /// by the machine's host name: clients speak HTTPS to any name but `localhost` and
+    /// loopback addresses. Needs `openssl` and a host name that resolves.
+    pub fn start_tls() -> Self {
+        Self::launch(None, true)
+    }
+
+    fn launch(credentials: Option<(String, String)>, tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("mbreg")
             .tempdir()
             .expect("temp dir");
         let port = free_port();
+        let (host, listen) = if tls {
+            let host = host_name();
+            let ip = resolve(&host);
+            (host, ip)
+        } else {
+            ("127.0.0.1".to_owned(), "127.0.0.1".to_owned())
+        };
+        let (ca, tls_config) = if tls {
+            let (cert, key) = issue_certificate(dir.path(), &host);
+            let config = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
+            (Some(dir.path().join("ca.pem")), config)
+        } else {
+            (None, String::new())
+        };
         let auth = match &credentials {
             Some((user, password)) => {
                 let htpasswd = dir.path().join("htpasswd");
@@ -73,7 +102,7 @@ impl TestRegistry {
                 "version: 0.1\n\
                  log:\n  level: error\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: memobuild-test\n\
+                 http:\n  addr: {listen}:{port}\n  secret: memobuild-test\n{tls_config}\
                  {auth}",
                 dir.path().join("storage").display()
             ),
@@ -91,7 +120,9 @@ impl TestRegistry {
             .expect("run docker-registry (Debian package docker-registry)");
         let registry = Self {
             dir,
+            host,
             port,
+            ca,
             log,
             credentials,
             child,
@@ -100,13 +131,19 @@ impl TestRegistry {
         registry
     }
 
-    /// Polls `GET /v2/` until the registry answers (200, or 401 when it wants auth).
+    /// Polls `GET /v2/` until the registry answers: 200, 401 when it wants auth, or 400
+    /// when it speaks TLS (Go's answer to plain HTTP on a TLS port).
     fn wait_ready(&self) {
         let deadline = Instant::now() + READY_WITHIN;
+        let expected: &[u16] = if self.ca.is_some() {
+            &[400]
+        } else {
+            &[200, 401]
+        };
         loop {
-            if let Some(status) = http_status(self.port, "/v2/") {
+            if let Some(status) = http_status(&self.host, self.port, "/v2/") {
                 assert!(
-                    status == 200 || status == 401,
+                    expected.contains(&status),
                     "registry answered {status} on /v2/"
                 );
                 return;
@@ -120,9 +157,9 @@ impl TestRegistry {
         }
     }
 
-    /// `127.0.0.1:PORT`
+    /// `HOST:PORT`, as in image references.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn log_text(&self) -> String {
@@ -230,14 +267,67 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The machine's host name, which must not be a name clients treat as local.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("host name");
+    let name = name.trim().to_owned();
+    assert!(
+        !name.is_empty() && name != "localhost",
+        "a TLS test registry needs a host name other than localhost, not {name:?}"
+    );
+    name
+}
+
+/// The first IPv4 address `host` resolves to.
+fn resolve(host: &str) -> String {
+    use std::net::ToSocketAddrs as _;
+    (host, 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.find(std::net::SocketAddr::is_ipv4))
+        .unwrap_or_else(|| panic!("host name {host:?} does not resolve (add it to /etc/hosts)"))
+        .ip()
+        .to_string()
+}
+
+/// Makes a CA (`ca.pem`) in `dir` and a certificate for `host` signed by it; returns the
+/// certificate and key paths.
+fn issue_certificate(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
+    let openssl = |command: &str| {
+        let output = Command::new("openssl")
+            .args(command.split_whitespace())
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (Debian package openssl)");
+        assert!(output.status.success(), "openssl {command}: {output:?}");
+    };
+    const EC_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    openssl(&format!(
+        "req -x509 -days 2 -subj /CN=memobuild-test-CA {EC_KEY} -keyout ca.key -out ca.pem"
+    ));
+    openssl(&format!(
+        "req -subj /CN={host} {EC_KEY} -keyout server.key -out server.csr"
+    ));
+    std::fs::write(
+        dir.join("server.ext"),
+        format!("subjectAltName=DNS:{host}\n"),
+    )
+    .expect("write extensions");
+    openssl(
+        "x509 -req -days 2 -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+         -extfile server.ext -out server.pem",
+    );
+    (dir.join("server.pem"), dir.join("server.key"))
+}
+
 /// The status of a plain `GET path`, or `None` if nothing answers.
-fn http_status(port: u16, path: &str) -> Option<u16> {
+fn http_status(host: &str, port: u16, path: &str) -> Option<u16> {
     use std::io::Read as _;
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let mut stream = std::net::TcpStream::connect((host, port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut head = [0u8; 12];

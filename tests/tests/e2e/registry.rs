@@ -552,6 +552,34 @@ async fn an_htpasswd_registry_takes_docker_config_credentials_and_refuses_anonym
 }
 
 #[tokio::test]
+async fn https_registries_are_trusted_through_an_extra_ca_only() {
+    let registry = TestRegistry::start_tls();
+    let seeded = registry.seed_busybox("tls/busybox");
+    let dir = TempDir::new().expect("temp dir");
+    let image = reference(&registry, "tls/busybox:latest");
+
+    let trusting = Registry::new(RegistryOptions {
+        extra_ca: registry.ca.clone(),
+        docker_config: Some(dir.path().join("no-docker-config.json")),
+        ..RegistryOptions::default()
+    })
+    .expect("client with the test CA");
+    let resolved = bounded(trusting.resolve(&image, &Platform::host()))
+        .await
+        .expect("resolve over HTTPS");
+    assert_eq!(resolved.manifest_digest, seeded);
+
+    let err = bounded(client(dir.path(), None).resolve(&image, &Platform::host()))
+        .await
+        .expect_err("an unknown CA");
+    assert!(
+        matches!(&err, RegistryError::Untrusted { registry: r, .. } if *r == registry.address()),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("extra_ca"), "{err}");
+}
+
+#[tokio::test]
 async fn a_registry_that_is_down_is_reported_unavailable_quickly() {
     let dir = TempDir::new().expect("temp dir");
     let client = client(dir.path(), None);
