@@ -126,6 +126,15 @@ async fn pull_stores_verified_blobs_and_a_second_pull_downloads_nothing() {
         downloads,
         "the second pull downloaded blobs"
     );
+
+    for missing in ["base/busybox:no-such-tag", "no/such-repo:latest"] {
+        let missing = reference(&registry, missing);
+        let err = bounded(client.resolve(&missing, &platform))
+            .await
+            .expect_err("missing");
+        assert!(matches!(err, RegistryError::NotFound { .. }), "{err:?}");
+        assert!(err.to_string().contains(&missing.to_string()), "{err}");
+    }
 }
 
 #[tokio::test]
