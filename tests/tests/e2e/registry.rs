@@ -481,14 +481,25 @@ async fn push_uploads_only_what_is_missing_and_mounts_from_siblings() {
     assert_eq!(settled(|| registry.blob_uploads("apps/copy")), uploads);
 
     image.mount_from = vec!["nowhere/empty".to_owned(), "base/busybox".to_owned()];
+    events.lock().expect("events").clear();
     let mounted = bounded(client.push(
         &cas,
         &image,
         &reference(&registry, "apps/mounted:v1"),
-        &|_| {},
+        &record,
     ))
     .await
     .expect("push with mounts");
+    let mounted_from: Vec<String> = events
+        .lock()
+        .expect("events")
+        .iter()
+        .filter_map(|e| match e {
+            PushEvent::Mounted { from, .. } => Some(from.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(mounted_from, ["base/busybox", "base/busybox"]);
     assert_eq!(
         (
             mounted.blobs_uploaded,
