@@ -1,7 +1,9 @@
 //! Where credentials for a registry come from, in this order:
 //!
-//! 1. `MEMOBUILD_REGISTRY_USER` and `MEMOBUILD_REGISTRY_PASSWORD`, when both are set (for
-//!    every registry: meant for CI jobs that talk to one).
+//! 1. `MEMOBUILD_REGISTRY_USER` and `MEMOBUILD_REGISTRY_PASSWORD`, when both are set: for
+//!    the registry named by `MEMOBUILD_REGISTRY_SERVER` (`host[:port]`) if that is set, else
+//!    for every registry. Meant for CI jobs; set the server when the job also pulls from
+//!    another registry, which would otherwise receive (and may reject) these credentials.
 //! 2. Docker's `config.json`: a `credHelpers` entry for the registry, else an inline `auths`
 //!    entry (`auth` = base64 of `user:password`, or `username` and `password`), else the
 //!    `credsStore` helper. A helper is `docker-credential-<name> get`, given the server on
@@ -23,6 +25,7 @@ use super::reference::DOCKER_HUB;
 
 pub const USER_ENV: &str = "MEMOBUILD_REGISTRY_USER";
 pub const PASSWORD_ENV: &str = "MEMOBUILD_REGISTRY_PASSWORD";
+pub const SERVER_ENV: &str = "MEMOBUILD_REGISTRY_SERVER";
 
 /// How Docker Hub is named in config files and to credential helpers.
 const DOCKER_HUB_SERVER: &str = "https://index.docker.io/v1/";
@@ -160,8 +163,8 @@ pub(super) async fn credentials(
     docker_config: Option<&Path>,
     registry: &str,
 ) -> Result<RegistryAuth, RegistryError> {
-    if let (Ok(user), Ok(password)) = (std::env::var(USER_ENV), std::env::var(PASSWORD_ENV)) {
-        return Ok(RegistryAuth::Basic(user, password));
+    if let Some(auth) = from_env(registry, |name| std::env::var(name).ok()) {
+        return Ok(auth);
     }
     let Some(path) = docker_config else {
         return Ok(RegistryAuth::Anonymous);
@@ -183,6 +186,15 @@ pub(super) async fn credentials(
                     reason,
                 })
         }
+    }
+}
+
+/// The environment's credentials for `registry`, if it gives any; `var` reads a variable.
+fn from_env(registry: &str, var: impl Fn(&str) -> Option<String>) -> Option<RegistryAuth> {
+    let (user, password) = (var(USER_ENV)?, var(PASSWORD_ENV)?);
+    match var(SERVER_ENV) {
+        Some(server) if normalize(&server) != normalize(registry) => None,
+        _ => Some(RegistryAuth::Basic(user, password)),
     }
 }
 
@@ -323,6 +335,40 @@ esac
             .await
             .expect_err("missing helper");
         assert!(err.contains("cannot run"), "{err}");
+    }
+
+    #[test]
+    fn environment_credentials_go_to_their_server_only() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let basic = |auth: Option<RegistryAuth>| match auth {
+            Some(RegistryAuth::Basic(user, password)) => Some((user, password)),
+            _ => None,
+        };
+        let everywhere = env(&[(USER_ENV, "ci"), (PASSWORD_ENV, "pw")]);
+        assert_eq!(
+            basic(from_env("any.example", everywhere)),
+            Some(("ci".into(), "pw".into()))
+        );
+        let scoped = env(&[
+            (USER_ENV, "ci"),
+            (PASSWORD_ENV, "pw"),
+            (SERVER_ENV, "https://reg.example:5000"),
+        ]);
+        assert!(basic(from_env("reg.example:5000", scoped)).is_some());
+        assert!(from_env("docker.io", scoped).is_none());
+        let hub = env(&[
+            (USER_ENV, "ci"),
+            (PASSWORD_ENV, "pw"),
+            (SERVER_ENV, "index.docker.io"),
+        ]);
+        assert!(basic(from_env("docker.io", hub)).is_some());
+        assert!(from_env("x.example", env(&[(USER_ENV, "ci")])).is_none());
     }
 
     #[test]

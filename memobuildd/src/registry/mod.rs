@@ -16,7 +16,8 @@
 //! exponential backoff.
 //!
 //! Credentials, first found wins: the environment variables `MEMOBUILD_REGISTRY_USER` and
-//! `MEMOBUILD_REGISTRY_PASSWORD` (both set: used for every registry); Docker's config file
+//! `MEMOBUILD_REGISTRY_PASSWORD` (both set: used for the registry `MEMOBUILD_REGISTRY_SERVER`
+//! names, or for every registry when it is unset); Docker's config file
 //! ([`RegistryOptions::docker_config`], default `$DOCKER_CONFIG/config.json` or
 //! `~/.docker/config.json`) — its `credHelpers` entry for the registry, an inline `auths`
 //! entry, or the `credsStore` helper, run as `docker-credential-<name> get`; anonymous
@@ -42,7 +43,7 @@ use std::time::Duration;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
-pub use auth::{PASSWORD_ENV, USER_ENV};
+pub use auth::{PASSWORD_ENV, SERVER_ENV, USER_ENV};
 pub use error::RegistryError;
 pub use manifest::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Platform};
 pub use pull::{Pulled, PulledLayer, Resolved};
