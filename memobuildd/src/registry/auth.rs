@@ -1,7 +1,9 @@
 //! Where credentials for a registry come from, in this order:
 //!
-//! 1. `MEMOBUILD_REGISTRY_USER` and `MEMOBUILD_REGISTRY_PASSWORD`, when both are set (for
-//!    every registry: meant for CI jobs that talk to one).
+//! 1. `MEMOBUILD_REGISTRY_USER` and `MEMOBUILD_REGISTRY_PASSWORD`, when both are set: for
+//!    the registry named by `MEMOBUILD_REGISTRY_SERVER` (`host[:port]`) if that is set, else
+//!    for every registry. Meant for CI jobs; set the server when the job also pulls from
+//!    another registry, which would otherwise receive (and may reject) these credentials.
 //! 2. Docker's `config.json`: a `credHelpers` entry for the registry, else an inline `auths`
 //!    entry (`auth` = base64 of `user:password`, or `username` and `password`), else the
 //!    `credsStore` helper. A helper is `docker-credential-<name> get`, given the server on
@@ -23,6 +25,7 @@ use super::reference::DOCKER_HUB;
 
 pub const USER_ENV: &str = "MEMOBUILD_REGISTRY_USER";
 pub const PASSWORD_ENV: &str = "MEMOBUILD_REGISTRY_PASSWORD";
+pub const SERVER_ENV: &str = "MEMOBUILD_REGISTRY_SERVER";
 
 /// How Docker Hub is named in config files and to credential helpers.
 const DOCKER_HUB_SERVER: &str = "https://index.docker.io/v1/";
@@ -160,8 +163,8 @@ pub(super) async fn credentials(
     docker_config: Option<&Path>,
     registry: &str,
 ) -> Result<RegistryAuth, RegistryError> {
-    if let (Ok(user), Ok(password)) = (std::env::var(USER_ENV), std::env::var(PASSWORD_ENV)) {
-        return Ok(RegistryAuth::Basic(user, password));
+    if let Some(auth) = from_env(registry, |name| std::env::var(name).ok()) {
+        return Ok(auth);
     }
     let Some(path) = docker_config else {
         return Ok(RegistryAuth::Anonymous);
@@ -186,6 +189,15 @@ pub(super) async fn credentials(
     }
 }
 
+/// The environment's credentials for `registry`, if it gives any; `var` reads a variable.
+fn from_env(registry: &str, var: impl Fn(&str) -> Option<String>) -> Option<RegistryAuth> {
+    let (user, password) = (var(USER_ENV)?, var(PASSWORD_ENV)?);
+    match var(SERVER_ENV) {
+        Some(server) if normalize(&server) != normalize(registry) => None,
+        _ => Some(RegistryAuth::Basic(user, password)),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct HelperReply {
@@ -193,9 +205,9 @@ struct HelperReply {
     secret: String,
 }
 
-async fn run_helper(helper: &str, server: &str) -> Result<RegistryAuth, String> {
-    let program = format!("docker-credential-{helper}");
-    let mut child = tokio::process::Command::new(&program)
+/// Runs a credential helper (`program get`, the server on stdin) and reads its answer.
+async fn run_helper(program: &str, server: &str) -> Result<RegistryAuth, String> {
+    let mut child = tokio::process::Command::new(program)
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -219,11 +231,15 @@ async fn run_helper(helper: &str, server: &str) -> Result<RegistryAuth, String> 
         if stdout.contains("credentials not found") {
             return Ok(RegistryAuth::Anonymous);
         }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let said: Vec<&str> = [stdout.trim(), stderr.trim()]
+            .into_iter()
+            .filter(|text| !text.is_empty())
+            .collect();
         return Err(format!(
-            "{program} get failed ({}): {}{}",
+            "{program} get failed ({}): {}",
             output.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
+            said.join("; ")
         ));
     }
     let reply: HelperReply = serde_json::from_str(&stdout)
@@ -283,6 +299,76 @@ mod tests {
         );
         assert_eq!(c.source("quay.io"), Ok(inline("u", "p")));
         assert_eq!(c.source("other.io"), Ok(helper("desktop", "other.io")));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn credential_helpers_are_asked_on_stdin() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let helper = dir.path().join("docker-credential-fake");
+        std::fs::write(
+            &helper,
+            r#"#!/bin/sh
+[ "$1" = get ] || exit 3
+read -r server
+case "$server" in
+  reg.example) echo '{"ServerURL":"reg.example","Username":"u","Secret":"s3"}' ;;
+  broken.example) echo 'keychain locked' >&2; exit 2 ;;
+  *) echo 'credentials not found in native keychain'; exit 1 ;;
+esac
+"#,
+        )
+        .expect("write helper");
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let helper = helper.to_str().expect("utf-8 path");
+
+        let auth = run_helper(helper, "reg.example").await.expect("answer");
+        assert!(matches!(auth, RegistryAuth::Basic(u, s) if u == "u" && s == "s3"));
+        let auth = run_helper(helper, "other.example").await.expect("no entry");
+        assert!(matches!(auth, RegistryAuth::Anonymous));
+        let err = run_helper(helper, "broken.example")
+            .await
+            .expect_err("failure");
+        assert!(err.contains("keychain locked"), "{err}");
+        let err = run_helper("/nonexistent/docker-credential-x", "reg.example")
+            .await
+            .expect_err("missing helper");
+        assert!(err.contains("cannot run"), "{err}");
+    }
+
+    #[test]
+    fn environment_credentials_go_to_their_server_only() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let basic = |auth: Option<RegistryAuth>| match auth {
+            Some(RegistryAuth::Basic(user, password)) => Some((user, password)),
+            _ => None,
+        };
+        let everywhere = env(&[(USER_ENV, "ci"), (PASSWORD_ENV, "pw")]);
+        assert_eq!(
+            basic(from_env("any.example", everywhere)),
+            Some(("ci".into(), "pw".into()))
+        );
+        let scoped = env(&[
+            (USER_ENV, "ci"),
+            (PASSWORD_ENV, "pw"),
+            (SERVER_ENV, "https://reg.example:5000"),
+        ]);
+        assert!(basic(from_env("reg.example:5000", scoped)).is_some());
+        assert!(from_env("docker.io", scoped).is_none());
+        let hub = env(&[
+            (USER_ENV, "ci"),
+            (PASSWORD_ENV, "pw"),
+            (SERVER_ENV, "index.docker.io"),
+        ]);
+        assert!(basic(from_env("docker.io", hub)).is_some());
+        assert!(from_env("x.example", env(&[(USER_ENV, "ci")])).is_none());
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub enum RegistryError {
     },
     #[error("registry {registry} is unavailable: {reason}")]
     Unavailable { registry: String, reason: String },
+    #[error(
+        "the TLS certificate of {registry} is not trusted ({reason}); give its CA as extra_ca \
+         or add it to the system's trust store"
+    )]
+    Untrusted { registry: String, reason: String },
     /// `repository` is `registry/repository`, where the content came from.
     #[error("blob {digest} from {repository} is corrupt: its content does not match its digest")]
     Corrupt { digest: Digest, repository: String },
@@ -168,6 +173,12 @@ impl Subject<'_> {
         if err.is_decode() || err.is_builder() || err.is_redirect() {
             return self.protocol(chain(err));
         }
+        if let Some(tls) = causes(err).find_map(|e| e.downcast_ref::<rustls::Error>()) {
+            return RegistryError::Untrusted {
+                registry: self.registry.to_owned(),
+                reason: tls.to_string(),
+            };
+        }
         self.unavailable(chain(err))
     }
 
@@ -184,18 +195,34 @@ impl Subject<'_> {
     }
 }
 
+/// An error and its causes, looking inside `io::Error`s too: their `source()` skips the
+/// error they wrap, which is where reqwest and rustls put what went wrong.
+pub(super) fn causes<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |err| {
+        match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        }
+    })
+}
+
 /// An error with its causes, `a: b: c`: reqwest's own message alone ("error sending
 /// request") does not say that the connection was refused.
-pub(super) fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
+pub(super) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    for cause in causes(err) {
         let cause_text = cause.to_string();
         if !text.contains(&cause_text) {
-            text.push_str(": ");
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
             text.push_str(&cause_text);
         }
-        source = cause.source();
     }
     text
 }

@@ -16,7 +16,8 @@
 //! exponential backoff.
 //!
 //! Credentials, first found wins: the environment variables `MEMOBUILD_REGISTRY_USER` and
-//! `MEMOBUILD_REGISTRY_PASSWORD` (both set: used for every registry); Docker's config file
+//! `MEMOBUILD_REGISTRY_PASSWORD` (both set: used for the registry `MEMOBUILD_REGISTRY_SERVER`
+//! names, or for every registry when it is unset); Docker's config file
 //! ([`RegistryOptions::docker_config`], default `$DOCKER_CONFIG/config.json` or
 //! `~/.docker/config.json`) — its `credHelpers` entry for the registry, an inline `auths`
 //! entry, or the `credsStore` helper, run as `docker-credential-<name> get`; anonymous
@@ -36,12 +37,13 @@ mod retry;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
-pub use auth::{PASSWORD_ENV, USER_ENV};
+pub use auth::{PASSWORD_ENV, SERVER_ENV, USER_ENV};
 pub use error::RegistryError;
 pub use manifest::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Platform};
 pub use pull::{Pulled, PulledLayer, Resolved};
@@ -77,7 +79,7 @@ pub struct Registry {
     backoff: Backoff,
     /// One client per registry host: its protocol and credentials are the host's, and
     /// oci-client caches tokens per client.
-    hosts: tokio::sync::Mutex<HashMap<String, Host>>,
+    hosts: Mutex<HashMap<String, Host>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -117,7 +119,7 @@ impl Registry {
             extra_ca,
             docker_config: options.docker_config.or_else(auth::default_docker_config),
             backoff: Backoff::DEFAULT,
-            hosts: tokio::sync::Mutex::default(),
+            hosts: Mutex::default(),
         })
     }
 
@@ -125,10 +127,11 @@ impl Registry {
     /// first use.
     async fn host(&self, reference: &Reference) -> Result<Host, RegistryError> {
         let registry = reference.registry();
-        let mut hosts = self.hosts.lock().await;
-        if let Some(host) = hosts.get(registry) {
+        if let Some(host) = self.hosts().get(registry) {
             return Ok(host.clone());
         }
+        // Made without the lock held (a credential helper may take a while); if two
+        // requests race, the first one stored wins and the other client is dropped.
         let auth = auth::credentials(self.docker_config.as_deref(), registry).await?;
         let protocol = if plain_http(registry, &self.insecure) {
             ClientProtocol::Http
@@ -164,8 +167,29 @@ impl Registry {
             .store_auth_if_needed(reference.to_oci().resolve_registry(), &auth)
             .await;
         let host = Host { client, auth };
-        hosts.insert(registry.to_owned(), host.clone());
-        Ok(host)
+        Ok(self
+            .hosts()
+            .entry(registry.to_owned())
+            .or_insert(host)
+            .clone())
+    }
+
+    fn hosts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Host>> {
+        // The map is only read and inserted into: a panic elsewhere cannot leave it torn.
+        self.hosts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Passes `result` on. Refused credentials are dropped with their client, so the next
+    /// request looks them up afresh: a `docker login` takes effect without a restart.
+    fn forget_refused<T>(
+        &self,
+        registry: &str,
+        result: Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        if let Err(RegistryError::Unauthorized { .. } | RegistryError::Forbidden { .. }) = &result {
+            self.hosts().remove(registry);
+        }
+        result
     }
 }
 
@@ -185,6 +209,28 @@ fn plain_http(registry: &str, insecure: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Cas;
+    use crate::layout::Layout;
+
+    #[test]
+    fn operations_can_be_spawned_on_a_multithreaded_runtime() {
+        fn send<T: Send>(_: &T) {}
+        let registry = Registry::new(RegistryOptions::default()).expect("registry");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cas = Cas::open(&Layout::new(dir.path())).expect("cas");
+        let reference = Reference::parse("localhost/x").expect("reference");
+        let platform = Platform::host();
+        let image = PushImage {
+            manifest_bytes: Vec::new(),
+            manifest_media_type: OCI_MANIFEST.to_owned(),
+            config: cas.put(b"{}").expect("put"),
+            layers: Vec::new(),
+            mount_from: Vec::new(),
+        };
+        send(&registry.resolve(&reference, &platform));
+        send(&registry.pull(&cas, &reference, &platform));
+        send(&registry.push(&cas, &image, &reference, &|_| {}));
+    }
 
     #[test]
     fn loopback_and_listed_registries_use_plain_http() {

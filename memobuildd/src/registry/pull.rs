@@ -60,18 +60,32 @@ impl Registry {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<Resolved, RegistryError> {
-        let host = self.host(reference).await?;
-        let fetched = self.fetch_manifest(&host, reference, platform).await?;
-        Ok(Resolved {
-            manifest_digest: fetched.digest,
-            media_type: fetched.media_type,
-        })
+        let result = async {
+            let host = self.host(reference).await?;
+            let fetched = self.fetch_manifest(&host, reference, platform).await?;
+            Ok(Resolved {
+                manifest_digest: fetched.digest,
+                media_type: fetched.media_type,
+            })
+        }
+        .await;
+        self.forget_refused(reference.registry(), result)
     }
 
     /// Pulls the image `reference` names for `platform` into `cas`: manifest, config and
     /// layers, each verified against its digest. Blobs already in the CAS are not fetched.
     #[tracing::instrument(skip_all, fields(reference = %reference, platform = %platform))]
     pub async fn pull(
+        &self,
+        cas: &Cas,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<Pulled, RegistryError> {
+        let result = self.pull_from(cas, reference, platform).await;
+        self.forget_refused(reference.registry(), result)
+    }
+
+    async fn pull_from(
         &self,
         cas: &Cas,
         reference: &Reference,
@@ -91,17 +105,17 @@ impl Registry {
             .download(&host, cas, &fetched.reference, &fetched.config)
             .await?;
         let config_bytes = read(cas, &config.digest).await?;
-        // Owned descriptors: a closure over `&Descriptor` makes this future's Send-ness depend
-        // on a higher-ranked lifetime rustc cannot prove, and the daemon spawns builds.
-        let (host, origin) = (&host, &fetched.reference);
-        let layers: Vec<PulledLayer> = futures_util::stream::iter(fetched.layers.iter().cloned())
-            .map(|layer| async move {
-                let blob = self.download(host, cas, origin, &layer).await?;
-                Ok::<_, RegistryError>(PulledLayer {
-                    blob,
-                    media_type: layer.media_type,
-                })
+        // Each future owns its descriptor: a closure taking `&Descriptor` is higher-ranked
+        // over that borrow, and rustc then cannot prove the whole pull `Send`.
+        let (host, image) = (&host, &fetched.reference);
+        let downloads = fetched.layers.iter().cloned().map(|layer| async move {
+            let blob = self.download(host, cas, image, &layer).await?;
+            Ok::<_, RegistryError>(PulledLayer {
+                blob,
+                media_type: layer.media_type,
             })
+        });
+        let layers: Vec<PulledLayer> = futures_util::stream::iter(downloads)
             .buffered(PARALLEL_DOWNLOADS)
             .try_collect()
             .await?;

@@ -74,6 +74,17 @@ impl Registry {
         target: &Reference,
         progress: &(dyn Fn(PushEvent) + Send + Sync),
     ) -> Result<PushReport, RegistryError> {
+        let result = self.push_to(cas, image, target, progress).await;
+        self.forget_refused(target.registry(), result)
+    }
+
+    async fn push_to(
+        &self,
+        cas: &Cas,
+        image: &PushImage,
+        target: &Reference,
+        progress: &(dyn Fn(PushEvent) + Send + Sync),
+    ) -> Result<PushReport, RegistryError> {
         let digest = Digest::of(&image.manifest_bytes);
         if let Some(pinned) = target.digest()
             && pinned != &digest
@@ -85,14 +96,19 @@ impl Registry {
         }
         let host = self.host(target).await?;
 
-        let mut blobs: Vec<&Blob> = Vec::with_capacity(image.layers.len() + 1);
+        let mut blobs: Vec<Blob> = Vec::with_capacity(image.layers.len() + 1);
         for blob in std::iter::once(&image.config).chain(&image.layers) {
             if !blobs.iter().any(|b| b.digest == blob.digest) {
-                blobs.push(blob);
+                blobs.push(blob.clone());
             }
         }
-        let outcomes: Vec<Outcome> = futures_util::stream::iter(blobs)
-            .map(|blob| self.push_blob(&host, cas, image, target, blob, progress))
+        // Each future owns its blob: see `pull` for why.
+        let host = &host;
+        let uploads = blobs.into_iter().map(|blob| async move {
+            self.push_blob(host, cas, image, target, &blob, progress)
+                .await
+        });
+        let outcomes: Vec<Outcome> = futures_util::stream::iter(uploads)
             .buffer_unordered(PARALLEL_UPLOADS)
             .try_collect()
             .await?;
@@ -215,10 +231,15 @@ impl Registry {
             sent.store(0, Ordering::Relaxed);
             let (path, sent) = (path.clone(), Arc::clone(&sent));
             async move {
-                let file = tokio::fs::File::open(&path).await?;
+                // A local failure is not the registry's, and not worth a retry.
+                let file = match tokio::fs::File::open(&path).await {
+                    Ok(file) => file,
+                    Err(source) => return Ok(Err(CasError::Io { path, source })),
+                };
                 host.client
                     .push_blob_stream(oci, read_stream(file, sent), digest.as_str(), Some(size))
                     .await
+                    .map(Ok)
             }
         });
         tokio::pin!(upload);
@@ -233,7 +254,9 @@ impl Registry {
                 }),
             }
         };
-        uploaded.map_err(|err| subject.classify(err))?;
+        uploaded
+            .map_err(|err| subject.classify(err))?
+            .map_err(RegistryError::Store)?;
         progress(PushEvent::Done {
             digest: digest.clone(),
             size,

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 
+use super::error::causes;
+
 /// Exponential backoff, bounded in tries and in delay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Backoff {
@@ -84,27 +86,17 @@ pub(super) fn transient(err: &OciDistributionError) -> bool {
 /// A connection that broke after it was made. A refused connection is not in this set: the
 /// registry is not there, and waiting a second will not bring it.
 fn connection_broke(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(err);
-    while let Some(err) = cause {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(
+    causes(err).any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
                 io.kind(),
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
                     | std::io::ErrorKind::UnexpectedEof
-            ) {
-                return true;
-            }
-            // An io::Error's `source()` skips the error it wraps; look at that one too.
-            if let Some(inner) = io.get_ref() {
-                cause = Some(inner);
-                continue;
-            }
-        }
-        cause = err.source();
-    }
-    false
+            )
+        })
+    })
 }
 
 #[cfg(test)]
