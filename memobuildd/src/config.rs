@@ -80,7 +80,6 @@ const SOCKET_GROUP_ENV: &str = "MEMOBUILD_SOCKET_GROUP";
 const LOG_ENV: &str = "MEMOBUILD_LOG";
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-
 impl Config {
     /// Resolves the configuration for a daemon running as `euid`.
     /// `env` looks up environment variables (the process's, or a test's table).

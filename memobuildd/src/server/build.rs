@@ -305,8 +305,7 @@ fn export(
                 compression: Compression::None,
                 ..LayerOptions::default()
             };
-            write_rootfs_tar(cas, &blobs, &plain, &mut out)
-                .map_err(|e| e.to_string())?;
+            write_rootfs_tar(cas, &blobs, &plain, &mut out).map_err(|e| e.to_string())?;
             finish(out)
         }
         OutputKind::Local => {

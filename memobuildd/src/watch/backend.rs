@@ -173,9 +173,15 @@ mod tests {
 
     #[test]
     fn reads_are_not_changes_but_writes_are() {
-        assert!(!changes_content(&EventKind::Access(AccessKind::Open(AccessMode::Read))));
-        assert!(!changes_content(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
-        assert!(changes_content(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(!changes_content(&EventKind::Access(AccessKind::Open(
+            AccessMode::Read
+        ))));
+        assert!(!changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
         assert!(changes_content(&EventKind::Modify(ModifyKind::Any)));
         assert!(changes_content(&EventKind::Create(CreateKind::File)));
     }
@@ -185,7 +191,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (sink, mut changes) = tokio::sync::mpsc::unbounded_channel();
         let mut backend = NotifyBackend::new(sink).expect("watcher");
-        let cookies = std::sync::Arc::new(Cookies::new(dir.path().join("cookies")).expect("cookies"));
+        let cookies =
+            std::sync::Arc::new(Cookies::new(dir.path().join("cookies")).expect("cookies"));
         backend.watch(cookies.dir(), false).expect("watch");
         let loop_cookies = std::sync::Arc::clone(&cookies);
         tokio::spawn(async move {

@@ -68,7 +68,11 @@ impl Bench {
     }
 
     fn rootfs_tar(&self, ctx: &Path, args: &[&str]) -> Listing {
-        let out = self.daemon.dir.path().join(format!("rootfs-{}.tar", unique()));
+        let out = self
+            .daemon
+            .dir
+            .path()
+            .join(format!("rootfs-{}.tar", unique()));
         let dest = format!("type=tar,dest={}", out.display());
         let mut all = vec!["-o", &dest];
         all.extend_from_slice(args);
@@ -99,7 +103,10 @@ fn tar_listing(path: &Path) -> Listing {
         let mut entry = entry.expect("entry");
         let header = entry.header().clone();
         let name = entry.path().expect("path").display().to_string();
-        let name = name.trim_end_matches('/').trim_start_matches("./").to_owned();
+        let name = name
+            .trim_end_matches('/')
+            .trim_start_matches("./")
+            .to_owned();
         let (kind, content) = match header.entry_type() {
             tar::EntryType::Directory => ("dir", String::new()),
             tar::EntryType::Symlink => (
@@ -134,19 +141,38 @@ fn dir_listing(root: &Path) -> Listing {
         for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
             let path = entry.path();
             let meta = std::fs::symlink_metadata(&path).expect("meta");
-            let name = path.strip_prefix(root).expect("inside").display().to_string();
+            let name = path
+                .strip_prefix(root)
+                .expect("inside")
+                .display()
+                .to_string();
             let (kind, content) = if meta.is_dir() {
                 stack.push(path.clone());
                 ("dir", String::new())
             } else if meta.file_type().is_symlink() {
-                ("link", std::fs::read_link(&path).expect("link").display().to_string())
+                (
+                    "link",
+                    std::fs::read_link(&path)
+                        .expect("link")
+                        .display()
+                        .to_string(),
+                )
             } else if meta.is_file() {
                 let bytes = std::fs::read(&path).expect("read");
                 ("file", blake3::hash(&bytes).to_hex()[..16].to_owned())
             } else {
                 ("other", String::new())
             };
-            listing.insert(name, describe(kind, meta.mode(), u64::from(meta.uid()), u64::from(meta.gid()), &content));
+            listing.insert(
+                name,
+                describe(
+                    kind,
+                    meta.mode(),
+                    u64::from(meta.uid()),
+                    u64::from(meta.gid()),
+                    &content,
+                ),
+            );
         }
     }
     listing
@@ -179,26 +205,71 @@ fn a_multi_stage_build_gives_the_expected_filesystem() {
         return;
     }
     let bench = Bench::start();
-    let ctx = bench.context("multi", &[("Dockerfile", MULTI_STAGE), ("app.txt", "hello")]);
+    let ctx = bench.context(
+        "multi",
+        &[("Dockerfile", MULTI_STAGE), ("app.txt", "hello")],
+    );
 
     let builder = bench.rootfs_tar(&ctx, &["--target", "builder"]);
-    assert_eq!(builder["src/app.txt"], describe("file", 0o644, 0, 0, &content_of("hello")));
-    assert_eq!(builder["src/out.txt"], describe("file", 0o644, 0, 0, &content_of("built\n")));
-    assert!(!builder.contains_key("tmp-file"), "a file deleted by a later RUN is gone");
-    assert!(!builder.contains_key("gone/sub"), "a deleted directory's contents are gone");
-    assert_eq!(builder["gone/new"], describe("file", 0o644, 0, 0, &content_of("back\n")));
-    for mount_point in ["etc/hosts", "etc/resolv.conf", "etc/hostname", "proc", "sys"] {
-        assert!(!builder.contains_key(mount_point), "{mount_point} leaked into a layer");
+    assert_eq!(
+        builder["src/app.txt"],
+        describe("file", 0o644, 0, 0, &content_of("hello"))
+    );
+    assert_eq!(
+        builder["src/out.txt"],
+        describe("file", 0o644, 0, 0, &content_of("built\n"))
+    );
+    assert!(
+        !builder.contains_key("tmp-file"),
+        "a file deleted by a later RUN is gone"
+    );
+    assert!(
+        !builder.contains_key("gone/sub"),
+        "a deleted directory's contents are gone"
+    );
+    assert_eq!(
+        builder["gone/new"],
+        describe("file", 0o644, 0, 0, &content_of("back\n"))
+    );
+    for mount_point in [
+        "etc/hosts",
+        "etc/resolv.conf",
+        "etc/hostname",
+        "proc",
+        "sys",
+    ] {
+        assert!(
+            !builder.contains_key(mount_point),
+            "{mount_point} leaked into a layer"
+        );
     }
 
     let last = bench.rootfs_tar(&ctx, &[]);
-    assert_eq!(last["app/out.txt"], describe("file", 0o644, 0, 0, &content_of("built\n")));
-    assert_eq!(last["gone/new"], describe("file", 0o644, 0, 0, &content_of("back\n")));
-    assert_eq!(last["home/app/work"], describe("dir", 0o755, 1000, 1000, ""));
-    assert_eq!(last["home/app/work/uid"], describe("file", 0o644, 1000, 1000, &content_of("1000\n")));
-    assert_eq!(last["home/app/work/exec"], describe("file", 0o644, 1000, 1000, &content_of("exec\n")));
+    assert_eq!(
+        last["app/out.txt"],
+        describe("file", 0o644, 0, 0, &content_of("built\n"))
+    );
+    assert_eq!(
+        last["gone/new"],
+        describe("file", 0o644, 0, 0, &content_of("back\n"))
+    );
+    assert_eq!(
+        last["home/app/work"],
+        describe("dir", 0o755, 1000, 1000, "")
+    );
+    assert_eq!(
+        last["home/app/work/uid"],
+        describe("file", 0o644, 1000, 1000, &content_of("1000\n"))
+    );
+    assert_eq!(
+        last["home/app/work/exec"],
+        describe("file", 0o644, 1000, 1000, &content_of("exec\n"))
+    );
     assert!(last["bin/sh"].starts_with("link"), "{}", last["bin/sh"]);
-    assert!(!last.contains_key("src"), "the builder stage's files stay in the builder");
+    assert!(
+        !last.contains_key("src"),
+        "the builder stage's files stay in the builder"
+    );
 
     // umoci, reading our OCI layout independently, must see the same root filesystem.
     let oci = bench.daemon.dir.path().join("image.oci.tar");
@@ -247,15 +318,26 @@ fn rebuilds_execute_only_what_changed_also_after_a_restart() {
     ];
     let ctx = bench.context("incremental", &files);
     assert_eq!(executed(&bench.build_ok(&ctx, &["-t", "inc"])), 4);
-    assert_eq!(executed(&bench.build_ok(&ctx, &["-t", "inc"])), 0, "nothing changed");
+    assert_eq!(
+        executed(&bench.build_ok(&ctx, &["-t", "inc"])),
+        0,
+        "nothing changed"
+    );
 
     // A fresh daemon on the same root still has everything.
     bench.daemon.terminate();
     let root = bench.daemon.root.clone();
     let socket = bench.daemon.socket.clone();
     bench.daemon.launch(|_| {}).expect("restart");
-    assert_eq!((bench.daemon.root.clone(), bench.daemon.socket.clone()), (root, socket));
-    assert_eq!(executed(&bench.build_ok(&ctx, &["-t", "inc"])), 0, "after a restart");
+    assert_eq!(
+        (bench.daemon.root.clone(), bench.daemon.socket.clone()),
+        (root, socket)
+    );
+    assert_eq!(
+        executed(&bench.build_ok(&ctx, &["-t", "inc"])),
+        0,
+        "after a restart"
+    );
 
     std::fs::write(ctx.join("src/a.js"), "a2").expect("edit");
     assert_eq!(
@@ -263,9 +345,15 @@ fn rebuilds_execute_only_what_changed_also_after_a_restart() {
         2,
         "the src COPY and the RUN after it"
     );
-    let dockerfile = INCREMENTAL.replace("BASE", &bench.base).replace("/app/bundle\"]", "/app/deps\"]");
+    let dockerfile = INCREMENTAL
+        .replace("BASE", &bench.base)
+        .replace("/app/bundle\"]", "/app/deps\"]");
     std::fs::write(ctx.join("Dockerfile"), dockerfile).expect("CMD edit");
-    assert_eq!(executed(&bench.build_ok(&ctx, &["-t", "inc"])), 0, "CMD changes no layer");
+    assert_eq!(
+        executed(&bench.build_ok(&ctx, &["-t", "inc"])),
+        0,
+        "CMD changes no layer"
+    );
 
     let images = bench.daemon.run_client(&["images", "--json"]);
     let images: serde_json::Value = serde_json::from_slice(&images.stdout).expect("json");
@@ -320,7 +408,11 @@ fn leftovers(root: &Path) -> Vec<String> {
             .map(|l| format!("container {l}")),
     );
     if let Ok(entries) = std::fs::read_dir(root.join("tmp")) {
-        found.extend(entries.flatten().map(|e| format!("scratch {}", e.path().display())));
+        found.extend(
+            entries
+                .flatten()
+                .map(|e| format!("scratch {}", e.path().display())),
+        );
     }
     found
 }
@@ -359,7 +451,11 @@ fn ctrl_c_mid_run_leaves_no_mount_container_or_scratch() {
     let status = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
     assert_eq!(status.code(), Some(130));
     let left = wait_for_clean(&bench.daemon.root);
-    assert!(left.is_empty(), "left behind: {left:?}\n{}", tail(&bench.daemon.log_text()));
+    assert!(
+        left.is_empty(),
+        "left behind: {left:?}\n{}",
+        tail(&bench.daemon.log_text())
+    );
 }
 
 #[test]
@@ -385,7 +481,10 @@ fn a_daemon_killed_mid_build_recovers_at_its_next_start() {
     bench.daemon.launch(|_| {}).expect("restart after SIGKILL");
     let left = wait_for_clean(&bench.daemon.root);
     assert!(left.is_empty(), "left behind: {left:?}");
-    let quick = bench.context("after", &[("Dockerfile", "FROM BASE\nRUN echo again > /again\n")]);
+    let quick = bench.context(
+        "after",
+        &[("Dockerfile", "FROM BASE\nRUN echo again > /again\n")],
+    );
     let listing = bench.rootfs_tar(&quick, &[]);
     assert!(listing.contains_key("again"));
 }
@@ -397,7 +496,10 @@ fn wait_for_line(stream: impl Read + Send + 'static, needle: &str) {
     let wanted = needle.to_owned();
     std::thread::spawn(move || {
         let mut sent = false;
-        for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
             if !sent && line.contains(&wanted) {
                 let _ = found.send(());
                 sent = true;
