@@ -90,6 +90,10 @@ pub(crate) fn whiteout(path: &Path) -> Option<Whiteout<'_>> {
         return Some(Whiteout::Opaque(parent));
     }
     let hidden = name.strip_prefix(WHITEOUT_PREFIX.as_bytes())?;
+    // `.wh.`, `.wh..` and `.wh...` name no sibling; they stay the odd files they are.
+    if matches!(hidden, b"" | b"." | b"..") {
+        return None;
+    }
     Some(Whiteout::Remove(parent.join(OsStr::from_bytes(hidden))))
 }
 
@@ -359,6 +363,8 @@ mod tests {
             Some(Whiteout::Remove("top".into()))
         );
         assert_eq!(whiteout(Path::new("a/wh.c")), None);
+        assert_eq!(whiteout(Path::new("a/.wh..")), None);
+        assert_eq!(whiteout(Path::new(".wh...")), None);
     }
 
     #[test]

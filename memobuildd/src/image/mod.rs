@@ -33,7 +33,7 @@ use crate::cache::{CasError, Digest};
 pub use export::{
     ImageParts, write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
 };
-pub use layer::{Compression, Layer, LayerOptions, write_layer};
+pub use layer::{Compression, Layer, LayerOptions, Owner, write_layer};
 pub use oci::{
     Descriptor, Healthcheck, History, ImageConfig, Index, Manifest, MediaTypes, Platform,
     RuntimeConfig,

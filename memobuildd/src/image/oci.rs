@@ -271,7 +271,7 @@ impl MediaTypes {
 
     /// A layer's media type in this family; types with no equivalent (zstd in Docker's)
     /// are kept, as Docker itself does.
-    pub fn layer_like<'a>(self, media_type: &'a str) -> &'a str {
+    pub fn layer_like(self, media_type: &str) -> &str {
         match media_type {
             OCI_LAYER_GZIP | DOCKER_LAYER_GZIP => self.layer_gzip(),
             OCI_LAYER_TAR | DOCKER_LAYER_TAR => self.layer_tar(),

@@ -95,7 +95,8 @@ struct Unpacker<'d> {
     dest: &'d Path,
     whiteouts: Whiteouts,
     as_root: bool,
-    /// What this layer put in `dest`, which its own opaque markers must not hide.
+    /// What this layer put in `dest`, which its own opaque markers must not hide (only
+    /// kept when applying whiteouts).
     created: HashSet<PathBuf>,
     /// Directories get their mode and mtime last: writing inside changes the mtime, and a
     /// read-only mode would stop us writing inside.
@@ -147,7 +148,7 @@ impl Unpacker<'_> {
                     })?;
                 fs::hard_link(source, &target).map_err(io)?;
                 // The link shares its target's inode, metadata included.
-                self.created.insert(path.clone());
+                self.mark_created(path);
                 return Ok(());
             }
             Kind::Fifo => sys::mknod(&target, Node::Fifo, entry.mode, 0, 0).map_err(io)?,
@@ -159,8 +160,14 @@ impl Unpacker<'_> {
             }
         }
         self.set_metadata(entry, &target).map_err(io)?;
-        self.created.insert(path.clone());
+        self.mark_created(path);
         Ok(())
+    }
+
+    fn mark_created(&mut self, path: &Path) {
+        if self.whiteouts == Whiteouts::Apply {
+            self.created.insert(path.to_owned());
+        }
     }
 
     fn set_metadata(&mut self, entry: &Entry, target: &Path) -> io::Result<()> {
@@ -210,9 +217,11 @@ impl Unpacker<'_> {
                 let Some(target) = self.resolve(dir, false)? else {
                     return Ok(());
                 };
-                let Ok(children) = fs::read_dir(&target) else {
+                // Never list through a symlink: its children are not this tree's.
+                if !fs::symlink_metadata(&target).is_ok_and(|meta| meta.is_dir()) {
                     return Ok(());
-                };
+                }
+                let children = fs::read_dir(&target).map_err(ImageError::entry_io(&entry.path))?;
                 for child in children {
                     let child = child.map_err(ImageError::entry_io(&entry.path))?;
                     if !self.created.contains(&dir.join(child.file_name())) {
@@ -408,6 +417,30 @@ mod tests {
         }
         let paths: Vec<String> = list_dir(dest.path()).into_keys().collect();
         assert_eq!(paths, ["a", "a/keep", "d", "d/-new", "e", "e/y"]);
+    }
+
+    #[test]
+    fn whiteouts_never_act_through_symlinks() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let victim = parent.path().join("outside/victim");
+        fs::create_dir_all(victim.parent().expect("parent")).expect("mkdir");
+        fs::write(&victim, "keep").expect("victim");
+        let dest = parent.path().join("dest");
+        fs::create_dir(&dest).expect("dest");
+        let outside = victim.parent().expect("parent").display().to_string();
+        let layers = [
+            raw_tar(&[("a", S, &outside, b""), ("b", S, &outside, b"")]),
+            raw_tar(&[("a/.wh..wh..opq", F, "", b""), (".wh.b", F, "", b"")]),
+        ];
+        for layer in &layers {
+            unpack(layer.as_slice(), &dest, Whiteouts::Apply).expect("unpack");
+        }
+        assert_eq!(fs::read(&victim).expect("victim survives"), b"keep");
+        assert!(fs::symlink_metadata(dest.join("a")).is_ok_and(|m| m.is_symlink()));
+        assert!(
+            fs::symlink_metadata(dest.join("b")).is_err(),
+            "the link itself is removed"
+        );
     }
 
     #[test]
