@@ -7,7 +7,9 @@
 //! and group names, and a PAX record for whatever ustar cannot hold (long names and link
 //! targets, big ids and sizes).
 
+use std::collections::{HashMap, hash_map};
 use std::ffi::OsStr;
+use std::hash::Hash;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -95,6 +97,37 @@ pub(crate) fn whiteout(path: &Path) -> Option<Whiteout<'_>> {
         return None;
     }
     Some(Whiteout::Remove(parent.join(OsStr::from_bytes(hidden))))
+}
+
+/// Hard links inside one tar: the first path written for an inode carries its data, the
+/// later ones become links to it.
+#[derive(Debug)]
+pub(crate) struct Links<K> {
+    first: HashMap<K, PathBuf>,
+}
+
+impl<K: Hash + Eq> Links<K> {
+    pub(crate) fn new() -> Self {
+        Self {
+            first: HashMap::new(),
+        }
+    }
+
+    /// Makes `entry` a link when its inode was written before (true: no data to write);
+    /// otherwise remembers its path as the inode's first.
+    pub(crate) fn link(&mut self, inode: K, entry: &mut Entry) -> bool {
+        match self.first.entry(inode) {
+            hash_map::Entry::Occupied(first) => {
+                entry.kind = Kind::HardLink(first.get().clone());
+                entry.size = 0;
+                true
+            }
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(entry.path.clone());
+                false
+            }
+        }
+    }
 }
 
 /// Writes entries into a tar, applying the caller's ownership and mtime rules.

@@ -2,7 +2,7 @@
 //! filesystem (a tar or a directory). Every blob is verified as it is read, and the same
 //! image always gives the same bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 use super::ImageError;
-use super::entry::{Entry, Kind, TarSink, Whiteout, read_entry, whiteout};
+use super::entry::{Entry, Kind, Links, TarSink, Whiteout, read_entry, whiteout};
 use super::layer::{Compressor, Layer, LayerOptions, digest_of, path_bytes};
 use super::oci::{ImageConfig, MediaTypes, canonical_json, index_json};
 use super::unpack::{UnpackStats, Whiteouts, decompress, unpack};
@@ -222,18 +222,16 @@ pub fn write_rootfs_tar(
     }
 
     let mut sink = TarSink::new(Compressor::new(out, opts.compression), opts);
-    // Each file's first path in the output carries the data; its other paths link to it.
-    let mut written: HashMap<InodeId, PathBuf> = HashMap::new();
+    let mut links = Links::new();
     for node in tree.nodes.into_values() {
         let Some(data) = node.data else {
             sink.append(&node.entry, io::empty())?;
             continue;
         };
+        // Every path of a file is written with the file's own metadata.
         let mut entry = data.entry;
         entry.path = node.entry.path;
-        if let Some(first) = written.get(&data.id) {
-            entry.kind = Kind::HardLink(first.clone());
-            entry.size = 0;
+        if links.link(data.id, &mut entry) {
             sink.append(&entry, io::empty())?;
             continue;
         }
@@ -241,7 +239,6 @@ pub fn write_rootfs_tar(
         tar.seek(SeekFrom::Start(data.id.offset))
             .map_err(ImageError::Read)?;
         sink.append(&entry, tar.take(entry.size))?;
-        written.insert(data.id, entry.path);
     }
     let compressed = sink.finish().map_err(ImageError::Read)?;
     compressed.finish().map_err(ImageError::Read)?;

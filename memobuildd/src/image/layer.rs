@@ -10,7 +10,6 @@
 //! Upper dirs must come from mounts without `redirect_dir` and `metacopy`: their xattrs are
 //! not read here.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File};
@@ -22,7 +21,7 @@ use std::path::{Path, PathBuf};
 use flate2::write::GzEncoder;
 use sha2::{Digest as _, Sha256};
 
-use super::entry::{Entry, Kind, OPAQUE_MARKER, TarSink, WHITEOUT_PREFIX};
+use super::entry::{Entry, Kind, Links, OPAQUE_MARKER, TarSink, WHITEOUT_PREFIX};
 use super::oci::MediaTypes;
 use super::{ImageError, sys};
 use crate::cache::{Blob, Cas, Digest};
@@ -103,24 +102,11 @@ pub fn write_layer(
     let blob = BufWriter::with_capacity(1 << 18, cas.writer()?);
     let tar = HashingWriter::new(Compressor::new(blob, opts.compression));
     let mut sink = TarSink::new(tar, opts);
-    // The first path of each multiply-linked inode carries the data; the others link to it.
-    let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut links = Links::new();
     for Scanned { mut entry, inode } in entries {
-        if entry.kind != Kind::File {
-            sink.append(&entry, io::empty())?;
-            continue;
-        }
-        if let Some(inode) = inode {
-            if let Some(first) = inodes.get(&inode) {
-                entry.kind = Kind::HardLink(first.clone());
-                entry.size = 0;
-                sink.append(&entry, io::empty())?;
-                continue;
-            }
-            inodes.insert(inode, entry.path.clone());
-        }
-        // Whiteout markers have no file behind them; empty files have nothing to read.
-        if entry.size == 0 {
+        let linked = inode.is_some_and(|inode| links.link(inode, &mut entry));
+        // Links, whiteout markers and empty files have no data to read.
+        if entry.kind != Kind::File || entry.size == 0 || linked {
             sink.append(&entry, io::empty())?;
             continue;
         }
