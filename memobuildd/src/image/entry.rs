@@ -23,6 +23,16 @@ use super::layer::LayerOptions;
 pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 /// The OCI opaque marker: the directory holding it hides everything below it.
 pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// The PAX record prefix of extended attributes (GNU tar, Go, containerd).
+const XATTR_RECORD: &str = "SCHILY.xattr.";
+
+/// Whether an extended attribute belongs in a layer: overlayfs' bookkeeping (`origin`,
+/// `impure`, `opaque`, …) is the snapshotter's, and SELinux labels are the host's.
+pub(crate) fn carries_xattr(name: &str) -> bool {
+    !name.starts_with("trusted.overlay.")
+        && !name.starts_with("user.overlay.")
+        && name != "security.selinux"
+}
 
 // The largest numbers ustar's octal fields hold; beyond them a PAX record carries the value.
 const MAX_USTAR_ID: u64 = 0o7777777;
@@ -59,6 +69,8 @@ pub(crate) struct Entry {
     pub(crate) mtime: i64,
     /// Data bytes; only files have any.
     pub(crate) size: u64,
+    /// Extended attributes (`security.capability`, …), by name.
+    pub(crate) xattrs: Vec<(String, Vec<u8>)>,
 }
 
 impl Entry {
@@ -72,6 +84,7 @@ impl Entry {
             gid: 0,
             mtime,
             size: 0,
+            xattrs: Vec::new(),
         }
     }
 }
@@ -155,7 +168,9 @@ impl<'o, W: Write> TarSink<'o, W> {
         let (header, pax) = self.header(entry);
         let io = ImageError::entry_io(&entry.path);
         if !pax.is_empty() {
-            let records = pax.iter().map(|(key, value)| (*key, value.as_slice()));
+            let records = pax
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_slice()));
             if let Err(err) = self.builder.append_pax_extensions(records) {
                 return Err(io(err));
             }
@@ -172,7 +187,7 @@ impl<'o, W: Write> TarSink<'o, W> {
         self.builder.into_inner()
     }
 
-    fn header(&self, entry: &Entry) -> (Header, Vec<(&'static str, Vec<u8>)>) {
+    fn header(&self, entry: &Entry) -> (Header, Vec<(String, Vec<u8>)>) {
         let mut header = Header::new_ustar();
         let mut pax = Vec::new();
         let (entry_type, link) = match &entry.kind {
@@ -192,13 +207,13 @@ impl<'o, W: Write> TarSink<'o, W> {
         }
         if header.set_path(OsStr::from_bytes(&name)).is_err() {
             set_truncated(&mut header.as_old_mut().name, &name);
-            pax.push(("path", name));
+            pax.push(("path".to_owned(), name));
         }
         if let Some(target) = link {
             let target = target.as_os_str().as_bytes();
             if target.len() > MAX_USTAR_NAME || header.set_link_name_literal(target).is_err() {
                 set_truncated(&mut header.as_old_mut().linkname, target);
-                pax.push(("linkpath", target.to_vec()));
+                pax.push(("linkpath".to_owned(), target.to_vec()));
             }
         }
 
@@ -208,7 +223,7 @@ impl<'o, W: Write> TarSink<'o, W> {
         };
         for (key, value) in [("uid", uid), ("gid", gid)] {
             if value > MAX_USTAR_ID {
-                pax.push((key, value.to_string().into_bytes()));
+                pax.push((key.to_owned(), value.to_string().into_bytes()));
             }
         }
         header.set_uid(uid);
@@ -221,7 +236,10 @@ impl<'o, W: Write> TarSink<'o, W> {
         header.set_mtime(u64::try_from(mtime).unwrap_or(0));
         header.set_size(entry.size);
         if entry.size > MAX_USTAR_SIZE {
-            pax.push(("size", entry.size.to_string().into_bytes()));
+            pax.push(("size".to_owned(), entry.size.to_string().into_bytes()));
+        }
+        for (name, value) in &entry.xattrs {
+            pax.push((format!("{XATTR_RECORD}{name}"), value.clone()));
         }
         if let Kind::Char { major, minor } | Kind::Block { major, minor } = entry.kind {
             // Infallible on a ustar header.
@@ -323,6 +341,7 @@ pub(crate) fn read_entry<R: Read>(
             .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
             .map_err(ImageError::entry_io(&path))?,
         size: if kind == Kind::File { entry.size() } else { 0 },
+        xattrs: Vec::new(),
         kind,
         path,
     };
@@ -341,7 +360,13 @@ pub(crate) fn read_entry<R: Read>(
                     let whole = value().map(|v| v.split('.').next().unwrap_or(v));
                     read.mtime = parse_pax(whole, &read.path, "mtime")?;
                 }
-                _ => {}
+                Ok(key) => {
+                    if let Some(name) = key.strip_prefix(XATTR_RECORD) {
+                        let value = record.value_bytes().to_vec();
+                        read.xattrs.push((name.to_owned(), value));
+                    }
+                }
+                Err(_) => {}
             }
         }
     }

@@ -112,6 +112,7 @@ fn write_archive(
             gid: 0,
             mtime: 0,
             size: 0,
+            xattrs: Vec::new(),
         };
         match content {
             Content::Dir => {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use flate2::write::GzEncoder;
 use sha2::{Digest as _, Sha256};
 
-use super::entry::{Entry, Kind, Links, OPAQUE_MARKER, TarSink, WHITEOUT_PREFIX};
+use super::entry::{Entry, Kind, Links, OPAQUE_MARKER, TarSink, WHITEOUT_PREFIX, carries_xattr};
 use super::oci::MediaTypes;
 use super::{ImageError, sys};
 use crate::cache::{Blob, Cas, Digest};
@@ -197,6 +197,7 @@ fn scan(root: &Path, opts: &LayerOptions<'_>) -> Result<Vec<Scanned>, ImageError
                 dirs.push(rel.clone());
             }
             let inode = (kind == Kind::File && meta.nlink() > 1).then(|| (meta.dev(), meta.ino()));
+            let xattrs = xattrs(&path)?;
             let size = if kind == Kind::File { meta.len() } else { 0 };
             out.push(Scanned {
                 entry: Entry {
@@ -207,12 +208,28 @@ fn scan(root: &Path, opts: &LayerOptions<'_>) -> Result<Vec<Scanned>, ImageError
                     gid: u64::from(meta.gid()),
                     mtime: meta.mtime(),
                     size,
+                    xattrs,
                 },
                 inode,
             });
         }
     }
     Ok(out)
+}
+
+/// The extended attributes a layer carries for `path`, sorted by name.
+fn xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, ImageError> {
+    let mut names = sys::llistxattr(path).map_err(ImageError::io(path))?;
+    names.retain(|name| carries_xattr(name));
+    names.sort();
+    let mut xattrs = Vec::with_capacity(names.len());
+    for name in names {
+        // Gone since listed: nothing to carry.
+        if let Some(value) = sys::lgetxattr(path, &name).map_err(ImageError::io(path))? {
+            xattrs.push((name, value));
+        }
+    }
+    Ok(xattrs)
 }
 
 /// Whether overlayfs marked this upper directory opaque (root: `trusted.`, rootless
@@ -366,6 +383,14 @@ mod tests {
         let layer = write(&cas, tree.path(), &LayerOptions::default());
         let expected = list_dir(tree.path());
         assert!(expected["bin/su"].starts_with("file 4755 "), "{expected:?}");
+        assert!(
+            expected["etc/conf"].ends_with(" user.memobuild=6b657074"),
+            "{expected:?}"
+        );
+        if sys::is_root() {
+            let tool = &expected["bin/tool"];
+            assert!(tool.contains(" security.capability=01000002"), "{tool}");
+        }
         assert!(expected.contains_key("empty") && expected.contains_key("tmp/fifo"));
         assert_eq!(tar_of(&cas, &layer), expected);
 

@@ -6,8 +6,8 @@
 //! The last component is never followed: whatever is there is replaced. Hard link targets
 //! are resolved the same way.
 //!
-//! Modes (setuid, setgid, sticky included), symlink targets and mtimes are kept; ownership
-//! too when running as root (otherwise files stay the caller's).
+//! Modes (setuid, setgid, sticky included), symlink targets, mtimes and extended attributes
+//! are kept; ownership too when running as root (otherwise files stay the caller's).
 
 use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -175,6 +175,15 @@ impl Unpacker<'_> {
             // Before chmod: chown clears setuid and setgid.
             let id = |id: u64| u32::try_from(id).map_err(|_| io::ErrorKind::InvalidData);
             std::os::unix::fs::lchown(target, Some(id(entry.uid)?), Some(id(entry.gid)?))?;
+        }
+        // After chown, which clears security.capability. Best effort: a filesystem without
+        // xattrs, or a caller without the privilege for `trusted.` or `security.`, keeps the
+        // file without them, as Docker does.
+        for (name, value) in &entry.xattrs {
+            match sys::lsetxattr(target, name, value) {
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP)) => {}
+                result => result?,
+            }
         }
         match entry.kind {
             Kind::Dir => self.dirs.push((target.to_owned(), entry.mode, entry.mtime)),
