@@ -135,8 +135,8 @@ fn write_archive(
 }
 
 /// A blob's bytes, checked against its digest and size as they are read: the last read
-/// fails instead of returning corrupt data's end.
-pub(crate) fn open_blob(cas: &Cas, blob: &Blob) -> Result<impl Read + use<>, ImageError> {
+/// fails instead of returning corrupt data's end. Read it to the end ([`unpack()`] does).
+pub fn open_blob(cas: &Cas, blob: &Blob) -> Result<impl Read + use<>, ImageError> {
     Ok(Verified {
         inner: cas::open(cas, &blob.digest)?,
         blob: blob.clone(),
@@ -510,6 +510,8 @@ mod tests {
         std::fs::write(cas.path(&layer.digest), damaged).expect("damage");
         let err = write().expect_err("corrupt blob");
         assert!(err.to_string().contains(layer.digest.as_str()), "{err}");
+        let dest = tempfile::tempdir().expect("dest");
+        write_rootfs_dir(&cas, &blobs(&image), dest.path()).expect_err("corrupt layer");
     }
 
     #[test]

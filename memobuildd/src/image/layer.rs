@@ -3,7 +3,7 @@
 //! The directory is an overlayfs upper dir (its whiteouts — 0:0 character devices and
 //! `overlay.opaque` directories — become OCI `.wh.` entries) or a staged tree. The same tree
 //! always gives the same bytes: entries sorted by path, headers built field by field
-//! ([`TarSink`]), mtimes optionally clamped to `SOURCE_DATE_EPOCH`, no user or group names.
+//! (`entry::TarSink`), mtimes optionally clamped to `SOURCE_DATE_EPOCH`, no user or group names.
 //! The tar's SHA-256 (the diff-id) and the compressed SHA-256 (the digest) are computed in the
 //! one pass that streams the layer into a [`BlobWriter`](crate::cache::BlobWriter).
 //!

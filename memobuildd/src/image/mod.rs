@@ -8,7 +8,7 @@
 //! - [`layer`]: [`write_layer`] turns a directory (an overlayfs upper dir or a staged tree) into
 //!   a deterministic, compressed layer [`Layer`] in the [`Cas`](crate::cache::Cas), hashing the
 //!   tar (diff-id) and the gzip (digest) in one pass.
-//! - [`unpack`]: [`unpack()`] extracts a layer into a directory, either as an overlayfs lowerdir
+//! - [`mod@unpack`]: [`unpack()`] extracts a layer into a directory, either as an overlayfs lowerdir
 //!   ([`Whiteouts::Overlay`]) or merged into a root filesystem ([`Whiteouts::Apply`]), never
 //!   writing outside it.
 //! - [`export`]: [`ImageParts`] to an OCI archive, a `docker load` archive, or a root-filesystem
@@ -31,7 +31,8 @@ use std::path::PathBuf;
 use crate::cache::{CasError, Digest};
 
 pub use export::{
-    ImageParts, write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
+    ImageParts, open_blob, write_docker_archive, write_oci_archive, write_rootfs_dir,
+    write_rootfs_tar,
 };
 pub use layer::{Compression, Layer, LayerOptions, Owner, write_layer};
 pub use oci::{

@@ -3,7 +3,7 @@
 //! Our own serde types rather than `oci-spec`: its maps are `HashMap`s and its builders make
 //! every field optional, so we would convert to our shape and to sorted JSON anyway; what we
 //! need is a page of types whose field names are the spec's. Output goes through
-//! [`canonical_json`] (sorted keys, no whitespace, empty fields omitted as Docker and BuildKit
+//! `canonical_json` (sorted keys, no whitespace, empty fields omitted as Docker and BuildKit
 //! omit them), so the same config always has the same digest. Parsing accepts both OCI and
 //! Docker schema-2 documents, including the `null`s Docker writes for empty lists.
 

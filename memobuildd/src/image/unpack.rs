@@ -68,6 +68,8 @@ pub fn unpack(
             unpacker.extract(&entry, &mut item)?;
         }
     }
+    // Read to the very end so that gzip's CRC and a verifying reader see every byte.
+    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(ImageError::Read)?;
     unpacker.finish()
 }
 
