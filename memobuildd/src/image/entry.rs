@@ -290,87 +290,102 @@ impl<R: Read> Read for Exact<R> {
 pub(crate) fn read_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
 ) -> Result<Option<Entry>, ImageError> {
-    let raw = entry.path_bytes().into_owned();
-    let path = clean_path(&raw)?;
-    let header = entry.header();
-    let kind = match header.entry_type() {
-        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Kind::File,
-        EntryType::Directory => Kind::Dir,
-        EntryType::Symlink => Kind::Symlink(PathBuf::from(OsStr::from_bytes(
-            &entry.link_name_bytes().unwrap_or_default(),
-        ))),
-        EntryType::Link => {
-            let target = entry.link_name_bytes().unwrap_or_default();
-            let target = clean_path(&target).map_err(|_| {
-                let target = String::from_utf8_lossy(&target);
-                ImageError::entry(
-                    &path,
-                    format!("hard link target {target:?} leaves the layer"),
-                )
-            })?;
-            Kind::HardLink(target)
-        }
-        EntryType::Fifo => Kind::Fifo,
-        EntryType::Char | EntryType::Block => {
-            let major = header.device_major().ok().flatten().unwrap_or(0);
-            let minor = header.device_minor().ok().flatten().unwrap_or(0);
-            if header.entry_type() == EntryType::Char {
-                Kind::Char { major, minor }
-            } else {
-                Kind::Block { major, minor }
-            }
-        }
-        EntryType::XGlobalHeader => return Ok(None),
-        other => {
-            return Err(ImageError::entry(
-                &path,
-                format!("unsupported tar entry type {other:?}"),
-            ));
-        }
+    let path = clean_path(&entry.path_bytes())?;
+    let Some(kind) = kind_of(entry, &path)? else {
+        return Ok(None);
     };
     if path.as_os_str().is_empty() {
         return Ok(None);
     }
-    let io = ImageError::entry_io(&path);
+    let header = entry.header();
+    let io = |source| ImageError::EntryIo {
+        entry: path.display().to_string(),
+        source,
+    };
+    let mtime = header.mtime().map_err(io)?;
     let mut read = Entry {
         mode: header.mode().map_err(io)? & 0o7777,
-        uid: header.uid().map_err(ImageError::entry_io(&path))?,
-        gid: header.gid().map_err(ImageError::entry_io(&path))?,
-        mtime: header
-            .mtime()
-            .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
-            .map_err(ImageError::entry_io(&path))?,
+        uid: header.uid().map_err(io)?,
+        gid: header.gid().map_err(io)?,
+        mtime: i64::try_from(mtime).unwrap_or(i64::MAX),
         size: if kind == Kind::File { entry.size() } else { 0 },
         xattrs: Vec::new(),
         kind,
         path,
     };
-    if let Some(records) = entry
+    apply_pax(entry, &mut read)?;
+    Ok(Some(read))
+}
+
+/// The entry's kind; `None` for PAX global headers, which describe no file.
+fn kind_of<R: Read>(entry: &tar::Entry<'_, R>, path: &Path) -> Result<Option<Kind>, ImageError> {
+    let header = entry.header();
+    let link = || entry.link_name_bytes().unwrap_or_default().into_owned();
+    let device = || {
+        let major = header.device_major().ok().flatten().unwrap_or(0);
+        let minor = header.device_minor().ok().flatten().unwrap_or(0);
+        (major, minor)
+    };
+    Ok(Some(match header.entry_type() {
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Kind::File,
+        EntryType::Directory => Kind::Dir,
+        EntryType::Symlink => Kind::Symlink(PathBuf::from(OsStr::from_bytes(&link()))),
+        EntryType::Link => {
+            let target = link();
+            Kind::HardLink(clean_path(&target).map_err(|_| {
+                let target = String::from_utf8_lossy(&target);
+                ImageError::entry(
+                    path,
+                    format!("hard link target {target:?} leaves the layer"),
+                )
+            })?)
+        }
+        EntryType::Fifo => Kind::Fifo,
+        EntryType::Char => {
+            let (major, minor) = device();
+            Kind::Char { major, minor }
+        }
+        EntryType::Block => {
+            let (major, minor) = device();
+            Kind::Block { major, minor }
+        }
+        EntryType::XGlobalHeader => return Ok(None),
+        other => {
+            let reason = format!("unsupported tar entry type {other:?}");
+            return Err(ImageError::entry(path, reason));
+        }
+    }))
+}
+
+/// Applies the entry's PAX records beyond path, link and size (which `tar` applies itself).
+fn apply_pax<R: Read>(entry: &mut tar::Entry<'_, R>, read: &mut Entry) -> Result<(), ImageError> {
+    let Some(records) = entry
         .pax_extensions()
         .map_err(ImageError::entry_io(&read.path))?
-    {
-        for record in records {
-            let record = record.map_err(ImageError::entry_io(&read.path))?;
-            let value = || std::str::from_utf8(record.value_bytes()).ok();
-            match record.key() {
-                Ok("uid") => read.uid = parse_pax(value(), &read.path, "uid")?,
-                Ok("gid") => read.gid = parse_pax(value(), &read.path, "gid")?,
-                // Fractional seconds exist; tar headers here carry whole ones.
-                Ok("mtime") => {
-                    let whole = value().map(|v| v.split('.').next().unwrap_or(v));
-                    read.mtime = parse_pax(whole, &read.path, "mtime")?;
-                }
-                Ok(key) => {
-                    if let Some(name) = key.strip_prefix(XATTR_RECORD) {
-                        let value = record.value_bytes().to_vec();
-                        read.xattrs.push((name.to_owned(), value));
-                    }
-                }
-                Err(_) => {}
+    else {
+        return Ok(());
+    };
+    for record in records {
+        let record = record.map_err(ImageError::entry_io(&read.path))?;
+        let value = || std::str::from_utf8(record.value_bytes()).ok();
+        match record.key() {
+            Ok("uid") => read.uid = parse_pax(value(), &read.path, "uid")?,
+            Ok("gid") => read.gid = parse_pax(value(), &read.path, "gid")?,
+            // Fractional seconds exist; tar headers here carry whole ones.
+            Ok("mtime") => {
+                let whole = value().map(|v| v.split('.').next().unwrap_or(v));
+                read.mtime = parse_pax(whole, &read.path, "mtime")?;
             }
+            Ok(key) => {
+                if let Some(name) = key.strip_prefix(XATTR_RECORD) {
+                    read.xattrs
+                        .push((name.to_owned(), record.value_bytes().to_vec()));
+                }
+            }
+            Err(_) => {}
         }
     }
-    Ok(Some(read))
+    Ok(())
 }
 
 fn parse_pax<T: std::str::FromStr>(

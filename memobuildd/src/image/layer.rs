@@ -156,65 +156,66 @@ fn scan(root: &Path, opts: &LayerOptions<'_>) -> Result<Vec<Scanned>, ImageError
             if opts.skips(&rel) {
                 continue;
             }
-            let path = item.path();
-            let meta = fs::symlink_metadata(&path).map_err(ImageError::io(&path))?;
-            let file_type = meta.file_type();
-            if file_type.is_char_device() && meta.rdev() == 0 {
-                let mut name = OsString::from(WHITEOUT_PREFIX);
-                name.push(item.file_name());
-                out.push(Scanned {
-                    entry: Entry::marker(rel.with_file_name(name), meta.mtime()),
-                    inode: None,
-                });
-                continue;
+            if let Some(kind) = scan_one(&item.path(), rel.clone(), &mut out)?
+                && kind == Kind::Dir
+            {
+                dirs.push(rel);
             }
-            let kind = if file_type.is_dir() {
-                Kind::Dir
-            } else if file_type.is_file() {
-                Kind::File
-            } else if file_type.is_symlink() {
-                Kind::Symlink(fs::read_link(&path).map_err(ImageError::io(&path))?)
-            } else if file_type.is_fifo() {
-                Kind::Fifo
-            } else if file_type.is_char_device() || file_type.is_block_device() {
-                let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-                if file_type.is_char_device() {
-                    Kind::Char { major, minor }
-                } else {
-                    Kind::Block { major, minor }
-                }
-            } else {
-                // Sockets belong to a running process, not to an image (containerd agrees).
-                continue;
-            };
-            if kind == Kind::Dir {
-                if is_opaque(&path)? {
-                    out.push(Scanned {
-                        entry: Entry::marker(rel.join(OPAQUE_MARKER), meta.mtime()),
-                        inode: None,
-                    });
-                }
-                dirs.push(rel.clone());
-            }
-            let inode = (kind == Kind::File && meta.nlink() > 1).then(|| (meta.dev(), meta.ino()));
-            let xattrs = xattrs(&path)?;
-            let size = if kind == Kind::File { meta.len() } else { 0 };
-            out.push(Scanned {
-                entry: Entry {
-                    path: rel,
-                    kind,
-                    mode: meta.mode() & 0o7777,
-                    uid: u64::from(meta.uid()),
-                    gid: u64::from(meta.gid()),
-                    mtime: meta.mtime(),
-                    size,
-                    xattrs,
-                },
-                inode,
-            });
         }
     }
     Ok(out)
+}
+
+/// Adds what one file contributes: its entry, or the OCI whiteout an overlay whiteout stands
+/// for, and the opaque marker of an opaque directory. Returns the entry's kind, `None` for
+/// what a layer leaves out: sockets belong to a running process (containerd agrees).
+fn scan_one(path: &Path, rel: PathBuf, out: &mut Vec<Scanned>) -> Result<Option<Kind>, ImageError> {
+    let meta = fs::symlink_metadata(path).map_err(ImageError::io(path))?;
+    let file_type = meta.file_type();
+    let marker = |path| Scanned {
+        entry: Entry::marker(path, meta.mtime()),
+        inode: None,
+    };
+    if file_type.is_char_device() && meta.rdev() == 0 {
+        let mut name = OsString::from(WHITEOUT_PREFIX);
+        name.push(rel.file_name().unwrap_or_default());
+        out.push(marker(rel.with_file_name(name)));
+        return Ok(None);
+    }
+    let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+    let kind = if file_type.is_dir() {
+        Kind::Dir
+    } else if file_type.is_file() {
+        Kind::File
+    } else if file_type.is_symlink() {
+        Kind::Symlink(fs::read_link(path).map_err(ImageError::io(path))?)
+    } else if file_type.is_fifo() {
+        Kind::Fifo
+    } else if file_type.is_char_device() {
+        Kind::Char { major, minor }
+    } else if file_type.is_block_device() {
+        Kind::Block { major, minor }
+    } else {
+        return Ok(None);
+    };
+    if kind == Kind::Dir && is_opaque(path)? {
+        out.push(marker(rel.join(OPAQUE_MARKER)));
+    }
+    let is_file = kind == Kind::File;
+    out.push(Scanned {
+        entry: Entry {
+            path: rel,
+            kind: kind.clone(),
+            mode: meta.mode() & 0o7777,
+            uid: u64::from(meta.uid()),
+            gid: u64::from(meta.gid()),
+            mtime: meta.mtime(),
+            size: if is_file { meta.len() } else { 0 },
+            xattrs: xattrs(path)?,
+        },
+        inode: (is_file && meta.nlink() > 1).then(|| (meta.dev(), meta.ino())),
+    });
+    Ok(Some(kind))
 }
 
 /// The extended attributes a layer carries for `path`, sorted by name.
