@@ -113,9 +113,7 @@ impl Unpacker<'_> {
             return self.whiteout(whiteout, entry);
         }
         let path = &entry.path;
-        let target = self
-            .resolve(path, true)?
-            .expect("created parents always resolve");
+        let target = self.place(path)?;
         let io = |err| ImageError::EntryIo {
             entry: path.display().to_string(),
             source: err,
@@ -143,7 +141,7 @@ impl Unpacker<'_> {
             Kind::Symlink(link) => std::os::unix::fs::symlink(link, &target).map_err(io)?,
             Kind::HardLink(link) => {
                 let source = self
-                    .resolve(link, false)?
+                    .find(link)?
                     .filter(|source| source.symlink_metadata().is_ok())
                     .ok_or_else(|| {
                         ImageError::entry(path, format!("hard link to missing {}", link.display()))
@@ -202,14 +200,12 @@ impl Unpacker<'_> {
         let io = ImageError::entry_io(&entry.path);
         match (self.whiteouts, whiteout) {
             (Whiteouts::Overlay, Whiteout::Remove(hidden)) => {
-                let target = self
-                    .resolve(&hidden, true)?
-                    .expect("created parents resolve");
+                let target = self.place(&hidden)?;
                 remove(&target).map_err(ImageError::entry_io(&entry.path))?;
                 sys::mknod(&target, Node::Char, 0, 0, 0).map_err(io)?;
             }
             (Whiteouts::Overlay, Whiteout::Opaque(dir)) => {
-                let target = self.resolve(dir, true)?.expect("created parents resolve");
+                let target = self.place(dir)?;
                 if !fs::symlink_metadata(&target).is_ok_and(|meta| meta.is_dir()) {
                     remove(&target).map_err(ImageError::entry_io(&entry.path))?;
                     fs::DirBuilder::new()
@@ -220,12 +216,12 @@ impl Unpacker<'_> {
                 sys::lsetxattr(&target, "trusted.overlay.opaque", b"y").map_err(io)?;
             }
             (Whiteouts::Apply, Whiteout::Remove(hidden)) => {
-                if let Some(target) = self.resolve(&hidden, false)? {
+                if let Some(target) = self.find(&hidden)? {
                     remove(&target).map_err(io)?;
                 }
             }
             (Whiteouts::Apply, Whiteout::Opaque(dir)) => {
-                let Some(target) = self.resolve(dir, false)? else {
+                let Some(target) = self.find(dir)? else {
                     return Ok(());
                 };
                 // Never list through a symlink: its children are not this tree's.
@@ -244,9 +240,24 @@ impl Unpacker<'_> {
         Ok(())
     }
 
+    /// Where `rel` goes under `dest`, missing parent directories created.
+    fn place(&self, rel: &Path) -> Result<PathBuf, ImageError> {
+        let placed = self.resolve(rel, true)?;
+        Ok(placed.expect("resolve with create makes every parent"))
+    }
+
+    /// Where `rel` is under `dest`; `None` when a parent directory is missing.
+    fn find(&self, rel: &Path) -> Result<Option<PathBuf>, ImageError> {
+        self.resolve(rel, false)
+    }
+
     /// Where `rel` lives under `dest`: its parents resolved inside `dest` (symlinks followed,
     /// missing directories created when `create`, else `None`), its last component as is.
     fn resolve(&self, rel: &Path, create: bool) -> Result<Option<PathBuf>, ImageError> {
+        // The root itself: a top-level opaque marker hides everything below.
+        if rel.as_os_str().is_empty() {
+            return Ok(Some(self.dest.to_owned()));
+        }
         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
             return Err(ImageError::entry(rel, "empty path"));
         };
@@ -428,6 +439,24 @@ mod tests {
         }
         let paths: Vec<String> = list_dir(dest.path()).into_keys().collect();
         assert_eq!(paths, ["a", "a/keep", "d", "d/-new", "e", "e/y"]);
+    }
+
+    #[test]
+    fn a_top_level_opaque_marker_hides_every_earlier_layer() {
+        let dest = tempfile::tempdir().expect("dest");
+        let layers = [
+            raw_tar(&[("x/", D, "", b""), ("x/old", F, "", b"old")]),
+            raw_tar(&[
+                ("a", F, "", b"a"),
+                (".wh..wh..opq", F, "", b""),
+                ("y", F, "", b"y"),
+            ]),
+        ];
+        for layer in &layers {
+            unpack(layer.as_slice(), dest.path(), Whiteouts::Apply).expect("unpack");
+        }
+        let paths: Vec<String> = list_dir(dest.path()).into_keys().collect();
+        assert_eq!(paths, ["a", "y"]);
     }
 
     #[test]
