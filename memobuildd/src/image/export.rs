@@ -554,8 +554,8 @@ mod tests {
     }
 
     #[test]
-    fn umoci_and_skopeo_accept_oci_archives() {
-        let test = "umoci_and_skopeo_accept_oci_archives";
+    fn umoci_and_skopeo_accept_our_archives() {
+        let test = "umoci_and_skopeo_accept_our_archives";
         if !require_tool("umoci", test) || !require_tool("skopeo", test) {
             return;
         }
@@ -584,6 +584,25 @@ mod tests {
             Some(2),
             "{inspect}"
         );
+        // A copy reads every blob and checks its digest.
+        run(Command::new("skopeo")
+            .arg("copy")
+            .arg(format!("oci-archive:{}", file.display()))
+            .arg(format!("dir:{}", work.path().join("copy").display())));
+
+        let docker = work.path().join("docker.tar");
+        let tags = ["memobuild/test:latest".to_owned()];
+        write_docker_archive(&cas, &image, &tags, File::create(&docker).expect("create"))
+            .expect("docker archive");
+        let inspect = run(Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("docker-archive:{}", docker.display())));
+        let inspect: serde_json::Value = serde_json::from_slice(&inspect).expect("json");
+        assert_eq!(
+            inspect["Layers"].as_array().map(Vec::len),
+            Some(2),
+            "{inspect}"
+        );
 
         let layout = work.path().join("layout");
         std::fs::create_dir(&layout).expect("mkdir");
@@ -603,10 +622,19 @@ mod tests {
             .arg("--image")
             .arg(format!("{}:latest", layout.display()))
             .arg(&bundle));
-        let ours = list_tar(rootfs_tar(&cas, &image).as_slice());
-        assert_eq!(
-            comparable(list_dir(&bundle.join("rootfs")), as_root),
-            comparable(ours, as_root)
-        );
+        let rootfs = rootfs_tar(&cas, &image);
+        let ours = comparable(list_tar(rootfs.as_slice()), as_root);
+        assert_eq!(comparable(list_dir(&bundle.join("rootfs")), as_root), ours);
+
+        // GNU tar reads our headers (PAX names, links, xattrs) the same way.
+        let gnu = work.path().join("gnu");
+        std::fs::create_dir(&gnu).expect("mkdir");
+        std::fs::write(work.path().join("rootfs.tar"), &rootfs).expect("write");
+        run(Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*", "-xpf"])
+            .arg(work.path().join("rootfs.tar"))
+            .arg("-C")
+            .arg(&gnu));
+        assert_eq!(comparable(list_dir(&gnu), as_root), ours);
     }
 }
