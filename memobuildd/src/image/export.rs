@@ -130,7 +130,7 @@ fn write_archive(
             }
         }
     }
-    sink.finish().map_err(ImageError::Read)?;
+    sink.finish().map_err(ImageError::Write)?;
     Ok(())
 }
 
@@ -241,8 +241,8 @@ pub fn write_rootfs_tar(
             .map_err(ImageError::Read)?;
         sink.append(&entry, tar.take(entry.size))?;
     }
-    let compressed = sink.finish().map_err(ImageError::Read)?;
-    compressed.finish().map_err(ImageError::Read)?;
+    let compressed = sink.finish().map_err(ImageError::Write)?;
+    compressed.finish().map_err(ImageError::Write)?;
     Ok(())
 }
 

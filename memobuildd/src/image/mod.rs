@@ -37,10 +37,11 @@ pub use export::{
 pub use layer::{Compression, Layer, LayerOptions, Owner, write_layer};
 pub use oci::{
     Descriptor, Healthcheck, History, ImageConfig, Index, Manifest, MediaTypes, Platform,
-    RuntimeConfig,
+    RuntimeConfig, index_json, manifest_json,
 };
 pub use unpack::{UnpackStats, Whiteouts, unpack};
 
+/// What can go wrong with an image's bytes; each variant names what it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{}: {source}", path.display())]
@@ -59,6 +60,8 @@ pub enum ImageError {
     },
     #[error("reading a layer: {0}")]
     Read(#[source] std::io::Error),
+    #[error("writing the export: {0}")]
+    Write(#[source] std::io::Error),
     #[error("invalid {what}: {source}")]
     Json {
         what: &'static str,
