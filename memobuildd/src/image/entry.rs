@@ -7,7 +7,9 @@
 //! and group names, and a PAX record for whatever ustar cannot hold (long names and link
 //! targets, big ids and sizes).
 
+use std::collections::{HashMap, hash_map};
 use std::ffi::OsStr;
+use std::hash::Hash;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -21,6 +23,16 @@ use super::layer::LayerOptions;
 pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 /// The OCI opaque marker: the directory holding it hides everything below it.
 pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// The PAX record prefix of extended attributes (GNU tar, Go, containerd).
+const XATTR_RECORD: &str = "SCHILY.xattr.";
+
+/// Whether an extended attribute belongs in a layer: overlayfs' bookkeeping (`origin`,
+/// `impure`, `opaque`, …) is the snapshotter's, and SELinux labels are the host's.
+pub(crate) fn carries_xattr(name: &str) -> bool {
+    !name.starts_with("trusted.overlay.")
+        && !name.starts_with("user.overlay.")
+        && name != "security.selinux"
+}
 
 // The largest numbers ustar's octal fields hold; beyond them a PAX record carries the value.
 const MAX_USTAR_ID: u64 = 0o7777777;
@@ -57,6 +69,8 @@ pub(crate) struct Entry {
     pub(crate) mtime: i64,
     /// Data bytes; only files have any.
     pub(crate) size: u64,
+    /// Extended attributes (`security.capability`, …), by name.
+    pub(crate) xattrs: Vec<(String, Vec<u8>)>,
 }
 
 impl Entry {
@@ -70,6 +84,7 @@ impl Entry {
             gid: 0,
             mtime,
             size: 0,
+            xattrs: Vec::new(),
         }
     }
 }
@@ -90,7 +105,42 @@ pub(crate) fn whiteout(path: &Path) -> Option<Whiteout<'_>> {
         return Some(Whiteout::Opaque(parent));
     }
     let hidden = name.strip_prefix(WHITEOUT_PREFIX.as_bytes())?;
+    // `.wh.`, `.wh..` and `.wh...` name no sibling; they stay the odd files they are.
+    if matches!(hidden, b"" | b"." | b"..") {
+        return None;
+    }
     Some(Whiteout::Remove(parent.join(OsStr::from_bytes(hidden))))
+}
+
+/// Hard links inside one tar: the first path written for an inode carries its data, the
+/// later ones become links to it.
+#[derive(Debug)]
+pub(crate) struct Links<K> {
+    first: HashMap<K, PathBuf>,
+}
+
+impl<K: Hash + Eq> Links<K> {
+    pub(crate) fn new() -> Self {
+        Self {
+            first: HashMap::new(),
+        }
+    }
+
+    /// Makes `entry` a link when its inode was written before (true: no data to write);
+    /// otherwise remembers its path as the inode's first.
+    pub(crate) fn link(&mut self, inode: K, entry: &mut Entry) -> bool {
+        match self.first.entry(inode) {
+            hash_map::Entry::Occupied(first) => {
+                entry.kind = Kind::HardLink(first.get().clone());
+                entry.size = 0;
+                true
+            }
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(entry.path.clone());
+                false
+            }
+        }
+    }
 }
 
 /// Writes entries into a tar, applying the caller's ownership and mtime rules.
@@ -118,7 +168,9 @@ impl<'o, W: Write> TarSink<'o, W> {
         let (header, pax) = self.header(entry);
         let io = ImageError::entry_io(&entry.path);
         if !pax.is_empty() {
-            let records = pax.iter().map(|(key, value)| (*key, value.as_slice()));
+            let records = pax
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_slice()));
             if let Err(err) = self.builder.append_pax_extensions(records) {
                 return Err(io(err));
             }
@@ -135,7 +187,7 @@ impl<'o, W: Write> TarSink<'o, W> {
         self.builder.into_inner()
     }
 
-    fn header(&self, entry: &Entry) -> (Header, Vec<(&'static str, Vec<u8>)>) {
+    fn header(&self, entry: &Entry) -> (Header, Vec<(String, Vec<u8>)>) {
         let mut header = Header::new_ustar();
         let mut pax = Vec::new();
         let (entry_type, link) = match &entry.kind {
@@ -155,13 +207,13 @@ impl<'o, W: Write> TarSink<'o, W> {
         }
         if header.set_path(OsStr::from_bytes(&name)).is_err() {
             set_truncated(&mut header.as_old_mut().name, &name);
-            pax.push(("path", name));
+            pax.push(("path".to_owned(), name));
         }
         if let Some(target) = link {
             let target = target.as_os_str().as_bytes();
             if target.len() > MAX_USTAR_NAME || header.set_link_name_literal(target).is_err() {
                 set_truncated(&mut header.as_old_mut().linkname, target);
-                pax.push(("linkpath", target.to_vec()));
+                pax.push(("linkpath".to_owned(), target.to_vec()));
             }
         }
 
@@ -171,7 +223,7 @@ impl<'o, W: Write> TarSink<'o, W> {
         };
         for (key, value) in [("uid", uid), ("gid", gid)] {
             if value > MAX_USTAR_ID {
-                pax.push((key, value.to_string().into_bytes()));
+                pax.push((key.to_owned(), value.to_string().into_bytes()));
             }
         }
         header.set_uid(uid);
@@ -184,7 +236,10 @@ impl<'o, W: Write> TarSink<'o, W> {
         header.set_mtime(u64::try_from(mtime).unwrap_or(0));
         header.set_size(entry.size);
         if entry.size > MAX_USTAR_SIZE {
-            pax.push(("size", entry.size.to_string().into_bytes()));
+            pax.push(("size".to_owned(), entry.size.to_string().into_bytes()));
+        }
+        for (name, value) in &entry.xattrs {
+            pax.push((format!("{XATTR_RECORD}{name}"), value.clone()));
         }
         if let Kind::Char { major, minor } | Kind::Block { major, minor } = entry.kind {
             // Infallible on a ustar header.
@@ -235,80 +290,102 @@ impl<R: Read> Read for Exact<R> {
 pub(crate) fn read_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
 ) -> Result<Option<Entry>, ImageError> {
-    let raw = entry.path_bytes().into_owned();
-    let path = clean_path(&raw)?;
-    let header = entry.header();
-    let kind = match header.entry_type() {
-        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Kind::File,
-        EntryType::Directory => Kind::Dir,
-        EntryType::Symlink => Kind::Symlink(PathBuf::from(OsStr::from_bytes(
-            &entry.link_name_bytes().unwrap_or_default(),
-        ))),
-        EntryType::Link => {
-            let target = entry.link_name_bytes().unwrap_or_default();
-            let target = clean_path(&target).map_err(|_| {
-                let target = String::from_utf8_lossy(&target);
-                ImageError::entry(
-                    &path,
-                    format!("hard link target {target:?} leaves the layer"),
-                )
-            })?;
-            Kind::HardLink(target)
-        }
-        EntryType::Fifo => Kind::Fifo,
-        EntryType::Char | EntryType::Block => {
-            let major = header.device_major().ok().flatten().unwrap_or(0);
-            let minor = header.device_minor().ok().flatten().unwrap_or(0);
-            if header.entry_type() == EntryType::Char {
-                Kind::Char { major, minor }
-            } else {
-                Kind::Block { major, minor }
-            }
-        }
-        EntryType::XGlobalHeader => return Ok(None),
-        other => {
-            return Err(ImageError::entry(
-                &path,
-                format!("unsupported tar entry type {other:?}"),
-            ));
-        }
+    let path = clean_path(&entry.path_bytes())?;
+    let Some(kind) = kind_of(entry, &path)? else {
+        return Ok(None);
     };
     if path.as_os_str().is_empty() {
         return Ok(None);
     }
-    let io = ImageError::entry_io(&path);
+    let header = entry.header();
+    let io = |source| ImageError::EntryIo {
+        entry: path.display().to_string(),
+        source,
+    };
+    let mtime = header.mtime().map_err(io)?;
     let mut read = Entry {
         mode: header.mode().map_err(io)? & 0o7777,
-        uid: header.uid().map_err(ImageError::entry_io(&path))?,
-        gid: header.gid().map_err(ImageError::entry_io(&path))?,
-        mtime: header
-            .mtime()
-            .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
-            .map_err(ImageError::entry_io(&path))?,
+        uid: header.uid().map_err(io)?,
+        gid: header.gid().map_err(io)?,
+        mtime: i64::try_from(mtime).unwrap_or(i64::MAX),
         size: if kind == Kind::File { entry.size() } else { 0 },
+        xattrs: Vec::new(),
         kind,
         path,
     };
-    if let Some(records) = entry
+    apply_pax(entry, &mut read)?;
+    Ok(Some(read))
+}
+
+/// The entry's kind; `None` for PAX global headers, which describe no file.
+fn kind_of<R: Read>(entry: &tar::Entry<'_, R>, path: &Path) -> Result<Option<Kind>, ImageError> {
+    let header = entry.header();
+    let link = || entry.link_name_bytes().unwrap_or_default().into_owned();
+    let device = || {
+        let major = header.device_major().ok().flatten().unwrap_or(0);
+        let minor = header.device_minor().ok().flatten().unwrap_or(0);
+        (major, minor)
+    };
+    Ok(Some(match header.entry_type() {
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Kind::File,
+        EntryType::Directory => Kind::Dir,
+        EntryType::Symlink => Kind::Symlink(PathBuf::from(OsStr::from_bytes(&link()))),
+        EntryType::Link => {
+            let target = link();
+            Kind::HardLink(clean_path(&target).map_err(|_| {
+                let target = String::from_utf8_lossy(&target);
+                ImageError::entry(
+                    path,
+                    format!("hard link target {target:?} leaves the layer"),
+                )
+            })?)
+        }
+        EntryType::Fifo => Kind::Fifo,
+        EntryType::Char => {
+            let (major, minor) = device();
+            Kind::Char { major, minor }
+        }
+        EntryType::Block => {
+            let (major, minor) = device();
+            Kind::Block { major, minor }
+        }
+        EntryType::XGlobalHeader => return Ok(None),
+        other => {
+            let reason = format!("unsupported tar entry type {other:?}");
+            return Err(ImageError::entry(path, reason));
+        }
+    }))
+}
+
+/// Applies the entry's PAX records beyond path, link and size (which `tar` applies itself).
+fn apply_pax<R: Read>(entry: &mut tar::Entry<'_, R>, read: &mut Entry) -> Result<(), ImageError> {
+    let Some(records) = entry
         .pax_extensions()
         .map_err(ImageError::entry_io(&read.path))?
-    {
-        for record in records {
-            let record = record.map_err(ImageError::entry_io(&read.path))?;
-            let value = || std::str::from_utf8(record.value_bytes()).ok();
-            match record.key() {
-                Ok("uid") => read.uid = parse_pax(value(), &read.path, "uid")?,
-                Ok("gid") => read.gid = parse_pax(value(), &read.path, "gid")?,
-                // Fractional seconds exist; tar headers here carry whole ones.
-                Ok("mtime") => {
-                    let whole = value().map(|v| v.split('.').next().unwrap_or(v));
-                    read.mtime = parse_pax(whole, &read.path, "mtime")?;
-                }
-                _ => {}
+    else {
+        return Ok(());
+    };
+    for record in records {
+        let record = record.map_err(ImageError::entry_io(&read.path))?;
+        let value = || std::str::from_utf8(record.value_bytes()).ok();
+        match record.key() {
+            Ok("uid") => read.uid = parse_pax(value(), &read.path, "uid")?,
+            Ok("gid") => read.gid = parse_pax(value(), &read.path, "gid")?,
+            // Fractional seconds exist; tar headers here carry whole ones.
+            Ok("mtime") => {
+                let whole = value().map(|v| v.split('.').next().unwrap_or(v));
+                read.mtime = parse_pax(whole, &read.path, "mtime")?;
             }
+            Ok(key) => {
+                if let Some(name) = key.strip_prefix(XATTR_RECORD) {
+                    read.xattrs
+                        .push((name.to_owned(), record.value_bytes().to_vec()));
+                }
+            }
+            Err(_) => {}
         }
     }
-    Ok(Some(read))
+    Ok(())
 }
 
 fn parse_pax<T: std::str::FromStr>(
@@ -359,6 +436,8 @@ mod tests {
             Some(Whiteout::Remove("top".into()))
         );
         assert_eq!(whiteout(Path::new("a/wh.c")), None);
+        assert_eq!(whiteout(Path::new("a/.wh..")), None);
+        assert_eq!(whiteout(Path::new(".wh...")), None);
     }
 
     #[test]

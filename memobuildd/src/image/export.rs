@@ -2,7 +2,7 @@
 //! filesystem (a tar or a directory). Every blob is verified as it is read, and the same
 //! image always gives the same bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 use super::ImageError;
-use super::entry::{Entry, Kind, TarSink, Whiteout, read_entry, whiteout};
+use super::entry::{Entry, Kind, Links, TarSink, Whiteout, read_entry, whiteout};
 use super::layer::{Compressor, Layer, LayerOptions, digest_of, path_bytes};
 use super::oci::{ImageConfig, MediaTypes, canonical_json, index_json};
 use super::unpack::{UnpackStats, Whiteouts, decompress, unpack};
@@ -112,6 +112,7 @@ fn write_archive(
             gid: 0,
             mtime: 0,
             size: 0,
+            xattrs: Vec::new(),
         };
         match content {
             Content::Dir => {
@@ -129,13 +130,13 @@ fn write_archive(
             }
         }
     }
-    sink.finish().map_err(ImageError::Read)?;
+    sink.finish().map_err(ImageError::Write)?;
     Ok(())
 }
 
 /// A blob's bytes, checked against its digest and size as they are read: the last read
-/// fails instead of returning corrupt data's end.
-pub(crate) fn open_blob(cas: &Cas, blob: &Blob) -> Result<impl Read + use<>, ImageError> {
+/// fails instead of returning corrupt data's end. Read it to the end ([`unpack()`] does).
+pub fn open_blob(cas: &Cas, blob: &Blob) -> Result<impl Read + use<>, ImageError> {
     Ok(Verified {
         inner: cas::open(cas, &blob.digest)?,
         blob: blob.clone(),
@@ -222,18 +223,16 @@ pub fn write_rootfs_tar(
     }
 
     let mut sink = TarSink::new(Compressor::new(out, opts.compression), opts);
-    // Each file's first path in the output carries the data; its other paths link to it.
-    let mut written: HashMap<InodeId, PathBuf> = HashMap::new();
+    let mut links = Links::new();
     for node in tree.nodes.into_values() {
         let Some(data) = node.data else {
             sink.append(&node.entry, io::empty())?;
             continue;
         };
+        // Every path of a file is written with the file's own metadata.
         let mut entry = data.entry;
         entry.path = node.entry.path;
-        if let Some(first) = written.get(&data.id) {
-            entry.kind = Kind::HardLink(first.clone());
-            entry.size = 0;
+        if links.link(data.id, &mut entry) {
             sink.append(&entry, io::empty())?;
             continue;
         }
@@ -241,10 +240,9 @@ pub fn write_rootfs_tar(
         tar.seek(SeekFrom::Start(data.id.offset))
             .map_err(ImageError::Read)?;
         sink.append(&entry, tar.take(entry.size))?;
-        written.insert(data.id, entry.path);
     }
-    let compressed = sink.finish().map_err(ImageError::Read)?;
-    compressed.finish().map_err(ImageError::Read)?;
+    let compressed = sink.finish().map_err(ImageError::Write)?;
+    compressed.finish().map_err(ImageError::Write)?;
     Ok(())
 }
 
@@ -512,6 +510,8 @@ mod tests {
         std::fs::write(cas.path(&layer.digest), damaged).expect("damage");
         let err = write().expect_err("corrupt blob");
         assert!(err.to_string().contains(layer.digest.as_str()), "{err}");
+        let dest = tempfile::tempdir().expect("dest");
+        write_rootfs_dir(&cas, &blobs(&image), dest.path()).expect_err("corrupt layer");
     }
 
     #[test]
@@ -554,8 +554,8 @@ mod tests {
     }
 
     #[test]
-    fn umoci_and_skopeo_accept_oci_archives() {
-        let test = "umoci_and_skopeo_accept_oci_archives";
+    fn umoci_and_skopeo_accept_our_archives() {
+        let test = "umoci_and_skopeo_accept_our_archives";
         if !require_tool("umoci", test) || !require_tool("skopeo", test) {
             return;
         }
@@ -584,6 +584,25 @@ mod tests {
             Some(2),
             "{inspect}"
         );
+        // A copy reads every blob and checks its digest.
+        run(Command::new("skopeo")
+            .arg("copy")
+            .arg(format!("oci-archive:{}", file.display()))
+            .arg(format!("dir:{}", work.path().join("copy").display())));
+
+        let docker = work.path().join("docker.tar");
+        let tags = ["memobuild/test:latest".to_owned()];
+        write_docker_archive(&cas, &image, &tags, File::create(&docker).expect("create"))
+            .expect("docker archive");
+        let inspect = run(Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("docker-archive:{}", docker.display())));
+        let inspect: serde_json::Value = serde_json::from_slice(&inspect).expect("json");
+        assert_eq!(
+            inspect["Layers"].as_array().map(Vec::len),
+            Some(2),
+            "{inspect}"
+        );
 
         let layout = work.path().join("layout");
         std::fs::create_dir(&layout).expect("mkdir");
@@ -603,10 +622,19 @@ mod tests {
             .arg("--image")
             .arg(format!("{}:latest", layout.display()))
             .arg(&bundle));
-        let ours = list_tar(rootfs_tar(&cas, &image).as_slice());
-        assert_eq!(
-            comparable(list_dir(&bundle.join("rootfs")), as_root),
-            comparable(ours, as_root)
-        );
+        let rootfs = rootfs_tar(&cas, &image);
+        let ours = comparable(list_tar(rootfs.as_slice()), as_root);
+        assert_eq!(comparable(list_dir(&bundle.join("rootfs")), as_root), ours);
+
+        // GNU tar reads our headers (PAX names, links, xattrs) the same way.
+        let gnu = work.path().join("gnu");
+        std::fs::create_dir(&gnu).expect("mkdir");
+        std::fs::write(work.path().join("rootfs.tar"), &rootfs).expect("write");
+        run(Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*", "-xpf"])
+            .arg(work.path().join("rootfs.tar"))
+            .arg("-C")
+            .arg(&gnu));
+        assert_eq!(comparable(list_dir(&gnu), as_root), ours);
     }
 }

@@ -8,7 +8,7 @@
 //! - [`layer`]: [`write_layer`] turns a directory (an overlayfs upper dir or a staged tree) into
 //!   a deterministic, compressed layer [`Layer`] in the [`Cas`](crate::cache::Cas), hashing the
 //!   tar (diff-id) and the gzip (digest) in one pass.
-//! - [`unpack`]: [`unpack()`] extracts a layer into a directory, either as an overlayfs lowerdir
+//! - [`mod@unpack`]: [`unpack()`] extracts a layer into a directory, either as an overlayfs lowerdir
 //!   ([`Whiteouts::Overlay`]) or merged into a root filesystem ([`Whiteouts::Apply`]), never
 //!   writing outside it.
 //! - [`export`]: [`ImageParts`] to an OCI archive, a `docker load` archive, or a root-filesystem
@@ -31,15 +31,17 @@ use std::path::PathBuf;
 use crate::cache::{CasError, Digest};
 
 pub use export::{
-    ImageParts, write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
+    ImageParts, open_blob, write_docker_archive, write_oci_archive, write_rootfs_dir,
+    write_rootfs_tar,
 };
-pub use layer::{Compression, Layer, LayerOptions, write_layer};
+pub use layer::{Compression, Layer, LayerOptions, Owner, write_layer};
 pub use oci::{
     Descriptor, Healthcheck, History, ImageConfig, Index, Manifest, MediaTypes, Platform,
-    RuntimeConfig,
+    RuntimeConfig, index_json, manifest_json,
 };
 pub use unpack::{UnpackStats, Whiteouts, unpack};
 
+/// What can go wrong with an image's bytes; each variant names what it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{}: {source}", path.display())]
@@ -58,6 +60,8 @@ pub enum ImageError {
     },
     #[error("reading a layer: {0}")]
     Read(#[source] std::io::Error),
+    #[error("writing the export: {0}")]
+    Write(#[source] std::io::Error),
     #[error("invalid {what}: {source}")]
     Json {
         what: &'static str,

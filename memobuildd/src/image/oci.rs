@@ -3,7 +3,7 @@
 //! Our own serde types rather than `oci-spec`: its maps are `HashMap`s and its builders make
 //! every field optional, so we would convert to our shape and to sorted JSON anyway; what we
 //! need is a page of types whose field names are the spec's. Output goes through
-//! [`canonical_json`] (sorted keys, no whitespace, empty fields omitted as Docker and BuildKit
+//! `canonical_json` (sorted keys, no whitespace, empty fields omitted as Docker and BuildKit
 //! omit them), so the same config always has the same digest. Parsing accepts both OCI and
 //! Docker schema-2 documents, including the `null`s Docker writes for empty lists.
 
@@ -271,7 +271,7 @@ impl MediaTypes {
 
     /// A layer's media type in this family; types with no equivalent (zstd in Docker's)
     /// are kept, as Docker itself does.
-    pub fn layer_like<'a>(self, media_type: &'a str) -> &'a str {
+    pub fn layer_like(self, media_type: &str) -> &str {
         match media_type {
             OCI_LAYER_GZIP | DOCKER_LAYER_GZIP => self.layer_gzip(),
             OCI_LAYER_TAR | DOCKER_LAYER_TAR => self.layer_tar(),

@@ -74,32 +74,73 @@ pub(crate) fn set_mtime_nofollow(path: &Path, secs: i64) -> io::Result<()> {
 }
 
 /// A path's extended attribute, `None` when it has none of that name (or the filesystem
-/// has no xattrs). Values longer than 256 bytes are cut; we only read overlay flags.
+/// has no xattrs).
 #[cfg(target_os = "linux")]
 pub(crate) fn lgetxattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
     let path = c_path(path)?;
     let name = CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let mut value = vec![0u8; 256];
-    #[expect(unsafe_code, reason = "lgetxattr has no safe wrapper in std")]
-    // SAFETY: `path` and `name` are NUL-terminated; `value` is writable for the length passed.
-    let len = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
+    let read = |value: &mut [u8]| {
+        #[expect(unsafe_code, reason = "lgetxattr has no safe wrapper in std")]
+        // SAFETY: `path` and `name` are NUL-terminated; `value` is writable for the length
+        // passed (a null pointer with length 0 asks for the size).
+        let len = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        usize::try_from(len).map_err(|_| io::Error::last_os_error())
     };
-    match usize::try_from(len) {
-        Ok(len) => {
-            value.truncate(len);
-            Ok(Some(value))
+    read_sized(read)
+        .map(Some)
+        .or_else(|err| match err.raw_os_error() {
+            Some(libc::ENODATA | libc::ENOTSUP) => Ok(None),
+            _ => Err(err),
+        })
+}
+
+/// The names of a path's extended attributes (none where the filesystem has no xattrs).
+#[cfg(target_os = "linux")]
+pub(crate) fn llistxattr(path: &Path) -> io::Result<Vec<String>> {
+    let path = c_path(path)?;
+    let read = |names: &mut [u8]| {
+        #[expect(unsafe_code, reason = "llistxattr has no safe wrapper in std")]
+        // SAFETY: `path` is NUL-terminated; `names` is writable for the length passed.
+        let len =
+            unsafe { libc::llistxattr(path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        usize::try_from(len).map_err(|_| io::Error::last_os_error())
+    };
+    match read_sized(read) {
+        Ok(names) => Ok(names
+            .split(|&b| b == 0)
+            .filter(|name| !name.is_empty())
+            .map(|name| String::from_utf8_lossy(name).into_owned())
+            .collect()),
+        Err(err) if err.raw_os_error() == Some(libc::ENOTSUP) => Ok(Vec::new()),
+        Err(err) => Err(err),
+    }
+}
+
+/// Runs an xattr call that fills a buffer: first for the size, then for the bytes, again if
+/// the value grew in between (ERANGE).
+#[cfg(target_os = "linux")]
+fn read_sized(mut read: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Vec<u8>> {
+    loop {
+        let size = read(&mut [])?;
+        if size == 0 {
+            return Ok(Vec::new());
         }
-        Err(_) => match io::Error::last_os_error() {
-            err if matches!(err.raw_os_error(), Some(libc::ENODATA | libc::ENOTSUP)) => Ok(None),
-            err if err.raw_os_error() == Some(libc::ERANGE) => Ok(Some(value)),
-            err => Err(err),
-        },
+        let mut buf = vec![0u8; size];
+        match read(&mut buf) {
+            Ok(len) => {
+                buf.truncate(len);
+                return Ok(buf);
+            }
+            Err(err) if err.raw_os_error() == Some(libc::ERANGE) => {}
+            Err(err) => return Err(err),
+        }
     }
 }
 
@@ -121,13 +162,18 @@ pub(crate) fn lsetxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()>
     check(rc)
 }
 
-// Overlay whiteouts only exist on Linux; elsewhere there is nothing to read or write.
+// Extended attributes are carried on Linux only; elsewhere a tree has none we know of.
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn lgetxattr(_path: &Path, _name: &str) -> io::Result<Option<Vec<u8>>> {
     Ok(None)
 }
 
 #[cfg(not(target_os = "linux"))]
+pub(crate) fn llistxattr(_path: &Path) -> io::Result<Vec<String>> {
+    Ok(Vec::new())
+}
+
+#[cfg(not(target_os = "linux"))]
 pub(crate) fn lsetxattr(_path: &Path, _name: &str, _value: &[u8]) -> io::Result<()> {
-    Err(io::ErrorKind::Unsupported.into())
+    Err(io::Error::from_raw_os_error(libc::ENOTSUP))
 }

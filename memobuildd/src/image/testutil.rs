@@ -61,13 +61,21 @@ pub(super) fn list_dir(root: &Path) -> Listing {
             };
             let size = if kind.is_file() { meta.len() } else { 0 };
             let rel = path.strip_prefix(root).expect("below root");
+            let mut xattrs = Vec::new();
+            for name in super::sys::llistxattr(&path).expect("llistxattr") {
+                if super::entry::carries_xattr(&name) {
+                    let value = super::sys::lgetxattr(&path, &name).expect("lgetxattr");
+                    xattrs.push((name, value.unwrap_or_default()));
+                }
+            }
             out.insert(
                 rel.display().to_string(),
                 format!(
-                    "{what} {:o} {}:{} {size} {content}",
+                    "{what} {:o} {}:{} {size} {content}{}",
                     meta.mode() & 0o7777,
                     meta.uid(),
-                    meta.gid()
+                    meta.gid(),
+                    show_xattrs(xattrs),
                 ),
             );
         }
@@ -102,12 +110,24 @@ pub(super) fn list_tar(reader: impl Read) -> Listing {
         out.insert(
             entry.path.display().to_string(),
             format!(
-                "{what} {:o} {}:{} {} {content}",
-                entry.mode, entry.uid, entry.gid, entry.size
+                "{what} {:o} {}:{} {} {content}{}",
+                entry.mode,
+                entry.uid,
+                entry.gid,
+                entry.size,
+                show_xattrs(entry.xattrs),
             ),
         );
     }
     out
+}
+
+fn show_xattrs(mut xattrs: Vec<(String, Vec<u8>)>) -> String {
+    xattrs.sort();
+    xattrs
+        .iter()
+        .map(|(name, value)| format!(" {name}={}", hex::encode(value)))
+        .collect()
 }
 
 fn require(what: &str, test: &str, present: bool) -> bool {
@@ -168,6 +188,15 @@ pub(super) fn sample_tree(root: &Path, mtime: i64) {
         fs::set_permissions(root.join(dir), fs::Permissions::from_mode(mode)).expect("chmod");
     }
     super::sys::mknod(&root.join("tmp/fifo"), super::sys::Node::Fifo, 0o600, 0, 0).expect("fifo");
+    super::sys::lsetxattr(&root.join("etc/conf"), "user.memobuild", b"kept").expect("xattr");
+    if super::sys::is_root() {
+        // VFS_CAP_REVISION_2 with the effective bit, permitting CAP_NET_RAW.
+        let cap_net_raw = [
+            1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        super::sys::lsetxattr(&root.join("bin/tool"), "security.capability", &cap_net_raw)
+            .expect("file capability");
+    }
     set_mtimes(root, mtime);
 }
 

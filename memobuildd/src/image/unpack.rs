@@ -6,8 +6,8 @@
 //! The last component is never followed: whatever is there is replaced. Hard link targets
 //! are resolved the same way.
 //!
-//! Modes (setuid, setgid, sticky included), symlink targets and mtimes are kept; ownership
-//! too when running as root (otherwise files stay the caller's).
+//! Modes (setuid, setgid, sticky included), symlink targets, mtimes and extended attributes
+//! are kept; ownership too when running as root (otherwise files stay the caller's).
 
 use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -68,6 +68,8 @@ pub fn unpack(
             unpacker.extract(&entry, &mut item)?;
         }
     }
+    // Read to the very end so that gzip's CRC and a verifying reader see every byte.
+    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(ImageError::Read)?;
     unpacker.finish()
 }
 
@@ -95,7 +97,8 @@ struct Unpacker<'d> {
     dest: &'d Path,
     whiteouts: Whiteouts,
     as_root: bool,
-    /// What this layer put in `dest`, which its own opaque markers must not hide.
+    /// What this layer put in `dest`, which its own opaque markers must not hide (only
+    /// kept when applying whiteouts).
     created: HashSet<PathBuf>,
     /// Directories get their mode and mtime last: writing inside changes the mtime, and a
     /// read-only mode would stop us writing inside.
@@ -110,9 +113,7 @@ impl Unpacker<'_> {
             return self.whiteout(whiteout, entry);
         }
         let path = &entry.path;
-        let target = self
-            .resolve(path, true)?
-            .expect("created parents always resolve");
+        let target = self.place(path)?;
         let io = |err| ImageError::EntryIo {
             entry: path.display().to_string(),
             source: err,
@@ -140,14 +141,14 @@ impl Unpacker<'_> {
             Kind::Symlink(link) => std::os::unix::fs::symlink(link, &target).map_err(io)?,
             Kind::HardLink(link) => {
                 let source = self
-                    .resolve(link, false)?
+                    .find(link)?
                     .filter(|source| source.symlink_metadata().is_ok())
                     .ok_or_else(|| {
                         ImageError::entry(path, format!("hard link to missing {}", link.display()))
                     })?;
                 fs::hard_link(source, &target).map_err(io)?;
                 // The link shares its target's inode, metadata included.
-                self.created.insert(path.clone());
+                self.mark_created(path);
                 return Ok(());
             }
             Kind::Fifo => sys::mknod(&target, Node::Fifo, entry.mode, 0, 0).map_err(io)?,
@@ -159,8 +160,14 @@ impl Unpacker<'_> {
             }
         }
         self.set_metadata(entry, &target).map_err(io)?;
-        self.created.insert(path.clone());
+        self.mark_created(path);
         Ok(())
+    }
+
+    fn mark_created(&mut self, path: &Path) {
+        if self.whiteouts == Whiteouts::Apply {
+            self.created.insert(path.to_owned());
+        }
     }
 
     fn set_metadata(&mut self, entry: &Entry, target: &Path) -> io::Result<()> {
@@ -168,6 +175,15 @@ impl Unpacker<'_> {
             // Before chmod: chown clears setuid and setgid.
             let id = |id: u64| u32::try_from(id).map_err(|_| io::ErrorKind::InvalidData);
             std::os::unix::fs::lchown(target, Some(id(entry.uid)?), Some(id(entry.gid)?))?;
+        }
+        // After chown, which clears security.capability. Best effort: a filesystem without
+        // xattrs, or a caller without the privilege for `trusted.` or `security.`, keeps the
+        // file without them, as Docker does.
+        for (name, value) in &entry.xattrs {
+            match sys::lsetxattr(target, name, value) {
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP)) => {}
+                result => result?,
+            }
         }
         match entry.kind {
             Kind::Dir => self.dirs.push((target.to_owned(), entry.mode, entry.mtime)),
@@ -184,14 +200,12 @@ impl Unpacker<'_> {
         let io = ImageError::entry_io(&entry.path);
         match (self.whiteouts, whiteout) {
             (Whiteouts::Overlay, Whiteout::Remove(hidden)) => {
-                let target = self
-                    .resolve(&hidden, true)?
-                    .expect("created parents resolve");
+                let target = self.place(&hidden)?;
                 remove(&target).map_err(ImageError::entry_io(&entry.path))?;
                 sys::mknod(&target, Node::Char, 0, 0, 0).map_err(io)?;
             }
             (Whiteouts::Overlay, Whiteout::Opaque(dir)) => {
-                let target = self.resolve(dir, true)?.expect("created parents resolve");
+                let target = self.place(dir)?;
                 if !fs::symlink_metadata(&target).is_ok_and(|meta| meta.is_dir()) {
                     remove(&target).map_err(ImageError::entry_io(&entry.path))?;
                     fs::DirBuilder::new()
@@ -202,17 +216,19 @@ impl Unpacker<'_> {
                 sys::lsetxattr(&target, "trusted.overlay.opaque", b"y").map_err(io)?;
             }
             (Whiteouts::Apply, Whiteout::Remove(hidden)) => {
-                if let Some(target) = self.resolve(&hidden, false)? {
+                if let Some(target) = self.find(&hidden)? {
                     remove(&target).map_err(io)?;
                 }
             }
             (Whiteouts::Apply, Whiteout::Opaque(dir)) => {
-                let Some(target) = self.resolve(dir, false)? else {
+                let Some(target) = self.find(dir)? else {
                     return Ok(());
                 };
-                let Ok(children) = fs::read_dir(&target) else {
+                // Never list through a symlink: its children are not this tree's.
+                if !fs::symlink_metadata(&target).is_ok_and(|meta| meta.is_dir()) {
                     return Ok(());
-                };
+                }
+                let children = fs::read_dir(&target).map_err(ImageError::entry_io(&entry.path))?;
                 for child in children {
                     let child = child.map_err(ImageError::entry_io(&entry.path))?;
                     if !self.created.contains(&dir.join(child.file_name())) {
@@ -224,9 +240,24 @@ impl Unpacker<'_> {
         Ok(())
     }
 
+    /// Where `rel` goes under `dest`, missing parent directories created.
+    fn place(&self, rel: &Path) -> Result<PathBuf, ImageError> {
+        let placed = self.resolve(rel, true)?;
+        Ok(placed.expect("resolve with create makes every parent"))
+    }
+
+    /// Where `rel` is under `dest`; `None` when a parent directory is missing.
+    fn find(&self, rel: &Path) -> Result<Option<PathBuf>, ImageError> {
+        self.resolve(rel, false)
+    }
+
     /// Where `rel` lives under `dest`: its parents resolved inside `dest` (symlinks followed,
     /// missing directories created when `create`, else `None`), its last component as is.
     fn resolve(&self, rel: &Path, create: bool) -> Result<Option<PathBuf>, ImageError> {
+        // The root itself: a top-level opaque marker hides everything below.
+        if rel.as_os_str().is_empty() {
+            return Ok(Some(self.dest.to_owned()));
+        }
         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
             return Err(ImageError::entry(rel, "empty path"));
         };
@@ -408,6 +439,48 @@ mod tests {
         }
         let paths: Vec<String> = list_dir(dest.path()).into_keys().collect();
         assert_eq!(paths, ["a", "a/keep", "d", "d/-new", "e", "e/y"]);
+    }
+
+    #[test]
+    fn a_top_level_opaque_marker_hides_every_earlier_layer() {
+        let dest = tempfile::tempdir().expect("dest");
+        let layers = [
+            raw_tar(&[("x/", D, "", b""), ("x/old", F, "", b"old")]),
+            raw_tar(&[
+                ("a", F, "", b"a"),
+                (".wh..wh..opq", F, "", b""),
+                ("y", F, "", b"y"),
+            ]),
+        ];
+        for layer in &layers {
+            unpack(layer.as_slice(), dest.path(), Whiteouts::Apply).expect("unpack");
+        }
+        let paths: Vec<String> = list_dir(dest.path()).into_keys().collect();
+        assert_eq!(paths, ["a", "y"]);
+    }
+
+    #[test]
+    fn whiteouts_never_act_through_symlinks() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let victim = parent.path().join("outside/victim");
+        fs::create_dir_all(victim.parent().expect("parent")).expect("mkdir");
+        fs::write(&victim, "keep").expect("victim");
+        let dest = parent.path().join("dest");
+        fs::create_dir(&dest).expect("dest");
+        let outside = victim.parent().expect("parent").display().to_string();
+        let layers = [
+            raw_tar(&[("a", S, &outside, b""), ("b", S, &outside, b"")]),
+            raw_tar(&[("a/.wh..wh..opq", F, "", b""), (".wh.b", F, "", b"")]),
+        ];
+        for layer in &layers {
+            unpack(layer.as_slice(), &dest, Whiteouts::Apply).expect("unpack");
+        }
+        assert_eq!(fs::read(&victim).expect("victim survives"), b"keep");
+        assert!(fs::symlink_metadata(dest.join("a")).is_ok_and(|m| m.is_symlink()));
+        assert!(
+            fs::symlink_metadata(dest.join("b")).is_err(),
+            "the link itself is removed"
+        );
     }
 
     #[test]
