@@ -101,7 +101,8 @@ fn editing_src_marks_only_the_src_copy_and_what_follows() {
     let report = fx.watch();
     assert!(report.dirty.is_empty());
     assert!(report.watching);
-    assert_eq!(*lock(&fx.backend.watched), [fx.ctx()]);
+    let cookies = fx.dir.path().join("root/cookies");
+    assert_eq!(*lock(&fx.backend.watched), [cookies, fx.ctx()]);
 
     let outcome = fx.edit("src/x.js", "x = 2");
     assert_eq!(outcome.matched, 1);
