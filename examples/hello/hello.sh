@@ -1,0 +1,2 @@
+#!/bin/sh
+echo "hello from a MemoBuild RUN step on $(uname -m), built as uid $(id -u)"
