@@ -417,6 +417,7 @@ mod tests {
                 .join("file")
                 .is_file()
         );
+        assert!(dest.path().join("deep").join("n".repeat(150)).is_file());
     }
 
     #[test]
