@@ -198,6 +198,8 @@ pub fn write_rootfs_dir(
 
 /// Merges `layers` (bottom first) into one root-filesystem tar, whiteouts applied, entries
 /// sorted by path, ownership and modes from the layers — no root needed, nothing chowned.
+/// `opts` apply as to a layer: compression (`Compression::None` for a plain tar), mtime
+/// clamp, skipped paths, ownership overrides.
 ///
 /// Each layer is decompressed once into an anonymous temp file (in `$TMPDIR`) and indexed;
 /// the surviving entries are then copied from those files in path order.

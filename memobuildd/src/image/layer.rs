@@ -364,6 +364,12 @@ mod tests {
             first.diff_id,
             "diff-id is the tar's digest"
         );
+        let pax_path = format!(" path=deep/{}\n", "n".repeat(150));
+        assert!(
+            raw.windows(pax_path.len())
+                .any(|w| w == pax_path.as_bytes()),
+            "a PAX record carries the long name"
+        );
 
         // Newer mtimes clamped to the same epoch give the same layer; unclamped they do not.
         let clamped = LayerOptions {
@@ -417,6 +423,7 @@ mod tests {
                 .join("file")
                 .is_file()
         );
+        assert!(dest.path().join("deep").join("n".repeat(150)).is_file());
     }
 
     #[test]

@@ -175,6 +175,8 @@ pub(super) fn sample_tree(root: &Path, mtime: i64) {
         b"deep",
         0o644,
     );
+    // One name longer than ustar's 100 bytes: only a PAX path record can carry it.
+    write(&format!("deep/{}", "n".repeat(150)), b"long name", 0o644);
     fs::hard_link(root.join("etc/conf"), root.join("etc/conf.hard")).expect("hard link");
     symlink("conf", root.join("etc/conf.link")).expect("symlink");
     symlink("/etc/passwd", root.join("etc/passwd.abs")).expect("symlink");
