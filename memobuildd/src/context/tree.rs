@@ -61,6 +61,8 @@ pub struct FileTree {
     /// Directory hashes are recomputed on demand after changes: fingerprints never need
     /// them, so an edit does not pay for rehashing every ancestor up to the root.
     dirs_stale: bool,
+    /// Bumped by every change, so memoized fingerprints know when they are stale.
+    generation: u64,
 }
 
 impl Entry {
@@ -79,6 +81,7 @@ impl FileTree {
         let mut tree = Self {
             entries,
             dirs_stale: false,
+            generation: 0,
         };
         tree.rehash_dirs();
         tree
@@ -110,7 +113,15 @@ impl FileTree {
             self.entries.insert(path, entry);
         }
         self.dirs_stale = true;
+        if !touched.is_empty() {
+            self.generation += 1;
+        }
         touched
+    }
+
+    /// Changes whenever the tree does.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn into_entries(self) -> BTreeMap<Box<str>, Entry> {
@@ -124,6 +135,7 @@ impl FileTree {
         }
         self.entries.insert(path.into(), entry);
         self.dirs_stale = true;
+        self.generation += 1;
         true
     }
 

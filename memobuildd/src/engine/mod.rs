@@ -182,6 +182,10 @@ pub struct Engine {
     permits: Semaphore,
     /// Keys being computed right now, so concurrent builds share the work.
     inflight: Mutex<HashMap<Hash, Shared<ActionResult>>>,
+    /// Images exported by this daemon, by content without timestamps: a rebuild that
+    /// changes nothing hands back the same image instead of writing a new one
+    /// (docker/buildx#107 is what happens otherwise).
+    exported: Mutex<HashMap<Hash, ImageParts>>,
     run_ids: AtomicU64,
     as_root: bool,
 }
@@ -223,6 +227,7 @@ impl Engine {
             platform: Platform::host(),
             options: parts.options,
             inflight: Mutex::new(HashMap::new()),
+            exported: Mutex::new(HashMap::new()),
             run_ids: AtomicU64::new(0),
             as_root: crate::passwd::effective_uid() == 0,
         }
@@ -449,12 +454,33 @@ impl Engine {
         .map_err(|e| BuildError::Store(e.to_string()))?
     }
 
-    /// Writes the config and manifest of `state` into the CAS.
+    /// Writes the config and manifest of `state` into the CAS (unless the same image, but
+    /// for its timestamps, was exported before).
     fn export(
         &self,
         state: &State,
         source_date_epoch: Option<i64>,
     ) -> Result<ImageParts, BuildError> {
+        let content = {
+            let mut timeless = state.config.clone();
+            timeless.created = None;
+            for history in &mut timeless.history {
+                history.created = None;
+            }
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&timeless.to_json());
+            hasher.update(&source_date_epoch.unwrap_or(-1).to_le_bytes());
+            *hasher.finalize().as_bytes()
+        };
+        let mut exported = self
+            .exported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(parts) = exported.get(&content)
+            && self.cas.contains(&parts.manifest.digest)
+        {
+            return Ok(parts.clone());
+        }
         let mut config = state.config.clone();
         config.created = Some(state::timestamp(source_date_epoch));
         if source_date_epoch.is_some() {
@@ -469,12 +495,14 @@ impl Engine {
             .cas
             .put(&manifest_json(media, &config_blob, &state.layers))
             .map_err(store)?;
-        Ok(ImageParts {
+        let parts = ImageParts {
             manifest,
             config: config_blob,
             layers: state.layers.clone(),
             media,
-        })
+        };
+        exported.insert(content, parts.clone());
+        Ok(parts)
     }
 
     fn registry_platform(&self) -> crate::registry::Platform {

@@ -59,6 +59,9 @@ pub struct Workspace {
     /// Whether a live watcher covers it (false: changes are found by scanning).
     pub watching: bool,
     pub last_scan: ScanReport,
+    /// Fingerprints builds asked for, by (patterns, excludes), with the tree generation they
+    /// were computed at: a rebuild with nothing changed does not walk the tree again.
+    fingerprints: HashMap<(Vec<String>, Vec<String>), (u64, Hash)>,
 }
 
 #[derive(Debug)]
@@ -104,6 +107,7 @@ impl Workspace {
             last_change: None,
             watching: false,
             last_scan,
+            fingerprints: HashMap::new(),
         })
     }
 
@@ -238,14 +242,27 @@ impl Workspace {
     }
 
     /// The fingerprint of a source set (`patterns`, `--exclude` patterns) in the current tree.
-    pub fn fingerprint(&self, patterns: &[String], excludes: &[String]) -> Result<Hash, String> {
-        let patterns = patterns
+    pub fn fingerprint(
+        &mut self,
+        patterns: &[String],
+        excludes: &[String],
+    ) -> Result<Hash, String> {
+        let key = (patterns.to_vec(), excludes.to_vec());
+        let generation = self.tree.generation();
+        if let Some((at, hash)) = self.fingerprints.get(&key)
+            && *at == generation
+        {
+            return Ok(*hash);
+        }
+        let compiled = patterns
             .iter()
             .map(|p| SourcePattern::new(p).map_err(|e| format!("source {p:?}: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let excludes =
+        let rules =
             IgnoreRules::parse(&excludes.join("\n"), "--exclude").map_err(|e| e.to_string())?;
-        Ok(self.tree.fingerprint(&patterns, &excludes).hash)
+        let hash = self.tree.fingerprint(&compiled, &rules).hash;
+        self.fingerprints.insert(key, (generation, hash));
+        Ok(hash)
     }
 
     /// Makes the current state the baseline (after a successful build).
