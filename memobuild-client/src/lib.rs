@@ -67,7 +67,6 @@ impl ClientError {
             Self::Request(RequestError::Daemon(reply)) => match reply.code {
                 ErrorCode::PermissionDenied => Exit::PermissionDenied,
                 ErrorCode::VersionMismatch => Exit::VersionMismatch,
-                ErrorCode::Unavailable => Exit::Unavailable,
                 ErrorCode::Cancelled => Exit::Cancelled,
                 _ => Exit::Failure,
             },

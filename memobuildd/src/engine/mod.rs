@@ -283,20 +283,20 @@ impl Engine {
         let first = plan::lower(&dockerfile, &options)?;
         let bases = self.base_images(&first, spec.pull).await?;
         let graph = {
-            let base_env = |image: &str, _platform: Option<&str>| -> Vec<(String, String)> {
-                bases
-                    .get(image)
-                    .map(|b| {
-                        b.state
-                            .config
-                            .config
-                            .env
-                            .iter()
-                            .filter_map(|kv| kv.split_once('='))
-                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                            .collect()
-                    })
-                    .unwrap_or_default()
+            let base_env = |image: &str, _platform: Option<&str>| -> plan::BaseInfo {
+                let Some(base) = bases.get(image) else {
+                    return plan::BaseInfo::default();
+                };
+                let config = &base.state.config.config;
+                plan::BaseInfo {
+                    env: config
+                        .env
+                        .iter()
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
+                    on_build: config.on_build.clone(),
+                }
             };
             Arc::new(plan::lower_with_base_env(&dockerfile, &options, &base_env)?)
         };
@@ -435,6 +435,8 @@ impl Engine {
                 hub.watch(&context, &dockerfile)
                     .map_err(|e| BuildError::Store(format!("build context: {e}")))?;
             }
+            hub.ensure_current(&context)
+                .map_err(|e| BuildError::Store(format!("build context: {e}")))?;
             hub.with_workspace(&context, |ws| {
                 sources
                     .iter()

@@ -701,6 +701,11 @@ fn is_step(kind: NodeKind) -> bool {
 fn unshare(err: Arc<BuildError>) -> BuildError {
     Arc::try_unwrap(err).unwrap_or_else(|shared| match &*shared {
         BuildError::Cancelled => BuildError::Cancelled,
+        BuildError::NoRuntime(why) => BuildError::NoRuntime(why.clone()),
+        BuildError::Step { step, message } => BuildError::Step {
+            step: step.clone(),
+            message: message.clone(),
+        },
         BuildError::RunFailed { step, code, tail } => BuildError::RunFailed {
             step: step.clone(),
             code: *code,

@@ -43,12 +43,15 @@ impl State {
         }
     }
 
-    /// A new stage starts from this state: what "this stage" set is forgotten.
+    /// A new stage starts from this state: what "this stage" set is forgotten, and so are
+    /// the ONBUILD triggers (they run in the child, never in grandchildren).
     pub fn for_new_stage(&self) -> Self {
-        Self {
+        let mut next = Self {
             cmd_set_here: false,
             ..self.clone()
-        }
+        };
+        next.config.config.on_build.clear();
+        next
     }
 
     /// The WORKDIR in effect (`/` when none).

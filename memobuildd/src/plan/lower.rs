@@ -14,13 +14,21 @@ use crate::frontend::{
     Stage,
 };
 
-/// The ENV of a base image's config, by image reference and platform.
-pub type BaseEnv<'a> = &'a dyn Fn(&str, Option<&str>) -> Vec<(String, String)>;
+/// What the planner needs from a base image's config: its ENV, and the ONBUILD triggers that
+/// run first in a stage built on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BaseInfo {
+    pub env: Vec<(String, String)>,
+    pub on_build: Vec<String>,
+}
+
+/// A base image's [`BaseInfo`], by image reference and platform.
+pub type BaseEnv<'a> = &'a dyn Fn(&str, Option<&str>) -> BaseInfo;
 
 /// Lowers the stages `opts.target` needs into a [`BuildGraph`], not knowing any base image's
 /// ENV (a stage built on an image starts with none).
 pub fn lower(df: &Dockerfile, opts: &PlanOptions) -> Result<BuildGraph, PlanError> {
-    lower_with_base_env(df, opts, &|_, _| Vec::new())
+    lower_with_base_env(df, opts, &|_, _| BaseInfo::default())
 }
 
 /// As [`lower`], with the ENV of the base images, which BuildKit expands words with too
@@ -65,6 +73,7 @@ pub fn lower_with_base_env(
         graph: DiGraph::new(),
         stage_ends: vec![None; df.stages.len()],
         stage_envs: vec![BTreeMap::new(); df.stages.len()],
+        stage_triggers: vec![Vec::new(); df.stages.len()],
         images: HashMap::new(),
         stages: Vec::new(),
     };
@@ -275,6 +284,8 @@ struct Lowering<'a> {
     stage_ends: Vec<Option<NodeIndex>>,
     /// The ENV each lowered stage ends with, inherited by `FROM <stage>`.
     stage_envs: Vec<BTreeMap<String, String>>,
+    /// The ONBUILD triggers each lowered stage declares, run first by `FROM <stage>`.
+    stage_triggers: Vec<Vec<String>>,
     /// One node per image `COPY --from` names.
     images: HashMap<String, NodeIndex>,
     stages: Vec<StageInfo>,
@@ -293,12 +304,13 @@ impl Lowering<'_> {
 
     fn stage(&mut self, i: usize, stage: &Stage, resolved: ResolvedBase) -> Result<(), Diagnostic> {
         let lines = Some((stage.span.start_line, stage.span.end_line));
-        let (mut parent, env) = match &resolved.base {
+        let (mut parent, env, triggers) = match &resolved.base {
             Base::Stage(j) => {
                 let j = *j as usize;
                 (
                     self.stage_ends[j].expect("earlier needed stages are lowered first"),
                     self.stage_envs[j].clone(),
+                    self.stage_triggers[j].clone(),
                 )
             }
             Base::Scratch | Base::Image(_) => {
@@ -324,15 +336,26 @@ impl Lowering<'_> {
                         instruction,
                     )
                 };
-                let env = match &resolved.base {
+                let base = match &resolved.base {
                     Base::Image(image) => (self.base_env)(image, resolved.platform.as_deref()),
-                    _ => Vec::new(),
+                    _ => BaseInfo::default(),
                 };
-                (self.add(node, &[]), env.into_iter().collect())
+                (
+                    self.add(node, &[]),
+                    base.env.into_iter().collect(),
+                    base.on_build,
+                )
             }
         };
         let mut scope = Scope::new(env, self.build_args);
+        // Inherited ONBUILD triggers run first, as if written right after FROM.
+        for trigger in self.triggers(&triggers, stage)? {
+            parent = self.step(i, &trigger, &mut scope, parent)?;
+        }
         for instruction in &stage.instructions {
+            if let InstructionKind::Onbuild(trigger) = &instruction.kind {
+                self.stage_triggers[i].push(trigger.clone());
+            }
             parent = self.step(i, instruction, &mut scope, parent)?;
         }
         let name = stage
@@ -363,6 +386,21 @@ impl Lowering<'_> {
             node: end,
         });
         Ok(())
+    }
+
+    /// Parses inherited ONBUILD trigger texts into instructions, placed at the stage's FROM
+    /// line (that is where they take effect, and where an error in one is reported).
+    fn triggers(&self, triggers: &[String], stage: &Stage) -> Result<Vec<Instruction>, Diagnostic> {
+        let mut parsed = Vec::new();
+        for trigger in triggers {
+            let text = format!("FROM scratch\n{trigger}\n");
+            let doc = crate::frontend::parse(&text, &format!("ONBUILD trigger {trigger:?}"))?;
+            for mut instruction in doc.stages.into_iter().flat_map(|s| s.instructions) {
+                instruction.span = stage.span;
+                parsed.push(instruction);
+            }
+        }
+        Ok(parsed)
     }
 
     /// Lowers one instruction of stage `i` after `parent`; returns its node.

@@ -319,7 +319,10 @@ fn base_image_env_feeds_expansion_when_known() {
     .unwrap();
     let base_env = |image: &str, _: Option<&str>| {
         assert_eq!(image, "golang:1");
-        vec![("PATH".to_owned(), "/usr/bin".to_owned())]
+        BaseInfo {
+            env: vec![("PATH".to_owned(), "/usr/bin".to_owned())],
+            on_build: vec![],
+        }
     };
     let g = lower_with_base_env(&df, &PlanOptions::default(), &base_env).unwrap();
     assert_eq!(find(&g, "ENV").1.label, "ENV PATH=/opt/bin:/usr/bin");
@@ -361,4 +364,31 @@ fn a_bare_global_redeclaration_keeps_the_value() {
         base.starts_with("image a:1-") && !base.ends_with('-'),
         "{base}"
     );
+}
+
+#[test]
+fn onbuild_triggers_run_first_in_a_child_stage_or_image() {
+    let text = "FROM scratch AS parent\nONBUILD RUN echo triggered\nRUN parent-only\n\nFROM parent\nRUN child\n";
+    let df = crate::frontend::parse(text, "Dockerfile").expect("parse");
+    let graph = lower(&df, &PlanOptions::default()).expect("plan");
+    let child: Vec<&str> = graph
+        .nodes()
+        .filter(|(_, n)| n.stage == Some(1) && n.step.is_some())
+        .map(|(_, n)| n.label.as_str())
+        .collect();
+    assert_eq!(child, ["RUN echo triggered", "RUN child"]);
+
+    let from_image = "FROM base:1\nRUN own\n";
+    let df = crate::frontend::parse(from_image, "Dockerfile").expect("parse");
+    let info = |_: &str, _: Option<&str>| BaseInfo {
+        env: vec![],
+        on_build: vec!["COPY . /app".into()],
+    };
+    let graph = lower_with_base_env(&df, &PlanOptions::default(), &info).expect("plan");
+    let steps: Vec<&str> = graph
+        .nodes()
+        .filter(|(_, n)| n.step.is_some())
+        .map(|(_, n)| n.label.as_str())
+        .collect();
+    assert_eq!(steps, ["COPY . /app", "RUN own"]);
 }

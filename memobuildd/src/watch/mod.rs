@@ -245,6 +245,19 @@ impl Hub {
         outcome
     }
 
+    /// Brings a workspace up to date before a build reads it. A live watcher has already
+    /// done so (the build synced with it); one the watcher cannot follow (inotify limit)
+    /// is rescanned, through the stat cache.
+    pub fn ensure_current(&self, context: &Path) -> Result<(), WatchError> {
+        let mut workspaces = lock(&self.workspaces);
+        if let Some(workspace) = workspaces.get_mut(context)
+            && !workspace.watching
+        {
+            workspace.rescan(&mut lock(&self.stat_cache))?;
+        }
+        Ok(())
+    }
+
     pub fn reports(&self) -> Vec<WorkspaceReport> {
         lock(&self.workspaces)
             .values()

@@ -196,6 +196,15 @@ fn without_inotify_watches_the_workspace_is_kept_but_not_live() {
     // The editor hook still works.
     fx.edit("src/x.js", "x = 3");
     assert_eq!(labels(&fx.dirty())[0], "COPY src/ /app/src/");
+    // And a build rescans what nobody reported.
+    std::thread::sleep(Duration::from_millis(120));
+    fs::write(fx.ctx().join("package.json"), "{\"b\":2}").expect("unreported edit");
+    fx.hub.ensure_current(&fx.ctx()).expect("rescan");
+    assert!(
+        labels(&fx.dirty()).contains(&"COPY package.json /app/"),
+        "{:?}",
+        fx.dirty()
+    );
 }
 
 #[test]

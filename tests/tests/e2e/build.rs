@@ -509,3 +509,108 @@ fn wait_for_line(stream: impl Read + Send + 'static, needle: &str) {
     seen.recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| panic!("never saw {needle:?}"));
 }
+
+#[test]
+fn onbuild_chown_and_network_none() {
+    if !privileged("onbuild_chown_and_network_none") {
+        return;
+    }
+    let bench = Bench::start();
+    let dockerfile = "\
+FROM BASE AS parent
+ONBUILD RUN echo triggered > /onbuild
+RUN echo parent > /parent
+
+FROM parent
+COPY --chown=app data.txt /data/
+RUN --network=none ls /sys/class/net > /nets
+";
+    let ctx = bench.context("options", &[("Dockerfile", dockerfile), ("data.txt", "d")]);
+    let parent = bench.rootfs_tar(&ctx, &["--target", "parent"]);
+    assert!(
+        !parent.contains_key("onbuild"),
+        "a trigger does not run where it is declared"
+    );
+    let child = bench.rootfs_tar(&ctx, &[]);
+    assert_eq!(
+        child["onbuild"],
+        describe("file", 0o644, 0, 0, &content_of("triggered\n"))
+    );
+    assert_eq!(
+        child["data/data.txt"],
+        describe("file", 0o644, 1000, 1000, &content_of("d"))
+    );
+    assert_eq!(
+        child["nets"],
+        describe("file", 0o644, 0, 0, &content_of("lo\n"))
+    );
+}
+
+#[test]
+fn a_daemon_without_root_builds_without_run_and_says_why_it_cannot_run() {
+    if !privileged("a_daemon_without_root_builds_without_run_and_says_why_it_cannot_run") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let place = TestDaemon::unstarted();
+    let home = place.dir.path().join("user");
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::set_permissions(place.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    std::os::unix::fs::chown(&home, Some(4242), Some(4242)).expect("chown");
+    let socket = home.join("d.sock");
+    let log = std::fs::File::create(home.join("log")).expect("log");
+    let mut daemon = Command::new("setpriv")
+        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "--"])
+        .arg(memobuild_tests::bin("memobuildd"))
+        .arg("--root")
+        .arg(home.join("root"))
+        .arg("--socket")
+        .arg(&socket)
+        .env("HOME", &home)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start an unprivileged daemon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no socket: {}",
+            std::fs::read_to_string(home.join("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ctx = home.join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("hello.txt"), "hi").expect("file");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY hello.txt /\nCMD [\"x\"]\n",
+    )
+    .expect("df");
+    let client = |args: &[&str]| {
+        Command::new(memobuild_tests::bin("memobuild"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .expect("client")
+    };
+    let out = home.join("out.tar");
+    let dest = format!("type=tar,dest={}", out.display());
+    let built = client(&["build", ctx.to_str().expect("utf-8"), "-o", &dest]);
+    assert!(built.status.success(), "{:?}", texts(&built));
+    assert_eq!(
+        tar_listing(&out)["hello.txt"],
+        describe("file", 0o644, 0, 0, &content_of("hi"))
+    );
+
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nRUN true\n").expect("df");
+    let refused = client(&["build", ctx.to_str().expect("utf-8")]);
+    let (_, stderr) = texts(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("RUN steps need root"), "{stderr}");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
