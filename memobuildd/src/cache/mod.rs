@@ -4,6 +4,8 @@
 
 pub mod cas;
 pub mod index;
+pub mod l1;
 
 pub use cas::{Blob, BlobWriter, Cas, CasError, Digest};
 pub use index::{ActionResult, ImageRecord, Index, IndexError, LayerRecord};
+pub use l1::L1;

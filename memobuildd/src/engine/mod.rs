@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, info_span};
 
-use crate::cache::{ActionResult, Cas, Index};
+use crate::cache::{ActionResult, Cas, Index, L1};
 use crate::context::Hash;
 use crate::exec::{Executor, LogStream, Network};
 use crate::frontend::{self, Diagnostic};
@@ -154,6 +154,8 @@ pub struct EngineOptions {
     pub max_parallel: usize,
     /// How long a tag → digest resolution is trusted without asking the registry.
     pub resolve_ttl: Duration,
+    /// Memory for L1 (node key → result).
+    pub l1_bytes: u64,
 }
 
 impl Default for EngineOptions {
@@ -161,6 +163,7 @@ impl Default for EngineOptions {
         Self {
             max_parallel: 2,
             resolve_ttl: Duration::from_secs(24 * 3600),
+            l1_bytes: 16 << 20,
         }
     }
 }
@@ -171,6 +174,9 @@ pub struct Engine {
     layout: Layout,
     cas: Cas,
     index: Index,
+    l1: L1,
+    hits: AtomicU64,
+    misses: AtomicU64,
     layers: LayerStore,
     snapshotter: Arc<dyn Snapshotter>,
     /// `Err(why)` when this daemon cannot run containers.
@@ -219,6 +225,9 @@ impl Engine {
             layout: parts.layout,
             cas: parts.cas,
             index: parts.index,
+            l1: L1::new(parts.options.l1_bytes),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
             layers: parts.layers,
             snapshotter: parts.snapshotter,
             executor: parts.executor,
@@ -239,6 +248,19 @@ impl Engine {
 
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// What the cache holds and how it served, for `status`.
+    pub fn cache_stats(&self) -> memobuild_protocol::CacheStats {
+        let (l1_entries, l1_bytes) = self.l1.usage();
+        memobuild_protocol::CacheStats {
+            l1_entries,
+            l1_bytes,
+            action_entries: self.index.action_count().unwrap_or(0),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            ..memobuild_protocol::CacheStats::default()
+        }
     }
 
     /// Where scratch files live (same filesystem as the store, so renames are atomic).

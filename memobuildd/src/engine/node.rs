@@ -270,6 +270,7 @@ impl BuildRun {
                     .index
                     .record_action(&key, &result)
                     .map_err(|e| BuildError::Store(e.to_string()))?;
+                self.engine.l1.insert(key, result.clone());
                 self.executed.fetch_add(1, Ordering::Relaxed);
                 self.reporter.report(Progress::Done {
                     node: id,
@@ -291,22 +292,38 @@ impl BuildRun {
         Ok(state)
     }
 
-    /// An L2 hit whose blob is really there (a missing blob makes it a miss).
+    /// An L1 or L2 hit whose blob is really there (a missing blob makes it a miss, and the
+    /// record is dropped from both tiers).
     fn lookup(&self, key: &Hash) -> Result<Option<ActionResult>, BuildError> {
-        let index = &self.engine.index;
-        let Some(result) = index
-            .action(key)
-            .map_err(|e| BuildError::Store(e.to_string()))?
-        else {
-            return Ok(None);
+        let engine = &self.engine;
+        let found = match engine.l1.get(key) {
+            Some(result) => Some(result),
+            None => {
+                let l2 = engine
+                    .index
+                    .action(key)
+                    .map_err(|e| BuildError::Store(e.to_string()))?;
+                if let Some(result) = &l2 {
+                    engine.l1.insert(*key, result.clone());
+                }
+                l2
+            }
         };
-        if let Some(layer) = &result.layer
-            && !self.engine.cas.contains(&layer.blob.digest)
-        {
-            let _ = index.forget_action(key);
-            return Ok(None);
-        }
-        Ok(Some(result))
+        let usable = found.filter(|result| {
+            result
+                .layer
+                .as_ref()
+                .is_none_or(|layer| engine.cas.contains(&layer.blob.digest))
+        });
+        match &usable {
+            Some(_) => engine.hits.fetch_add(1, Ordering::Relaxed),
+            None => {
+                engine.l1.remove(key);
+                let _ = engine.index.forget_action(key);
+                engine.misses.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        Ok(usable)
     }
 
     async fn execute(

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use memobuild_protocol::{CacheStats, PACKAGE_VERSION, PROTOCOL_VERSION, StatusReport};
+use memobuild_protocol::{PACKAGE_VERSION, PROTOCOL_VERSION, StatusReport};
 use tokio::net::UnixStream;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
@@ -117,7 +117,7 @@ impl Shared {
                 .iter()
                 .map(requests::workspace_status)
                 .collect(),
-            cache: CacheStats::default(),
+            cache: self.engine.cache_stats(),
         }
     }
 }
