@@ -259,23 +259,30 @@ impl BuildRun {
                 self.reporter.report(Progress::Started { node: id });
                 let run = Arc::clone(self);
                 let parent_for_step = parent.clone();
-                let result = self
+                let (result, ran_here) = self
                     .engine
                     .once(key, async move {
                         run.execute(node, step.clone(), parent_for_step, from).await
                     })
-                    .await
-                    .map_err(unshare)?;
-                self.engine
-                    .index
-                    .record_action(&key, &result)
-                    .map_err(|e| BuildError::Store(e.to_string()))?;
-                self.engine.l1.insert(key, result.clone());
-                self.executed.fetch_add(1, Ordering::Relaxed);
-                self.reporter.report(Progress::Done {
-                    node: id,
-                    duration: started.elapsed(),
-                });
+                    .await;
+                let result = result.map_err(unshare)?;
+                if ran_here {
+                    self.engine
+                        .index
+                        .record_action(&key, &result)
+                        .map_err(|e| BuildError::Store(e.to_string()))?;
+                    self.engine.l1.insert(key, result.clone());
+                    self.executed.fetch_add(1, Ordering::Relaxed);
+                    self.reporter.report(Progress::Done {
+                        node: id,
+                        duration: started.elapsed(),
+                    });
+                } else {
+                    // Another build computed it while this one waited: for this build it is
+                    // as good as cached.
+                    self.cached.fetch_add(1, Ordering::Relaxed);
+                    self.reporter.report(Progress::Cached { node: id });
+                }
                 result
             }
         };
@@ -609,12 +616,12 @@ impl BuildRun {
 
 impl Engine {
     /// Runs `work` for `key` unless another build is already computing it; then waits for
-    /// that one's result instead.
+    /// that one's result instead. The flag says whether `work` ran here.
     pub(super) async fn once(
         &self,
         key: Hash,
         work: impl std::future::Future<Output = Result<ActionResult, BuildError>>,
-    ) -> Result<ActionResult, Arc<BuildError>> {
+    ) -> (Result<ActionResult, Arc<BuildError>>, bool) {
         let waiting = {
             let mut inflight = self
                 .inflight
@@ -630,17 +637,21 @@ impl Engine {
             }
         };
         match waiting {
-            Err(mut receiver) => receiver
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| Arc::new(BuildError::Cancelled))?
-                .clone()
-                .unwrap_or_else(|| Err(Arc::new(BuildError::Cancelled))),
+            Err(mut receiver) => {
+                let shared = match receiver.wait_for(Option::is_some).await {
+                    Ok(outcome) => outcome
+                        .clone()
+                        .unwrap_or_else(|| Err(Arc::new(BuildError::Cancelled))),
+                    // The build computing it went away (cancelled): so does this one's wait.
+                    Err(_) => Err(Arc::new(BuildError::Cancelled)),
+                };
+                (shared, false)
+            }
             Ok(sender) => {
                 let _forget = ForgetInflight { engine: self, key };
                 let outcome = work.await.map_err(Arc::new);
                 let _ = sender.send(Some(outcome.clone()));
-                outcome
+                (outcome, true)
             }
         }
     }

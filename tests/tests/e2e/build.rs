@@ -14,7 +14,8 @@ use memobuild_tests::{TestDaemon, privileged, texts};
 type Listing = BTreeMap<String, String>;
 
 struct Bench {
-    registry: TestRegistry,
+    /// `None` once stopped, to show what works offline.
+    registry: Option<TestRegistry>,
     daemon: TestDaemon,
     base: String,
 }
@@ -25,7 +26,7 @@ impl Bench {
         registry.seed_busybox("busybox");
         let base = format!("{}/busybox", registry.address());
         Self {
-            registry,
+            registry: Some(registry),
             daemon: TestDaemon::start(),
             base,
         }
@@ -358,7 +359,64 @@ fn rebuilds_execute_only_what_changed_also_after_a_restart() {
     let images = bench.daemon.run_client(&["images", "--json"]);
     let images: serde_json::Value = serde_json::from_slice(&images.stdout).expect("json");
     assert_eq!(images[0]["name"], "inc:latest");
-    drop(bench.registry);
+
+    // The base's tag was resolved recently and its blobs are stored: no registry needed.
+    drop(bench.registry.take());
+    std::fs::write(ctx.join("src/b.js"), "b2").expect("edit");
+    assert_eq!(
+        executed(&bench.build_ok(&ctx, &["-t", "inc"])),
+        2,
+        "offline rebuild"
+    );
+}
+
+#[test]
+fn two_builds_needing_the_same_step_at_once_compute_it_once() {
+    if !privileged("two_builds_needing_the_same_step_at_once_compute_it_once") {
+        return;
+    }
+    let bench = Bench::start();
+    // The step's output differs on every execution, so equal outputs mean one execution.
+    let dockerfile = "FROM BASE\nRUN /bin/busybox sleep 1 && /bin/busybox date +%s%N > /stamp\n";
+    let ctx = bench.context("shared", &[("Dockerfile", dockerfile)]);
+    let outputs: Vec<PathBuf> = (0..2)
+        .map(|i| bench.daemon.dir.path().join(format!("shared-{i}.tar")))
+        .collect();
+    let clients: Vec<_> = outputs
+        .iter()
+        .map(|out| {
+            bench
+                .daemon
+                .client()
+                .args(["build", "--progress", "json", "-o"])
+                .arg(format!("type=tar,dest={}", out.display()))
+                .arg(&ctx)
+                .stderr(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("build")
+        })
+        .collect();
+    let mut executed_total = 0;
+    for client in clients {
+        let output = client.wait_with_output().expect("wait");
+        let (_, stderr) = texts(&output);
+        assert!(output.status.success(), "{stderr}");
+        let result = stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v.get("result").cloned())
+            .expect("result");
+        executed_total += executed(&result);
+    }
+    assert_eq!(
+        executed_total, 1,
+        "one build ran the step, the other waited for it"
+    );
+    assert_eq!(
+        tar_listing(&outputs[0])["stamp"],
+        tar_listing(&outputs[1])["stamp"]
+    );
 }
 
 #[test]
