@@ -11,6 +11,7 @@
 //! | socket group | `--socket-group` | `MEMOBUILD_SOCKET_GROUP` | `socket_group` | none: socket mode 0600; with a group: 0660 and that group may connect |
 //! | log filter | `--log` | `MEMOBUILD_LOG`, then `RUST_LOG` | `log` | `info` |
 //! | shutdown grace | | | `shutdown_grace_secs` | 10 |
+//! | steps executing at once | | | `max_parallel_steps` | the number of CPUs |
 //! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
 //!
 //! A missing default config file is fine; a missing file named by flag or environment is an
@@ -34,6 +35,8 @@ pub struct Config {
     pub log: String,
     /// How long in-flight requests may run after a shutdown signal before being cancelled.
     pub shutdown_grace: Duration,
+    /// Filesystem steps (RUN, COPY, …) executing at once, across stages and builds.
+    pub max_parallel_steps: usize,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -73,6 +76,7 @@ struct FileConfig {
     socket_group: Option<String>,
     log: Option<String>,
     shutdown_grace_secs: Option<u64>,
+    max_parallel_steps: Option<usize>,
 }
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
@@ -154,6 +158,12 @@ impl Config {
             socket_group,
             log,
             shutdown_grace,
+            max_parallel_steps: file
+                .max_parallel_steps
+                .filter(|n| *n > 0)
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+                }),
             config_file,
         })
     }
@@ -248,7 +258,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = write_config(
             dir.path(),
-            "root = \"/from/file\"\nsocket = \"/file.sock\"\nsocket_group = \"filegroup\"\nlog = \"warn\"\nshutdown_grace_secs = 3\n",
+            "root = \"/from/file\"\nsocket = \"/file.sock\"\nsocket_group = \"filegroup\"\nlog = \"warn\"\nshutdown_grace_secs = 3\nmax_parallel_steps = 3\n",
         );
         let config = file.to_str().expect("utf-8").to_owned();
         let env = env_from(&[
@@ -266,6 +276,7 @@ mod tests {
         assert_eq!(cfg.socket_group.as_deref(), Some("filegroup"));
         assert_eq!(cfg.log, "debug");
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(3));
+        assert_eq!(cfg.max_parallel_steps, 3);
         assert_eq!(cfg.config_file.as_deref(), Some(file.as_path()));
     }
 

@@ -142,7 +142,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let (changes, changes_seen) = mpsc::unbounded_channel();
     let backend = NotifyBackend::new(changes)?;
     let hub = Arc::new(Hub::open(&layout, Box::new(backend))?);
-    let engine = Arc::new(open_engine(&layout, Arc::clone(&hub))?);
+    let engine = Arc::new(open_engine(&config, &layout, Arc::clone(&hub))?);
     // Whatever a daemon killed mid-build left (mounts, containers, scratch) goes first.
     engine.recover();
     let (shutdown, mut shutdown_seen) = watch::channel(false);
@@ -225,7 +225,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-fn open_engine(layout: &Layout, hub: Arc<Hub>) -> Result<Engine, ServerError> {
+fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine, ServerError> {
     let store = |message: String| ServerError::Store {
         root: layout.root().to_owned(),
         message,
@@ -254,7 +254,10 @@ fn open_engine(layout: &Layout, hub: Arc<Hub>) -> Result<Engine, ServerError> {
         executor,
         registry,
         hub,
-        options: EngineOptions::default(),
+        options: EngineOptions {
+            max_parallel: config.max_parallel_steps,
+            ..EngineOptions::default()
+        },
     }))
 }
 
