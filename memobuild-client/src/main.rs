@@ -11,8 +11,8 @@ use memobuild_client::{
 };
 use memobuild_protocol::{
     BuildRequest, DockerfileSource, DumpDockerfileRequest, GraphRequest, NetworkMode,
-    NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION, PROTOCOL_VERSION, Request, Response,
-    UnwatchRequest, WatchRequest,
+    NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION, PROTOCOL_VERSION, PushRequest, Request,
+    Response, UnwatchRequest, WatchRequest,
 };
 use serde_json::json;
 
@@ -87,6 +87,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Push an image from the daemon's store to its registry
+    Push {
+        /// NAME[:TAG] in the store
+        image: String,
+        /// Push under another reference (REGISTRY/REPO[:TAG])
+        #[arg(long = "as", value_name = "REFERENCE")]
+        destination: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image's tag from the store (its blobs are left to GC)
+    Rmi { image: String },
     /// Tools for looking inside
     Debug {
         #[command(subcommand)]
@@ -291,6 +303,36 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             Ok(Exit::Success)
         }
         Command::Build(args) => build(*args, place).await,
+        Command::Push {
+            image,
+            destination,
+            json,
+        } => {
+            let mut conn = connect_or_start(place).await?;
+            let request = Request::Push(PushRequest { image, destination });
+            let Response::Pushed(report) = conn.call(&request).await? else {
+                return Err(unexpected("push"));
+            };
+            if json {
+                print_json(&report);
+            } else {
+                println!(
+                    "pushed {}@{}: {} blob(s) uploaded ({}), {} already there",
+                    report.reference,
+                    report.digest,
+                    report.blobs_uploaded,
+                    render::bytes(report.bytes_uploaded),
+                    report.blobs_skipped
+                );
+            }
+            Ok(Exit::Success)
+        }
+        Command::Rmi { image } => {
+            let mut conn = connect_or_start(place).await?;
+            conn.call(&Request::RemoveImage(image.clone())).await?;
+            println!("untagged {image}");
+            Ok(Exit::Success)
+        }
         Command::Images { json } => {
             let mut conn = connect_or_start(place).await?;
             let Response::Images(images) = conn.call(&Request::Images).await? else {

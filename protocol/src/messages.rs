@@ -130,6 +130,8 @@ pub enum Request {
     Shutdown,
     Graph(GraphRequest),
     DumpDockerfile(DumpDockerfileRequest),
+    /// Remove a tag from the image store (blobs are left to GC).
+    RemoveImage(String),
 }
 
 impl Request {
@@ -148,6 +150,7 @@ impl Request {
             Self::Shutdown => "shutdown",
             Self::Graph(_) => "graph",
             Self::DumpDockerfile(_) => "dump-dockerfile",
+            Self::RemoveImage(_) => "rmi",
         }
     }
 }
@@ -271,6 +274,7 @@ pub enum Response {
     ShuttingDown,
     Graph(GraphView),
     Dockerfile(String),
+    ImageRemoved,
 }
 
 impl Response {

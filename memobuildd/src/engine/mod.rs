@@ -123,6 +123,28 @@ impl From<PlanError> for BuildError {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("no image {0} in the store (see `memobuild images`)")]
+    NoSuchImage(String),
+    #[error("{0}")]
+    Reference(String),
+    #[error(transparent)]
+    Registry(Box<RegistryError>),
+    #[error("store: {0}")]
+    Store(String),
+}
+
+/// `app` → `app:latest`, as Docker names images.
+pub fn normalize_tag(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || name.contains('@') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
 /// A build request, paths resolved and the Dockerfile read by the caller.
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
@@ -194,6 +216,9 @@ pub struct Engine {
     exported: Mutex<HashMap<Hash, ImageParts>>,
     run_ids: AtomicU64,
     as_root: bool,
+    /// Repositories this daemon pulled from or pushed to, by registry: candidates for
+    /// cross-repository blob mounts, so a shared base layer is not uploaded again.
+    known_repos: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -239,6 +264,7 @@ impl Engine {
             exported: Mutex::new(HashMap::new()),
             run_ids: AtomicU64::new(0),
             as_root: crate::passwd::effective_uid() == 0,
+            known_repos: Mutex::new(HashMap::new()),
         }
     }
 
@@ -248,6 +274,70 @@ impl Engine {
 
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// Pushes the stored image `name` to `destination` (default: its own name).
+    pub async fn push(
+        &self,
+        name: &str,
+        destination: Option<&str>,
+        progress: &(dyn Fn(crate::registry::PushEvent) + Send + Sync),
+    ) -> Result<crate::registry::PushReport, PushError> {
+        let stored = normalize_tag(name);
+        let record = self
+            .index
+            .images()
+            .map_err(|e| PushError::Store(e.to_string()))?
+            .into_iter()
+            .find(|image| image.name == stored)
+            .ok_or_else(|| PushError::NoSuchImage(stored.clone()))?;
+        let target = Reference::parse(destination.unwrap_or(&stored))
+            .map_err(|e| PushError::Reference(e.to_string()))?;
+        let manifest_bytes = self
+            .cas
+            .read(&record.manifest.digest)
+            .map_err(|e| PushError::Store(e.to_string()))?;
+        let manifest = crate::image::oci::Manifest::parse(&manifest_bytes)
+            .map_err(|e| PushError::Store(e.to_string()))?;
+        let blob = |d: &crate::image::oci::Descriptor| crate::cache::Blob {
+            digest: d.digest.clone(),
+            size: d.size,
+        };
+        let mount_from = self
+            .known_repos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(target.registry())
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|repo| repo != target.repository())
+            .collect();
+        let image = crate::registry::PushImage {
+            manifest_bytes,
+            manifest_media_type: manifest.media_type.clone(),
+            config: blob(&manifest.config),
+            layers: manifest.layers.iter().map(blob).collect(),
+            mount_from,
+        };
+        let report = self
+            .registry
+            .push(&self.cas, &image, &target, progress)
+            .await
+            .map_err(|e| PushError::Registry(Box::new(e)))?;
+        self.remember_repository(&target);
+        Ok(report)
+    }
+
+    fn remember_repository(&self, reference: &Reference) {
+        let mut known = self
+            .known_repos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let repos = known.entry(reference.registry().to_owned()).or_default();
+        if !repos.iter().any(|r| r == reference.repository()) {
+            repos.push(reference.repository().to_owned());
+        }
     }
 
     /// What the cache holds and how it served, for `status`.
@@ -404,6 +494,7 @@ impl Engine {
                 reference.with_digest(resolved.manifest_digest)
             }
         };
+        self.remember_repository(&reference);
         let manifest_digest = pinned
             .digest()
             .cloned()

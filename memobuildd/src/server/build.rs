@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 use super::access::Peer;
 use super::requests::DockerfileText;
 use crate::cache::ImageRecord;
-use crate::engine::{BuildError, BuildSpec, Built, Engine, Progress, Reporter};
+use crate::engine::{
+    BuildError, BuildSpec, Built, Engine, Progress, PushError, Reporter, normalize_tag,
+};
 use crate::exec::{self, Network};
 use crate::image::export::{
     write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
@@ -166,20 +168,24 @@ fn event_frame(event: Progress) -> BuildEvent {
 fn code(err: &BuildError) -> ErrorCode {
     match err {
         BuildError::Dockerfile(_) | BuildError::Plan(_) => ErrorCode::InvalidInput,
-        BuildError::Registry { source, .. } => match **source {
-            RegistryError::Unauthorized { .. } | RegistryError::Forbidden { .. } => {
-                ErrorCode::PermissionDenied
-            }
-            RegistryError::NotFound { .. } | RegistryError::NoMatchingPlatform { .. } => {
-                ErrorCode::NotFound
-            }
-            RegistryError::Reference(_) => ErrorCode::InvalidInput,
-            _ => ErrorCode::Unavailable,
-        },
+        BuildError::Registry { source, .. } => registry_code(source),
         BuildError::BaseImage { .. } | BuildError::Store(_) => ErrorCode::Internal,
         BuildError::Step { .. } | BuildError::RunFailed { .. } => ErrorCode::Failed,
         BuildError::NoRuntime(_) => ErrorCode::Unavailable,
         BuildError::Cancelled => ErrorCode::Cancelled,
+    }
+}
+
+fn registry_code(err: &RegistryError) -> ErrorCode {
+    match err {
+        RegistryError::Unauthorized { .. } | RegistryError::Forbidden { .. } => {
+            ErrorCode::PermissionDenied
+        }
+        RegistryError::NotFound { .. } | RegistryError::NoMatchingPlatform { .. } => {
+            ErrorCode::NotFound
+        }
+        RegistryError::Reference(_) => ErrorCode::InvalidInput,
+        _ => ErrorCode::Unavailable,
     }
 }
 
@@ -204,6 +210,19 @@ async fn write_outputs(
     for output in outputs {
         if output.kind == OutputKind::Image {
             tag(engine, built, &request.tags, output.name.as_deref())?;
+            if output.push {
+                let names = request
+                    .tags
+                    .iter()
+                    .map(String::as_str)
+                    .chain(output.name.as_deref());
+                for name in names {
+                    engine
+                        .push(name, None, &|_| {})
+                        .await
+                        .map_err(|e| format!("pushing {name}: {e}"))?;
+                }
+            }
             continue;
         }
         let engine_for_task = Arc::clone(engine);
@@ -252,16 +271,6 @@ fn tag(engine: &Engine, built: &Built, tags: &[String], name: Option<&str>) -> R
             .map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-/// `app` → `app:latest`, as Docker names images.
-fn normalize_tag(name: &str) -> String {
-    let last = name.rsplit('/').next().unwrap_or(name);
-    if last.contains(':') || name.contains('@') {
-        name.to_owned()
-    } else {
-        format!("{name}:latest")
-    }
 }
 
 fn export(
@@ -380,4 +389,46 @@ fn image_size(engine: &Engine, image: &ImageRecord) -> u64 {
         .map_or(0, |m| {
             m.config.size + m.layers.iter().map(|l| l.size).sum::<u64>()
         })
+}
+
+/// `memobuild push`.
+pub(crate) async fn push(engine: &Engine, request: memobuild_protocol::PushRequest) -> Response {
+    let pushed = engine
+        .push(&request.image, request.destination.as_deref(), &|event| {
+            tracing::debug!(?event, "push");
+        })
+        .await;
+    match pushed {
+        Ok(report) => Response::Pushed(memobuild_protocol::PushReport {
+            reference: request
+                .destination
+                .unwrap_or_else(|| normalize_tag(&request.image)),
+            digest: report.digest.to_string(),
+            blobs_uploaded: report.blobs_uploaded as u64,
+            blobs_skipped: (report.blobs_skipped + report.blobs_mounted) as u64,
+            bytes_uploaded: report.bytes_uploaded,
+        }),
+        Err(err) => Response::error(push_code(&err), err.to_string()),
+    }
+}
+
+fn push_code(err: &PushError) -> ErrorCode {
+    match err {
+        PushError::NoSuchImage(_) => ErrorCode::NotFound,
+        PushError::Reference(_) => ErrorCode::InvalidInput,
+        PushError::Registry(source) => registry_code(source),
+        PushError::Store(_) => ErrorCode::Internal,
+    }
+}
+
+/// `memobuild rmi`: the tag goes; its blobs stay until GC.
+pub(crate) fn remove_image(engine: &Engine, name: &str) -> Response {
+    match engine.index().untag(&normalize_tag(name)) {
+        Ok(true) => Response::ImageRemoved,
+        Ok(false) => Response::error(
+            ErrorCode::NotFound,
+            format!("no image {} in the store", normalize_tag(name)),
+        ),
+        Err(err) => Response::error(ErrorCode::Internal, err.to_string()),
+    }
 }

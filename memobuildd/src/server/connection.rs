@@ -181,6 +181,8 @@ impl Connection {
                 return Ok(Next::Continue);
             }
             Request::Images => build::images(&self.shared.engine),
+            Request::Push(request) => build::push(&self.shared.engine, request).await,
+            Request::RemoveImage(name) => build::remove_image(&self.shared.engine, &name),
             Request::Graph(request) => respond(requests::graph(&request, self.peer)),
             Request::Watch(request) => {
                 respond(requests::watch(&self.shared.hub, request, self.peer).await)

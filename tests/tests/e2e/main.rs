@@ -3,6 +3,7 @@
 mod access;
 mod build;
 mod frontend;
+mod images;
 mod lifecycle;
 mod protocol;
 mod registry;

@@ -1,0 +1,270 @@
+//! Images other tools agree on: pushed images checked with skopeo and umoci, pushes that
+//! upload nothing twice, credentials, reproducible digests, the image store.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use memobuild_tests::registry::TestRegistry;
+use memobuild_tests::{TestDaemon, privileged, texts};
+
+fn run(daemon: &TestDaemon, args: &[&str]) -> Output {
+    daemon.run_client(args)
+}
+
+fn ok(daemon: &TestDaemon, args: &[&str]) -> String {
+    let output = run(daemon, args);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{args:?}: {stderr}");
+    stdout
+}
+
+fn context(daemon: &TestDaemon, name: &str, dockerfile: &str) -> String {
+    let ctx = daemon.dir.path().join(name);
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).expect("Dockerfile");
+    std::fs::write(ctx.join("app.txt"), format!("app {name}")).expect("file");
+    ctx.to_str().expect("utf-8").to_owned()
+}
+
+fn image_digest(daemon: &TestDaemon, name: &str) -> String {
+    let images: serde_json::Value =
+        serde_json::from_str(&ok(daemon, &["images", "--json"])).expect("json");
+    images
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {images}"))["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned()
+}
+
+fn push(daemon: &TestDaemon, name: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(daemon, &["push", name, "--json"])).expect("push JSON")
+}
+
+/// A listing of a directory tree: path → type, mode, owner, content hash.
+fn listing(root: &Path) -> Vec<String> {
+    let output = Command::new("find")
+        .arg(root)
+        .args(["-printf", "%P %y %m %U:%G %l\\n"])
+        .output()
+        .expect("find");
+    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn a_pushed_image_is_what_skopeo_and_umoci_see_and_a_second_push_uploads_nothing() {
+    if !privileged("a_pushed_image_is_what_skopeo_and_umoci_see_and_a_second_push_uploads_nothing")
+    {
+        return;
+    }
+    let registry = TestRegistry::start();
+    registry.seed_busybox("busybox");
+    let daemon = TestDaemon::start();
+    let reg = registry.address();
+    let dockerfile =
+        format!("FROM {reg}/busybox\nCOPY app.txt /app/\nRUN echo built > /app/built\n");
+    let ctx = context(&daemon, "app", &dockerfile);
+    let name = format!("{reg}/app:1");
+    let rootfs = daemon.dir.path().join("rootfs");
+    let dest = format!("type=local,dest={}", rootfs.display());
+    ok(
+        &daemon,
+        &["build", &ctx, "-t", &name, "--progress", "quiet"],
+    );
+    ok(
+        &daemon,
+        &["build", &ctx, "--progress", "quiet", "-o", &dest],
+    );
+    let digest = image_digest(&daemon, &name);
+
+    let first = push(&daemon, &name);
+    assert_eq!(first["digest"], digest.as_str());
+    assert_eq!(registry.inspect_digest("app:1").to_string(), digest);
+    // COPY layer, RUN layer, config; the base layer came from busybox on the same
+    // registry, so it is mounted, not uploaded.
+    assert_eq!(first["blobs_uploaded"], 3, "{first}");
+    assert_eq!(first["blobs_skipped"], 1, "{first}");
+
+    let uploads = registry.blob_uploads("app");
+    let second = push(&daemon, &name);
+    assert_eq!(second["blobs_uploaded"], 0, "{second}");
+    assert_eq!(
+        registry.blob_uploads("app"),
+        uploads,
+        "the registry saw no upload"
+    );
+
+    // Another image on the same base uploads only its own layers.
+    let other = context(
+        &daemon,
+        "other",
+        &format!("FROM {reg}/busybox\nRUN echo other > /other\n"),
+    );
+    let other_name = format!("{reg}/other:1");
+    ok(
+        &daemon,
+        &["build", &other, "-t", &other_name, "--progress", "quiet"],
+    );
+    let third = push(&daemon, &other_name);
+    assert_eq!(
+        third["blobs_uploaded"], 2,
+        "its RUN layer and its config: {third}"
+    );
+
+    // skopeo copies it out, umoci unpacks it: the same root filesystem as our own output.
+    let layout = daemon.dir.path().join("layout");
+    let copy = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{name}"))
+        .arg(format!("oci:{}:app", layout.display()))
+        .output()
+        .expect("skopeo");
+    assert!(copy.status.success(), "{:?}", texts(&copy));
+    let bundle = daemon.dir.path().join("bundle");
+    let unpack = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:app", layout.display()))
+        .arg(&bundle)
+        .output()
+        .expect("umoci");
+    assert!(unpack.status.success(), "{:?}", texts(&unpack));
+    assert_eq!(listing(&bundle.join("rootfs")), listing(&rootfs));
+}
+
+#[test]
+fn pushes_use_docker_config_credentials_and_say_clearly_when_they_are_missing() {
+    if !privileged("pushes_use_docker_config_credentials_and_say_clearly_when_they_are_missing") {
+        return;
+    }
+    let private = TestRegistry::start_with_htpasswd("builder", "s3cret");
+    let docker_config = tempfile::tempdir().expect("config dir");
+    let daemon = TestDaemon::start_with(|cmd| {
+        cmd.env("DOCKER_CONFIG", docker_config.path());
+    });
+    let ctx = context(&daemon, "private", "FROM scratch\nCOPY app.txt /\n");
+    let name = format!("{}/private:1", private.address());
+    ok(
+        &daemon,
+        &["build", &ctx, "-t", &name, "--progress", "quiet"],
+    );
+
+    let refused = run(&daemon, &["push", &name]);
+    let (_, stderr) = texts(&refused);
+    assert_eq!(refused.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("unauthorized") || stderr.contains("credentials"),
+        "{stderr}"
+    );
+
+    let auth = base64("builder:s3cret");
+    std::fs::write(
+        docker_config.path().join("config.json"),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
+            private.address()
+        ),
+    )
+    .expect("config.json");
+    let pushed = push(&daemon, &name);
+    assert_eq!(pushed["blobs_uploaded"], 2, "{pushed}");
+}
+
+fn base64(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn two_fresh_roots_build_identical_images_with_source_date_epoch() {
+    if !privileged("two_fresh_roots_build_identical_images_with_source_date_epoch") {
+        return;
+    }
+    let registry = TestRegistry::start();
+    registry.seed_busybox("busybox");
+    let dockerfile = format!(
+        "FROM {}/busybox\nCOPY app.txt /app/\nRUN echo made > /app/made && mkdir -p /app/dir\nCMD [\"cat\", \"/app/made\"]\n",
+        registry.address()
+    );
+    let digests: Vec<String> = (0..2)
+        .map(|_| {
+            let daemon = TestDaemon::start();
+            let ctx = context(&daemon, "repro", &dockerfile);
+            ok(
+                &daemon,
+                &[
+                    "build",
+                    &ctx,
+                    "-t",
+                    "repro",
+                    "--progress",
+                    "quiet",
+                    "--source-date-epoch",
+                    "0",
+                ],
+            );
+            image_digest(&daemon, "repro:latest")
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+}
+
+#[test]
+fn tags_survive_a_restart_and_rmi_removes_them() {
+    if !privileged("tags_survive_a_restart_and_rmi_removes_them") {
+        return;
+    }
+    let mut daemon = TestDaemon::start();
+    let ctx = context(&daemon, "tags", "FROM scratch\nCOPY app.txt /\n");
+    ok(
+        &daemon,
+        &[
+            "build",
+            &ctx,
+            "-t",
+            "one",
+            "-t",
+            "two:v2",
+            "--progress",
+            "quiet",
+        ],
+    );
+    daemon.terminate();
+    daemon.launch(|_| {}).expect("restart");
+    let listed = ok(&daemon, &["images"]);
+    assert!(
+        listed.contains("one:latest") && listed.contains("two:v2"),
+        "{listed}"
+    );
+    ok(&daemon, &["rmi", "one"]);
+    let listed = ok(&daemon, &["images"]);
+    assert!(
+        !listed.contains("one:latest") && listed.contains("two:v2"),
+        "{listed}"
+    );
+    let missing = run(&daemon, &["rmi", "one"]);
+    assert_eq!(missing.status.code(), Some(1));
+}
