@@ -12,6 +12,8 @@
 //! | log filter | `--log` | `MEMOBUILD_LOG`, then `RUST_LOG` | `log` | `info` |
 //! | shutdown grace | | | `shutdown_grace_secs` | 10 |
 //! | steps executing at once | | | `max_parallel_steps` | the number of CPUs |
+//! | plain-HTTP registries | `--insecure-registry` (repeatable) | | `insecure_registries` | none (loopback always is) |
+//! | extra registry CA (PEM) | | | `registry_ca_file` | none |
 //! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
 //!
 //! A missing default config file is fine; a missing file named by flag or environment is an
@@ -37,6 +39,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Filesystem steps (RUN, COPY, …) executing at once, across stages and builds.
     pub max_parallel_steps: usize,
+    /// `host[:port]` of registries spoken to over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for registries.
+    pub registry_ca_file: Option<PathBuf>,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -49,6 +55,7 @@ pub struct Overrides {
     pub socket_group: Option<String>,
     pub log: Option<String>,
     pub config: Option<PathBuf>,
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +84,8 @@ struct FileConfig {
     log: Option<String>,
     shutdown_grace_secs: Option<u64>,
     max_parallel_steps: Option<usize>,
+    insecure_registries: Option<Vec<String>>,
+    registry_ca_file: Option<PathBuf>,
 }
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
@@ -164,6 +173,12 @@ impl Config {
                 .unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
                 }),
+            insecure_registries: if flags.insecure_registries.is_empty() {
+                file.insecure_registries.unwrap_or_default()
+            } else {
+                flags.insecure_registries
+            },
+            registry_ca_file: file.registry_ca_file,
             config_file,
         })
     }

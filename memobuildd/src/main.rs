@@ -28,6 +28,9 @@ struct Args {
     /// TOML config file [env: MEMOBUILD_CONFIG]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// A registry (HOST[:PORT]) to speak plain HTTP to; loopback ones always are (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure_registries: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         socket_group: args.socket_group,
         log: args.log,
         config: args.config,
+        insecure_registries: args.insecure_registries,
     })?;
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
         .with_context(|| format!("invalid log filter {:?}", config.log))?;

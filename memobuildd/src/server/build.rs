@@ -23,10 +23,12 @@ use crate::engine::{
     BuildError, BuildSpec, Built, Engine, Progress, PushError, Reporter, normalize_tag,
 };
 use crate::exec::{self, Network};
+use crate::image::export::ImageParts;
 use crate::image::export::{
     write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
 };
 use crate::image::layer::{Compression, LayerOptions};
+use crate::image::oci::{MediaTypes, manifest_json};
 use crate::registry::RegistryError;
 use crate::watch::Hub;
 
@@ -305,7 +307,15 @@ fn export(
         OutputKind::Docker => {
             let mut out = create()?;
             let tags: Vec<String> = tags.iter().map(|t| normalize_tag(t)).collect();
-            write_docker_archive(cas, &built.image, &tags, &mut out).map_err(|e| e.to_string())?;
+            // Docker's own media types, as `docker save` writes them.
+            let manifest =
+                manifest_json(MediaTypes::Docker, &built.image.config, &built.image.layers);
+            let docker = ImageParts {
+                manifest: cas.put(&manifest).map_err(|e| e.to_string())?,
+                media: MediaTypes::Docker,
+                ..built.image.clone()
+            };
+            write_docker_archive(cas, &docker, &tags, &mut out).map_err(|e| e.to_string())?;
             finish(out)
         }
         OutputKind::Tar => {

@@ -244,7 +244,12 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
     if let Err(why) = &executor {
         warn!(%why, "RUN steps are unavailable");
     }
-    let registry = Registry::new(RegistryOptions::default()).map_err(|e| store(e.to_string()))?;
+    let registry = Registry::new(RegistryOptions {
+        insecure: config.insecure_registries.clone(),
+        extra_ca: config.registry_ca_file.clone(),
+        docker_config: None,
+    })
+    .map_err(|e| store(e.to_string()))?;
     Ok(Engine::new(EngineParts {
         layout: layout.clone(),
         cas,

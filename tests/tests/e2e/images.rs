@@ -268,3 +268,47 @@ fn tags_survive_a_restart_and_rmi_removes_them() {
     let missing = run(&daemon, &["rmi", "one"]);
     assert_eq!(missing.status.code(), Some(1));
 }
+
+#[test]
+fn a_docker_archive_is_read_by_skopeo_with_docker_media_types() {
+    let daemon = TestDaemon::start();
+    let ctx = context(
+        &daemon,
+        "docker",
+        "FROM scratch\nCOPY app.txt /\nCMD [\"/app.txt\"]\n",
+    );
+    let archive = daemon.dir.path().join("image.docker.tar");
+    let dest = format!("type=docker,dest={}", archive.display());
+    ok(
+        &daemon,
+        &[
+            "build",
+            &ctx,
+            "-t",
+            "arch:1",
+            "--progress",
+            "quiet",
+            "-o",
+            &dest,
+        ],
+    );
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("docker-archive:{}", archive.display()))
+        .output()
+        .expect("skopeo is installed by .ci/install-deps");
+    let (stdout, stderr) = texts(&inspect);
+    assert!(inspect.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("application/vnd.docker.distribution.manifest.v2+json")
+            || stdout.contains("application/vnd.docker.container.image.v1+json"),
+        "{stdout}"
+    );
+    let config = Command::new("skopeo")
+        .args(["inspect", "--config"])
+        .arg(format!("docker-archive:{}", archive.display()))
+        .output()
+        .expect("skopeo");
+    let (config, _) = texts(&config);
+    assert!(config.contains("/app.txt"), "{config}");
+}
