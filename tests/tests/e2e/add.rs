@@ -130,7 +130,8 @@ fn dockerfile(server: &FileServer, checksum: &str) -> String {
          ADD app.tar.gz /opt/\n\
          ADD plain.txt /etc/plain.txt\n\
          ADD {url} /downloads/\n\
-         ADD --checksum=sha256:{checksum} {url} /d2/data.bin\n"
+         ADD --checksum=sha256:{checksum} {url} /d2/data.bin\n\
+         ADD --chown=1:2 app.tar.gz /srv\n"
     )
 }
 
@@ -161,6 +162,12 @@ fn add_extracts_archives_downloads_urls_and_rebuilds_nothing() {
         !rootfs.contains_key("opt/app.tar.gz"),
         "extracted, not copied"
     );
+    assert_eq!(
+        rootfs["srv/app/run.sh"],
+        describe("file", 0o755, 1, 2, &content_of("echo hi\n")),
+        "--chown replaces the archive's owners"
+    );
+    assert_eq!(rootfs["srv/app"], describe("dir", 0o750, 1, 2, ""));
     assert_eq!(
         rootfs["etc/plain.txt"],
         describe("file", 0o644, 0, 0, &content_of("plain\n"))
