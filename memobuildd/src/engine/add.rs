@@ -143,7 +143,10 @@ pub fn stage(
         },
         parent,
         staging,
-        temp_root: staging.parent().unwrap_or(staging),
+        // Never inside `staging`: whatever is there becomes the layer.
+        temp_root: staging
+            .parent()
+            .map_or_else(std::env::temp_dir, Path::to_owned),
         as_root,
     };
     let (archives, plain) = split_archives(&locals, context)?;
@@ -329,7 +332,7 @@ struct Placement<'a> {
     parent: &'a RootView,
     staging: &'a Path,
     /// Beside `staging`, in the daemon's scratch area: downloads are written here first.
-    temp_root: &'a Path,
+    temp_root: PathBuf,
     as_root: bool,
 }
 
@@ -347,8 +350,8 @@ impl Placement<'_> {
     fn temp_dir(&self, prefix: &str) -> Result<tempfile::TempDir, AddError> {
         tempfile::Builder::new()
             .prefix(prefix)
-            .tempdir_in(self.temp_root)
-            .map_err(io("creating a directory in", self.temp_root))
+            .tempdir_in(&self.temp_root)
+            .map_err(io("creating a directory in", &self.temp_root))
     }
 
     /// Where archives are extracted: the destination as a directory, made in the staging
@@ -414,9 +417,8 @@ fn extract(context: Context<'_>, archive: &str, dest_host: &Path) -> Result<(), 
     })?;
     // Trailing bytes after the tar's end still belong to the fingerprinted content.
     io::copy(&mut hashing, &mut io::sink()).map_err(io("reading", &host))?;
-    let expected = context.tree.iter().find(|(path, _)| *path == archive);
-    match expected {
-        Some((_, entry)) if entry.hash == *hashing.hasher.finalize().as_bytes() => Ok(()),
+    match context.tree.get(archive) {
+        Some(entry) if entry.hash == *hashing.hasher.finalize().as_bytes() => Ok(()),
         _ => Err(AddError::ChangedDuringExtract(archive.to_owned())),
     }
 }
