@@ -307,7 +307,7 @@ fn with_tar_stream<R: Read + Send, T>(
                 let decoder = scope.spawn(move || {
                     lzma_rs::xz_decompress(&mut input, &mut writer).map_err(|err| match err {
                         lzma_rs::error::Error::IoError(err) => err,
-                        other => io::Error::new(io::ErrorKind::InvalidData, format!("{other:?}")),
+                        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
                     })
                 });
                 let consumed = consume(&mut reader);

@@ -198,13 +198,40 @@ fn a_non_archive_is_copied_and_a_wildcard_mixes_both() {
         ("notes.txt", b"hello".to_vec()),
         ("pkg/a.tgz", gzip(&app_tar())),
         ("pkg/b.txt", b"b".to_vec()),
+        ("pkg/c[1].txt", b"c".to_vec()),
     ]);
     let out = fx.add(&["notes.txt"], "/etc/notes", None).expect("copy");
     assert_eq!(out["etc/notes"], "file 644 hello");
     let out = fx.add(&["pkg/*"], "dist", None).expect("wildcard");
     assert_eq!(out["work/dist/b.txt"], "file 644 b");
+    assert_eq!(out["work/dist/c[1].txt"], "file 644 c");
     assert_eq!(out["work/dist/app/run.sh"], "file 744 echo hi");
     assert!(!out.contains_key("work/dist/a.tgz"), "{out:?}");
+}
+
+#[test]
+fn a_truncated_archive_is_never_extracted_in_part() {
+    let tar = raw_tar(&[
+        ("a", tar::EntryType::Regular, &[b'a'; 4096]),
+        ("b", tar::EntryType::Regular, &[b'b'; 4096]),
+    ]);
+    let cut = |mut bytes: Vec<u8>| {
+        bytes.truncate(bytes.len() - 8);
+        bytes
+    };
+    for (name, bytes) in [("a.tgz", cut(gzip(&tar))), ("a.tbz", cut(bzip2(&tar)))] {
+        let fx = Fixture::new(&[(name, bytes)]);
+        let err = fx.add(&[name], "/opt/", None).expect_err(name);
+        assert!(err.to_string().contains(name), "{name}: {err}");
+    }
+    // lzma-rs writes nothing before a small stream is whole, so a broken one reads as no
+    // archive at all and is copied as the file it is (as Docker copies what it cannot open).
+    let fx = Fixture::new(&[("a.txz", cut(xz(&tar)))]);
+    let out = fx.add(&["a.txz"], "/opt/", None).expect("copied");
+    assert_eq!(
+        out.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["opt", "opt/a.txz"]
+    );
 }
 
 #[test]
