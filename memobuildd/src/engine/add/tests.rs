@@ -286,7 +286,8 @@ fn checksums_must_be_sha256_and_only_for_urls() {
     assert!(err.to_string().contains("git"), "{err}");
 }
 
-/// Serves `answers` (status, body) one per connection, in order, on 127.0.0.1.
+/// Serves `answers` (status, body) one per connection, in order, on 127.0.0.1; status 0
+/// closes the connection without an answer.
 fn serve(answers: Vec<(u16, Vec<u8>)>) -> (String, std::thread::JoinHandle<Vec<String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = format!("http://{}", listener.local_addr().expect("addr"));
@@ -304,6 +305,9 @@ fn serve(answers: Vec<(u16, Vec<u8>)>) -> (String, std::thread::JoinHandle<Vec<S
             while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
                 line.clear();
             }
+            if status == 0 {
+                continue;
+            }
             let head = format!(
                 "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -317,16 +321,20 @@ fn serve(answers: Vec<(u16, Vec<u8>)>) -> (String, std::thread::JoinHandle<Vec<S
 }
 
 #[test]
-fn a_download_is_retried_after_a_5xx_saved_0600_and_never_extracted() {
+fn a_download_is_retried_after_a_5xx_and_a_dropped_connection_saved_0600_never_extracted() {
     let archive = gzip(&app_tar());
-    let (address, server) = serve(vec![(503, b"busy".to_vec()), (200, archive.clone())]);
+    let (address, server) = serve(vec![
+        (503, b"busy".to_vec()),
+        (0, Vec::new()),
+        (200, archive.clone()),
+    ]);
     let fx = Fixture::new(&[]);
     let url = format!("{address}/files/app.tar.gz");
     let digest = hex::encode(Sha256::digest(&archive));
     let out = fx
         .add(&[&url], "/downloads/", Some(&format!("sha256:{digest}")))
         .expect("download");
-    assert_eq!(server.join().expect("server"), ["/files/app.tar.gz"; 2]);
+    assert_eq!(server.join().expect("server"), ["/files/app.tar.gz"; 3]);
     assert_eq!(out["downloads"], "dir 755");
     assert!(
         out["downloads/app.tar.gz"].starts_with("file 600 "),
