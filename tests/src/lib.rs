@@ -13,6 +13,7 @@ use memobuild_client::Connection;
 use memobuild_client::launch::spawn_until_ready;
 use tempfile::TempDir;
 
+pub mod bench;
 pub mod registry;
 pub mod workload;
 

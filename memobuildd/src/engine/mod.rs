@@ -13,6 +13,7 @@
 //! Invariants: keys never include paths, roots, hostnames or times; a node whose key hits
 //! is not executed; two builds that need the same key at once compute it once.
 
+pub mod add;
 pub mod copy;
 pub mod keys;
 mod node;

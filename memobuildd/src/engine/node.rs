@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info_span};
 
+use super::add;
 use super::copy::{self, CopySource, CopySpec};
 use super::keys::BaseImage;
 use super::state::{self, DEFAULT_PATH, State};
@@ -358,7 +359,8 @@ impl BuildRun {
             let outcome = match &step {
                 InstructionKind::Run(spec) => run.run_step(node, spec, &parent),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
-                    run.copy_step(spec, &parent, from.as_deref(), tree.as_ref())
+                    let is_add = matches!(step, InstructionKind::Add(_));
+                    run.copy_step(spec, is_add, &parent, from.as_deref(), tree.as_ref())
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
                 other => Err(BuildError::Store(format!(
@@ -504,6 +506,7 @@ impl BuildRun {
     fn copy_step(
         &self,
         copy: &FileCopy,
+        is_add: bool,
         parent: &State,
         from: Option<&State>,
         tree: Option<&crate::context::FileTree>,
@@ -524,9 +527,9 @@ impl BuildRun {
                 })?),
                 None => None,
             };
-        if copy.sources.iter().any(|s| s.contains("://")) {
+        if !is_add && copy.sources.iter().any(|s| s.contains("://")) {
             return Err(BuildError::Store(
-                "ADD from a URL is not supported yet".into(),
+                "COPY can not fetch a URL; use ADD".into(),
             ));
         }
         let spec = CopySpec {
@@ -540,6 +543,25 @@ impl BuildRun {
         let _cleanup = RemoveOnDrop(staging.clone());
         let excludes = IgnoreRules::parse(&copy.exclude.join("\n"), "--exclude")
             .map_err(|e| BuildError::Store(e.to_string()))?;
+        // ADD: archives are extracted and URLs downloaded (engine::add); it has no --from.
+        if is_add {
+            let tree = tree.ok_or_else(|| BuildError::Store("no build context for ADD".into()))?;
+            let context = add::Context {
+                dir: &self.spec.context,
+                tree,
+                excludes: &excludes,
+            };
+            add::stage(
+                &spec,
+                copy.checksum.as_deref(),
+                context,
+                &parent_view,
+                &staging,
+                self.engine.as_root,
+            )
+            .map_err(|e| BuildError::Store(e.to_string()))?;
+            return self.finish_layer(&staging);
+        }
         let from_view;
         let source = match (from, tree) {
             (Some(state), _) => {

@@ -30,6 +30,8 @@ pub enum Whiteouts {
     Overlay,
     /// Delete what earlier layers unpacked into `dest`: merging layers into one root.
     Apply,
+    /// Extract them as the plain files they are: ADD of a local archive, as Docker does.
+    Keep,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -109,7 +111,9 @@ struct Unpacker<'d> {
 impl Unpacker<'_> {
     fn extract(&mut self, entry: &Entry, data: &mut impl Read) -> Result<(), ImageError> {
         self.stats.entries += 1;
-        if let Some(whiteout) = whiteout(&entry.path) {
+        if self.whiteouts != Whiteouts::Keep
+            && let Some(whiteout) = whiteout(&entry.path)
+        {
             return self.whiteout(whiteout, entry);
         }
         let path = &entry.path;
@@ -220,6 +224,7 @@ impl Unpacker<'_> {
                     remove(&target).map_err(io)?;
                 }
             }
+            (Whiteouts::Keep, _) => unreachable!("kept whiteouts are extracted as files"),
             (Whiteouts::Apply, Whiteout::Opaque(dir)) => {
                 let Some(target) = self.find(dir)? else {
                     return Ok(());

@@ -1,6 +1,7 @@
 //! End-to-end tests: one binary, a module per feature, each test on its own daemon.
 
 mod access;
+mod add;
 mod build;
 mod frontend;
 mod images;
