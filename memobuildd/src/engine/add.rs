@@ -22,6 +22,7 @@ use crate::context::dockerignore::clean;
 use crate::context::{EntryKind, FileTree, IgnoreRules, SourcePattern};
 use crate::image::ImageError;
 use crate::image::unpack::{Whiteouts, unpack};
+use crate::registry::error::{causes, chain};
 
 /// Schemes BuildKit fetches for ADD that MemoBuild does not (git).
 const UNSUPPORTED_REMOTES: &[&str] = &["git://", "git@", "ssh://"];
@@ -612,33 +613,6 @@ fn broke(err: &(dyn std::error::Error + 'static)) -> bool {
             .to_string()
             .contains("connection closed before message completed")
     })
-}
-
-/// An error and its causes; `io::Error`'s own `source()` skips the error it wraps.
-fn causes<'a>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(err), |err| {
-        match err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => err.source(),
-        }
-    })
-}
-
-/// `a: b: c`, without repeating a cause that is already in its parent's message.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = String::new();
-    for cause in causes(err) {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> AddError + 'p {

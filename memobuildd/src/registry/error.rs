@@ -197,7 +197,7 @@ impl Subject<'_> {
 
 /// An error and its causes, looking inside `io::Error`s too: their `source()` skips the
 /// error they wrap, which is where reqwest and rustls put what went wrong.
-pub(super) fn causes<'a>(
+pub(crate) fn causes<'a>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(err), |err| {
@@ -213,7 +213,7 @@ pub(super) fn causes<'a>(
 
 /// An error with its causes, `a: b: c`: reqwest's own message alone ("error sending
 /// request") does not say that the connection was refused.
-pub(super) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
     for cause in causes(err) {
         let cause_text = cause.to_string();

@@ -27,7 +27,7 @@
 //! exporters at the end of a build.
 
 mod auth;
-mod error;
+pub(crate) mod error;
 mod manifest;
 mod pull;
 mod push;
