@@ -18,22 +18,10 @@ use crate::frontend::InstructionKind;
 use crate::image::ImageError;
 use crate::image::layer::Layer;
 use crate::image::oci::{ImageConfig, Manifest};
+use crate::plan::scope::PROXY_ARGS;
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
 
 const KEY_VERSION: &[u8] = b"memobuild-key-v1\0";
-
-const PROXY_VARIABLES: &[&str] = &[
-    "HTTP_PROXY",
-    "http_proxy",
-    "HTTPS_PROXY",
-    "https_proxy",
-    "FTP_PROXY",
-    "ftp_proxy",
-    "NO_PROXY",
-    "no_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-];
 
 /// A base image whose blobs are in the CAS, as a starting state.
 #[derive(Debug, Clone)]
@@ -126,7 +114,7 @@ pub fn compute(
         let env: Vec<&(String, String)> = spec
             .env
             .iter()
-            .filter(|(name, _)| !PROXY_VARIABLES.contains(&name.as_str()))
+            .filter(|(name, _)| !PROXY_ARGS.contains(&name.as_str()))
             .collect();
         hasher.update(&(env.len() as u64).to_le_bytes());
         for (name, value) in env {

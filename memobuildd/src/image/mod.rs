@@ -21,7 +21,7 @@ mod entry;
 pub mod export;
 pub mod layer;
 pub mod oci;
-mod sys;
+pub(crate) mod sys;
 #[cfg(test)]
 mod testutil;
 pub mod unpack;

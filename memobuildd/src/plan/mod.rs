@@ -17,7 +17,7 @@
 mod canonical;
 mod expand;
 mod lower;
-mod scope;
+pub(crate) mod scope;
 
 use petgraph::graph::DiGraph;
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use crate::frontend::shell::Env;
 
 /// ARGs that RUN sees whenever they are given as build args, declared or not.
-const PROXY_ARGS: [&str; 10] = [
+pub(crate) const PROXY_ARGS: [&str; 10] = [
     "HTTP_PROXY",
     "http_proxy",
     "HTTPS_PROXY",

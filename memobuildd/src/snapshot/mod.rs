@@ -227,24 +227,5 @@ pub fn is_opaque(dir: &Path) -> bool {
 }
 
 fn xattr_is_y(path: &Path, name: &str) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let (Ok(path), Ok(name)) = (
-        std::ffi::CString::new(path.as_os_str().as_bytes()),
-        std::ffi::CString::new(name),
-    ) else {
-        return false;
-    };
-    let mut value = [0u8; 2];
-    // SAFETY: both strings are NUL-terminated and outlive the call; `value` is a writable
-    // buffer of the length passed.
-    #[expect(unsafe_code, reason = "lgetxattr has no safe std wrapper")]
-    let len = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
-    len == 1 && value[0] == b'y'
+    matches!(crate::image::sys::lgetxattr(path, name), Ok(Some(value)) if value == b"y")
 }
