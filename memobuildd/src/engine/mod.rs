@@ -486,7 +486,7 @@ impl Engine {
             _ => {
                 let resolved = self
                     .registry
-                    .resolve(&reference, &self.registry_platform())
+                    .resolve(&reference, &self.platform)
                     .await
                     .map_err(registry_err)?;
                 self.index
@@ -505,7 +505,7 @@ impl Engine {
             Ok(base) => base,
             Err(_) => {
                 self.registry
-                    .pull(&self.cas, &pinned, &self.registry_platform())
+                    .pull(&self.cas, &pinned, &self.platform)
                     .await
                     .map_err(registry_err)?;
                 keys::BaseImage::from_cas(&self.cas, &manifest_digest).map_err(|source| {
@@ -619,14 +619,6 @@ impl Engine {
         };
         exported.insert(content, parts.clone());
         Ok(parts)
-    }
-
-    fn registry_platform(&self) -> crate::registry::Platform {
-        crate::registry::Platform {
-            os: self.platform.os.clone(),
-            architecture: self.platform.architecture.clone(),
-            variant: self.platform.variant.clone(),
-        }
     }
 
     fn next_run_id(&self) -> String {

@@ -49,15 +49,18 @@ impl Platform {
         }
     }
 
-    /// Whether an image for `self` runs on `want`. A missing variant matches any; arm64's
-    /// only variant, v8, is often left out.
-    fn serves(&self, want: &Platform) -> bool {
-        self.os == want.os
-            && self.architecture == want.architecture
-            && match (&want.variant, &self.variant) {
-                (None, _) => true,
-                (Some(want), Some(have)) => want == have,
-                (Some(want), None) => self.architecture == "arm64" && want == "v8",
+    /// Whether an index entry for `offered` serves a request for `self`. An unset variant
+    /// on either side matches any, and arm64's only variant, v8, is often left out.
+    pub fn accepts(&self, offered: &Platform) -> bool {
+        let variant = |p: &Platform| match (p.architecture.as_str(), p.variant.as_deref()) {
+            ("arm64", Some("v8")) => None,
+            (_, v) => v.map(str::to_owned),
+        };
+        self.os == offered.os
+            && self.architecture == offered.architecture
+            && match (variant(self), variant(offered)) {
+                (Some(wanted), Some(got)) => wanted == got,
+                _ => true,
             }
     }
 }
@@ -417,7 +420,7 @@ impl Index {
     pub fn select(&self, platform: &Platform) -> Option<Descriptor> {
         self.manifests
             .iter()
-            .filter(|d| d.platform.as_ref().is_some_and(|p| p.serves(platform)))
+            .filter(|d| d.platform.as_ref().is_some_and(|p| platform.accepts(p)))
             .min_by_key(|d| d.platform.as_ref().map(|p| p.variant != platform.variant))
             .cloned()
     }

@@ -1,8 +1,6 @@
 //! The parts of manifests and indexes that pulling needs, for both the OCI and the Docker
 //! schema-2 spellings (same shape, different media types), and platform selection.
 
-use std::fmt;
-
 use serde::Deserialize;
 
 use crate::cache::Digest;
@@ -23,60 +21,7 @@ const LAYER_TYPES: &[&str] = &[
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 ];
 
-/// An image's OS, architecture and CPU variant, as in an index's `platform` field.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    #[serde(default)]
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    /// The platform a container started on this machine runs: Linux, with the machine's
-    /// CPU in Go's (and so the registries') naming.
-    pub fn host() -> Self {
-        let (architecture, variant) = match std::env::consts::ARCH {
-            "x86_64" => ("amd64", None),
-            "x86" => ("386", None),
-            "aarch64" => ("arm64", Some("v8")),
-            "arm" => ("arm", Some("v7")),
-            "powerpc64" if cfg!(target_endian = "little") => ("ppc64le", None),
-            "loongarch64" => ("loong64", None),
-            other => (other, None),
-        };
-        Self {
-            os: "linux".to_owned(),
-            architecture: architecture.to_owned(),
-            variant: variant.map(str::to_owned),
-        }
-    }
-
-    /// Whether an index entry for `offered` serves a request for `self`. An unset variant
-    /// on either side matches any, and arm64's only variant is v8.
-    fn accepts(&self, offered: &Self) -> bool {
-        let variant = |p: &Self| match (p.architecture.as_str(), p.variant.as_deref()) {
-            ("arm64", Some("v8")) => None,
-            (_, v) => v.map(str::to_owned),
-        };
-        self.os == offered.os
-            && self.architecture == offered.architecture
-            && match (variant(self), variant(offered)) {
-                (Some(wanted), Some(got)) => wanted == got,
-                _ => true,
-            }
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(variant) = &self.variant {
-            write!(f, "/{variant}")?;
-        }
-        Ok(())
-    }
-}
+pub use crate::image::oci::Platform;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
