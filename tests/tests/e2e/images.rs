@@ -312,3 +312,37 @@ fn a_docker_archive_is_read_by_skopeo_with_docker_media_types() {
     let (config, _) = texts(&config);
     assert!(config.contains("/app.txt"), "{config}");
 }
+
+#[test]
+fn a_tar_streams_to_stdout_with_special_files_kept() {
+    let daemon = TestDaemon::start();
+    let ctx = context(&daemon, "stdout", "FROM scratch\nCOPY app.txt pipe /x/\n");
+    let fifo = Command::new("mkfifo")
+        .arg(Path::new(&ctx).join("pipe"))
+        .status()
+        .expect("mkfifo");
+    assert!(fifo.success());
+    let output = run(&daemon, &["build", &ctx, "--progress", "quiet", "-o", "-"]);
+    assert!(output.status.success(), "{:?}", texts(&output));
+    let mut archive = tar::Archive::new(output.stdout.as_slice());
+    let mut kinds: Vec<(String, tar::EntryType)> = archive
+        .entries()
+        .expect("a tar on stdout")
+        .map(|e| {
+            let e = e.expect("entry");
+            (
+                e.path().expect("path").display().to_string(),
+                e.header().entry_type(),
+            )
+        })
+        .collect();
+    kinds.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        kinds,
+        [
+            ("x/".to_owned(), tar::EntryType::Directory),
+            ("x/app.txt".to_owned(), tar::EntryType::Regular),
+            ("x/pipe".to_owned(), tar::EntryType::Fifo),
+        ]
+    );
+}
