@@ -79,8 +79,6 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} layers are not supported yet")]
-    UnsupportedCompression(&'static str),
 }
 
 impl ImageError {
