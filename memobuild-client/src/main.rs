@@ -309,9 +309,17 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             json,
         } => {
             let mut conn = connect_or_start(place).await?;
-            let request = Request::Push(PushRequest { image, destination });
-            let Response::Pushed(report) = conn.call(&request).await? else {
-                return Err(unexpected("push"));
+            conn.send(&Request::Push(PushRequest { image, destination }))
+                .await?;
+            let report = loop {
+                match conn.next().await? {
+                    Response::PushProgress(progress) if !json => {
+                        eprintln!("{}", render::push_progress(&progress));
+                    }
+                    Response::PushProgress(_) => {}
+                    Response::Pushed(report) => break report,
+                    _ => return Err(unexpected("push")),
+                }
             };
             if json {
                 print_json(&report);

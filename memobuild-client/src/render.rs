@@ -93,6 +93,26 @@ pub fn workspace(ws: &WorkspaceStatus) -> String {
     out
 }
 
+/// One line per blob event of a push, as `docker push` shows them.
+pub fn push_progress(progress: &memobuild_protocol::PushProgress) -> String {
+    use memobuild_protocol::PushState;
+    let short = progress
+        .digest
+        .trim_start_matches("sha256:")
+        .get(..12)
+        .unwrap_or("");
+    match &progress.state {
+        PushState::Skipped => format!("{short}: layer already exists"),
+        PushState::Mounted(from) => format!("{short}: mounted from {from}"),
+        PushState::Uploading => format!(
+            "{short}: pushing {} / {}",
+            bytes(progress.sent),
+            bytes(progress.total)
+        ),
+        PushState::Done => format!("{short}: pushed {}", bytes(progress.total)),
+    }
+}
+
 /// `1.5 KiB`, `3.2 GiB`: binary units, one decimal.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -275,12 +275,36 @@ pub enum Response {
     Graph(GraphView),
     Dockerfile(String),
     ImageRemoved,
+    /// Non-terminal: one blob of a push moved on.
+    PushProgress(PushProgress),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushProgress {
+    pub digest: String,
+    pub state: PushState,
+    /// Bytes sent so far (uploading) or the blob's size.
+    pub sent: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PushState {
+    /// The registry has it already.
+    Skipped,
+    /// Mounted from this repository of the same registry.
+    Mounted(String),
+    Uploading,
+    Done,
 }
 
 impl Response {
     /// Whether this frame ends the answer to a request.
     pub fn is_terminal(&self) -> bool {
-        !matches!(self, Self::Event(_) | Self::OutputChunk(_))
+        !matches!(
+            self,
+            Self::Event(_) | Self::OutputChunk(_) | Self::PushProgress(_)
+        )
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {

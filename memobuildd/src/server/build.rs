@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use memobuild_protocol::{
     BuildEvent, BuildEventKind, BuildRequest, BuildResult, ErrorCode, FrameError, ImageSummary,
-    LogStream, OutputKind, OutputSpec, Response, write_frame,
+    LogStream, OutputKind, OutputSpec, PushProgress, PushState, Response, write_frame,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
@@ -29,7 +29,7 @@ use crate::image::export::{
 };
 use crate::image::layer::{Compression, LayerOptions};
 use crate::image::oci::{MediaTypes, manifest_json};
-use crate::registry::RegistryError;
+use crate::registry::{PushEvent, RegistryError};
 use crate::watch::Hub;
 
 /// Largest output chunk streamed to the client (`dest=-`).
@@ -401,14 +401,32 @@ fn image_size(engine: &Engine, image: &ImageRecord) -> u64 {
         })
 }
 
-/// `memobuild push`.
-pub(crate) async fn push(engine: &Engine, request: memobuild_protocol::PushRequest) -> Response {
-    let pushed = engine
-        .push(&request.image, request.destination.as_deref(), &|event| {
-            tracing::debug!(?event, "push");
-        })
-        .await;
-    match pushed {
+/// `memobuild push`: progress per blob as it happens, then the report.
+pub(crate) async fn push(
+    stream: &mut UnixStream,
+    engine: &Arc<Engine>,
+    request: memobuild_protocol::PushRequest,
+) -> Result<(), FrameError> {
+    let (events, mut received) = mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let engine = Arc::clone(engine);
+        let request = request.clone();
+        async move {
+            let report = move |event| {
+                let _ = events.send(event);
+            };
+            engine
+                .push(&request.image, request.destination.as_deref(), &report)
+                .await
+        }
+    });
+    while let Some(event) = received.recv().await {
+        write_frame(stream, &Response::PushProgress(push_progress(event))).await?;
+    }
+    let pushed = task
+        .await
+        .unwrap_or_else(|err| Err(PushError::Store(format!("push task failed: {err}"))));
+    let reply = match pushed {
         Ok(report) => Response::Pushed(memobuild_protocol::PushReport {
             reference: request
                 .destination
@@ -419,6 +437,26 @@ pub(crate) async fn push(engine: &Engine, request: memobuild_protocol::PushReque
             bytes_uploaded: report.bytes_uploaded,
         }),
         Err(err) => Response::error(push_code(&err), err.to_string()),
+    };
+    write_frame(stream, &reply).await
+}
+
+fn push_progress(event: PushEvent) -> PushProgress {
+    let (digest, state, sent, total) = match event {
+        PushEvent::Skipped { digest, size } => (digest, PushState::Skipped, size, size),
+        PushEvent::Mounted { digest, from } => (digest, PushState::Mounted(from), 0, 0),
+        PushEvent::Uploading {
+            digest,
+            sent,
+            total,
+        } => (digest, PushState::Uploading, sent, total),
+        PushEvent::Done { digest, size } => (digest, PushState::Done, size, size),
+    };
+    PushProgress {
+        digest: digest.to_string(),
+        state,
+        sent,
+        total,
     }
 }
 

@@ -181,7 +181,10 @@ impl Connection {
                 return Ok(Next::Continue);
             }
             Request::Images => build::images(&self.shared.engine),
-            Request::Push(request) => build::push(&self.shared.engine, request).await,
+            Request::Push(request) => {
+                build::push(&mut self.stream, &self.shared.engine, request).await?;
+                return Ok(Next::Continue);
+            }
             Request::RemoveImage(name) => build::remove_image(&self.shared.engine, &name),
             Request::Graph(request) => respond(requests::graph(&request, self.peer)),
             Request::Watch(request) => {

@@ -174,8 +174,12 @@ fn pushes_use_docker_config_credentials_and_say_clearly_when_they_are_missing() 
         ),
     )
     .expect("config.json");
-    let pushed = push(&daemon, &name);
-    assert_eq!(pushed["blobs_uploaded"], 2, "{pushed}");
+    // Without --json, every blob's progress is shown as it happens.
+    let pushed = run(&daemon, &["push", &name]);
+    let (stdout, stderr) = texts(&pushed);
+    assert!(pushed.status.success(), "{stderr}");
+    assert_eq!(stderr.matches(": pushed ").count(), 2, "{stderr}");
+    assert!(stdout.contains("2 blob(s) uploaded"), "{stdout}");
 }
 
 fn base64(text: &str) -> String {
