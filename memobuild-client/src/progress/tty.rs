@@ -70,9 +70,8 @@ impl TtyView {
             BuildEventKind::Queued { name } => {
                 self.names.insert(n, printable(name.as_bytes()));
             }
-            BuildEventKind::Started => {
-                self.step(n);
-            }
+            // Only running steps tick: a cached step needs no timer thread.
+            BuildEventKind::Started => self.step(n).bar.enable_steady_tick(TICK),
             BuildEventKind::Cached => self.step(n).finish("CACHED ", Duration::ZERO, done_style()),
             BuildEventKind::Log { line, .. } => {
                 // Lines for a step that never started or already ended have no place on screen.
@@ -96,18 +95,9 @@ impl TtyView {
         self.update_header("");
     }
 
-    /// Draws the final frame and lets go of the terminal, so that what is printed next lands
-    /// under the frame instead of being overwritten by a later redraw.
+    /// Marks the build as over; dropping the view then draws the final frame.
     pub(super) fn finish(self) {
         self.update_header(" FINISHED");
-        // A step still running when the build ends keeps its last time and lines on screen.
-        for step in self.steps.values().filter(|step| !step.finished) {
-            step.bar.abandon();
-            for bar in &step.tail_bars {
-                bar.abandon();
-            }
-        }
-        self.header.finish();
     }
 
     /// The step's line, added at the bottom of the screen the first time the step is seen.
@@ -126,11 +116,26 @@ impl TtyView {
     }
 }
 
+/// Draws the final frame and lets go of the terminal, whether the build ended or failed: every
+/// bar is finished first, so no timer redraws over what is printed next, and the header stays
+/// (indicatif 0.18 erases a multi-bar's first line when it is dropped unfinished).
+impl Drop for TtyView {
+    fn drop(&mut self) {
+        // A step still running when the build ends keeps its last time and lines on screen.
+        for step in self.steps.values().filter(|step| !step.finished) {
+            step.bar.abandon();
+            for bar in &step.tail_bars {
+                bar.abandon();
+            }
+        }
+        self.header.finish();
+    }
+}
+
 impl Step {
     fn start(multi: &MultiProgress, name: String) -> Self {
         let bar = multi.add(ProgressBar::no_length().with_style(running_style()));
         bar.set_message(format!(" => {name}"));
-        bar.enable_steady_tick(TICK);
         Self {
             name,
             bar,
@@ -172,11 +177,12 @@ impl Step {
     fn fail(&mut self, multi: &MultiProgress, message: &str) {
         let took = self.bar.elapsed();
         self.finish("ERROR ", took, error_style());
-        for line in message.lines().take(TAIL_LINES) {
-            let bar = self.add_line(multi, error_style());
-            bar.finish_with_message(format!(" => => # {}", printable(line.as_bytes())));
-            self.tail_bars.push(bar);
-        }
+        // Only the first line, as in plain mode: the rest is usually the step's output, which is
+        // already on screen above and which the client prints again with the build's error.
+        let first = message.lines().next().unwrap_or_default();
+        let bar = self.add_line(multi, error_style());
+        bar.finish_with_message(format!(" => => # {}", printable(first.as_bytes())));
+        self.tail_bars.push(bar);
         for bar in &self.tail_bars {
             bar.finish();
         }
@@ -361,5 +367,29 @@ mod tests {
         )]);
         assert!(lines[1].starts_with(" => ERROR #3"), "{lines:#?}");
         assert_eq!(lines[2], " => => # no such step");
+    }
+
+    /// The daemon's error ends the build without `finish`: the client just drops the view.
+    #[test]
+    fn a_failed_build_leaves_the_whole_screen_when_dropped() {
+        let term = InMemoryTerm::new(30, WIDTH);
+        let mut view = TtyView::new(ProgressDrawTarget::term_like(Box::new(term.clone())));
+        view.event(&queued(1, "[a 1/1] RUN false"));
+        view.event(&ev(1, BuildEventKind::Started));
+        view.event(&ev(
+            1,
+            BuildEventKind::Failed {
+                message: "exit code 1".into(),
+            },
+        ));
+        drop(view);
+        let screen = term.contents();
+        let lines: Vec<&str> = screen.lines().collect();
+        assert!(lines[0].starts_with("[+] Building ") && lines[0].ends_with("(1/1)"));
+        assert!(
+            lines[1].starts_with(" => ERROR [a 1/1] RUN false"),
+            "{screen}"
+        );
+        assert_eq!(lines[2], " => => # exit code 1");
     }
 }
