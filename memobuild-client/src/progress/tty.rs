@@ -338,16 +338,18 @@ mod tests {
             ev(1, BuildEventKind::Started),
             ev(1, BuildEventKind::Started),
             log(1, long.as_bytes()),
+            log(1, "漢字".repeat(50).as_bytes()),
             log(1, b"10%\r50%\r100%"),
             // Last, because the test terminal (vt100) drops U+FFFD where a real one draws it.
             log(1, b"\xff\xfebytes\x1b[2J\x07"),
         ]);
-        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert_eq!(lines.len(), 6, "{lines:#?}");
         let x_row = format!(" => => # {}", "x".repeat(usize::from(WIDTH) - 9));
         assert_eq!(lines[1].chars().count(), usize::from(WIDTH), "{lines:#?}");
         assert_eq!(lines[2], x_row);
-        assert_eq!(lines[3], " => => # 100%");
-        assert_eq!(lines[4], " => => # bytes[2J");
+        assert!(lines[3].starts_with(" => => # 漢字漢字"), "{lines:#?}");
+        assert_eq!(lines[4], " => => # 100%");
+        assert_eq!(lines[5], " => => # bytes[2J");
     }
 
     #[test]
