@@ -1,5 +1,6 @@
 //! `memobuild`: parse the command line, talk to the daemon, print, exit with a documented code.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -401,13 +402,16 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
     });
     let mut conn = connect_or_start(place).await?;
     conn.send(&request).await?;
-    let mut progress = Progress::new(args.progress, std::io::stderr());
+    let mode = args.progress.resolve(std::io::stderr().is_terminal());
+    let mut progress = Progress::new(mode, std::io::stderr());
     let mut stdout = std::io::stdout();
     loop {
         let frame = tokio::select! {
             frame = conn.next() => frame?,
             // Dropping the connection is the cancel request: the daemon stops the build.
             _ = tokio::signal::ctrl_c() => {
+                // The TTY view lets go of the screen first, so the notice is not drawn over.
+                drop(progress);
                 eprintln!("memobuild: cancelling the build");
                 return Ok(Exit::Cancelled);
             }

@@ -1,5 +1,6 @@
-//! Build progress on the client: BuildKit's plain format (so CI log readers keep working),
-//! JSON lines, or nothing. The daemon sends events; only this module draws.
+//! Build progress on the client: BuildKit's TTY view on a terminal ([`tty`]), its plain format
+//! elsewhere (so CI log readers keep working), JSON lines, or nothing. The daemon sends events;
+//! only this module draws.
 //!
 //! Plain, as BuildKit prints it:
 //! ```text
@@ -14,12 +15,17 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Instant;
 
+use indicatif::ProgressDrawTarget;
 use memobuild_protocol::{BuildEvent, BuildEventKind, BuildResult, LogStream};
 use serde_json::json;
 
+mod tty;
+
+use tty::TtyView;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProgressMode {
-    /// Plain on a pipe or a file, plain on a terminal too (bars are not drawn yet)
+    /// The TTY view on a terminal, plain on a pipe or a file
     Auto,
     Tty,
     Plain,
@@ -34,15 +40,37 @@ pub struct Progress<W: Write> {
     out: W,
     names: HashMap<u32, String>,
     started: HashMap<u32, Instant>,
+    /// The screen under `--progress tty`, until the build ends.
+    tty: Option<TtyView>,
+}
+
+impl ProgressMode {
+    /// `Auto` made concrete: what BuildKit picks for where progress goes.
+    pub fn resolve(self, is_terminal: bool) -> Self {
+        match self {
+            Self::Auto if is_terminal => Self::Tty,
+            Self::Auto => Self::Plain,
+            mode => mode,
+        }
+    }
 }
 
 impl<W: Write> Progress<W> {
+    /// Under `Tty` the screen is drawn on stderr (indicatif draws nothing if stderr is not a
+    /// terminal); `out` then only gets the closing summary.
     pub fn new(mode: ProgressMode, out: W) -> Self {
+        let tty = (mode == ProgressMode::Tty)
+            .then(|| TtyView::new(ProgressDrawTarget::stderr_with_hz(tty::REDRAW_HZ)));
+        Self::with_view(mode, out, tty)
+    }
+
+    fn with_view(mode: ProgressMode, out: W, tty: Option<TtyView>) -> Self {
         Self {
             mode,
             out,
             names: HashMap::new(),
             started: HashMap::new(),
+            tty,
         }
     }
 
@@ -52,7 +80,12 @@ impl<W: Write> Progress<W> {
             ProgressMode::Json => {
                 let _ = writeln!(self.out, "{}", json_event(event));
             }
-            ProgressMode::Auto | ProgressMode::Tty | ProgressMode::Plain => self.plain(event),
+            ProgressMode::Tty => {
+                if let Some(view) = &mut self.tty {
+                    view.event(event);
+                }
+            }
+            ProgressMode::Auto | ProgressMode::Plain => self.plain(event),
         }
     }
 
@@ -90,6 +123,9 @@ impl<W: Write> Progress<W> {
     }
 
     pub fn finished(&mut self, result: &BuildResult) {
+        if let Some(view) = self.tty.take() {
+            view.finish();
+        }
         let digest = result.image_digest.as_deref().unwrap_or("(none)");
         match self.mode {
             ProgressMode::Quiet => {}
@@ -183,5 +219,44 @@ mod tests {
             lines[3]
         );
         assert_eq!(lines[4], "#2 DONE 0.3s");
+    }
+
+    #[test]
+    fn tty_mode_draws_the_screen_then_prints_the_summary() {
+        let term = indicatif::InMemoryTerm::new(10, 60);
+        let target = ProgressDrawTarget::term_like(Box::new(term.clone()));
+        let view = TtyView::new(target);
+        let mut progress = Progress::with_view(ProgressMode::Tty, Vec::new(), Some(view));
+        progress.event(&ev(
+            1,
+            BuildEventKind::Queued {
+                name: "[a 1/1] RUN x".into(),
+            },
+        ));
+        progress.event(&ev(1, BuildEventKind::Started));
+        progress.event(&ev(1, BuildEventKind::Done { duration_ms: 2000 }));
+        progress.finished(&BuildResult {
+            image_digest: None,
+            duration_ms: 2100,
+            steps: 1,
+            cached: 0,
+            executed: 1,
+        });
+        let screen = term.contents();
+        assert!(screen.contains("(1/1) FINISHED"), "{screen}");
+        assert!(screen.contains(" => [a 1/1] RUN x"), "{screen}");
+        let out = String::from_utf8(progress.out).expect("utf-8");
+        assert_eq!(
+            out,
+            "built (none) in 2.10s: 1 steps, 0 cached, 1 executed\n"
+        );
+    }
+
+    #[test]
+    fn auto_is_the_tty_view_only_on_a_terminal() {
+        assert_eq!(ProgressMode::Auto.resolve(true), ProgressMode::Tty);
+        assert_eq!(ProgressMode::Auto.resolve(false), ProgressMode::Plain);
+        assert_eq!(ProgressMode::Json.resolve(true), ProgressMode::Json);
+        assert_eq!(ProgressMode::Tty.resolve(false), ProgressMode::Tty);
     }
 }
