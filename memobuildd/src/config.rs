@@ -14,6 +14,7 @@
 //! | steps executing at once | | | `max_parallel_steps` | the number of CPUs |
 //! | plain-HTTP registries | `--insecure-registry` (repeatable) | | `insecure_registries` | none (loopback always is) |
 //! | extra registry CA (PEM) | | | `registry_ca_file` | none |
+//! | keep built contexts watched | | | `watch_built_contexts` | true |
 //! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
 //!
 //! A missing default config file is fine; a missing file named by flag or environment is an
@@ -43,6 +44,9 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Extra CA certificates (PEM) trusted for registries.
     pub registry_ca_file: Option<PathBuf>,
+    /// A context that is built stays watched, so the next build starts from hot
+    /// fingerprints; off, a build scans it and forgets it.
+    pub watch_built_contexts: bool,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -86,6 +90,7 @@ struct FileConfig {
     max_parallel_steps: Option<usize>,
     insecure_registries: Option<Vec<String>>,
     registry_ca_file: Option<PathBuf>,
+    watch_built_contexts: Option<bool>,
 }
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
@@ -179,6 +184,7 @@ impl Config {
                 flags.insecure_registries
             },
             registry_ca_file: file.registry_ca_file,
+            watch_built_contexts: file.watch_built_contexts.unwrap_or(true),
             config_file,
         })
     }

@@ -51,6 +51,7 @@ pub(crate) async fn serve(
     hub: &Arc<Hub>,
     request: BuildRequest,
     peer: Peer,
+    keep_watching: bool,
 ) -> Result<(), FrameError> {
     let dockerfile = match DockerfileText::read(&request.source, peer) {
         Ok(dockerfile) => dockerfile,
@@ -72,6 +73,7 @@ pub(crate) async fn serve(
     };
     // Every change made before this request must be in the fingerprints it uses.
     hub.cookies().sync().await;
+    let was_watched = hub.with_workspace(&dockerfile.context, |_| ()).is_some();
     let (events, mut received) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let build = tokio::spawn({
@@ -113,6 +115,9 @@ pub(crate) async fn serve(
     let outcome = build
         .await
         .unwrap_or_else(|err| Err(BuildError::Store(format!("build task failed: {err}"))));
+    if !was_watched && !keep_watching {
+        let _ = hub.unwatch(&dockerfile.context);
+    }
     if client_gone {
         return Ok(());
     }

@@ -176,6 +176,7 @@ impl Connection {
                     &self.shared.hub,
                     request,
                     self.peer,
+                    self.shared.config.watch_built_contexts,
                 )
                 .await?;
                 return Ok(Next::Continue);

@@ -179,3 +179,34 @@ fn watching_a_broken_dockerfile_is_refused_with_its_position() {
     assert!(stderr.contains("Dockerfile:2:"), "{stderr}");
     assert!(workspaces(&daemon).is_empty());
 }
+
+#[test]
+fn a_built_context_stays_watched_unless_configured_otherwise() {
+    let daemon = TestDaemon::start();
+    let ctx = workspace(&daemon);
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY package.json /\n",
+    )
+    .expect("df");
+    run_ok(&daemon, &["build", path_arg(&ctx), "--progress", "quiet"]);
+    assert_eq!(
+        workspaces(&daemon).len(),
+        1,
+        "watched from the first build on"
+    );
+
+    let config = daemon.dir.path().join("no-watch.toml");
+    std::fs::write(&config, "watch_built_contexts = false\n").expect("config");
+    let other = TestDaemon::start_with(|cmd| {
+        cmd.arg("--config").arg(&config);
+    });
+    let ctx = workspace(&other);
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY package.json /\n",
+    )
+    .expect("df");
+    run_ok(&other, &["build", path_arg(&ctx), "--progress", "quiet"]);
+    assert!(workspaces(&other).is_empty());
+}
