@@ -350,3 +350,56 @@ fn a_tar_streams_to_stdout_with_special_files_kept() {
         ]
     );
 }
+
+#[test]
+fn docker_loads_and_runs_a_docker_archive() {
+    let test = "docker_loads_and_runs_a_docker_archive";
+    if !privileged(test) {
+        return;
+    }
+    let docker = match memobuild_tests::docker::TestDocker::start() {
+        Ok(docker) => docker,
+        Err(reason) => {
+            assert!(
+                std::env::var_os(memobuild_tests::REQUIRE_PRIVILEGED_ENV).is_none(),
+                "{test}: no Docker daemon, and CI must not skip: {reason}"
+            );
+            eprintln!("SKIPPED {test}: {reason}");
+            return;
+        }
+    };
+    let daemon = TestDaemon::start();
+    let ctx = context(
+        &daemon,
+        "docker-run",
+        "FROM scratch\nCOPY busybox /bin/busybox\nCMD [\"/bin/busybox\", \"cat\", \"/app.txt\"]\nCOPY app.txt /\n",
+    );
+    std::fs::copy("/bin/busybox", Path::new(&ctx).join("busybox")).expect("busybox-static");
+    let archive = daemon.dir.path().join("loadme.tar");
+    let dest = format!("type=docker,dest={}", archive.display());
+    ok(
+        &daemon,
+        &[
+            "build",
+            &ctx,
+            "-t",
+            "memobuild-e2e:loaded",
+            "--progress",
+            "quiet",
+            "-o",
+            &dest,
+        ],
+    );
+
+    let load = docker.run(&["load", "-i", archive.to_str().expect("utf-8")]);
+    assert!(
+        load.status.success(),
+        "{:?}\n{}",
+        texts(&load),
+        docker.log()
+    );
+    let ran = docker.run(&["run", "--rm", "--network=none", "memobuild-e2e:loaded"]);
+    let (stdout, stderr) = texts(&ran);
+    assert!(ran.status.success(), "{stderr}\n{}", docker.log());
+    assert_eq!(stdout, "app docker-run");
+}
