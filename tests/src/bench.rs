@@ -135,6 +135,52 @@ pub fn tar_listing(path: &Path) -> Listing {
     listing
 }
 
+/// The same listing for an unpacked root filesystem, to compare with [`tar_listing`].
+pub fn dir_listing(root: &Path) -> Listing {
+    use std::os::unix::fs::MetadataExt;
+    let mut listing = Listing::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).expect("meta");
+            let name = path
+                .strip_prefix(root)
+                .expect("inside")
+                .display()
+                .to_string();
+            let (kind, content) = if meta.is_dir() {
+                stack.push(path.clone());
+                ("dir", String::new())
+            } else if meta.file_type().is_symlink() {
+                (
+                    "link",
+                    std::fs::read_link(&path)
+                        .expect("link")
+                        .display()
+                        .to_string(),
+                )
+            } else if meta.is_file() {
+                let bytes = std::fs::read(&path).expect("read");
+                ("file", blake3::hash(&bytes).to_hex()[..16].to_owned())
+            } else {
+                ("other", String::new())
+            };
+            listing.insert(
+                name,
+                describe(
+                    kind,
+                    meta.mode(),
+                    u64::from(meta.uid()),
+                    u64::from(meta.gid()),
+                    &content,
+                ),
+            );
+        }
+    }
+    listing
+}
+
 pub fn content_of(text: &str) -> String {
     blake3::hash(text.as_bytes()).to_hex()[..16].to_owned()
 }

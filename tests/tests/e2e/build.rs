@@ -6,53 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use memobuild_tests::bench::{Bench, Listing, content_of, describe, executed, tail, tar_listing};
+use memobuild_tests::bench::{
+    Bench, content_of, describe, dir_listing, executed, tail, tar_listing,
+};
 use memobuild_tests::{TestDaemon, privileged, texts};
-
-fn dir_listing(root: &Path) -> Listing {
-    use std::os::unix::fs::MetadataExt;
-    let mut listing = Listing::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
-            let path = entry.path();
-            let meta = std::fs::symlink_metadata(&path).expect("meta");
-            let name = path
-                .strip_prefix(root)
-                .expect("inside")
-                .display()
-                .to_string();
-            let (kind, content) = if meta.is_dir() {
-                stack.push(path.clone());
-                ("dir", String::new())
-            } else if meta.file_type().is_symlink() {
-                (
-                    "link",
-                    std::fs::read_link(&path)
-                        .expect("link")
-                        .display()
-                        .to_string(),
-                )
-            } else if meta.is_file() {
-                let bytes = std::fs::read(&path).expect("read");
-                ("file", blake3::hash(&bytes).to_hex()[..16].to_owned())
-            } else {
-                ("other", String::new())
-            };
-            listing.insert(
-                name,
-                describe(
-                    kind,
-                    meta.mode(),
-                    u64::from(meta.uid()),
-                    u64::from(meta.gid()),
-                    &content,
-                ),
-            );
-        }
-    }
-    listing
-}
 
 const MULTI_STAGE: &str = "\
 FROM BASE AS builder

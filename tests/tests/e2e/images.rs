@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use memobuild_tests::bench::{dir_listing, tar_listing};
 use memobuild_tests::registry::TestRegistry;
 use memobuild_tests::{TestDaemon, privileged, texts};
 
@@ -44,22 +45,6 @@ fn push(daemon: &TestDaemon, name: &str) -> serde_json::Value {
     serde_json::from_str(&ok(daemon, &["push", name, "--json"])).expect("push JSON")
 }
 
-/// A listing of a directory tree: path → type, mode, owner, content hash.
-fn listing(root: &Path) -> Vec<String> {
-    let output = Command::new("find")
-        .arg(root)
-        .args(["-printf", "%P %y %m %U:%G %l\\n"])
-        .output()
-        .expect("find");
-    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| !l.starts_with(' '))
-        .map(str::to_owned)
-        .collect();
-    lines.sort();
-    lines
-}
-
 #[test]
 fn a_pushed_image_is_what_skopeo_and_umoci_see_and_a_second_push_uploads_nothing() {
     if !privileged("a_pushed_image_is_what_skopeo_and_umoci_see_and_a_second_push_uploads_nothing")
@@ -74,8 +59,8 @@ fn a_pushed_image_is_what_skopeo_and_umoci_see_and_a_second_push_uploads_nothing
         format!("FROM {reg}/busybox\nCOPY app.txt /app/\nRUN echo built > /app/built\n");
     let ctx = context(&daemon, "app", &dockerfile);
     let name = format!("{reg}/app:1");
-    let rootfs = daemon.dir.path().join("rootfs");
-    let dest = format!("type=local,dest={}", rootfs.display());
+    let rootfs = daemon.dir.path().join("rootfs.tar");
+    let dest = format!("type=tar,dest={}", rootfs.display());
     ok(
         &daemon,
         &["build", &ctx, "-t", &name, "--progress", "quiet"],
@@ -137,7 +122,7 @@ fn a_pushed_image_is_what_skopeo_and_umoci_see_and_a_second_push_uploads_nothing
         .output()
         .expect("umoci");
     assert!(unpack.status.success(), "{:?}", texts(&unpack));
-    assert_eq!(listing(&bundle.join("rootfs")), listing(&rootfs));
+    assert_eq!(dir_listing(&bundle.join("rootfs")), tar_listing(&rootfs));
 }
 
 #[test]
