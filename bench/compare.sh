@@ -225,16 +225,16 @@ for tool in memobuild buildkit; do
   hf "s3-$tool" -n "$tool" --prepare "$tmp/edit.sh $big/$edited; echo '#### run' >>$log" "$cmd"
 done
 
-# 4. Edit to a .dockerignore'd file.
-hf s4-memobuild -n memobuild --prepare "$tmp/edit.sh $big/docs/notes.md" \
+# 4. Edit to a .dockerignore'd file. (--shell=none runs the --prepare command directly too.)
+hf s4-memobuild --shell=none -n memobuild --prepare "$tmp/edit.sh $big/docs/notes.md" \
   "${mb[*]} build $big -f $big/Dockerfile -t bench-big --network host --progress quiet"
-have_bk && hf s4-buildkit -n buildkit --prepare "$tmp/edit.sh $big/docs/notes.md" \
+have_bk && hf s4-buildkit --shell=none -n buildkit --prepare "$tmp/edit.sh $big/docs/notes.md" \
   "$docker_cli build -q --network=host -f $big/Dockerfile -t bench-big $big"
 
 # 5. CMD-only change.
-hf s5-memobuild -n memobuild --prepare "$tmp/edit.sh --cmd $big/Dockerfile" \
+hf s5-memobuild --shell=none -n memobuild --prepare "$tmp/edit.sh --cmd $big/Dockerfile" \
   "${mb[*]} build $big -f $big/Dockerfile -t bench-big --network host --progress quiet"
-have_bk && hf s5-buildkit -n buildkit --prepare "$tmp/edit.sh --cmd $big/Dockerfile" \
+have_bk && hf s5-buildkit --shell=none -n buildkit --prepare "$tmp/edit.sh --cmd $big/Dockerfile" \
   "$docker_cli build -q --network=host -f $big/Dockerfile -t bench-big $big"
 
 # 7. Resident memory with the big workspace watched (it is, since its first build), and
