@@ -68,7 +68,11 @@ reg_pid=
 stop_dockerd() {
   [[ -n $dockerd_pid ]] || return 0
   kill "$dockerd_pid" 2>/dev/null || true
-  for _ in $(seq 150); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.2; done
+  # Until it is a zombie (our child: it stays one until the wait below).
+  for _ in $(seq 150); do
+    [[ $(awk '{ print $3 }' "/proc/$dockerd_pid/stat" 2>/dev/null) == [!Z] ]] || break
+    sleep 0.2
+  done
   kill -9 "$dockerd_pid" 2>/dev/null || true
   wait "$dockerd_pid" 2>/dev/null || true
   dockerd_pid=
@@ -199,13 +203,28 @@ results=$tmp/results
 hf() { # NAME [hyperfine args...]
   local name=$1; shift
   echo "== $name" >&2
-  timeout 3600 hyperfine --style basic --warmup 1 --runs "$runs" --export-json "$results/$name.json" "$@" >&2
+  timeout 3600 hyperfine --style basic --warmup 1 --runs "$runs" --export-json "$results/$name.json" "$@" >&2 ||
+    failed "$name" "hyperfine: a run failed or timed out"
+}
+failed() { # NAME REASON: the report shows the scenario as failed, the runner goes on
+  echo "$1 FAILED: $2" >&2
+  rm -f "$results/$1.json"
+  echo "$2" | tr '\n' ' ' | cut -c1-300 >"$results/$1.failed"
 }
 have_bk() { [[ -z $buildkit ]]; }
 
-# 1. Cold multi-stage build, no cache on either side.
-hf s1-memobuild -n memobuild "${mb[*]} build $cold -f $cold/Dockerfile -t bench-cold --network host --progress quiet --no-cache"
-have_bk && hf s1-buildkit -n buildkit "$docker_cli build -q --network=host --no-cache -f $cold/Dockerfile -t bench-cold $cold"
+# 1. Cold multi-stage build, no cache on either side. Plain progress goes to a log, so the
+#    report can name the slowest steps.
+for tool in memobuild buildkit; do
+  [[ $tool == buildkit ]] && ! have_bk && continue
+  log=$results/s1-$tool.log
+  if [[ $tool == memobuild ]]; then
+    cmd="${mb[*]} build $cold -f $cold/Dockerfile -t bench-cold --network host --progress plain --no-cache >>$log 2>&1"
+  else
+    cmd="$docker_cli build --progress plain --network=host --no-cache -f $cold/Dockerfile -t bench-cold $cold >>$log 2>&1"
+  fi
+  hf "s1-$tool" -n "$tool" --prepare "echo '#### run' >>$log" "$cmd"
+done
 
 # 2. No-op rebuild of the big workspace (primed by hyperfine's warm-up).
 hf s2-memobuild --shell=none -n memobuild "${mb[*]} build $big -f $big/Dockerfile -t bench-big --network host --progress quiet"
@@ -216,11 +235,10 @@ have_bk && hf s2-buildkit --shell=none -n buildkit "$docker_cli build -q --netwo
 for tool in memobuild buildkit; do
   [[ $tool == buildkit ]] && ! have_bk && continue
   log=$results/s3-$tool.log
-  : >"$log"
   if [[ $tool == memobuild ]]; then
     cmd="${mb[*]} build $big -f $big/Dockerfile -t bench-big --network host --progress plain >>$log 2>&1"
   else
-    cmd="BUILDKIT_PROGRESS=plain $docker_cli build --progress plain --network=host -f $big/Dockerfile -t bench-big $big >>$log 2>&1"
+    cmd="$docker_cli build --progress plain --network=host -f $big/Dockerfile -t bench-big $big >>$log 2>&1"
   fi
   hf "s3-$tool" -n "$tool" --prepare "$tmp/edit.sh $big/$edited; echo '#### run' >>$log" "$cmd"
 done
@@ -257,7 +275,7 @@ hf s6-b3sum --shell=none -n b3sum "xargs -0 -n 5000 -a $big_list b3sum --no-name
 #    daemon is up (and BuildKit's dockerd ready) before the clock starts.
 timed_runs() { # NAME CMD... ; restarts before each of 1 + runs, times only the build
   local name=$1; shift
-  local times=()
+  local times=() log=$results/$name.log
   echo "== $name" >&2
   for i in $(seq 0 "$runs"); do
     if [[ $name == *memobuild ]]; then
@@ -265,11 +283,14 @@ timed_runs() { # NAME CMD... ; restarts before each of 1 + runs, times only the 
       "${mb[@]}" daemon start >/dev/null
     else
       stop_dockerd
-      start_dockerd || { echo "dockerd did not come back" >&2; return 1; }
+      start_dockerd || { failed "$name" "dockerd did not come back: $(tail -1 "$tmp/docker/dockerd.log")"; return 0; }
     fi
     local t0 t1
     t0=$(date +%s%N)
-    "$@" >/dev/null 2>&1
+    if ! "$@" >"$log" 2>&1; then
+      failed "$name" "run $i: $(tail -3 "$log")"
+      return 0
+    fi
     t1=$(date +%s%N)
     ((i == 0)) || times+=("$(((t1 - t0) / 1000))")
   done
@@ -291,7 +312,7 @@ have_bk && timed_runs s8-buildkit "$docker_cli" build -q --network=host -f "$big
   echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
   echo "memory_gb=$(awk '/^MemTotal:/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)"
   echo "kernel=$(uname -sr)"
-  echo "memobuild=$("${mb[@]}" version | head -1 | cut -d' ' -f2-) at $(git rev-parse --short HEAD)"
+  echo "memobuild=$("${mb[@]}" version | sed -n 1p | cut -d' ' -f2-) at $(git rev-parse --short HEAD)"
   if have_bk; then
     echo "buildkit=Docker $(docker version --format '{{.Server.Version}}') (dockerd with built-in BuildKit, $(docker info --format '{{.Driver}}') storage)"
   else

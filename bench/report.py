@@ -28,7 +28,10 @@ def times(name):
     return [t * 1000 for t in json.loads(path.read_text())["results"][0]["times"]]
 
 
-def stats(ts):
+def stats(ts, name=None):
+    """Median, min, max of ts; for a scenario the runner marked failed, {"failed": why}."""
+    if name and (results / f"{name}.failed").exists():
+        return {"failed": (results / f"{name}.failed").read_text().strip()}
     if not ts:
         return None
     return {
@@ -44,29 +47,51 @@ STEP = re.compile(r"^#(\d+) \[(?:[^\]]* )?\d+/\d+\] (?:RUN|COPY|ADD)\b")
 DONE = re.compile(r"^#(\d+) DONE ([0-9.]+)s")
 
 
-def rerun_steps_ms(log_name, runs):
-    """Per timed run of scenario 3: the summed DONE times of the Dockerfile steps that ran
-    (not CACHED), from the plain progress log (one '#### run' marker per run, warm-up first)."""
+def step_times(log_name, runs):
+    """Per timed run, {step title: seconds} of the Dockerfile steps that ran (not CACHED),
+    from a plain progress log with one '#### run' marker per run (the warm-up's first)."""
     path = results / log_name
     if not path.exists():
         return None
-    segments = path.read_text().split("#### run")[1:]
-    sums = []
+    segments = path.read_text(errors="replace").split("#### run")[1:]
+    per_run = []
     for seg in segments[-runs:]:
-        steps, total = set(), 0.0
+        titles, done = {}, {}
         for line in seg.splitlines():
             line = line.strip()
             if m := STEP.match(line):
-                steps.add(m.group(1))
-            elif (m := DONE.match(line)) and m.group(1) in steps:
-                total += float(m.group(2)) * 1000
-        sums.append(total)
-    return sums
+                titles[m.group(1)] = line.split(" ", 1)[1][:60]
+            elif (m := DONE.match(line)) and m.group(1) in titles:
+                done[titles[m.group(1)]] = float(m.group(2)) * 1000
+        per_run.append(done)
+    return per_run
+
+
+def rerun_steps_ms(log_name, runs):
+    per_run = step_times(log_name, runs)
+    return None if per_run is None else [sum(d.values()) for d in per_run]
+
+
+def slowest_steps(log_name, runs, n=2):
+    """The n steps with the largest median time, as 'title m.m s' strings."""
+    per_run = step_times(log_name, runs)
+    if not per_run:
+        return []
+    titles = {t for d in per_run for t in d}
+    medians = {t: statistics.median(d.get(t, 0.0) for d in per_run) for t in titles}
+    top = sorted(medians.items(), key=lambda kv: -kv[1])[:n]
+    return [f"`{t}` {ms / 1000:.1f} s" for t, ms in top]
+
+
+def med(s):
+    return s.get("median_ms") if s else None
 
 
 def fmt(s):
     if s is None:
         return "—"
+    if "failed" in s:
+        return f"failed: {s['failed']}"
     return f"{s['median_ms']:.1f} ms ({s['min_ms']:.1f}–{s['max_ms']:.1f})"
 
 
@@ -74,7 +99,7 @@ scenarios = []
 
 
 def add(sid, name, mb, bk, target=None, met=None, note="", peer="BuildKit"):
-    ratio = mb["median_ms"] / bk["median_ms"] if mb and bk else None
+    ratio = med(mb) / med(bk) if med(mb) and med(bk) else None
     scenarios.append(
         {
             "id": sid,
@@ -90,42 +115,51 @@ def add(sid, name, mb, bk, target=None, met=None, note="", peer="BuildKit"):
     )
 
 
+def st(name):
+    return stats(times(name), name)
+
+
 def peer(name):
-    return None if unavailable else stats(times(name))
+    return None if unavailable else st(name)
 
 
-mb1, bk1 = stats(times("s1-memobuild")), peer("s1-buildkit")
-r1 = mb1["median_ms"] / bk1["median_ms"] if mb1 and bk1 else None
+runs = int(meta["runs"])
+mb1, bk1 = st("s1-memobuild"), peer("s1-buildkit")
+r1 = med(mb1) / med(bk1) if med(mb1) and med(bk1) else None
+notes1 = [f"{tool} slowest steps: " + ", ".join(top)
+          for tool in ("MemoBuild", "BuildKit")
+          if (top := slowest_steps(f"s1-{tool.lower()}.log", runs))]
 add(1, f"cold multi-stage build, --no-cache ({meta['cold_files']} files, ~{meta['cold_mb']} MB)",
-    mb1, bk1, "≤ 0.5× BuildKit", None if r1 is None else r1 <= 0.5)
+    mb1, bk1, "≤ 0.5× BuildKit", None if r1 is None else r1 <= 0.5, "; ".join(notes1))
 
-mb2, bk2 = stats(times("s2-memobuild")), peer("s2-buildkit")
-met2 = mb2["median_ms"] <= 15 and (bk2 is None or bk2["median_ms"] / mb2["median_ms"] >= 100)
+mb2, bk2 = st("s2-memobuild"), peer("s2-buildkit")
+met2 = None if not med(mb2) else med(mb2) <= 15 and (not med(bk2) or med(bk2) / med(mb2) >= 100)
 add(2, f"no-op rebuild ({meta['big_files']} files, ~{meta['big_mb']} MB)", mb2, bk2,
     "≤ 15 ms and ≥ 100× faster", met2,
-    f"BuildKit/MemoBuild = {bk2['median_ms'] / mb2['median_ms']:.0f}×" if bk2 else "")
+    f"BuildKit/MemoBuild = {med(bk2) / med(mb2):.0f}×" if med(bk2) and med(mb2) else "")
 
-mb3, bk3 = stats(times("s3-memobuild")), peer("s3-buildkit")
-runs = int(meta["runs"])
+mb3, bk3 = st("s3-memobuild"), peer("s3-buildkit")
 over = None
 notes3 = []
 for tool, s in (("MemoBuild", mb3), ("BuildKit", bk3)):
     steps = rerun_steps_ms(f"s3-{tool.lower()}.log", runs) if s else None
-    if s and steps and len(steps) == len(s["times_ms"]):
+    if med(s) and steps and len(steps) == len(s["times_ms"]):
         o = statistics.median(w - st for w, st in zip(s["times_ms"], steps))
-        notes3.append(f"{tool}: rerun steps {statistics.median(steps):.0f} ms, overhead {o:.0f} ms")
+        top = ", ".join(slowest_steps(f"s3-{tool.lower()}.log", runs))
+        notes3.append(f"{tool}: rerun steps {statistics.median(steps):.0f} ms ({top}), "
+                      f"overhead {o:.0f} ms")
         if tool == "MemoBuild":
             over = o
 add(3, "one source file edited (COPY src/ + build step rerun)", mb3, bk3,
     "≤ 1 s overhead beyond the rerun steps", None if over is None else over <= 1000,
     "; ".join(notes3))
 
-add(4, "edit to a .dockerignore'd file", stats(times("s4-memobuild")), peer("s4-buildkit"))
-add(5, "CMD-only change", stats(times("s5-memobuild")), peer("s5-buildkit"))
+add(4, "edit to a .dockerignore'd file", st("s4-memobuild"), peer("s4-buildkit"))
+add(5, "CMD-only change", st("s5-memobuild"), peer("s5-buildkit"))
 
-mb6, b3 = stats(times("s6-memobuild")), stats(times("s6-b3sum"))
+mb6, b3 = st("s6-memobuild"), st("s6-b3sum")
 add(6, f"cold context fingerprint vs b3sum ({meta['big_files']} files)", mb6, b3,
-    "≤ 1.25× b3sum", mb6["median_ms"] / b3["median_ms"] <= 1.25, peer="b3sum")
+    "≤ 1.25× b3sum", med(mb6) / med(b3) <= 1.25 if med(mb6) and med(b3) else None, peer="b3sum")
 
 rss = float(meta["memobuild_rss_mb"]) if meta.get("memobuild_rss_mb", "null") != "null" else None
 dockerd = meta.get("dockerd_rss_mb")
@@ -140,7 +174,7 @@ scenarios.append({
 })
 
 add(8, "all steps cached, daemon restarted (cache from L2)",
-    stats(times("s8-memobuild")), peer("s8-buildkit"),
+    st("s8-memobuild"), peer("s8-buildkit"),
     note="timed after the daemon (dockerd) is up again")
 
 machine = {k: meta[k] for k in ("cores", "cpu", "memory_gb", "kernel")}
