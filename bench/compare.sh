@@ -79,7 +79,13 @@ stop_dockerd() {
 }
 
 cleanup() {
+  local status=$?
   set +e
+  if ((status != 0)) && [[ -d $tmp/results ]]; then # keep what was measured
+    mkdir -p "$repo/bench/results"
+    cp -r "$tmp/results" "$repo/bench/results/compare-$(date -u +%Y%m%dT%H%M%SZ)-incomplete"
+    echo "incomplete run: raw results kept in bench/results/" >&2
+  fi
   "${mb[@]}" daemon stop >/dev/null 2>&1
   stop_dockerd
   if [[ -n $reg_pid ]]; then # EOF on its stdin stops the registry helper
@@ -97,6 +103,8 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
+set -E
+trap 'echo "bench/compare.sh: line $LINENO: \"$BASH_COMMAND\" failed (exit $?)" >&2' ERR
 trap 'exit 130' INT TERM
 
 export DOCKER_HOST=unix://$tmp/docker/docker.sock DOCKER_CONFIG=$tmp/docker/config DOCKER_BUILDKIT=1
