@@ -331,6 +331,6 @@ have_bk && timed_runs s8-buildkit "$docker_cli" build -q --network=host -f "$big
 } >>"$results/meta.env"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p bench/results
-out=bench/results/compare-$stamp$([[ $mode == quick ]] && echo -quick)
+out=bench/results/compare-$stamp$([[ $mode == quick ]] && echo -quick || true)
 python3 bench/report.py "$results" "$out"
 cat "$out.md"
