@@ -199,6 +199,7 @@ enum DaemonAction {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -628,6 +629,19 @@ fn unexpected(request: &'static str) -> ClientError {
         request,
         response: "reply".into(),
     })
+}
+
+/// `memobuild images | head -1` must end quietly, as Unix tools do, not panic on a closed
+/// pipe: Rust ignores SIGPIPE by default, so the default action is put back.
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid action.
+    #[expect(
+        unsafe_code,
+        reason = "no safe std API restores the default SIGPIPE action"
+    )]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) {
