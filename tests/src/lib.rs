@@ -106,6 +106,11 @@ impl TestDaemon {
     ) -> Result<(), memobuild_client::LaunchError> {
         let mut command = self.command();
         configure(&mut command);
+        // Never leave a previous daemon of this place running behind the new one.
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
         self.child = Some(spawn_until_ready(
             command,
             &self.log,
@@ -165,6 +170,17 @@ impl Drop for TestDaemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A process killed when dropped, so a failing test never leaves it running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -442,18 +442,20 @@ fn a_daemon_without_root_builds_without_run_and_says_why_it_cannot_run() {
     std::os::unix::fs::chown(&home, Some(4242), Some(4242)).expect("chown");
     let socket = home.join("d.sock");
     let log = std::fs::File::create(home.join("log")).expect("log");
-    let mut daemon = Command::new("setpriv")
-        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "--"])
-        .arg(memobuild_tests::bin("memobuildd"))
-        .arg("--root")
-        .arg(home.join("root"))
-        .arg("--socket")
-        .arg(&socket)
-        .env("HOME", &home)
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start an unprivileged daemon");
+    let _daemon = memobuild_tests::KillOnDrop(
+        Command::new("setpriv")
+            .args(["--reuid=4242", "--regid=4242", "--clear-groups", "--"])
+            .arg(memobuild_tests::bin("memobuildd"))
+            .arg("--root")
+            .arg(home.join("root"))
+            .arg("--socket")
+            .arg(&socket)
+            .env("HOME", &home)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start an unprivileged daemon"),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
         assert!(
@@ -493,6 +495,4 @@ fn a_daemon_without_root_builds_without_run_and_says_why_it_cannot_run() {
     let (_, stderr) = texts(&refused);
     assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("RUN steps need root"), "{stderr}");
-    let _ = daemon.kill();
-    let _ = daemon.wait();
 }
