@@ -118,6 +118,9 @@ pub(crate) async fn serve(
     if !was_watched && !keep_watching {
         let _ = hub.unwatch(&dockerfile.context);
     }
+    // A large build leaves freed memory in the allocator's per-thread arenas; a resident
+    // daemon should give it back (measured: 73 MB → 56 MB after a 1 GB COPY).
+    tokio::task::spawn_blocking(release_freed_memory);
     if client_gone {
         return Ok(());
     }
@@ -144,6 +147,18 @@ pub(crate) async fn serve(
     };
     write_frame(stream, &Response::BuildDone(result)).await
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim has no preconditions; it only returns unused heap pages to the OS.
+    #[expect(unsafe_code, reason = "glibc's malloc_trim has no safe wrapper")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 fn event_frame(event: Progress) -> BuildEvent {
     let (node, kind) = match event {
