@@ -34,10 +34,6 @@ impl Layout {
         self.root.join("memobuildd.lock")
     }
 
-    pub fn log_file(&self) -> PathBuf {
-        self.root.join(memobuild_protocol::paths::LOG_FILE)
-    }
-
     pub fn context_db(&self) -> PathBuf {
         self.root.join("context-v1.sqlite")
     }

@@ -196,16 +196,6 @@ impl Cas {
         }
         Ok(())
     }
-
-    pub fn remove(&self, digest: &Digest) -> Result<(), CasError> {
-        let path = self.path(digest);
-        match std::fs::remove_file(&path) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                Err(CasError::Io { path, source: err })
-            }
-            _ => Ok(()),
-        }
-    }
 }
 
 /// A blob being written: hashed as it goes, renamed into the store on commit.

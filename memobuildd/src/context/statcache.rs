@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use tracing::warn;
 
 use super::ContextError;
@@ -163,22 +163,6 @@ impl StatCache {
 
     pub fn is_empty(&self) -> bool {
         self.known.is_empty()
-    }
-
-    /// Whether the on-disk table has a row for this inode (tests and diagnostics).
-    pub fn stored(&self, dev: u64, ino: u64) -> Result<bool, ContextError> {
-        self.conn
-            .query_row(
-                "SELECT 1 FROM stat_cache WHERE dev = ?1 AND ino = ?2",
-                params![dev as i64, ino as i64],
-                |_| Ok(()),
-            )
-            .optional()
-            .map(|row| row.is_some())
-            .map_err(|source| ContextError::Database {
-                path: self.path.clone(),
-                source,
-            })
     }
 }
 

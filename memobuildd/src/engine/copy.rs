@@ -128,6 +128,7 @@ pub fn stage(
         as_root,
         stats: CopyStats::default(),
         dir_times: Vec::new(),
+        buf: vec![0u8; 256 * 1024],
     };
     for pattern in &patterns {
         let roots = source.roots(pattern)?;
@@ -302,6 +303,8 @@ struct Writer<'a> {
     stats: CopyStats,
     /// Directory mtimes to restore once their contents are written.
     dir_times: Vec<(PathBuf, std::time::SystemTime)>,
+    /// One copy buffer for the whole step, not one per file.
+    buf: Vec<u8>,
 }
 
 impl Writer<'_> {
@@ -391,14 +394,15 @@ impl Writer<'_> {
         let mut from = std::fs::File::open(&item.host).map_err(io("reading", &item.host))?;
         let mut to = std::fs::File::create(host).map_err(io("writing", host))?;
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let n = from.read(&mut buf).map_err(io("reading", &item.host))?;
+            let n = from
+                .read(&mut self.buf)
+                .map_err(io("reading", &item.host))?;
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
-            to.write_all(&buf[..n]).map_err(io("writing", host))?;
+            hasher.update(&self.buf[..n]);
+            to.write_all(&self.buf[..n]).map_err(io("writing", host))?;
             self.stats.bytes += n as u64;
         }
         if let Some(expected) = item.expected

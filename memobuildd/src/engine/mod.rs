@@ -18,6 +18,8 @@ pub mod copy;
 pub mod keys;
 mod node;
 pub mod state;
+#[cfg(test)]
+mod testutil;
 pub mod user;
 pub mod view;
 

@@ -23,7 +23,7 @@ pub mod layer;
 pub mod oci;
 pub(crate) mod sys;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 pub mod unpack;
 
 use std::path::PathBuf;

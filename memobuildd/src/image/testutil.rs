@@ -222,14 +222,23 @@ pub(super) fn mtime(path: &Path) -> i64 {
 
 /// A tar made header by header, names and link targets as given (even unsafe ones).
 /// Entries: (name, type, link target, data); modes are 0644, directories 0755.
-pub(super) fn raw_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+pub(crate) fn raw_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    raw_tar_with_modes(entries, 0o755, 0o644)
+}
+
+/// As [`raw_tar`], with the modes given to directories and to everything else.
+pub(crate) fn raw_tar_with_modes(
+    entries: &[(&str, tar::EntryType, &str, &[u8])],
+    dir_mode: u32,
+    other_mode: u32,
+) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, kind, link, data) in entries {
         let mut header = tar::Header::new_gnu();
         header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
         header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
         header.set_entry_type(*kind);
-        header.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+        header.set_mode(if kind.is_dir() { dir_mode } else { other_mode });
         header.set_mtime(1_700_000_000);
         header.set_uid(0);
         header.set_gid(0);

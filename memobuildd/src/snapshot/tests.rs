@@ -1,7 +1,7 @@
 //! Overlay snapshots under the real runc executor (needs root, runc, overlayfs).
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,6 +59,18 @@ fn run(
     (result, text)
 }
 
+/// A busybox layer store, a step's scratch dir with the overlay mounted on it, and runc.
+fn mounted_busybox() -> (tempfile::TempDir, PathBuf, Active, Runc) {
+    let (dir, overlay) = store_with_busybox();
+    let scratch = dir.path().join("step");
+    std::fs::create_dir(&scratch).expect("scratch");
+    let active = overlay
+        .prepare(&["busybox".into()], &scratch)
+        .expect("mount");
+    let runc = Runc::find(dir.path().join("runc")).expect("runc is installed");
+    (dir, scratch, active, runc)
+}
+
 fn mounted(path: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .expect("mounts")
@@ -71,13 +83,7 @@ fn a_run_writes_only_its_changes_to_the_upper_dir() {
     if !privileged("a_run_writes_only_its_changes_to_the_upper_dir") {
         return;
     }
-    let (dir, overlay) = store_with_busybox();
-    let scratch = dir.path().join("step");
-    std::fs::create_dir(&scratch).expect("scratch");
-    let active = overlay
-        .prepare(&["busybox".into()], &scratch)
-        .expect("mount");
-    let runc = Runc::find(dir.path().join("runc")).expect("runc is installed");
+    let (dir, scratch, active, runc) = mounted_busybox();
     let req = request(
         dir.path(),
         active.rootfs(),
@@ -104,13 +110,7 @@ fn network_none_has_only_loopback() {
     if !privileged("network_none_has_only_loopback") {
         return;
     }
-    let (dir, overlay) = store_with_busybox();
-    let scratch = dir.path().join("step");
-    std::fs::create_dir(&scratch).expect("scratch");
-    let active = overlay
-        .prepare(&["busybox".into()], &scratch)
-        .expect("mount");
-    let runc = Runc::find(dir.path().join("runc")).expect("runc");
+    let (dir, _scratch, active, runc) = mounted_busybox();
     let req = request(
         dir.path(),
         active.rootfs(),
@@ -128,16 +128,9 @@ fn cancelling_kills_the_step_and_leaves_nothing_behind() {
     if !privileged("cancelling_kills_the_step_and_leaves_nothing_behind") {
         return;
     }
-    let (dir, overlay) = store_with_busybox();
-    let scratch = dir.path().join("step");
-    std::fs::create_dir(&scratch).expect("scratch");
-    let rootfs;
+    let (dir, _scratch, active, runc) = mounted_busybox();
+    let rootfs = active.rootfs().to_owned();
     {
-        let active = overlay
-            .prepare(&["busybox".into()], &scratch)
-            .expect("mount");
-        rootfs = active.rootfs().to_owned();
-        let runc = Runc::find(dir.path().join("runc")).expect("runc");
         let req = request(
             dir.path(),
             &rootfs,
@@ -165,7 +158,8 @@ fn cancelling_kills_the_step_and_leaves_nothing_behind() {
             .output()
             .expect("runc list");
         assert!(!String::from_utf8_lossy(&list.stdout).contains("mb-test-cancel"));
-        // `active` is dropped here, without an explicit unmount: the guard must do it.
+        // Dropped without an explicit unmount: the guard must do it.
+        drop(active);
     }
     assert!(!mounted(&rootfs), "the mount outlived the cancelled step");
 }

@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 use crate::context::{StatCache, scan};
+use crate::engine::testutil::listing;
 
 /// A tar with a directory, a file and a whiteout-named file.
 fn app_tar() -> Vec<u8> {
@@ -18,22 +19,14 @@ fn app_tar() -> Vec<u8> {
     ])
 }
 
-/// Names are written as they are (the tar crate would refuse `..`).
+/// A hand-made tar (names as written, even `..`), with modes no default would give, so the
+/// tests see that modes come from the archive.
 fn raw_tar(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, kind, data) in entries {
-        let mut header = tar::Header::new_gnu();
-        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        header.set_entry_type(*kind);
-        header.set_mode(if kind.is_dir() { 0o750 } else { 0o744 });
-        header.set_mtime(1_700_000_000);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_size(data.len() as u64);
-        header.set_cksum();
-        builder.append(&header, *data).expect("append");
-    }
-    builder.into_inner().expect("finish")
+    let entries: Vec<(&str, tar::EntryType, &str, &[u8])> = entries
+        .iter()
+        .map(|(name, kind, data)| (*name, *kind, "", *data))
+        .collect();
+    crate::image::testutil::raw_tar_with_modes(&entries, 0o750, 0o744)
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -118,32 +111,6 @@ impl Fixture {
         assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
         Ok(listing(&staging))
     }
-}
-
-fn listing(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![root.to_owned()];
-    while let Some(dir) = todo.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
-            let path = entry.path();
-            let meta = std::fs::symlink_metadata(&path).expect("meta");
-            let rel = path
-                .strip_prefix(root)
-                .expect("inside")
-                .display()
-                .to_string();
-            let mode = meta.permissions().mode() & 0o7777;
-            let line = if meta.is_dir() {
-                todo.push(path.clone());
-                format!("dir {mode:o}")
-            } else {
-                let content = std::fs::read(&path).expect("read");
-                format!("file {mode:o} {}", String::from_utf8_lossy(&content))
-            };
-            out.insert(rel, line);
-        }
-    }
-    out
 }
 
 #[test]

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::*;
 use crate::context::{StatCache, scan};
+use crate::engine::testutil::listing;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -74,39 +75,6 @@ impl Fixture {
         stage(&spec, source, &self.parent, staging.path(), false)?;
         Ok(listing(staging.path()))
     }
-}
-
-fn listing(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
-            let path = entry.path();
-            let meta = std::fs::symlink_metadata(&path).expect("meta");
-            let rel = path
-                .strip_prefix(root)
-                .expect("inside")
-                .display()
-                .to_string();
-            let kind = if meta.is_dir() {
-                stack.push(path.clone());
-                format!("dir {:o}", meta.permissions().mode() & 0o7777)
-            } else if meta.file_type().is_symlink() {
-                format!(
-                    "link {}",
-                    std::fs::read_link(&path).expect("link").display()
-                )
-            } else {
-                format!(
-                    "file {:o} {}",
-                    meta.permissions().mode() & 0o7777,
-                    std::fs::read_to_string(&path).expect("read")
-                )
-            };
-            out.insert(rel, kind);
-        }
-    }
-    out
 }
 
 fn paths(listing: &BTreeMap<String, String>) -> Vec<&str> {
