@@ -15,6 +15,7 @@
 //! | plain-HTTP registries | `--insecure-registry` (repeatable) | | `insecure_registries` | none (loopback always is) |
 //! | extra registry CA (PEM) | | | `registry_ca_file` | none |
 //! | keep built contexts watched | | | `watch_built_contexts` | true |
+//! | bytes per chunk of a large COPY's layer (0: one layer per COPY, as Docker) | | | `copy_chunk_bytes` | 64 MiB |
 //! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
 //!
 //! A missing default config file is fine; a missing file named by flag or environment is an
@@ -47,6 +48,9 @@ pub struct Config {
     /// A context that is built stays watched, so the next build starts from hot
     /// fingerprints; off, a build scans it and forgets it.
     pub watch_built_contexts: bool,
+    /// A COPY from the context of at least twice this many bytes becomes several layers of
+    /// about this size, so an edit rewrites one of them (`engine::copy::Plan::chunks`).
+    pub copy_chunk_bytes: u64,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -91,12 +95,16 @@ struct FileConfig {
     insecure_registries: Option<Vec<String>>,
     registry_ca_file: Option<PathBuf>,
     watch_built_contexts: Option<bool>,
+    copy_chunk_bytes: Option<u64>,
 }
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
 const SOCKET_GROUP_ENV: &str = "MEMOBUILD_SOCKET_GROUP";
 const LOG_ENV: &str = "MEMOBUILD_LOG";
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Big enough that a COPY under 128 MiB stays one layer, as Docker makes it; small enough
+/// that rewriting one chunk after an edit takes a fraction of a second.
+pub const DEFAULT_COPY_CHUNK_BYTES: u64 = 64 << 20;
 
 impl Config {
     /// Resolves the configuration for a daemon running as `euid`.
@@ -185,6 +193,7 @@ impl Config {
             },
             registry_ca_file: file.registry_ca_file,
             watch_built_contexts: file.watch_built_contexts.unwrap_or(true),
+            copy_chunk_bytes: file.copy_chunk_bytes.unwrap_or(DEFAULT_COPY_CHUNK_BYTES),
             config_file,
         })
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 
 use crate::registry::TestRegistry;
 use crate::{TestDaemon, texts};
@@ -23,12 +23,17 @@ pub struct Bench {
 
 impl Bench {
     pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// Starts the daemon after `configure` has added its arguments or environment.
+    pub fn start_with(configure: impl FnOnce(&mut std::process::Command)) -> Self {
         let registry = TestRegistry::start();
         registry.seed_busybox("busybox");
         let base = format!("{}/busybox", registry.address());
         Self {
             registry: Some(registry),
-            daemon: TestDaemon::start(),
+            daemon: TestDaemon::start_with(configure),
             base,
         }
     }
@@ -80,6 +85,43 @@ impl Bench {
         all.extend_from_slice(args);
         self.build_ok(ctx, &all);
         tar_listing(&out)
+    }
+
+    /// Builds `-o type=oci` tagged `tag`, then reads it back with other tools only: skopeo
+    /// for the manifest's layer digests, umoci for the root filesystem.
+    pub fn oci_image(&self, ctx: &Path, tag: &str) -> (Vec<String>, Listing) {
+        let work = self.daemon.dir.path().join(format!("oci-{}", unique()));
+        let archive = work.with_extension("tar");
+        let dest = format!("type=oci,dest={}", archive.display());
+        self.build_ok(ctx, &["-t", tag, "-o", &dest]);
+        let layout = work.join("layout");
+        std::fs::create_dir_all(&layout).expect("layout");
+        tar::Archive::new(std::fs::File::open(&archive).expect("oci"))
+            .unpack(&layout)
+            .expect("unpack layout");
+        let image = format!("{}:{tag}", layout.display());
+        let inspect = Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci:{image}"))
+            .output()
+            .expect("skopeo is installed by .ci/install-deps");
+        assert!(inspect.status.success(), "skopeo: {:?}", texts(&inspect));
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&inspect.stdout).expect("manifest json");
+        let layers = manifest["layers"]
+            .as_array()
+            .expect("layers")
+            .iter()
+            .map(|layer| layer["digest"].as_str().expect("digest").to_owned())
+            .collect();
+        let bundle = work.join("bundle");
+        let umoci = Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle)
+            .output()
+            .expect("umoci is installed by .ci/install-deps");
+        assert!(umoci.status.success(), "umoci unpack: {:?}", texts(&umoci));
+        (layers, dir_listing(&bundle.join("rootfs")))
     }
 }
 

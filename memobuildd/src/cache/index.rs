@@ -2,7 +2,8 @@
 //!
 //! | table | maps |
 //! |---|---|
-//! | `actions` | node key → the layer it produced (or none: an empty diff), used for L2 hits |
+//! | `actions` | node key → when it was recorded and last used |
+//! | `action_layers` | node key → the layers it produced, in order (none: an empty diff; several: a COPY split into chunks) |
 //! | `images` | tag → manifest digest, config digest, size, creation time (`memobuild images`) |
 //! | `resolutions` | image reference + platform → manifest digest and when it was resolved, so a rebuild does not ask the registry again within the TTL (offline rebuilds work) |
 //!
@@ -20,8 +21,9 @@ use super::cas::{Blob, Digest};
 /// What a filesystem step produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActionResult {
-    /// `None`: the step changed nothing, so the image gets no layer for it.
-    pub layer: Option<LayerRecord>,
+    /// Bottom first. Empty: the step changed nothing, so the image gets no layer for it;
+    /// more than one: a large COPY split into chunks (`engine::copy::Plan::chunks`).
+    pub layers: Vec<LayerRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +67,13 @@ impl Index {
              PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS actions (
                  key BLOB PRIMARY KEY NOT NULL,
-                 layer_digest TEXT, layer_size INTEGER, diff_id TEXT, media_type TEXT,
                  created INTEGER NOT NULL, last_used INTEGER NOT NULL
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS action_layers (
+                 key BLOB NOT NULL, position INTEGER NOT NULL,
+                 layer_digest TEXT NOT NULL, layer_size INTEGER NOT NULL,
+                 diff_id TEXT NOT NULL, media_type TEXT NOT NULL,
+                 PRIMARY KEY (key, position)
              ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS images (
                  name TEXT PRIMARY KEY NOT NULL,
@@ -80,6 +87,7 @@ impl Index {
              ) WITHOUT ROWID;",
         )
         .map_err(err)?;
+        migrate_one_layer_actions(&conn).map_err(err)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path: path.to_owned(),
@@ -99,76 +107,96 @@ impl Index {
 
     pub fn action(&self, key: &[u8; 32]) -> Result<Option<ActionResult>, IndexError> {
         let conn = self.conn();
-        let row = conn
-            .query_row(
-                "SELECT layer_digest, layer_size, diff_id, media_type FROM actions WHERE key = ?1",
-                params![&key[..]],
-                |row| {
-                    Ok((
-                        row.get::<_, Option<String>>(0)?,
-                        row.get::<_, Option<i64>>(1)?,
-                        row.get::<_, Option<String>>(2)?,
-                        row.get::<_, Option<String>>(3)?,
-                    ))
-                },
+        let touched = conn
+            .execute(
+                "UPDATE actions SET last_used = ?2 WHERE key = ?1",
+                params![&key[..], now_unix()],
             )
-            .optional()
             .map_err(|e| self.err(e))?;
-        let Some((digest, size, diff_id, media_type)) = row else {
+        if touched == 0 {
             return Ok(None);
-        };
-        let _ = conn.execute(
-            "UPDATE actions SET last_used = ?2 WHERE key = ?1",
-            params![&key[..], now_unix()],
-        );
-        let layer = match (digest, size, diff_id, media_type) {
-            (Some(digest), Some(size), Some(diff_id), Some(media_type)) => {
-                // A row that does not parse is treated as a miss: the step reruns.
-                let (Ok(digest), Ok(diff_id)) = (Digest::parse(&digest), Digest::parse(&diff_id))
-                else {
-                    return Ok(None);
-                };
-                Some(LayerRecord {
-                    blob: Blob {
-                        digest,
-                        size: size as u64,
-                    },
-                    diff_id,
-                    media_type,
-                })
-            }
-            _ => None,
-        };
-        Ok(Some(ActionResult { layer }))
+        }
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT layer_digest, layer_size, diff_id, media_type FROM action_layers
+                 WHERE key = ?1 ORDER BY position",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = statement
+            .query_map(params![&key[..]], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut layers = Vec::new();
+        for row in rows {
+            let (digest, size, diff_id, media_type) = row.map_err(|e| self.err(e))?;
+            // A row that does not parse is treated as a miss: the step reruns.
+            let (Ok(digest), Ok(diff_id)) = (Digest::parse(&digest), Digest::parse(&diff_id))
+            else {
+                return Ok(None);
+            };
+            layers.push(LayerRecord {
+                blob: Blob {
+                    digest,
+                    size: size as u64,
+                },
+                diff_id,
+                media_type,
+            });
+        }
+        Ok(Some(ActionResult { layers }))
     }
 
     pub fn record_action(&self, key: &[u8; 32], result: &ActionResult) -> Result<(), IndexError> {
-        let layer = result.layer.as_ref();
-        let now = now_unix();
-        self.conn()
-            .execute(
-                "INSERT OR REPLACE INTO actions
-                 (key, layer_digest, layer_size, diff_id, media_type, created, last_used)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-                params![
-                    &key[..],
-                    layer.map(|l| l.blob.digest.as_str().to_owned()),
-                    layer.map(|l| l.blob.size as i64),
-                    layer.map(|l| l.diff_id.as_str().to_owned()),
-                    layer.map(|l| l.media_type.clone()),
-                    now,
-                ],
-            )
-            .map(drop)
-            .map_err(|e| self.err(e))
+        let mut conn = self.conn();
+        let write = |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<()> {
+            let now = now_unix();
+            tx.execute(
+                "INSERT OR REPLACE INTO actions (key, created, last_used) VALUES (?1, ?2, ?2)",
+                params![&key[..], now],
+            )?;
+            tx.execute(
+                "DELETE FROM action_layers WHERE key = ?1",
+                params![&key[..]],
+            )?;
+            for (position, layer) in result.layers.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO action_layers
+                     (key, position, layer_digest, layer_size, diff_id, media_type)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        &key[..],
+                        position as i64,
+                        layer.blob.digest.as_str(),
+                        layer.blob.size as i64,
+                        layer.diff_id.as_str(),
+                        layer.media_type,
+                    ],
+                )?;
+            }
+            Ok(())
+        };
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        write(&tx).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
     }
 
     /// Forgets an action whose blob turned out missing or corrupt.
     pub fn forget_action(&self, key: &[u8; 32]) -> Result<(), IndexError> {
-        self.conn()
-            .execute("DELETE FROM actions WHERE key = ?1", params![&key[..]])
-            .map(drop)
-            .map_err(|e| self.err(e))
+        let conn = self.conn();
+        for table in ["actions", "action_layers"] {
+            conn.execute(
+                &format!("DELETE FROM {table} WHERE key = ?1"),
+                params![&key[..]],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     pub fn action_count(&self) -> Result<u64, IndexError> {
@@ -283,6 +311,30 @@ impl Index {
     }
 }
 
+/// Indexes written before layers had their own table kept one layer per action in
+/// `actions` itself: move those rows over once, so an upgraded daemon keeps its cache.
+fn migrate_one_layer_actions(conn: &Connection) -> rusqlite::Result<()> {
+    let old_layout: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('actions') WHERE name = 'layer_digest'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !old_layout {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN;
+         INSERT OR IGNORE INTO action_layers
+             SELECT key, 0, layer_digest, layer_size, diff_id, media_type FROM actions
+             WHERE layer_digest IS NOT NULL;
+         ALTER TABLE actions DROP COLUMN layer_digest;
+         ALTER TABLE actions DROP COLUMN layer_size;
+         ALTER TABLE actions DROP COLUMN diff_id;
+         ALTER TABLE actions DROP COLUMN media_type;
+         COMMIT;",
+    )
+}
+
 fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -315,20 +367,75 @@ mod tests {
         let (_dir, index) = index();
         assert_eq!(index.action(&[1; 32]).expect("lookup"), None);
         let with_layer = ActionResult {
-            layer: Some(layer()),
+            layers: vec![layer()],
         };
         index.record_action(&[1; 32], &with_layer).expect("record");
         index
-            .record_action(&[2; 32], &ActionResult { layer: None })
+            .record_action(&[2; 32], &ActionResult { layers: vec![] })
             .expect("record empty");
-        assert_eq!(index.action(&[1; 32]).expect("hit"), Some(with_layer));
+        assert_eq!(
+            index.action(&[1; 32]).expect("hit"),
+            Some(with_layer.clone())
+        );
         assert_eq!(
             index.action(&[2; 32]).expect("hit"),
-            Some(ActionResult { layer: None })
+            Some(ActionResult { layers: vec![] })
         );
-        assert_eq!(index.action_count().expect("count"), 2);
+        let chunked = ActionResult {
+            layers: vec![layer(), layer(), layer()],
+        };
+        index
+            .record_action(&[3; 32], &chunked)
+            .expect("record chunks");
+        assert_eq!(index.action(&[3; 32]).expect("hit"), Some(chunked));
+        index
+            .record_action(&[3; 32], &with_layer)
+            .expect("re-record");
+        assert_eq!(index.action(&[3; 32]).expect("hit"), Some(with_layer));
+        assert_eq!(index.action_count().expect("count"), 3);
         index.forget_action(&[1; 32]).expect("forget");
         assert_eq!(index.action(&[1; 32]).expect("miss"), None);
+    }
+
+    #[test]
+    fn an_index_from_before_action_layers_keeps_its_actions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("index-v1.sqlite");
+        let old = Connection::open(&path).expect("open");
+        old.execute_batch(
+            "CREATE TABLE actions (
+                 key BLOB PRIMARY KEY NOT NULL,
+                 layer_digest TEXT, layer_size INTEGER, diff_id TEXT, media_type TEXT,
+                 created INTEGER NOT NULL, last_used INTEGER NOT NULL
+             ) WITHOUT ROWID;",
+        )
+        .expect("old schema");
+        let layer = layer();
+        old.execute(
+            "INSERT INTO actions VALUES (?1, ?2, 2, ?3, ?4, 0, 0), (?5, NULL, NULL, NULL, NULL, 0, 0)",
+            params![
+                &[1u8; 32][..],
+                layer.blob.digest.as_str(),
+                layer.diff_id.as_str(),
+                layer.media_type,
+                &[2u8; 32][..]
+            ],
+        )
+        .expect("old rows");
+        drop(old);
+        for _ in 0..2 {
+            let index = Index::open(&path).expect("migrate");
+            assert_eq!(
+                index.action(&[1; 32]).expect("hit"),
+                Some(ActionResult {
+                    layers: vec![layer.clone()]
+                })
+            );
+            assert_eq!(
+                index.action(&[2; 32]).expect("hit"),
+                Some(ActionResult { layers: vec![] })
+            );
+        }
     }
 
     #[test]

@@ -10,8 +10,10 @@ use moka::sync::Cache;
 use super::index::ActionResult;
 use crate::context::Hash;
 
-/// Rough bytes one entry costs: key, digests and media type strings, moka's bookkeeping.
-const ENTRY_OVERHEAD: u32 = 256;
+/// Rough bytes one entry costs: key, vector, moka's bookkeeping.
+const ENTRY_OVERHEAD: u32 = 128;
+/// And each layer it names: two digest strings and a size, besides its media type.
+const LAYER_OVERHEAD: u32 = 160;
 
 #[derive(Debug, Clone)]
 pub struct L1 {
@@ -26,9 +28,10 @@ impl L1 {
                 .weigher(|_, result: &ActionResult| {
                     ENTRY_OVERHEAD
                         + result
-                            .layer
-                            .as_ref()
-                            .map_or(0, |l| l.media_type.len() as u32)
+                            .layers
+                            .iter()
+                            .map(|l| LAYER_OVERHEAD + l.media_type.len() as u32)
+                            .sum::<u32>()
                 })
                 .eviction_policy(EvictionPolicy::lru())
                 .build(),
@@ -62,11 +65,11 @@ mod tests {
     fn holds_what_was_inserted_within_its_budget() {
         let l1 = L1::new(u64::from(ENTRY_OVERHEAD) * 3);
         for i in 0..10u8 {
-            l1.insert([i; 32], ActionResult { layer: None });
+            l1.insert([i; 32], ActionResult { layers: vec![] });
         }
         assert_eq!(
             l1.get(&[9; 32]),
-            Some(ActionResult { layer: None }),
+            Some(ActionResult { layers: vec![] }),
             "the newest stays"
         );
         let (entries, bytes) = l1.usage();

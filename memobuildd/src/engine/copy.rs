@@ -73,7 +73,11 @@ struct Item {
     mode: u32,
     link_target: Option<String>,
     host: PathBuf,
+    /// Files: what the content must hash to (checked while copying).
     expected: Option<Hash>,
+    /// Context entries: the fingerprint's hash of this path (content, or link target).
+    content: Option<Hash>,
+    size: u64,
 }
 
 impl Item {
@@ -97,6 +101,11 @@ pub fn stage(
     staging: &Path,
     as_root: bool,
 ) -> Result<CopyStats, CopyError> {
+    plan(spec, source, parent)?.apply(spec, parent, staging, as_root)
+}
+
+/// Decides everything a COPY writes, in order, before writing anything.
+pub fn plan(spec: &CopySpec, source: CopySource<'_>, parent: &RootView) -> Result<Plan, CopyError> {
     let patterns: Vec<SourcePattern> = spec
         .sources
         .iter()
@@ -121,15 +130,7 @@ pub fn stage(
         into_dir = true;
     }
 
-    let mut writer = Writer {
-        staging,
-        parent,
-        spec,
-        as_root,
-        stats: CopyStats::default(),
-        dir_times: Vec::new(),
-        buf: vec![0u8; 256 * 1024],
-    };
+    let mut ops = Vec::new();
     for pattern in &patterns {
         let roots = source.roots(pattern)?;
         if roots.is_empty() && !pattern.is_wildcard() {
@@ -140,22 +141,243 @@ pub fn stage(
         }
         for root in roots {
             if root.kind == EntryKind::Dir {
-                writer.ensure_dir(&dest, Some(&root))?;
-                for child in source.descendants(&root) {
+                let descendants = source.descendants(&root);
+                ops.push(Op::Dir {
+                    dest: dest.clone(),
+                    like: Some(root.clone()),
+                });
+                for child in descendants {
                     let rel = child.rel[root.rel.len()..]
                         .trim_start_matches('/')
                         .to_owned();
-                    writer.put(&dest.join(rel), &child)?;
+                    ops.push(Op::Put {
+                        dest: dest.join(rel),
+                        item: child,
+                    });
                 }
             } else if into_dir {
-                writer.ensure_dir(&dest, None)?;
-                writer.put(&dest.join(root.name()), &root)?;
+                ops.push(Op::Dir {
+                    dest: dest.clone(),
+                    like: None,
+                });
+                ops.push(Op::Put {
+                    dest: dest.join(root.name()),
+                    item: root,
+                });
             } else {
-                writer.put(&dest, &root)?;
+                ops.push(Op::Put {
+                    dest: dest.clone(),
+                    item: root,
+                });
             }
         }
     }
-    writer.finish()
+    Ok(Plan { ops })
+}
+
+/// One thing a COPY writes.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A destination directory and its missing parents; `like` lends it its mode.
+    Dir { dest: PathBuf, like: Option<Item> },
+    /// One source path, written at `dest` (an image path).
+    Put { dest: PathBuf, item: Item },
+}
+
+/// Everything one COPY writes, in order.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    ops: Vec<Op>,
+}
+
+/// A part of a split COPY: the plan's `Put`s in `range`, plus every directory they need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    range: std::ops::Range<usize>,
+    /// BLAKE3 of exactly what the chunk's layer holds (paths, types, modes, contents).
+    pub fingerprint: Hash,
+    pub bytes: u64,
+}
+
+impl Plan {
+    /// Bytes of file content the COPY writes.
+    pub fn bytes(&self) -> u64 {
+        self.puts().map(|(_, item)| item.size).sum()
+    }
+
+    fn puts(&self) -> impl Iterator<Item = (&Path, &Item)> {
+        self.ops.iter().filter_map(|op| match op {
+            Op::Put { dest, item } => Some((dest.as_path(), item)),
+            Op::Dir { .. } => None,
+        })
+    }
+
+    /// Stages the whole plan into `staging`.
+    pub fn apply(
+        &self,
+        spec: &CopySpec,
+        parent: &RootView,
+        staging: &Path,
+        as_root: bool,
+    ) -> Result<CopyStats, CopyError> {
+        self.apply_ops(0..self.ops.len(), spec, parent, staging, as_root)
+    }
+
+    /// Stages one chunk: its own paths and the directories above them, with their modes.
+    pub fn apply_chunk(
+        &self,
+        chunk: &Chunk,
+        spec: &CopySpec,
+        parent: &RootView,
+        staging: &Path,
+        as_root: bool,
+    ) -> Result<CopyStats, CopyError> {
+        let ops = self.chunk_ops(chunk);
+        self.apply_ops(ops.into_iter(), spec, parent, staging, as_root)
+    }
+
+    fn apply_ops(
+        &self,
+        ops: impl Iterator<Item = usize>,
+        spec: &CopySpec,
+        parent: &RootView,
+        staging: &Path,
+        as_root: bool,
+    ) -> Result<CopyStats, CopyError> {
+        let mut writer = Writer {
+            staging,
+            parent,
+            spec,
+            as_root,
+            stats: CopyStats::default(),
+            dir_times: Vec::new(),
+            buf: vec![0u8; 256 * 1024],
+        };
+        for index in ops {
+            match &self.ops[index] {
+                Op::Dir { dest, like } => writer.ensure_dir(dest, like.as_ref())?,
+                Op::Put { dest, item } => writer.put(dest, item)?,
+            }
+        }
+        writer.finish()
+    }
+
+    /// Splits a large COPY from the build context into chunks of about `target` bytes, each
+    /// to be its own layer: an edit then rewrites, re-hashes and re-uploads one chunk rather
+    /// than the whole COPY. `None` keeps one layer, as Docker has it: the plan is under two
+    /// targets, names a path twice (a later source replacing an earlier one needs them in
+    /// one layer), or holds content not known in advance (`--from` an image).
+    ///
+    /// Boundaries are content-defined so that an edit moves no other boundary: once a chunk
+    /// holds half the target, it ends after a file with a probability of the file's size
+    /// over half the target, decided by a hash of the file's path; at twice the target it
+    /// ends regardless. Chunks then hold target/2 to 2 × target bytes (about target on
+    /// average), and an edit changes its own chunk and at most the next one.
+    pub fn chunks(&self, target: u64) -> Option<Vec<Chunk>> {
+        if target == 0 || self.bytes() < 2 * target {
+            return None;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (dest, item) in self.puts() {
+            if !seen.insert(dest) || (item.kind != EntryKind::Dir && item.content.is_none()) {
+                return None;
+            }
+        }
+        let mut bounds = Vec::new();
+        let (mut start, mut bytes) = (0, 0u64);
+        for (index, op) in self.ops.iter().enumerate() {
+            let Op::Put { dest, item } = op else { continue };
+            bytes += item.size;
+            let draw = u64::from_le_bytes(
+                blake3::hash(dest.as_os_str().as_encoded_bytes()).as_bytes()[..8]
+                    .try_into()
+                    .expect("8 bytes"),
+            );
+            let half = target / 2;
+            let drawn = u128::from(draw) * u128::from(half) < u128::from(item.size) << 64;
+            if (bytes >= half && drawn) || bytes >= 2 * target {
+                bounds.push((start..index + 1, bytes));
+                (start, bytes) = (index + 1, 0);
+            }
+        }
+        // What follows the last boundary joins the last chunk if it holds no path of its own.
+        let rest_has_paths = self.ops[start..]
+            .iter()
+            .any(|op| matches!(op, Op::Put { .. }));
+        match bounds.last_mut() {
+            Some((last, _)) if !rest_has_paths => last.end = self.ops.len(),
+            _ if start < self.ops.len() => bounds.push((start..self.ops.len(), bytes)),
+            _ => {}
+        }
+        Some(
+            bounds
+                .into_iter()
+                .map(|(range, bytes)| {
+                    let mut chunk = Chunk {
+                        range,
+                        fingerprint: [0; 32],
+                        bytes,
+                    };
+                    chunk.fingerprint = self.fingerprint(&self.chunk_ops(&chunk));
+                    chunk
+                })
+                .collect(),
+        )
+    }
+
+    /// The ops a chunk applies, in plan order: every destination directory (each chunk
+    /// recreates them alike), the chunk's own paths, and the copied directories above them
+    /// (so they keep their source modes rather than defaults).
+    fn chunk_ops(&self, chunk: &Chunk) -> Vec<usize> {
+        let dirs: std::collections::HashMap<&Path, usize> = self
+            .ops
+            .iter()
+            .enumerate()
+            .filter_map(|(index, op)| match op {
+                Op::Put { dest, item } if item.kind == EntryKind::Dir => {
+                    Some((dest.as_path(), index))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut chosen = std::collections::BTreeSet::new();
+        for (index, op) in self.ops.iter().enumerate() {
+            match op {
+                Op::Dir { .. } => {
+                    chosen.insert(index);
+                }
+                Op::Put { dest, .. } if chunk.range.contains(&index) => {
+                    chosen.insert(index);
+                    chosen.extend(dest.ancestors().skip(1).filter_map(|a| dirs.get(a)));
+                }
+                Op::Put { .. } => {}
+            }
+        }
+        chosen.into_iter().collect()
+    }
+
+    fn fingerprint(&self, ops: &[usize]) -> Hash {
+        let mut hasher = blake3::Hasher::new();
+        for &index in ops {
+            let (tag, dest, item) = match &self.ops[index] {
+                Op::Dir { dest, like } => (b'D', dest, like.as_ref()),
+                Op::Put { dest, item } => (b'P', dest, Some(item)),
+            };
+            hasher.update(&[tag]);
+            let dest = dest.as_os_str().as_encoded_bytes();
+            hasher.update(&(dest.len() as u64).to_le_bytes());
+            hasher.update(dest);
+            if let Some(item) = item {
+                hasher.update(&[item.kind as u8]);
+                hasher.update(&item.mode.to_le_bytes());
+                // A directory's own hash covers its children: the chunk names its files.
+                if item.kind != EntryKind::Dir {
+                    hasher.update(&item.content.unwrap_or_default());
+                }
+            }
+        }
+        *hasher.finalize().as_bytes()
+    }
 }
 
 impl CopySource<'_> {
@@ -216,6 +438,8 @@ fn context_item(dir: &Path, path: &str, entry: &crate::context::Entry) -> Item {
             dir.join(path)
         },
         expected: (entry.kind == EntryKind::File).then_some(entry.hash),
+        content: Some(entry.hash),
+        size: entry.size,
     }
 }
 
@@ -240,8 +464,10 @@ fn image_item(view: &RootView, rel: &str) -> Option<Item> {
         kind,
         mode: found.meta.mode() & 0o7777,
         link_target,
+        size: found.meta.len(),
         host: found.host,
         expected: None,
+        content: None,
     })
 }
 

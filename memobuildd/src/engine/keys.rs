@@ -83,7 +83,16 @@ struct ExecContext {
     shell: Vec<String>,
 }
 
-/// One key per node, indexed by node index.
+/// The keys of one build's nodes, indexed by node index.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    pub of: Vec<Hash>,
+    /// A node's key without its context source sets: what the chunks of a split COPY layer
+    /// are keyed on besides their own files, so an edit moves only its own chunk's key.
+    pub without_context: Vec<Hash>,
+}
+
+/// One key per node.
 ///
 /// Metadata steps (LABEL, CMD, ENV, …) make no layer, so they do not stand between a
 /// filesystem step and its predecessor: a step's chain input is the key of the nearest
@@ -94,10 +103,11 @@ pub fn compute(
     graph: &BuildGraph,
     bases: &HashMap<String, BaseImage>,
     fingerprints: &HashMap<NodeIndex, Hash>,
-) -> Vec<Hash> {
+) -> Keys {
     let inner = graph.graph();
     let count = inner.node_count();
     let mut keys = vec![[0u8; 32]; count];
+    let mut without_context = vec![[0u8; 32]; count];
     // The key a node passes on to its children: its own, or for metadata its parent's.
     let mut carried = vec![[0u8; 32]; count];
     let mut contexts = vec![ExecContext::default(); count];
@@ -121,17 +131,24 @@ pub fn compute(
             field(&mut hasher, name.as_bytes());
             field(&mut hasher, value.as_bytes());
         }
-        let mut others: Vec<Hash> = inner
-            .neighbors_directed(node, Direction::Incoming)
-            .filter(|p| Some(*p) != spec.parent)
-            .map(|p| carried[p.index()])
-            .collect();
-        others.sort_unstable();
         if let Some(parent) = spec.parent {
             hasher.update(&carried[parent.index()]);
         }
-        for other in others {
+        let mut others: Vec<(Hash, bool)> = inner
+            .neighbors_directed(node, Direction::Incoming)
+            .filter(|p| Some(*p) != spec.parent)
+            .map(|p| {
+                let from_context = graph.node(p).kind == NodeKind::ContextSource;
+                (carried[p.index()], from_context)
+            })
+            .collect();
+        others.sort_unstable();
+        let mut sans_context = hasher.clone();
+        for (other, from_context) in others {
             hasher.update(&other);
+            if !from_context {
+                sans_context.update(&other);
+            }
         }
         match spec.kind {
             NodeKind::BaseImage => {
@@ -146,33 +163,38 @@ pub fn compute(
                 } else {
                     context.workdir = "/".into();
                 }
-                field(
-                    &mut hasher,
-                    base.map_or("scratch", |b| b.manifest.as_str()).as_bytes(),
-                );
+                let manifest = base.map_or("scratch", |b| b.manifest.as_str());
+                field(&mut hasher, manifest.as_bytes());
+                field(&mut sans_context, manifest.as_bytes());
             }
             NodeKind::ContextSource => {
                 hasher.update(fingerprints.get(&node).unwrap_or(&[0; 32]));
             }
             NodeKind::Filesystem | NodeKind::Metadata => {
                 update_context(&mut context, spec.step.as_ref());
-                field(&mut hasher, context.user.as_bytes());
-                field(&mut hasher, context.workdir.as_bytes());
-                for word in &context.shell {
-                    field(&mut hasher, word.as_bytes());
+                for hasher in [&mut hasher, &mut sans_context] {
+                    field(hasher, context.user.as_bytes());
+                    field(hasher, context.workdir.as_bytes());
+                    for word in &context.shell {
+                        field(hasher, word.as_bytes());
+                    }
                 }
             }
             NodeKind::Stage | NodeKind::Export => {}
         }
         let key = *hasher.finalize().as_bytes();
         keys[node.index()] = key;
+        without_context[node.index()] = *sans_context.finalize().as_bytes();
         carried[node.index()] = match (spec.kind, spec.parent) {
             (NodeKind::Metadata, Some(parent)) => carried[parent.index()],
             _ => key,
         };
         contexts[node.index()] = context;
     }
-    keys
+    Keys {
+        of: keys,
+        without_context,
+    }
 }
 
 fn update_context(context: &mut ExecContext, step: Option<&InstructionKind>) {
@@ -199,6 +221,14 @@ mod tests {
     use crate::plan::{self, PlanOptions};
 
     fn keys_of(dockerfile: &str, fingerprint: u8) -> Vec<(String, Hash)> {
+        all_keys_of(dockerfile, fingerprint)
+            .into_iter()
+            .map(|(label, keys)| (label, keys.0))
+            .collect()
+    }
+
+    /// (label, (key, key without context)) per node.
+    fn all_keys_of(dockerfile: &str, fingerprint: u8) -> Vec<(String, (Hash, Hash))> {
         let df = frontend::parse(dockerfile, "Dockerfile").expect("parse");
         let graph = plan::lower(&df, &PlanOptions::default()).expect("plan");
         let fingerprints = graph
@@ -211,7 +241,11 @@ mod tests {
         graph
             .toposort()
             .into_iter()
-            .map(|n| (graph.node(n).label.clone(), keys[n.index()]))
+            .map(|n| {
+                let i = n.index();
+                let label = graph.node(n).label.clone();
+                (label, (keys.of[i], keys.without_context[i]))
+            })
             .collect()
     }
 
@@ -232,6 +266,30 @@ mod tests {
         // changes; the base is untouched.
         assert_eq!(key(&before, "FROM scratch"), key(&after, "FROM scratch"));
         assert_ne!(key(&before, "RUN build"), key(&after, "RUN build"));
+    }
+
+    #[test]
+    fn the_key_without_context_ignores_the_sources_and_nothing_else() {
+        let find = |keys: &[(String, (Hash, Hash))], label: &str| {
+            keys.iter().find(|(l, _)| l == label).expect("node").1
+        };
+        let before = all_keys_of(DF, 1);
+        let after = all_keys_of(DF, 2);
+        let (key_before, sans_before) = find(&before, "COPY src/ /app/src/");
+        let (key_after, sans_after) = find(&after, "COPY src/ /app/src/");
+        assert_ne!(key_before, key_after);
+        // The first COPY's sources changed too, and they are upstream: the parent moved.
+        assert_ne!(sans_before, sans_after);
+        let one_set = "FROM scratch\nRUN install\nCOPY src/ /app/src/\n";
+        let (key_1, sans_1) = find(&all_keys_of(one_set, 1), "COPY src/ /app/src/");
+        let (key_2, sans_2) = find(&all_keys_of(one_set, 2), "COPY src/ /app/src/");
+        assert_ne!(key_1, key_2);
+        assert_eq!(sans_1, sans_2);
+        let elsewhere = "FROM scratch\nRUN install\nCOPY src/ /srv/\n";
+        assert_ne!(
+            sans_1,
+            find(&all_keys_of(elsewhere, 1), "COPY src/ /srv/").1
+        );
     }
 
     #[test]

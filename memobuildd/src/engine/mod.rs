@@ -181,6 +181,8 @@ pub struct EngineOptions {
     pub resolve_ttl: Duration,
     /// Memory for L1 (node key → result).
     pub l1_bytes: u64,
+    /// Target size of the chunks a large COPY's layer is split into; 0: never split.
+    pub copy_chunk_bytes: u64,
 }
 
 impl Default for EngineOptions {
@@ -189,6 +191,7 @@ impl Default for EngineOptions {
             max_parallel: 2,
             resolve_ttl: Duration::from_secs(24 * 3600),
             l1_bytes: 16 << 20,
+            copy_chunk_bytes: crate::config::DEFAULT_COPY_CHUNK_BYTES,
         }
     }
 }

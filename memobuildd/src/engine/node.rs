@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use petgraph::Direction;
+use rayon::prelude::*;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info_span};
 
 use super::add;
 use super::copy::{self, CopySource, CopySpec};
-use super::keys::BaseImage;
+use super::keys::{BaseImage, Keys};
 use super::state::{self, DEFAULT_PATH, State};
 use super::user;
 use super::view::RootView;
@@ -36,6 +37,8 @@ const MOUNT_POINTS: &[&str] = &[
     "etc/resolv.conf",
     "etc/hostname",
 ];
+/// Versions the keys of COPY chunks (`BuildRun::chunked_copy`).
+const CHUNK_KEY_VERSION: &[u8] = b"memobuild-copy-chunk-v1\0";
 /// Log lines kept to explain a failed RUN.
 const FAILURE_TAIL: usize = 20;
 
@@ -45,7 +48,7 @@ pub(super) struct BuildRun {
     pub(super) engine: Arc<Engine>,
     pub(super) spec: BuildSpec,
     pub(super) graph: Arc<BuildGraph>,
-    pub(super) keys: Vec<Hash>,
+    pub(super) keys: Keys,
     pub(super) bases: HashMap<String, BaseImage>,
     pub(super) reporter: Arc<dyn Reporter>,
     pub(super) cancel: Arc<AtomicBool>,
@@ -239,7 +242,7 @@ impl BuildRun {
     ) -> Result<State, BuildError> {
         let spec = self.graph.node(node);
         let id = node.index() as u32 + 1;
-        let key = self.keys[node.index()];
+        let key = self.keys.of[node.index()];
         let step = spec
             .step
             .clone()
@@ -271,7 +274,7 @@ impl BuildRun {
                     self.engine
                         .index
                         .record_action(&key, &result)
-                        .map_err(|e| BuildError::Store(e.to_string()))?;
+                        .map_err(store)?;
                     self.engine.l1.insert(key, result.clone());
                     self.executed.fetch_add(1, Ordering::Relaxed);
                     self.reporter.report(Progress::Done {
@@ -291,12 +294,16 @@ impl BuildRun {
         if let Some(InstructionKind::Workdir(dir)) = &spec.step {
             state.config.config.working_dir = Some(state::absolute_workdir(&state.workdir(), dir));
         }
-        let layer = result.layer.map(|l| Layer {
-            blob: l.blob,
-            diff_id: l.diff_id,
-            media_type: l.media_type,
-        });
-        state.push_layer(layer, &spec.label, &self.created);
+        let layers = result
+            .layers
+            .into_iter()
+            .map(|l| Layer {
+                blob: l.blob,
+                diff_id: l.diff_id,
+                media_type: l.media_type,
+            })
+            .collect();
+        state.push_layers(layers, &spec.label, &self.created);
         Ok(state)
     }
 
@@ -307,10 +314,7 @@ impl BuildRun {
         let found = match engine.l1.get(key) {
             Some(result) => Some(result),
             None => {
-                let l2 = engine
-                    .index
-                    .action(key)
-                    .map_err(|e| BuildError::Store(e.to_string()))?;
+                let l2 = engine.index.action(key).map_err(store)?;
                 if let Some(result) = &l2 {
                     engine.l1.insert(*key, result.clone());
                 }
@@ -319,9 +323,9 @@ impl BuildRun {
         };
         let usable = found.filter(|result| {
             result
-                .layer
-                .as_ref()
-                .is_none_or(|layer| engine.cas.contains(&layer.blob.digest))
+                .layers
+                .iter()
+                .all(|layer| engine.cas.contains(&layer.blob.digest))
         });
         match &usable {
             Some(_) => engine.hits.fetch_add(1, Ordering::Relaxed),
@@ -360,7 +364,7 @@ impl BuildRun {
                 InstructionKind::Run(spec) => run.run_step(node, spec, &parent),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let is_add = matches!(step, InstructionKind::Add(_));
-                    run.copy_step(spec, is_add, &parent, from.as_deref(), tree.as_ref())
+                    run.copy_step(node, spec, is_add, &parent, from.as_deref(), tree.as_ref())
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
                 other => Err(BuildError::Store(format!(
@@ -377,7 +381,7 @@ impl BuildRun {
             })
         })
         .await
-        .map_err(|e| BuildError::Store(e.to_string()))?
+        .map_err(store)?
     }
 
     fn context_tree(&self) -> Result<crate::context::FileTree, BuildError> {
@@ -404,7 +408,7 @@ impl BuildRun {
                 self.engine
                     .layers
                     .ensure(&self.engine.cas, layer)
-                    .map_err(|e| BuildError::Store(e.to_string()))
+                    .map_err(store)
             })
             .collect()
     }
@@ -434,9 +438,9 @@ impl BuildRun {
             .engine
             .snapshotter
             .prepare(&ids, &scratch)
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+            .map_err(store)?;
         let who = user::resolve(parent.config.config.user.as_deref().unwrap_or(""), &view)
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+            .map_err(store)?;
         let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.push(format!("PATH={DEFAULT_PATH}"));
@@ -488,9 +492,7 @@ impl BuildRun {
                 crate::exec::ExecError::Cancelled => BuildError::Cancelled,
                 other => BuildError::Store(other.to_string()),
             })?;
-        let upper = active
-            .unmount()
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+        let upper = active.unmount().map_err(store)?;
         if code != 0 {
             let tail = tail.into_inner().unwrap_or_default();
             return Err(BuildError::RunFailed {
@@ -505,6 +507,7 @@ impl BuildRun {
 
     fn copy_step(
         &self,
+        node: NodeIndex,
         copy: &FileCopy,
         is_add: bool,
         parent: &State,
@@ -514,8 +517,7 @@ impl BuildRun {
         let parent_view = RootView::new(self.lower_dirs(parent)?);
         let chown = match copy.chown.as_deref() {
             Some(spec) => {
-                let who = user::resolve(spec, &parent_view)
-                    .map_err(|e| BuildError::Store(e.to_string()))?;
+                let who = user::resolve(spec, &parent_view).map_err(store)?;
                 Some((who.process.uid, who.process.gid))
             }
             None => None,
@@ -541,8 +543,7 @@ impl BuildRun {
         };
         let staging = self.scratch("copy-")?;
         let _cleanup = RemoveOnDrop(staging.clone());
-        let excludes = IgnoreRules::parse(&copy.exclude.join("\n"), "--exclude")
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+        let excludes = IgnoreRules::parse(&copy.exclude.join("\n"), "--exclude").map_err(store)?;
         // ADD: archives are extracted and URLs downloaded (engine::add); it has no --from.
         if is_add {
             let tree = tree.ok_or_else(|| BuildError::Store("no build context for ADD".into()))?;
@@ -559,7 +560,7 @@ impl BuildRun {
                 &staging,
                 self.engine.as_root,
             )
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+            .map_err(store)?;
             return self.finish_layer(&staging);
         }
         let from_view;
@@ -575,26 +576,101 @@ impl BuildRun {
             },
             (None, None) => return Err(BuildError::Store("no source for COPY".into())),
         };
-        copy::stage(&spec, source, &parent_view, &staging, self.engine.as_root)
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+        let plan = copy::plan(&spec, source, &parent_view).map_err(store)?;
+        if let Some(chunks) = plan.chunks(self.engine.options.copy_chunk_bytes) {
+            return self.chunked_copy(node, &plan, &chunks, &spec, &parent_view);
+        }
+        plan.apply(&spec, &parent_view, &staging, self.engine.as_root)
+            .map_err(store)?;
         self.finish_layer(&staging)
+    }
+
+    /// A large COPY as one layer per chunk. Each chunk has its own key — the step's key
+    /// without its sources, and the chunk's own files — so after an edit every other chunk
+    /// is a cache hit and only the edited one is copied, tarred and compressed again.
+    fn chunked_copy(
+        &self,
+        node: NodeIndex,
+        plan: &copy::Plan,
+        chunks: &[copy::Chunk],
+        spec: &CopySpec,
+        parent_view: &RootView,
+    ) -> Result<ActionResult, BuildError> {
+        let base = self.keys.without_context[node.index()];
+        let keyed: Vec<(Hash, &copy::Chunk)> = chunks
+            .iter()
+            .map(|chunk| {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(CHUNK_KEY_VERSION);
+                hasher.update(&base);
+                hasher.update(&chunk.fingerprint);
+                (*hasher.finalize().as_bytes(), chunk)
+            })
+            .collect();
+        let cached: Vec<Option<ActionResult>> = keyed
+            .iter()
+            .map(|(key, _)| self.lookup(key))
+            .collect::<Result<_, _>>()?;
+        let missing: Vec<usize> = (0..keyed.len()).filter(|&i| cached[i].is_none()).collect();
+        // Chunks are independent: write them on every core (a cold build of a big COPY).
+        let written: Vec<(usize, ActionResult)> = missing
+            .par_iter()
+            .map(|&i| {
+                let (key, chunk) = keyed[i];
+                let staging = self.scratch("copy-")?;
+                let _cleanup = RemoveOnDrop(staging.clone());
+                plan.apply_chunk(chunk, spec, parent_view, &staging, self.engine.as_root)
+                    .map_err(store)?;
+                let result = self.finish_layer(&staging)?;
+                self.engine
+                    .index
+                    .record_action(&key, &result)
+                    .map_err(store)?;
+                self.engine.l1.insert(key, result.clone());
+                Ok((i, result))
+            })
+            .collect::<Result<_, BuildError>>()?;
+        let rewritten: u64 = missing.iter().map(|&i| keyed[i].1.bytes).sum();
+        self.reporter.report(Progress::Log {
+            node: node.index() as u32 + 1,
+            stream: LogStream::Stdout,
+            line: format!(
+                "{} layer chunks: {} reused, {} written ({} MB)\n",
+                chunks.len(),
+                chunks.len() - missing.len(),
+                missing.len(),
+                rewritten.div_ceil(1 << 20)
+            )
+            .into_bytes(),
+        });
+        let mut results = cached;
+        for (i, result) in written {
+            results[i] = Some(result);
+        }
+        Ok(ActionResult {
+            layers: results
+                .into_iter()
+                .flatten()
+                .flat_map(|result| result.layers)
+                .collect(),
+        })
     }
 
     fn workdir_step(&self, dir: &str, parent: &State) -> Result<ActionResult, BuildError> {
         let path = state::absolute_workdir(&parent.workdir(), dir);
         let view = RootView::new(self.lower_dirs(parent)?);
         if view.lookup(&view.resolve(Path::new(&path), true)).is_some() {
-            return Ok(ActionResult { layer: None });
+            return Ok(ActionResult { layers: vec![] });
         }
         let who = user::resolve(parent.config.config.user.as_deref().unwrap_or(""), &view)
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+            .map_err(store)?;
         let staging = self.scratch("workdir-")?;
         let _cleanup = RemoveOnDrop(staging.clone());
         let target = staging.join(path.trim_start_matches('/'));
-        std::fs::create_dir_all(&target).map_err(|e| BuildError::Store(e.to_string()))?;
+        std::fs::create_dir_all(&target).map_err(store)?;
         if self.engine.as_root {
             std::os::unix::fs::chown(&target, Some(who.process.uid), Some(who.process.gid))
-                .map_err(|e| BuildError::Store(e.to_string()))?;
+                .map_err(store)?;
         }
         self.finish_layer(&staging)
     }
@@ -610,29 +686,25 @@ impl BuildRun {
                 ..self.layer_options()
             }
         };
-        let layer = write_layer(&self.engine.cas, dir, &options)
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+        let layer = write_layer(&self.engine.cas, dir, &options).map_err(store)?;
         let Some(layer) = layer else {
-            return Ok(ActionResult { layer: None });
+            return Ok(ActionResult { layers: vec![] });
         };
         self.engine
             .layers
             .adopt(&layer.diff_id, dir)
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+            .map_err(store)?;
         Ok(ActionResult {
-            layer: Some(LayerRecord {
+            layers: vec![LayerRecord {
                 blob: layer.blob,
                 diff_id: layer.diff_id,
                 media_type: layer.media_type,
-            }),
+            }],
         })
     }
 
     fn scratch(&self, prefix: &str) -> Result<PathBuf, BuildError> {
-        self.engine
-            .layers
-            .scratch(prefix)
-            .map_err(|e| BuildError::Store(e.to_string()))
+        self.engine.layers.scratch(prefix).map_err(store)
     }
 }
 
@@ -742,6 +814,10 @@ fn remove_mount_points(upper: &Path, absent: &[String]) {
     if absent.iter().any(|p| p.starts_with("etc/")) {
         let _ = std::fs::remove_dir(upper.join("etc"));
     }
+}
+
+fn store(err: impl std::fmt::Display) -> BuildError {
+    BuildError::Store(err.to_string())
 }
 
 fn is_step(kind: NodeKind) -> bool {

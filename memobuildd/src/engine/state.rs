@@ -93,19 +93,30 @@ impl State {
     }
 
     /// Adds a layer (or records an empty step) and its history entry.
-    pub fn push_layer(&mut self, layer: Option<Layer>, created_by: &str, created: &str) {
-        if let Some(layer) = &layer {
-            self.config.diff_ids.push(layer.diff_id.clone());
+    /// Adds what one filesystem step produced: a history entry per layer (Docker's rule),
+    /// or one marked empty when it produced none.
+    pub fn push_layers(&mut self, layers: Vec<Layer>, created_by: &str, created: &str) {
+        let count = layers.len();
+        if count == 0 {
+            self.history(created_by, created, HISTORY_COMMENT.to_owned(), true);
         }
-        self.history(created_by, created, layer.is_none());
-        self.layers.extend(layer);
+        for (position, layer) in layers.into_iter().enumerate() {
+            let comment = if count == 1 {
+                HISTORY_COMMENT.to_owned()
+            } else {
+                format!("{HISTORY_COMMENT} (chunk {} of {count})", position + 1)
+            };
+            self.history(created_by, created, comment, false);
+            self.config.diff_ids.push(layer.diff_id.clone());
+            self.layers.push(layer);
+        }
     }
 
-    fn history(&mut self, created_by: &str, created: &str, empty_layer: bool) {
+    fn history(&mut self, created_by: &str, created: &str, comment: String, empty_layer: bool) {
         self.config.history.push(History {
             created: Some(created.to_owned()),
             created_by: Some(created_by.to_owned()),
-            comment: Some(HISTORY_COMMENT.to_owned()),
+            comment: Some(comment),
             empty_layer,
         });
     }
@@ -163,7 +174,7 @@ impl State {
                 unreachable!("filesystem steps are not metadata")
             }
         }
-        self.history(created_by, created, true);
+        self.history(created_by, created, HISTORY_COMMENT.to_owned(), true);
     }
 }
 

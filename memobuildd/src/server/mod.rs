@@ -261,6 +261,7 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
         hub,
         options: EngineOptions {
             max_parallel: config.max_parallel_steps,
+            copy_chunk_bytes: config.copy_chunk_bytes,
             ..EngineOptions::default()
         },
     }))

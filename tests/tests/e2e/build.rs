@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use memobuild_tests::bench::{
-    Bench, content_of, describe, dir_listing, executed, tail, tar_listing,
-};
+use memobuild_tests::bench::{Bench, content_of, describe, executed, tail, tar_listing};
 use memobuild_tests::{TestDaemon, privileged, texts};
 
 const MULTI_STAGE: &str = "\
@@ -101,23 +99,8 @@ fn a_multi_stage_build_gives_the_expected_filesystem() {
     );
 
     // umoci, reading our OCI layout independently, must see the same root filesystem.
-    let oci = bench.daemon.dir.path().join("image.oci.tar");
-    let dest = format!("type=oci,dest={}", oci.display());
-    bench.build_ok(&ctx, &["-t", "demo", "-o", &dest]);
-    let layout = bench.daemon.dir.path().join("layout");
-    std::fs::create_dir_all(&layout).expect("layout");
-    tar::Archive::new(std::fs::File::open(&oci).expect("oci"))
-        .unpack(&layout)
-        .expect("unpack layout");
-    let bundle = bench.daemon.dir.path().join("bundle");
-    let umoci = Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:demo", layout.display()))
-        .arg(&bundle)
-        .output()
-        .expect("umoci is installed by .ci/install-deps");
-    assert!(umoci.status.success(), "umoci unpack: {:?}", texts(&umoci));
-    assert_eq!(dir_listing(&bundle.join("rootfs")), last);
+    let (_, unpacked) = bench.oci_image(&ctx, "demo");
+    assert_eq!(unpacked, last);
 }
 
 const INCREMENTAL: &str = "\
@@ -191,6 +174,69 @@ fn rebuilds_execute_only_what_changed_also_after_a_restart() {
         executed(&bench.build_ok(&ctx, &["-t", "inc"])),
         2,
         "offline rebuild"
+    );
+}
+
+/// 240 files of 1–3 KiB under `src/d<i % 6>/`, each one's content set by its index and
+/// `version` (for the file named `edited`).
+fn many_files(edited: usize, version: &str) -> Vec<(String, String)> {
+    (0..240)
+        .map(|i| {
+            let size = 1024 + (i * 7919) % 2048;
+            let mut content: String = format!("file {i} ").repeat(size / 8);
+            if i == edited {
+                content.push_str(version);
+            }
+            (format!("src/d{}/f{i}.txt", i % 6), content)
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_copy_is_split_into_layers_and_an_edit_rewrites_one() {
+    if !privileged("a_large_copy_is_split_into_layers_and_an_edit_rewrites_one") {
+        return;
+    }
+    let config = tempfile::tempdir().expect("config dir");
+    let config_file = config.path().join("memobuildd.toml");
+    std::fs::write(&config_file, "copy_chunk_bytes = 32768\n").expect("config");
+    let bench = Bench::start_with(|cmd| {
+        cmd.env("MEMOBUILD_CONFIG", &config_file);
+    });
+    let dockerfile = "FROM BASE\nCOPY src/ /app/src/\nRUN cat /app/src/d1/f7.txt > /out\n";
+    let files = many_files(7, "v1");
+    let mut all: Vec<(&str, &str)> = vec![("Dockerfile", dockerfile)];
+    all.extend(files.iter().map(|(p, c)| (p.as_str(), c.as_str())));
+    let ctx = bench.context("chunks", &all);
+
+    let (before, rootfs) = bench.oci_image(&ctx, "chunks");
+    // busybox's one layer, the COPY's chunks, the RUN.
+    let chunks = before.len() - 2;
+    assert!((4..=30).contains(&chunks), "{chunks} COPY layers");
+    assert_eq!(rootfs, bench.rootfs_tar(&ctx, &[]), "umoci sees our tar");
+    for (path, content) in &files {
+        assert_eq!(
+            rootfs[&format!("app/{path}")],
+            describe("file", 0o644, 0, 0, &content_of(content)),
+            "{path}"
+        );
+    }
+
+    std::fs::write(ctx.join("src/d1/f7.txt"), &many_files(7, "v2")[7].1).expect("edit");
+    let rebuilt = bench.build_ok(&ctx, &["-t", "chunks"]);
+    assert_eq!(executed(&rebuilt), 2, "the COPY and the RUN");
+    let (after, rootfs) = bench.oci_image(&ctx, "chunks");
+    let new: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    assert_eq!(
+        new.len(),
+        2,
+        "only the edited chunk and the RUN layer are new: {new:?}"
+    );
+    assert_eq!(after.len(), before.len());
+    assert!(
+        rootfs["out"].ends_with(&content_of(&many_files(7, "v2")[7].1)),
+        "{}",
+        rootfs["out"]
     );
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::context::{StatCache, scan};
@@ -164,4 +164,147 @@ fn a_file_changed_after_fingerprinting_is_refused() {
         matches!(err, CopyError::ChangedDuringCopy(ref p) if p == "a.txt"),
         "{err}"
     );
+}
+
+/// A context of 400 files of 0–4 KiB over nested dirs (one of them 0700), scanned.
+fn many_files(root: &Path, edit: Option<usize>) -> FileTree {
+    let ctx = root.join("ctx");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..400 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let file = ctx.join(format!("src/d{}/s{}/f{i}", i % 7, i % 5));
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        let mut content = vec![b'a' + (i % 26) as u8; (seed % 4096) as usize];
+        if edit == Some(i) {
+            content.extend_from_slice(b"an edit");
+        }
+        std::fs::write(file, content).expect("write");
+    }
+    std::fs::set_permissions(ctx.join("src/d3"), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    let mut cache = StatCache::open(&root.join("c.sqlite")).expect("cache");
+    scan(&ctx, &IgnoreRules::default(), &mut cache)
+        .expect("scan")
+        .0
+}
+
+fn plan_of(root: &Path, tree: &FileTree, sources: &[&str], parent: &RootView) -> (CopySpec, Plan) {
+    let spec = CopySpec {
+        sources: sources.iter().map(|s| (*s).to_owned()).collect(),
+        dest: "/app/".into(),
+        workdir: "/".into(),
+        chown: None,
+        chmod: None,
+    };
+    let excludes = IgnoreRules::default();
+    let ctx = root.join("ctx");
+    let source = CopySource::Context {
+        dir: &ctx,
+        tree,
+        excludes: &excludes,
+    };
+    let plan = plan(&spec, source, parent).expect("plan");
+    (spec, plan)
+}
+
+const CHUNK: u64 = 16 << 10;
+
+#[test]
+fn chunks_together_stage_exactly_the_whole_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = many_files(dir.path(), None);
+    let parent = RootView::new(Vec::new());
+    let (spec, plan) = plan_of(dir.path(), &tree, &["src"], &parent);
+    let whole = tempfile::tempdir_in(dir.path()).expect("whole");
+    plan.apply(&spec, &parent, whole.path(), false)
+        .expect("apply");
+    let whole = listing(whole.path());
+
+    let chunks = plan.chunks(CHUNK).expect("a plan of ~800 KiB splits");
+    assert!(chunks.len() > 10, "{} chunks", chunks.len());
+    let (last, full) = chunks.split_last().expect("chunks");
+    for chunk in full {
+        // Files are at most 4 KiB, so no chunk overshoots its bounds by more.
+        assert!(
+            (CHUNK / 2..2 * CHUNK + (4 << 10)).contains(&chunk.bytes),
+            "{}",
+            chunk.bytes
+        );
+    }
+    assert!(last.bytes < 2 * CHUNK + (4 << 10));
+    let mut merged = BTreeMap::new();
+    for chunk in &chunks {
+        let staging = tempfile::tempdir_in(dir.path()).expect("chunk");
+        plan.apply_chunk(chunk, &spec, &parent, staging.path(), false)
+            .expect("apply chunk");
+        for (path, line) in listing(staging.path()) {
+            // A path in two chunks is a directory both need, recreated alike.
+            if let Some(earlier) = merged.insert(path.clone(), line.clone()) {
+                assert_eq!(earlier, line, "{path}");
+                assert!(line.starts_with("dir "), "{path} in two chunks");
+            }
+        }
+    }
+    assert_eq!(merged, whole);
+    assert_eq!(merged["app/d3"], "dir 700");
+    assert_eq!(
+        chunks.iter().map(|c| c.bytes).sum::<u64>(),
+        plan.bytes(),
+        "every file in exactly one chunk"
+    );
+}
+
+#[test]
+fn an_edit_changes_only_the_chunk_of_the_edited_file() {
+    let parent = RootView::new(Vec::new());
+    let fingerprints = |edit: Option<usize>| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = many_files(dir.path(), edit);
+        let (_, plan) = plan_of(dir.path(), &tree, &["src"], &parent);
+        let chunks = plan.chunks(CHUNK).expect("chunks");
+        chunks
+            .into_iter()
+            .map(|c| c.fingerprint)
+            .collect::<Vec<_>>()
+    };
+    let before = fingerprints(None);
+    assert_eq!(before, fingerprints(None), "deterministic");
+    for edited in [3, 200, 399] {
+        let after = fingerprints(Some(edited));
+        assert_eq!(before.len(), after.len(), "file {edited}");
+        let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        assert_eq!(changed, 1, "file {edited}");
+    }
+}
+
+#[test]
+fn small_ambiguous_or_unknown_copies_stay_one_layer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = many_files(dir.path(), None);
+    let parent = RootView::new(Vec::new());
+    let (_, whole) = plan_of(dir.path(), &tree, &["src"], &parent);
+    assert!(whole.chunks(0).is_none(), "splitting off");
+    assert!(whole.chunks(whole.bytes()).is_none(), "under two chunks");
+    // Both sources write app/s0/…: a later source replaces an earlier one in one layer.
+    let (_, twice) = plan_of(dir.path(), &tree, &["src/d0", "src/d1"], &parent);
+    assert!(twice.bytes() > 2 * (4 << 10));
+    assert!(twice.chunks(4 << 10).is_none(), "a path named twice");
+    // From an image, contents are not known before copying.
+    let image = RootView::new(vec![dir.path().join("ctx")]);
+    let from_image = plan(
+        &CopySpec {
+            sources: vec!["src".into()],
+            dest: "/app/".into(),
+            workdir: "/".into(),
+            chown: None,
+            chmod: None,
+        },
+        CopySource::Image(&image),
+        &parent,
+    )
+    .expect("plan");
+    assert!(from_image.bytes() >= 2 * CHUNK);
+    assert!(from_image.chunks(CHUNK).is_none(), "--from");
 }
