@@ -10,9 +10,12 @@
 //! directories that exist in the parent image are recreated with their own mode and owner,
 //! so the layer does not change them.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
 
 use super::view::RootView;
 use crate::context::dockerignore::clean;
@@ -90,6 +93,13 @@ impl Item {
 pub struct CopyStats {
     pub files: u64,
     pub bytes: u64,
+}
+
+impl CopyStats {
+    fn add(&mut self, item: &Item, bytes: u64) {
+        self.files += u64::from(item.kind == EntryKind::File);
+        self.bytes += bytes;
+    }
 }
 
 /// Stages what the COPY adds into `staging` (an empty directory standing for the image root).
@@ -172,7 +182,24 @@ pub fn plan(spec: &CopySpec, source: CopySource<'_>, parent: &RootView) -> Resul
             }
         }
     }
-    Ok(Plan { ops })
+    let mut seen = HashSet::new();
+    let unique = ops.iter().all(|op| match op {
+        Op::Put { dest, .. } => seen.insert(dest.clone()),
+        Op::Dir { .. } => true,
+    });
+    let copied_dirs = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(index, op)| match op {
+            Op::Put { dest, item } if item.kind == EntryKind::Dir => Some((dest.clone(), index)),
+            _ => None,
+        })
+        .collect();
+    Ok(Plan {
+        ops,
+        unique,
+        copied_dirs,
+    })
 }
 
 /// One thing a COPY writes.
@@ -188,6 +215,10 @@ enum Op {
 #[derive(Debug, Clone)]
 pub struct Plan {
     ops: Vec<Op>,
+    /// No two sources write the same path, so writes may happen in any order.
+    unique: bool,
+    /// Where each copied directory's `Put` is in `ops`.
+    copied_dirs: HashMap<PathBuf, usize>,
 }
 
 /// A part of a split COPY: the plan's `Put`s in `range`, plus every directory they need.
@@ -249,17 +280,50 @@ impl Plan {
             parent,
             spec,
             as_root,
-            stats: CopyStats::default(),
             dir_times: Vec::new(),
-            buf: vec![0u8; 256 * 1024],
+            dirs: HashSet::new(),
         };
+        let mut buf = vec![0u8; COPY_BUFFER];
+        let mut stats = CopyStats::default();
+        let mut leaves = Vec::new();
         for index in ops {
             match &self.ops[index] {
                 Op::Dir { dest, like } => writer.ensure_dir(dest, like.as_ref())?,
-                Op::Put { dest, item } => writer.put(dest, item)?,
+                // Later sources replace earlier ones: then everything goes in plan order.
+                Op::Put { dest, item } if item.kind == EntryKind::Dir || !self.unique => {
+                    stats.add(item, writer.put(dest, item, &mut buf)?);
+                }
+                Op::Put { dest, item } => {
+                    if let Some(parent) = dest.parent() {
+                        writer.ensure_dir(parent, None)?;
+                    }
+                    leaves.push((dest, item));
+                }
             }
         }
-        writer.finish()
+        // Every directory exists now; the files are independent of each other.
+        let copied = leaves
+            .par_iter()
+            .map_init(
+                || vec![0u8; COPY_BUFFER],
+                |buf, (dest, item)| {
+                    let bytes = writer.put_leaf(dest, item, buf)?;
+                    let mut stats = CopyStats::default();
+                    stats.add(item, bytes);
+                    Ok(stats)
+                },
+            )
+            .try_reduce(CopyStats::default, |a, b| {
+                Ok(CopyStats {
+                    files: a.files + b.files,
+                    bytes: a.bytes + b.bytes,
+                })
+            })?;
+        writer.finish()?;
+        Ok(CopyStats {
+            files: stats.files + copied.files,
+            bytes: stats.bytes + copied.bytes,
+        })
     }
 
     /// Splits a large COPY from the build context into chunks of about `target` bytes, each
@@ -277,11 +341,11 @@ impl Plan {
         if target == 0 || self.bytes() < 2 * target {
             return None;
         }
-        let mut seen = std::collections::HashSet::new();
-        for (dest, item) in self.puts() {
-            if !seen.insert(dest) || (item.kind != EntryKind::Dir && item.content.is_none()) {
-                return None;
-            }
+        let known = self
+            .puts()
+            .all(|(_, item)| item.kind == EntryKind::Dir || item.content.is_some());
+        if !self.unique || !known {
+            return None;
         }
         let mut bounds = Vec::new();
         let (mut start, mut bytes) = (0, 0u64);
@@ -329,18 +393,7 @@ impl Plan {
     /// recreates them alike), the chunk's own paths, and the copied directories above them
     /// (so they keep their source modes rather than defaults).
     fn chunk_ops(&self, chunk: &Chunk) -> Vec<usize> {
-        let dirs: std::collections::HashMap<&Path, usize> = self
-            .ops
-            .iter()
-            .enumerate()
-            .filter_map(|(index, op)| match op {
-                Op::Put { dest, item } if item.kind == EntryKind::Dir => {
-                    Some((dest.as_path(), index))
-                }
-                _ => None,
-            })
-            .collect();
-        let mut chosen = std::collections::BTreeSet::new();
+        let mut chosen = BTreeSet::new();
         for (index, op) in self.ops.iter().enumerate() {
             match op {
                 Op::Dir { .. } => {
@@ -348,7 +401,8 @@ impl Plan {
                 }
                 Op::Put { dest, .. } if chunk.range.contains(&index) => {
                     chosen.insert(index);
-                    chosen.extend(dest.ancestors().skip(1).filter_map(|a| dirs.get(a)));
+                    let dirs = dest.ancestors().skip(1);
+                    chosen.extend(dirs.filter_map(|dir| self.copied_dirs.get(dir)));
                 }
                 Op::Put { .. } => {}
             }
@@ -526,12 +580,15 @@ struct Writer<'a> {
     parent: &'a RootView,
     spec: &'a CopySpec,
     as_root: bool,
-    stats: CopyStats,
     /// Directory mtimes to restore once their contents are written.
     dir_times: Vec<(PathBuf, std::time::SystemTime)>,
-    /// One copy buffer for the whole step, not one per file.
-    buf: Vec<u8>,
+    /// Image paths known to be directories in the staging tree: each is checked once, not
+    /// once per file below it.
+    dirs: HashSet<PathBuf>,
 }
+
+/// Per-thread copy buffer.
+const COPY_BUFFER: usize = 256 * 1024;
 
 impl Writer<'_> {
     fn host(&self, image_path: &Path) -> PathBuf {
@@ -554,55 +611,68 @@ impl Writer<'_> {
         let components: Vec<_> = dir.components().skip(1).collect();
         for (i, component) in components.iter().enumerate() {
             image_path.push(component);
-            let host = self.host(&image_path);
-            if host.is_dir() {
+            if self.dirs.contains(&image_path) {
                 continue;
             }
-            let (mode, owner) = match self.parent.lookup(&image_path) {
-                Some(found) if found.meta.is_dir() => (
-                    found.meta.mode() & 0o7777,
-                    (found.meta.uid(), found.meta.gid()),
-                ),
-                _ if i + 1 == components.len() => {
-                    (like.map_or(0o755, |item| self.mode(item)), self.owner())
-                }
-                _ => (0o755, self.owner()),
-            };
-            std::fs::create_dir(&host).map_err(io("creating", &host))?;
-            self.finish_entry(&host, mode, owner, false)?;
+            let host = self.host(&image_path);
+            if !host.is_dir() {
+                let (mode, owner) = match self.parent.lookup(&image_path) {
+                    Some(found) if found.meta.is_dir() => (
+                        found.meta.mode() & 0o7777,
+                        (found.meta.uid(), found.meta.gid()),
+                    ),
+                    _ if i + 1 == components.len() => {
+                        (like.map_or(0o755, |item| self.mode(item)), self.owner())
+                    }
+                    _ => (0o755, self.owner()),
+                };
+                std::fs::create_dir(&host).map_err(io("creating", &host))?;
+                self.finish_entry(&host, mode, owner, false)?;
+            }
+            self.dirs.insert(image_path.clone());
         }
         Ok(())
     }
 
-    fn put(&mut self, image_path: &Path, item: &Item) -> Result<(), CopyError> {
+    /// Writes one source path, replacing whatever an earlier source put there.
+    fn put(&mut self, image_path: &Path, item: &Item, buf: &mut [u8]) -> Result<u64, CopyError> {
         if let Some(parent) = image_path.parent() {
             self.ensure_dir(parent, None)?;
         }
+        if item.kind != EntryKind::Dir {
+            // It may replace a directory: forget what was known below it.
+            self.dirs.retain(|dir| !dir.starts_with(image_path));
+            return self.put_leaf(image_path, item, buf);
+        }
+        let host = self.host(image_path);
+        if !host.is_dir() {
+            remove_existing(&host)?;
+            std::fs::create_dir(&host).map_err(io("creating", &host))?;
+        }
+        self.dirs.insert(image_path.to_owned());
+        self.finish_entry(&host, self.mode(item), self.owner(), false)?;
+        if let Ok(meta) = std::fs::metadata(&item.host)
+            && let Ok(mtime) = meta.modified()
+        {
+            self.dir_times.push((host, mtime));
+        }
+        Ok(0)
+    }
+
+    /// Writes a file, link or special file whose parent exists; returns the bytes copied.
+    /// Needs only `&self`, so the files of a plan can be written in parallel.
+    fn put_leaf(&self, image_path: &Path, item: &Item, buf: &mut [u8]) -> Result<u64, CopyError> {
         let host = self.host(image_path);
         let mode = self.mode(item);
         match item.kind {
-            EntryKind::Dir => {
-                if !host.is_dir() {
-                    std::fs::create_dir(&host).map_err(io("creating", &host))?;
-                }
-                self.finish_entry(&host, mode, self.owner(), false)?;
-                if let Ok(meta) = std::fs::metadata(&item.host)
-                    && let Ok(mtime) = meta.modified()
-                {
-                    self.dir_times.push((host, mtime));
-                }
-            }
             EntryKind::Symlink => {
-                remove_existing(&host)?;
                 let target = item.link_target.as_deref().unwrap_or_default();
-                std::os::unix::fs::symlink(target, &host).map_err(io("linking", &host))?;
+                replacing(&host, |host| std::os::unix::fs::symlink(target, host))?;
                 self.finish_entry(&host, mode, self.owner(), true)?;
+                Ok(0)
             }
-            EntryKind::File => {
-                remove_existing(&host)?;
-                self.copy_file(item, &host)?;
-                self.finish_entry(&host, mode, self.owner(), false)?;
-            }
+            EntryKind::File => self.copy_file(item, &host, mode, buf),
+            EntryKind::Dir => unreachable!("directories are written by Writer::put"),
             EntryKind::Special => {
                 // FIFOs and devices carry no content; recreate them with the system tool so
                 // no unsafe mknod is needed here.
@@ -611,25 +681,35 @@ impl Writer<'_> {
                     std::fs::symlink_metadata(&item.host).map_err(io("reading", &item.host))?;
                 make_special(&meta, &host)?;
                 self.finish_entry(&host, mode, self.owner(), false)?;
+                Ok(0)
             }
         }
-        Ok(())
     }
 
-    fn copy_file(&mut self, item: &Item, host: &Path) -> Result<(), CopyError> {
+    fn copy_file(
+        &self,
+        item: &Item,
+        host: &Path,
+        mode: u32,
+        buf: &mut [u8],
+    ) -> Result<u64, CopyError> {
         let mut from = std::fs::File::open(&item.host).map_err(io("reading", &item.host))?;
-        let mut to = std::fs::File::create(host).map_err(io("writing", host))?;
+        let mut to = replacing(host, |host| {
+            std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .open(host)
+        })?;
         let mut hasher = blake3::Hasher::new();
+        let mut bytes = 0;
         loop {
-            let n = from
-                .read(&mut self.buf)
-                .map_err(io("reading", &item.host))?;
+            let n = from.read(buf).map_err(io("reading", &item.host))?;
             if n == 0 {
                 break;
             }
-            hasher.update(&self.buf[..n]);
-            to.write_all(&self.buf[..n]).map_err(io("writing", host))?;
-            self.stats.bytes += n as u64;
+            hasher.update(&buf[..n]);
+            to.write_all(&buf[..n]).map_err(io("writing", host))?;
+            bytes += n as u64;
         }
         if let Some(expected) = item.expected
             && *hasher.finalize().as_bytes() != expected
@@ -639,8 +719,16 @@ impl Writer<'_> {
         if let Ok(mtime) = from.metadata().and_then(|m| m.modified()) {
             let _ = to.set_modified(mtime);
         }
-        self.stats.files += 1;
-        Ok(())
+        // Through the open file: no path lookups. Owner before mode, because a chown
+        // clears setuid and setgid bits.
+        if self.as_root {
+            let (uid, gid) = self.owner();
+            std::os::unix::fs::fchown(&to, Some(uid), Some(gid))
+                .map_err(io("setting the owner of", host))?;
+        }
+        to.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io("setting the mode of", host))?;
+        Ok(bytes)
     }
 
     fn finish_entry(
@@ -650,24 +738,37 @@ impl Writer<'_> {
         (uid, gid): (u32, u32),
         is_link: bool,
     ) -> Result<(), CopyError> {
-        if !is_link {
-            std::fs::set_permissions(host, std::fs::Permissions::from_mode(mode))
-                .map_err(io("setting the mode of", host))?;
-        }
+        // Owner before mode, because a chown clears setuid and setgid bits.
         if self.as_root {
             std::os::unix::fs::lchown(host, Some(uid), Some(gid))
                 .map_err(io("setting the owner of", host))?;
         }
+        if !is_link {
+            std::fs::set_permissions(host, std::fs::Permissions::from_mode(mode))
+                .map_err(io("setting the mode of", host))?;
+        }
         Ok(())
     }
 
-    fn finish(mut self) -> Result<CopyStats, CopyError> {
+    fn finish(mut self) -> Result<(), CopyError> {
         for (dir, mtime) in self.dir_times.drain(..).rev() {
             if let Ok(file) = std::fs::File::open(&dir) {
                 let _ = file.set_modified(mtime);
             }
         }
-        Ok(self.stats)
+        Ok(())
+    }
+}
+
+/// Runs `create`; if something is in the way, removes it and runs `create` again. The
+/// common case — nothing there — costs no extra system call.
+fn replacing<T>(host: &Path, create: impl Fn(&Path) -> std::io::Result<T>) -> Result<T, CopyError> {
+    match create(host) {
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            remove_existing(host)?;
+            create(host).map_err(io("writing", host))
+        }
+        other => other.map_err(io("writing", host)),
     }
 }
 

@@ -308,3 +308,39 @@ fn small_ambiguous_or_unknown_copies_stay_one_layer() {
     assert!(from_image.bytes() >= 2 * CHUNK);
     assert!(from_image.chunks(CHUNK).is_none(), "--from");
 }
+
+#[test]
+fn chown_keeps_setuid_bits_and_owns_what_it_copies() {
+    if !crate::testing::privileged("chown_keeps_setuid_bits_and_owns_what_it_copies") {
+        return;
+    }
+    let fx = Fixture::new();
+    std::fs::set_permissions(
+        fx.ctx().join("a.txt"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .expect("setuid");
+    let mut cache = StatCache::open(&fx.dir.path().join("c2.sqlite")).expect("cache");
+    let (tree, _) = scan(&fx.ctx(), &IgnoreRules::default(), &mut cache).expect("scan");
+    let staging = tempfile::tempdir_in(fx.dir.path()).expect("staging");
+    let spec = CopySpec {
+        sources: vec!["a.txt".into(), "src".into()],
+        dest: "/d/".into(),
+        workdir: "/".into(),
+        chown: Some((1000, 1001)),
+        chmod: None,
+    };
+    let excludes = IgnoreRules::default();
+    let source = CopySource::Context {
+        dir: &fx.ctx(),
+        tree: &tree,
+        excludes: &excludes,
+    };
+    let stats = stage(&spec, source, &fx.parent, staging.path(), true).expect("copy");
+    assert_eq!(stats.files, 3);
+    for (path, mode) in [("d/a.txt", 0o4755), ("d/main.rs", 0o644), ("d/util", 0o755)] {
+        let meta = std::fs::symlink_metadata(staging.path().join(path)).expect(path);
+        assert_eq!(meta.mode() & 0o7777, mode, "{path}");
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1001), "{path}");
+    }
+}
