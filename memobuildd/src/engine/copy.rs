@@ -10,7 +10,7 @@
 //! directories that exist in the parent image are recreated with their own mode and owner,
 //! so the layer does not change them.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -187,18 +187,30 @@ pub fn plan(spec: &CopySpec, source: CopySource<'_>, parent: &RootView) -> Resul
         Op::Put { dest, .. } => seen.insert(dest.clone()),
         Op::Dir { .. } => true,
     });
-    let copied_dirs = ops
+    // Each path's nearest copied directory above it, so a chunk finds the directories it
+    // needs without hashing paths.
+    let copied_dirs: HashMap<&Path, usize> = ops
         .iter()
         .enumerate()
         .filter_map(|(index, op)| match op {
-            Op::Put { dest, item } if item.kind == EntryKind::Dir => Some((dest.clone(), index)),
+            Op::Put { dest, item } if item.kind == EntryKind::Dir => Some((dest.as_path(), index)),
             _ => None,
+        })
+        .collect();
+    let copied_parent = ops
+        .iter()
+        .map(|op| match op {
+            Op::Put { dest, .. } => dest
+                .ancestors()
+                .skip(1)
+                .find_map(|dir| copied_dirs.get(dir).copied()),
+            Op::Dir { .. } => None,
         })
         .collect();
     Ok(Plan {
         ops,
         unique,
-        copied_dirs,
+        copied_parent,
     })
 }
 
@@ -217,8 +229,8 @@ pub struct Plan {
     ops: Vec<Op>,
     /// No two sources write the same path, so writes may happen in any order.
     unique: bool,
-    /// Where each copied directory's `Put` is in `ops`.
-    copied_dirs: HashMap<PathBuf, usize>,
+    /// By op: the op that copies the nearest directory above its path, if one does.
+    copied_parent: Vec<Option<usize>>,
 }
 
 /// A part of a split COPY: the plan's `Put`s in `range`, plus every directory they need.
@@ -393,21 +405,20 @@ impl Plan {
     /// recreates them alike), the chunk's own paths, and the copied directories above them
     /// (so they keep their source modes rather than defaults).
     fn chunk_ops(&self, chunk: &Chunk) -> Vec<usize> {
-        let mut chosen = BTreeSet::new();
-        for (index, op) in self.ops.iter().enumerate() {
-            match op {
-                Op::Dir { .. } => {
-                    chosen.insert(index);
-                }
-                Op::Put { dest, .. } if chunk.range.contains(&index) => {
-                    chosen.insert(index);
-                    let dirs = dest.ancestors().skip(1);
-                    chosen.extend(dirs.filter_map(|dir| self.copied_dirs.get(dir)));
-                }
-                Op::Put { .. } => {}
+        let mut chosen: Vec<usize> = (0..self.ops.len())
+            .filter(|&index| matches!(self.ops[index], Op::Dir { .. }))
+            .collect();
+        for index in chunk.range.clone() {
+            chosen.push(index);
+            let mut above = self.copied_parent[index];
+            while let Some(dir) = above {
+                chosen.push(dir);
+                above = self.copied_parent[dir];
             }
         }
-        chosen.into_iter().collect()
+        chosen.sort_unstable();
+        chosen.dedup();
+        chosen
     }
 
     fn fingerprint(&self, ops: &[usize]) -> Hash {
@@ -607,6 +618,9 @@ impl Writer<'_> {
     /// Creates `dir` and its missing parents in the staging tree. Parents that exist in the
     /// parent image keep their mode and owner; new ones belong to `--chown` (else root).
     fn ensure_dir(&mut self, dir: &Path, like: Option<&Item>) -> Result<(), CopyError> {
+        if self.dirs.contains(dir) {
+            return Ok(());
+        }
         let mut image_path = PathBuf::from("/");
         let components: Vec<_> = dir.components().skip(1).collect();
         for (i, component) in components.iter().enumerate() {
