@@ -242,6 +242,9 @@ pub struct Chunk {
     pub bytes: u64,
 }
 
+/// At most about this many chunks (and layers) per COPY.
+const MAX_CHUNKS: u64 = 32;
+
 impl Plan {
     /// Bytes of file content the COPY writes.
     pub fn bytes(&self) -> u64 {
@@ -350,9 +353,13 @@ impl Plan {
     /// ends regardless. Chunks then hold target/2 to 2 × target bytes (about target on
     /// average), and an edit changes its own chunk and at most the next one.
     pub fn chunks(&self, target: u64) -> Option<Vec<Chunk>> {
-        if target == 0 || self.bytes() < 2 * target {
+        let total = self.bytes();
+        if target == 0 || total < 2 * target {
             return None;
         }
+        // Docker refuses images deeper than 125 layers: a huge COPY gets bigger chunks, by
+        // powers of two so that an edit does not move the size.
+        let target = target.max(total.div_ceil(MAX_CHUNKS).next_power_of_two());
         let known = self
             .puts()
             .all(|(_, item)| item.kind == EntryKind::Dir || item.content.is_some());

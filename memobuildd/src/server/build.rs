@@ -118,15 +118,14 @@ pub(crate) async fn serve(
     if !was_watched && !keep_watching {
         let _ = hub.unwatch(&dockerfile.context);
     }
-    // A large build leaves freed memory in the allocator's per-thread arenas; a resident
-    // daemon should give it back (measured: 73 MB → 56 MB after a 1 GB COPY).
-    tokio::task::spawn_blocking(release_freed_memory);
     if client_gone {
+        tokio::task::spawn_blocking(release_freed_memory);
         return Ok(());
     }
     let built = match outcome {
         Ok(built) => built,
         Err(err) => {
+            tokio::task::spawn_blocking(release_freed_memory);
             return write_frame(stream, &Response::error(code(&err), err.to_string())).await;
         }
     };
@@ -145,6 +144,14 @@ pub(crate) async fn serve(
         executed: built.executed,
         duration_ms: built.duration.as_millis() as u64,
     };
+    // A build that executed steps leaves freed memory in the allocator's per-thread arenas;
+    // a resident daemon gives it back before it answers, once outputs are written too
+    // (measured on 1 GB COPY edits: 28–67 MB right after a build without this, 26–28 MB
+    // with it). A no-op build skips it: it allocated next to nothing, and answers in ms.
+    if built.executed > 0 {
+        drop(built);
+        let _ = tokio::task::spawn_blocking(release_freed_memory).await;
+    }
     write_frame(stream, &Response::BuildDone(result)).await
 }
 

@@ -190,14 +190,19 @@ fn many_files(root: &Path, edit: Option<usize>) -> FileTree {
         .0
 }
 
-fn plan_of(root: &Path, tree: &FileTree, sources: &[&str], parent: &RootView) -> (CopySpec, Plan) {
-    let spec = CopySpec {
+/// COPY `sources` to `/app/`.
+fn to_app(sources: &[&str]) -> CopySpec {
+    CopySpec {
         sources: sources.iter().map(|s| (*s).to_owned()).collect(),
         dest: "/app/".into(),
         workdir: "/".into(),
         chown: None,
         chmod: None,
-    };
+    }
+}
+
+fn plan_of(root: &Path, tree: &FileTree, sources: &[&str], parent: &RootView) -> (CopySpec, Plan) {
+    let spec = to_app(sources);
     let excludes = IgnoreRules::default();
     let ctx = root.join("ctx");
     let source = CopySource::Context {
@@ -224,16 +229,20 @@ fn chunks_together_stage_exactly_the_whole_copy() {
 
     let chunks = plan.chunks(CHUNK).expect("a plan of ~800 KiB splits");
     assert!(chunks.len() > 10, "{} chunks", chunks.len());
+    let few = plan.chunks(1 << 10).expect("tiny chunks asked for");
+    assert!(few.len() <= 2 * MAX_CHUNKS as usize, "{} chunks", few.len());
+    // Raised so that the plan makes at most MAX_CHUNKS chunks.
+    let target = CHUNK.max(plan.bytes().div_ceil(MAX_CHUNKS).next_power_of_two());
     let (last, full) = chunks.split_last().expect("chunks");
     for chunk in full {
         // Files are at most 4 KiB, so no chunk overshoots its bounds by more.
         assert!(
-            (CHUNK / 2..2 * CHUNK + (4 << 10)).contains(&chunk.bytes),
+            (target / 2..2 * target + (4 << 10)).contains(&chunk.bytes),
             "{}",
             chunk.bytes
         );
     }
-    assert!(last.bytes < 2 * CHUNK + (4 << 10));
+    assert!(last.bytes < 2 * target + (4 << 10));
     let mut merged = BTreeMap::new();
     for chunk in &chunks {
         let staging = tempfile::tempdir_in(dir.path()).expect("chunk");
@@ -293,18 +302,7 @@ fn small_ambiguous_or_unknown_copies_stay_one_layer() {
     assert!(twice.chunks(4 << 10).is_none(), "a path named twice");
     // From an image, contents are not known before copying.
     let image = RootView::new(vec![dir.path().join("ctx")]);
-    let from_image = plan(
-        &CopySpec {
-            sources: vec!["src".into()],
-            dest: "/app/".into(),
-            workdir: "/".into(),
-            chown: None,
-            chmod: None,
-        },
-        CopySource::Image(&image),
-        &parent,
-    )
-    .expect("plan");
+    let from_image = plan(&to_app(&["src"]), CopySource::Image(&image), &parent).expect("plan");
     assert!(from_image.bytes() >= 2 * CHUNK);
     assert!(from_image.chunks(CHUNK).is_none(), "--from");
 }
