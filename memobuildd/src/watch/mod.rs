@@ -200,6 +200,11 @@ impl Hub {
                 continue;
             }
             outcome.matched += mine.len() as u64;
+            let relative: Vec<String> = mine
+                .iter()
+                .filter_map(|p| p.strip_prefix(&workspace.context).ok())
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
             let result = match mine.iter().find(|p| workspace.is_build_definition(p)) {
                 Some(definition) => {
                     let cause = definition
@@ -208,18 +213,16 @@ impl Hub {
                         .display()
                         .to_string();
                     let before = workspace.dirty().len();
-                    workspace
-                        .reload(&cause, &mut cache)
-                        .map(|()| workspace.dirty().len().saturating_sub(before))
+                    // New ignore rules can change what the whole tree holds; a new
+                    // Dockerfile only changes what is read from it.
+                    let applied = if mine.iter().any(|p| workspace.is_ignore_file(p)) {
+                        workspace.reload(&cause, &mut cache)
+                    } else {
+                        workspace.replan(&cause, &relative, &mut cache)
+                    };
+                    applied.map(|()| workspace.dirty().len().saturating_sub(before))
                 }
-                None => {
-                    let relative: Vec<String> = mine
-                        .iter()
-                        .filter_map(|p| p.strip_prefix(&workspace.context).ok())
-                        .map(|p| p.to_string_lossy().into_owned())
-                        .collect();
-                    workspace.refresh(&relative, &mut cache)
-                }
+                None => workspace.refresh(&relative, &mut cache),
             };
             match result {
                 Ok(dirtied) => outcome.dirtied += dirtied as u64,

@@ -236,3 +236,28 @@ fn a_restarted_hub_restores_workspaces_and_rehashes_nothing() {
     third.restore();
     assert!(third.reports().is_empty(), "unwatch is persisted too");
 }
+
+#[test]
+fn a_dockerfile_edit_replans_without_a_rescan_but_an_ignore_edit_rescans() {
+    let fx = Fixture::new();
+    fx.watch();
+    // Lets the scanned files age past the stat cache's racy margin.
+    std::thread::sleep(Duration::from_millis(120));
+    // Nobody reports this edit: only a rescan could see it.
+    fs::write(fx.ctx().join("package.json"), "{\"a\":1}").expect("silent edit");
+    fx.edit(
+        "Dockerfile",
+        &DOCKERFILE.replace("[\"run\"]", "[\"serve\"]"),
+    );
+    assert_eq!(
+        fx.dirty(),
+        [("CMD serve".to_owned(), "Dockerfile".to_owned())],
+        "re-planned, not rescanned"
+    );
+    fx.edit(".dockerignore", "*.log\n*.tmp\n");
+    assert!(
+        labels(&fx.dirty()).contains(&"COPY package.json /app/"),
+        "new ignore rules rescan: {:?}",
+        fx.dirty()
+    );
+}

@@ -115,23 +115,52 @@ impl Workspace {
     /// the edit changed shows up as dirty. A Dockerfile that no longer parses is reported,
     /// not fatal: the workspace stays watched.
     pub fn reload(&mut self, cause: &str, cache: &mut StatCache) -> Result<(), WatchError> {
-        let graph = match read_plan(&self.dockerfile) {
-            Ok(graph) => Ok(graph),
-            Err(WatchError::Dockerfile(message)) => Err(message),
-            Err(other) => return Err(other),
-        };
+        let graph = self.read_graph()?;
         let mut fresh = Self::load(&self.context, &self.dockerfile, graph, cache)?;
         fresh.baseline = std::mem::take(&mut self.baseline);
         fresh.watching = self.watching;
-        fresh.last_change = Some(SystemTime::now());
-        if let Ok(plan) = &mut fresh.plan {
+        *self = fresh;
+        self.definition_changed(cause);
+        Ok(())
+    }
+
+    /// The Dockerfile changed and the ignore rules did not: applies `paths` (context-relative,
+    /// the Dockerfile among them when it is in the context) and re-plans against the tree as
+    /// it is. A CMD edit in a 50,000-file workspace then costs a re-plan, not a rescan (and
+    /// not a second tree in memory while the first is dropped).
+    pub fn replan(
+        &mut self,
+        cause: &str,
+        paths: &[String],
+        cache: &mut StatCache,
+    ) -> Result<(), WatchError> {
+        context::refresh(&self.context, &self.rules, &mut self.tree, paths, cache)?;
+        self.plan = match self.read_graph()? {
+            Ok(graph) => Ok(Plan::new(graph, &self.tree)?),
+            Err(message) => Err(message),
+        };
+        self.definition_changed(cause);
+        Ok(())
+    }
+
+    /// The Dockerfile's graph, or why it has none (a parse error is the workspace's state,
+    /// not a failure).
+    fn read_graph(&self) -> Result<Result<BuildGraph, String>, WatchError> {
+        match read_plan(&self.dockerfile) {
+            Ok(graph) => Ok(Ok(graph)),
+            Err(WatchError::Dockerfile(message)) => Ok(Err(message)),
+            Err(other) => Err(other),
+        }
+    }
+
+    fn definition_changed(&mut self, cause: &str) {
+        self.last_change = Some(SystemTime::now());
+        if let Ok(plan) = &mut self.plan {
             for source in &mut plan.sources {
                 source.cause = Some(cause.to_owned());
             }
         }
-        *self = fresh;
         self.recompute_dirty(cause);
-        Ok(())
     }
 
     /// Applies changes at `paths` (context-relative). Returns how many nodes became dirty.
@@ -300,11 +329,14 @@ impl Workspace {
 
     /// Whether `path` is one of the files whose change means re-planning.
     pub fn is_build_definition(&self, path: &Path) -> bool {
+        path == self.dockerfile || self.is_ignore_file(path)
+    }
+
+    /// Whether `path` is a file the ignore rules may come from.
+    pub fn is_ignore_file(&self, path: &Path) -> bool {
         let mut specific = self.dockerfile.as_os_str().to_owned();
         specific.push(".dockerignore");
-        path == self.dockerfile
-            || path == Path::new(&specific)
-            || path == self.context.join(".dockerignore")
+        path == Path::new(&specific) || path == self.context.join(".dockerignore")
     }
 }
 
