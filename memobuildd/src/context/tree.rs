@@ -20,6 +20,20 @@ pub enum EntryKind {
 }
 
 impl EntryKind {
+    /// The kind of a path as `lstat` saw it: anything not a directory, link or regular file
+    /// (FIFOs, sockets, devices) is special.
+    pub fn of(file_type: std::fs::FileType) -> Self {
+        if file_type.is_dir() {
+            Self::Dir
+        } else if file_type.is_symlink() {
+            Self::Symlink
+        } else if file_type.is_file() {
+            Self::File
+        } else {
+            Self::Special
+        }
+    }
+
     fn tag(self) -> u8 {
         match self {
             Self::File => b'f',

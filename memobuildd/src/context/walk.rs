@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::Metadata;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -174,22 +174,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub(crate) fn entry_from(meta: &Metadata, link_target: Option<Box<str>>) -> Entry {
-    let file_type = meta.file_type();
-    let kind = if file_type.is_dir() {
-        EntryKind::Dir
-    } else if file_type.is_symlink() {
-        EntryKind::Symlink
-    } else if file_type.is_file() {
-        EntryKind::File
-    } else {
-        debug_assert!(
-            file_type.is_fifo()
-                || file_type.is_socket()
-                || file_type.is_block_device()
-                || file_type.is_char_device()
-        );
-        EntryKind::Special
-    };
+    let kind = EntryKind::of(meta.file_type());
     let hash = match &link_target {
         Some(target) => *blake3::hash(target.as_bytes()).as_bytes(),
         None => [0; 32],

@@ -517,16 +517,7 @@ fn context_item(dir: &Path, path: &str, entry: &crate::context::Entry) -> Item {
 
 fn image_item(view: &RootView, rel: &str) -> Option<Item> {
     let found = view.lookup(&Path::new("/").join(rel))?;
-    let file_type = found.meta.file_type();
-    let kind = if file_type.is_dir() {
-        EntryKind::Dir
-    } else if file_type.is_symlink() {
-        EntryKind::Symlink
-    } else if file_type.is_file() {
-        EntryKind::File
-    } else {
-        EntryKind::Special
-    };
+    let kind = EntryKind::of(found.meta.file_type());
     let link_target = (kind == EntryKind::Symlink)
         .then(|| std::fs::read_link(&found.host).ok())
         .flatten()
