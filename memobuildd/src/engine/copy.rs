@@ -76,9 +76,8 @@ struct Item {
     mode: u32,
     link_target: Option<String>,
     host: PathBuf,
-    /// Files: what the content must hash to (checked while copying).
-    expected: Option<Hash>,
-    /// Context entries: the fingerprint's hash of this path (content, or link target).
+    /// Context entries: the fingerprint's hash of this path (content, or link target). A
+    /// file's copy must hash to it.
     content: Option<Hash>,
     size: u64,
 }
@@ -233,10 +232,11 @@ pub struct Plan {
     copied_parent: Vec<Option<usize>>,
 }
 
-/// A part of a split COPY: the plan's `Put`s in `range`, plus every directory they need.
+/// A part of a split COPY: a run of the plan's `Put`s, plus every directory they need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
-    range: std::ops::Range<usize>,
+    /// Indexes into the plan's ops, in plan order.
+    ops: Vec<usize>,
     /// BLAKE3 of exactly what the chunk's layer holds (paths, types, modes, contents).
     pub fingerprint: Hash,
     pub bytes: u64,
@@ -278,8 +278,8 @@ impl Plan {
         staging: &Path,
         as_root: bool,
     ) -> Result<CopyStats, CopyError> {
-        let ops = self.chunk_ops(chunk);
-        self.apply_ops(ops.into_iter(), spec, parent, staging, as_root)
+        let ops = chunk.ops.iter().copied();
+        self.apply_ops(ops, spec, parent, staging, as_root)
     }
 
     fn apply_ops(
@@ -396,13 +396,12 @@ impl Plan {
             bounds
                 .into_iter()
                 .map(|(range, bytes)| {
-                    let mut chunk = Chunk {
-                        range,
-                        fingerprint: [0; 32],
+                    let ops = self.chunk_ops(range);
+                    Chunk {
+                        fingerprint: self.fingerprint(&ops),
+                        ops,
                         bytes,
-                    };
-                    chunk.fingerprint = self.fingerprint(&self.chunk_ops(&chunk));
-                    chunk
+                    }
                 })
                 .collect(),
         )
@@ -411,11 +410,11 @@ impl Plan {
     /// The ops a chunk applies, in plan order: every destination directory (each chunk
     /// recreates them alike), the chunk's own paths, and the copied directories above them
     /// (so they keep their source modes rather than defaults).
-    fn chunk_ops(&self, chunk: &Chunk) -> Vec<usize> {
+    fn chunk_ops(&self, puts: std::ops::Range<usize>) -> Vec<usize> {
         let mut chosen: Vec<usize> = (0..self.ops.len())
             .filter(|&index| matches!(self.ops[index], Op::Dir { .. }))
             .collect();
-        for index in chunk.range.clone() {
+        for index in puts {
             chosen.push(index);
             let mut above = self.copied_parent[index];
             while let Some(dir) = above {
@@ -509,7 +508,6 @@ fn context_item(dir: &Path, path: &str, entry: &crate::context::Entry) -> Item {
         } else {
             dir.join(path)
         },
-        expected: (entry.kind == EntryKind::File).then_some(entry.hash),
         content: Some(entry.hash),
         size: entry.size,
     }
@@ -529,7 +527,6 @@ fn image_item(view: &RootView, rel: &str) -> Option<Item> {
         link_target,
         size: found.meta.len(),
         host: found.host,
-        expected: None,
         content: None,
     })
 }
@@ -652,8 +649,10 @@ impl Writer<'_> {
             self.ensure_dir(parent, None)?;
         }
         if item.kind != EntryKind::Dir {
-            // It may replace a directory: forget what was known below it.
-            self.dirs.retain(|dir| !dir.starts_with(image_path));
+            // Replacing a directory: forget what was known below it.
+            if self.dirs.remove(image_path) {
+                self.dirs.retain(|dir| !dir.starts_with(image_path));
+            }
             return self.put_leaf(image_path, item, buf);
         }
         let host = self.host(image_path);
@@ -723,7 +722,7 @@ impl Writer<'_> {
             to.write_all(&buf[..n]).map_err(io("writing", host))?;
             bytes += n as u64;
         }
-        if let Some(expected) = item.expected
+        if let Some(expected) = item.content
             && *hasher.finalize().as_bytes() != expected
         {
             return Err(CopyError::ChangedDuringCopy(item.rel.clone()));

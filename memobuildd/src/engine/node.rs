@@ -541,8 +541,6 @@ impl BuildRun {
             chown,
             chmod,
         };
-        let staging = self.scratch("copy-")?;
-        let _cleanup = RemoveOnDrop(staging.clone());
         let excludes = IgnoreRules::parse(&copy.exclude.join("\n"), "--exclude").map_err(store)?;
         // ADD: archives are extracted and URLs downloaded (engine::add); it has no --from.
         if is_add {
@@ -552,16 +550,18 @@ impl BuildRun {
                 tree,
                 excludes: &excludes,
             };
-            add::stage(
-                &spec,
-                copy.checksum.as_deref(),
-                context,
-                &parent_view,
-                &staging,
-                self.engine.as_root,
-            )
-            .map_err(store)?;
-            return self.finish_layer(&staging);
+            return self.new_layer("add-", |staging| {
+                let checksum = copy.checksum.as_deref();
+                add::stage(
+                    &spec,
+                    checksum,
+                    context,
+                    &parent_view,
+                    staging,
+                    self.engine.as_root,
+                )
+                .map_err(store)
+            });
         }
         let from_view;
         let source = match (from, tree) {
@@ -580,9 +580,11 @@ impl BuildRun {
         if let Some(chunks) = plan.chunks(self.engine.options.copy_chunk_bytes) {
             return self.chunked_copy(node, &plan, &chunks, &spec, &parent_view);
         }
-        plan.apply(&spec, &parent_view, &staging, self.engine.as_root)
-            .map_err(store)?;
-        self.finish_layer(&staging)
+        self.new_layer("copy-", |staging| {
+            plan.apply(&spec, &parent_view, staging, self.engine.as_root)
+                .map(drop)
+                .map_err(store)
+        })
     }
 
     /// A large COPY as one layer per chunk. Each chunk has its own key — the step's key
@@ -617,11 +619,11 @@ impl BuildRun {
             .par_iter()
             .map(|&i| {
                 let (key, chunk) = keyed[i];
-                let staging = self.scratch("copy-")?;
-                let _cleanup = RemoveOnDrop(staging.clone());
-                plan.apply_chunk(chunk, spec, parent_view, &staging, self.engine.as_root)
-                    .map_err(store)?;
-                let result = self.finish_layer(&staging)?;
+                let result = self.new_layer("chunk-", |staging| {
+                    plan.apply_chunk(chunk, spec, parent_view, staging, self.engine.as_root)
+                        .map(drop)
+                        .map_err(store)
+                })?;
                 self.engine
                     .index
                     .record_action(&key, &result)
@@ -664,14 +666,27 @@ impl BuildRun {
         }
         let who = user::resolve(parent.config.config.user.as_deref().unwrap_or(""), &view)
             .map_err(store)?;
-        let staging = self.scratch("workdir-")?;
+        self.new_layer("workdir-", |staging| {
+            let target = staging.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(&target).map_err(store)?;
+            if self.engine.as_root {
+                std::os::unix::fs::chown(&target, Some(who.process.uid), Some(who.process.gid))
+                    .map_err(store)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Fills a fresh scratch directory with `fill` and writes it as a layer; the directory
+    /// becomes the layer's unpacked form, or is removed however this ends.
+    fn new_layer(
+        &self,
+        prefix: &str,
+        fill: impl FnOnce(&Path) -> Result<(), BuildError>,
+    ) -> Result<ActionResult, BuildError> {
+        let staging = self.scratch(prefix)?;
         let _cleanup = RemoveOnDrop(staging.clone());
-        let target = staging.join(path.trim_start_matches('/'));
-        std::fs::create_dir_all(&target).map_err(store)?;
-        if self.engine.as_root {
-            std::os::unix::fs::chown(&target, Some(who.process.uid), Some(who.process.gid))
-                .map_err(store)?;
-        }
+        fill(&staging)?;
         self.finish_layer(&staging)
     }
 

@@ -108,10 +108,6 @@ pub fn write_layer(
     }
     entries.sort_by(|a, b| path_bytes(&a.entry.path).cmp(path_bytes(&b.entry.path)));
 
-    let failed = |source| ImageError::Io {
-        path: dir.to_owned(),
-        source,
-    };
     let blob = BufWriter::with_capacity(1 << 18, cas.writer()?);
     // Two threads, two hash chains: this one reads files, frames the tar and takes its
     // SHA-256 (the diff-id); the other compresses, takes the blob's SHA-256 and writes it.
@@ -132,11 +128,13 @@ pub fn write_layer(
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         match (framed, compressed) {
             (Ok(diff_id), Ok(blob)) => Ok((diff_id, blob)),
-            (_, Err(err)) => Err(failed(err)),
+            (_, Err(err)) => Err(ImageError::io(dir)(err)),
             (Err(err), Ok(_)) => Err(err),
         }
     })?;
-    let blob = blob.into_inner().map_err(|err| failed(err.into_error()))?;
+    let blob = blob
+        .into_inner()
+        .map_err(|err| ImageError::io(dir)(err.into_error()))?;
     let blob = blob.commit(None)?;
     let media_type = match opts.compression {
         Compression::Gzip => MediaTypes::Oci.layer_gzip(),
@@ -170,12 +168,8 @@ fn frame_tar(
         let file = File::open(&path).map_err(ImageError::io(&path))?;
         sink.append(&entry, file)?;
     }
-    let failed = |source| ImageError::Io {
-        path: dir.to_owned(),
-        source,
-    };
-    let (handoff, diff_id) = sink.finish().map_err(failed)?.finish();
-    handoff.finish().map_err(failed)?;
+    let (handoff, diff_id) = sink.finish().map_err(ImageError::io(dir))?.finish();
+    handoff.finish().map_err(ImageError::io(dir))?;
     Ok(diff_id)
 }
 
