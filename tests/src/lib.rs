@@ -37,6 +37,16 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A Python tool `.ci/install-deps` installs into the repository's venv (`.venv/bin/NAME`),
+/// or from `$MEMOBUILD_VENV/bin/NAME`. `None` when it is not installed.
+pub fn python_tool(name: &str) -> Option<PathBuf> {
+    let venv = std::env::var_os("MEMOBUILD_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
+    let path = venv.join("bin").join(name);
+    path.is_file().then_some(path)
+}
+
 /// A real daemon on a temp socket and temp root, killed on drop.
 #[derive(Debug)]
 pub struct TestDaemon {
