@@ -50,6 +50,8 @@ pub(super) struct BuildRun {
     pub(super) graph: Arc<BuildGraph>,
     pub(super) keys: Keys,
     pub(super) bases: HashMap<String, BaseImage>,
+    /// The build's snapshot of its context (`None`: the Dockerfile reads nothing from it).
+    pub(super) context: Option<Arc<crate::context::FileTree>>,
     pub(super) reporter: Arc<dyn Reporter>,
     pub(super) cancel: Arc<AtomicBool>,
     pub(super) created: String,
@@ -353,7 +355,7 @@ impl BuildRun {
             .map_err(|_| BuildError::Cancelled)?;
         let tree = match &step {
             InstructionKind::Copy(c) | InstructionKind::Add(c) if c.from.is_none() => {
-                Some(self.context_tree()?)
+                self.context.clone()
             }
             _ => None,
         };
@@ -364,7 +366,14 @@ impl BuildRun {
                 InstructionKind::Run(spec) => run.run_step(node, spec, &parent),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let is_add = matches!(step, InstructionKind::Add(_));
-                    run.copy_step(node, spec, is_add, &parent, from.as_deref(), tree.as_ref())
+                    run.copy_step(
+                        node,
+                        spec,
+                        is_add,
+                        &parent,
+                        from.as_deref(),
+                        tree.as_deref(),
+                    )
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
                 other => Err(BuildError::Store(format!(
@@ -382,13 +391,6 @@ impl BuildRun {
         })
         .await
         .map_err(store)?
-    }
-
-    fn context_tree(&self) -> Result<crate::context::FileTree, BuildError> {
-        self.engine
-            .hub
-            .with_workspace(&self.spec.context, |ws| ws.tree().clone())
-            .ok_or_else(|| BuildError::Store("the build context is not watched".into()))
     }
 
     fn layer_options(&self) -> LayerOptions<'static> {

@@ -84,6 +84,7 @@ pub(crate) struct Shared {
     shutdown: watch::Sender<bool>,
     hub: Arc<Hub>,
     engine: Arc<Engine>,
+    builds: build::RunningBuilds,
     /// Connections that asked for the shutdown: kept open until the process exits, so their
     /// end of the socket closing means "the daemon is gone and its root is free".
     held_until_exit: Mutex<Vec<UnixStream>>,
@@ -98,6 +99,7 @@ impl Shared {
     }
 
     fn status(&self) -> StatusReport {
+        let builds = self.builds.list();
         StatusReport {
             daemon_version: PACKAGE_VERSION.to_owned(),
             protocol_version: PROTOCOL_VERSION,
@@ -110,7 +112,7 @@ impl Shared {
             connections_active: self.connections_active.load(Ordering::Relaxed),
             connections_total: self.connections_total.load(Ordering::Relaxed),
             requests_total: self.requests_total.load(Ordering::Relaxed),
-            builds_active: 0,
+            builds_active: builds.len() as u64,
             workspaces: self
                 .hub
                 .reports()
@@ -118,6 +120,7 @@ impl Shared {
                 .map(requests::workspace_status)
                 .collect(),
             cache: self.engine.cache_stats(),
+            builds,
         }
     }
 }
@@ -156,6 +159,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         shutdown,
         hub: Arc::clone(&hub),
         engine,
+        builds: build::RunningBuilds::default(),
         held_until_exit: Mutex::new(Vec::new()),
         config,
     });
