@@ -108,7 +108,7 @@ pub enum BuildError {
     },
     #[error("RUN steps need {0}; this daemon can still build Dockerfiles without RUN")]
     NoRuntime(String),
-    #[error("build context: {0}")]
+    #[error("{0}")]
     Context(Box<WatchError>),
     #[error("build cancelled")]
     Cancelled,

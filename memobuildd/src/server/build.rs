@@ -166,7 +166,7 @@ pub(crate) async fn serve(
         source_date_epoch: request.source_date_epoch.map(|s| s as i64),
     };
     // Every change made before this request must be in the fingerprints it uses.
-    hub.cookies().sync().await;
+    hub.sync(&dockerfile.context).await;
     let was_watched = hub.is_watched(&dockerfile.context);
     let (events, mut received) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));

@@ -10,16 +10,41 @@
 //! Methods block (file I/O, hashing, SQLite): the server calls them via `spawn_blocking`.
 
 mod backend;
+#[cfg(target_os = "linux")]
+mod inotify;
+#[cfg(not(target_os = "linux"))]
+mod notify;
 mod registry;
 mod workspace;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tracing::{info, warn};
 
-pub use backend::{Change, Cookies, NotifyBackend, WatchBackend};
+pub use backend::{Change, Cookies, Lost, WatchBackend, WatcherFactory, WatcherId};
+#[cfg(target_os = "linux")]
+pub use inotify::InotifyFactory;
+#[cfg(not(target_os = "linux"))]
+pub use notify::NotifyFactory;
+
+/// The watchers of this platform.
+#[cfg(target_os = "linux")]
+pub fn platform_watchers(
+    sink: tokio::sync::mpsc::UnboundedSender<Change>,
+) -> Box<dyn WatcherFactory> {
+    Box::new(InotifyFactory::new(sink))
+}
+
+/// The watchers of this platform.
+#[cfg(not(target_os = "linux"))]
+pub fn platform_watchers(
+    sink: tokio::sync::mpsc::UnboundedSender<Change>,
+) -> Box<dyn WatcherFactory> {
+    Box::new(NotifyFactory::new(sink))
+}
 pub use workspace::{Baseline, DirIdentity, DirtyMark, Workspace};
 
 use crate::context::{ContextError, FileTree, Hash, StatCache};
@@ -45,8 +70,13 @@ pub enum WatchError {
          found by scanning at build time instead"
     )]
     WatchLimit,
+    #[cfg(not(target_os = "linux"))]
     #[error("watcher: {0}")]
     Watcher(String),
+    #[error("watcher: {0}")]
+    Inotify(#[source] std::io::Error),
+    #[error("the watcher stopped covering the whole workspace: {0}")]
+    Lost(String),
     #[error("workspace registry: {0}")]
     Registry(#[source] rusqlite::Error),
     #[error("no watched workspace at {}", .0.display())]
@@ -59,15 +89,6 @@ pub enum WatchError {
         #[source]
         source: regex::Error,
     },
-}
-
-impl WatchError {
-    fn from_notify(error: notify::Error) -> Self {
-        match error.kind {
-            notify::ErrorKind::MaxFilesWatch => Self::WatchLimit,
-            _ => Self::Watcher(error.to_string()),
-        }
-    }
 }
 
 /// The outcome of reported changes.
@@ -88,8 +109,15 @@ pub struct Hub {
     registering: Mutex<()>,
     stat_cache: Mutex<StatCache>,
     registry: Mutex<Registry>,
-    backend: Mutex<Box<dyn WatchBackend>>,
+    watchers: Box<dyn WatcherFactory>,
+    next_watcher: AtomicU64,
     cookies: Cookies,
+}
+
+/// A workspace's own watcher; dropping it drops all of its watches.
+struct Armed {
+    id: WatcherId,
+    backend: Box<dyn WatchBackend>,
 }
 
 /// One workspace and the report status reads, which is published after every change so a
@@ -99,15 +127,18 @@ struct Slot {
     dockerfile: PathBuf,
     workspace: Mutex<Workspace>,
     report: Mutex<WorkspaceReport>,
+    /// `None` while no watcher covers it (watch limit, context gone).
+    watcher: Mutex<Option<Armed>>,
 }
 
 impl Slot {
-    fn new(workspace: Workspace) -> Self {
+    fn new(workspace: Workspace, watcher: Option<Armed>) -> Self {
         Self {
             context: workspace.context.clone(),
             dockerfile: workspace.dockerfile.clone(),
             report: Mutex::new(WorkspaceReport::of(&workspace)),
             workspace: Mutex::new(workspace),
+            watcher: Mutex::new(watcher),
         }
     }
 
@@ -117,6 +148,10 @@ impl Slot {
         let out = f(&mut workspace);
         *lock(&self.report) = WorkspaceReport::of(&workspace);
         out
+    }
+
+    fn watcher_id(&self) -> Option<WatcherId> {
+        lock(&self.watcher).as_ref().map(|armed| armed.id)
     }
 
     fn is_build_definition(&self, path: &Path) -> bool {
@@ -150,20 +185,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn open(layout: &Layout, mut backend: Box<dyn WatchBackend>) -> Result<Self, WatchError> {
+    pub fn open(layout: &Layout, watchers: Box<dyn WatcherFactory>) -> Result<Self, WatchError> {
         let cookies = Cookies::new(layout.cookies_dir()).map_err(|source| WatchError::Read {
             path: layout.cookies_dir(),
             source,
         })?;
-        if let Err(err) = backend.watch(cookies.dir(), false) {
-            warn!(%err, "builds cannot sync with the watcher");
-        }
         Ok(Self {
             workspaces: Mutex::new(BTreeMap::new()),
             registering: Mutex::new(()),
             stat_cache: Mutex::new(StatCache::open(&layout.context_db())?),
             registry: Mutex::new(Registry::open(&layout.context_db())?),
-            backend: Mutex::new(backend),
+            watchers,
+            next_watcher: AtomicU64::new(1),
             cookies,
         })
     }
@@ -216,55 +249,37 @@ impl Hub {
         baseline: Option<Baseline>,
     ) -> Result<WorkspaceReport, WatchError> {
         let _registering = lock(&self.registering);
-        if let Some(old) = lock(&self.workspaces).remove(context) {
-            self.disarm(&old.context, &old.dockerfile);
-        }
+        // Its watcher goes with it.
+        lock(&self.workspaces).remove(context);
         // Watched before scanned: an edit during the scan is either seen by it or queued.
         let armed = self.arm(context, dockerfile);
         let mut workspace =
-            match Workspace::open(context, dockerfile, baseline, &mut lock(&self.stat_cache)) {
-                Ok(workspace) => workspace,
-                Err(err) => {
-                    self.disarm(context, dockerfile);
-                    return Err(err);
-                }
-            };
-        workspace.set_armed(armed);
-        let slot = Arc::new(Slot::new(workspace));
+            Workspace::open(context, dockerfile, baseline, &mut lock(&self.stat_cache))?;
+        let armed = workspace.set_armed(armed);
+        let slot = Arc::new(Slot::new(workspace, armed));
         let report = lock(&slot.report).clone();
         lock(&self.workspaces).insert(context.to_owned(), slot);
         Ok(report)
     }
 
-    /// (Re)starts the watches of a workspace, dropping any it had first: after its root was
-    /// replaced, the old watch descriptors follow the old directory.
-    fn arm(&self, context: &Path, dockerfile: &Path) -> Result<(), WatchError> {
-        let mut backend = lock(&self.backend);
-        disarm_with(&mut **backend, context, dockerfile);
-        let watched = backend.watch(context, true).and_then(|()| {
-            match workspace::definition_dir_outside(context, dockerfile) {
-                Some(dir) => backend.watch(&dir, false),
-                None => Ok(()),
-            }
-        });
-        if let Err(err) = &watched {
-            warn!(context = %context.display(), %err, "not watching live");
-            // A recursive watch that failed half-way leaves the half it made.
-            disarm_with(&mut **backend, context, dockerfile);
+    /// A fresh watcher for a workspace: the cookies directory, the context (recursively),
+    /// and the directory of a Dockerfile that lies outside the context.
+    fn arm(&self, context: &Path, dockerfile: &Path) -> Result<Armed, WatchError> {
+        let id = self.next_watcher.fetch_add(1, Ordering::Relaxed);
+        let mut backend = self.watchers.create(id)?;
+        backend.watch(self.cookies.dir(), false)?;
+        backend.watch(context, true)?;
+        if let Some(dir) = workspace::definition_dir_outside(context, dockerfile) {
+            backend.watch(&dir, false)?;
         }
-        watched
-    }
-
-    fn disarm(&self, context: &Path, dockerfile: &Path) {
-        disarm_with(&mut **lock(&self.backend), context, dockerfile);
+        Ok(Armed { id, backend })
     }
 
     pub fn unwatch(&self, context: &Path) -> Result<(), WatchError> {
         let removed = lock(&self.workspaces).remove(context);
-        let Some(slot) = removed else {
+        if removed.is_none() {
             return Err(WatchError::NotWatched(context.to_owned()));
-        };
-        self.disarm(&slot.context, &slot.dockerfile);
+        }
         lock(&self.registry).remove(context)
     }
 
@@ -298,7 +313,7 @@ impl Hub {
             let result = slot.update(|workspace| {
                 let mut cache = lock(&self.stat_cache);
                 if mine.iter().any(|p| **p == workspace.context) {
-                    return self.resync(workspace, &mut cache, true);
+                    return self.resync(&slot, workspace, &mut cache, true);
                 }
                 apply_paths(workspace, &mine, &mut cache)
             });
@@ -312,14 +327,17 @@ impl Hub {
         outcome
     }
 
-    /// Rescans every workspace (the watcher lost events).
-    pub fn rescan(&self) -> ChangeOutcome {
+    /// Rescans the workspaces `watcher` covers (it lost events), or all of them.
+    pub fn rescan(&self, watcher: Option<WatcherId>) -> ChangeOutcome {
         let _registering = lock(&self.registering);
         let mut outcome = ChangeOutcome::default();
         for slot in self.slots() {
+            if watcher.is_some() && slot.watcher_id() != watcher {
+                continue;
+            }
             let result = slot.update(|workspace| {
                 let mut cache = lock(&self.stat_cache);
-                self.resync(workspace, &mut cache, true)
+                self.resync(&slot, workspace, &mut cache, true)
             });
             match result {
                 Ok(dirtied) => outcome.dirtied += dirtied as u64,
@@ -335,15 +353,27 @@ impl Hub {
     /// too, through the stat cache.
     fn resync(
         &self,
+        slot: &Slot,
         workspace: &mut Workspace,
         cache: &mut StatCache,
         force: bool,
     ) -> Result<usize, WatchError> {
-        if workspace.identity_changed() {
+        let lost = lock(&slot.watcher)
+            .as_ref()
+            .and_then(|armed| armed.backend.lost());
+        if lost == Some(Lost::Root) || workspace.identity_changed() {
             info!(context = %workspace.context.display(), "workspace directory replaced; rescanning");
-            let armed = self.arm(&workspace.context, &workspace.dockerfile);
-            workspace.set_armed(armed);
+            let mut watcher = lock(&slot.watcher);
+            // The old instance goes first, with every watch it had.
+            *watcher = None;
+            *watcher = workspace.set_armed(self.arm(&workspace.context, &workspace.dockerfile));
+            drop(watcher);
             return workspace.reload_all(cache);
+        }
+        if let Some(Lost::Incomplete(why)) = lost {
+            // Part of the tree is not watched any more: scan per build from now on.
+            *lock(&slot.watcher) = None;
+            workspace.set_armed::<()>(Err(WatchError::Lost(why)));
         }
         if force || !workspace.watching {
             return workspace.rescan(cache);
@@ -360,12 +390,22 @@ impl Hub {
             .ok_or_else(|| WatchError::NotWatched(context.to_owned()))?;
         slot.update(|workspace| {
             let mut cache = lock(&self.stat_cache);
-            self.resync(workspace, &mut cache, false)?;
+            self.resync(&slot, workspace, &mut cache, false)?;
             match workspace.root {
                 Some(_) => Ok(()),
                 None => Err(WatchError::ContextGone(context.to_owned())),
             }
         })
+    }
+
+    /// Returns once the watcher of `context` has delivered, and the change loop applied,
+    /// every change made before the call. Without a live watcher there is nothing to wait
+    /// for: the build's snapshot scans instead.
+    pub async fn sync(&self, context: &Path) {
+        let watcher = self.slot(context).and_then(|slot| slot.watcher_id());
+        if let Some(watcher) = watcher {
+            self.cookies.sync(watcher).await;
+        }
     }
 
     /// The snapshot one build reads (registering the workspace if it is new): brought up to
@@ -413,13 +453,6 @@ impl Hub {
             .iter()
             .map(|slot| lock(&slot.report).clone())
             .collect()
-    }
-}
-
-fn disarm_with(backend: &mut dyn WatchBackend, context: &Path, dockerfile: &Path) {
-    backend.unwatch(context);
-    if let Some(dir) = workspace::definition_dir_outside(context, dockerfile) {
-        backend.unwatch(&dir);
     }
 }
 

@@ -7,24 +7,51 @@ use std::time::Duration;
 
 use super::*;
 
-/// Records what is watched; fails every watch with `fail` when set.
+/// Makes watchers that record what they watch (by watcher) while they live; with
+/// `fail_with_limit` every watch fails as on an exhausted inotify watch limit.
 #[derive(Debug, Clone, Default)]
 struct ScriptedBackend {
-    watched: Arc<Mutex<Vec<PathBuf>>>,
+    watched: Arc<Mutex<Vec<(WatcherId, PathBuf)>>>,
     fail_with_limit: bool,
 }
 
-impl WatchBackend for ScriptedBackend {
+struct ScriptedWatcher {
+    id: WatcherId,
+    script: ScriptedBackend,
+}
+
+impl WatcherFactory for ScriptedBackend {
+    fn create(&self, id: WatcherId) -> Result<Box<dyn WatchBackend>, WatchError> {
+        Ok(Box::new(ScriptedWatcher {
+            id,
+            script: self.clone(),
+        }))
+    }
+}
+
+impl WatchBackend for ScriptedWatcher {
     fn watch(&mut self, dir: &Path, _recursive: bool) -> Result<(), WatchError> {
-        if self.fail_with_limit {
+        if self.script.fail_with_limit {
             return Err(WatchError::WatchLimit);
         }
-        lock(&self.watched).push(dir.to_owned());
+        lock(&self.script.watched).push((self.id, dir.to_owned()));
         Ok(())
     }
 
     fn unwatch(&mut self, dir: &Path) {
-        lock(&self.watched).retain(|d| d != dir);
+        lock(&self.script.watched).retain(|(id, d)| *id != self.id || d != dir);
+    }
+}
+
+impl Drop for ScriptedWatcher {
+    fn drop(&mut self) {
+        lock(&self.script.watched).retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl ScriptedBackend {
+    fn watched_paths(&self) -> Vec<PathBuf> {
+        lock(&self.watched).iter().map(|(_, p)| p.clone()).collect()
     }
 }
 
@@ -118,7 +145,7 @@ fn editing_src_marks_only_the_src_copy_and_what_follows() {
     assert!(report.dirty.is_empty());
     assert!(report.watching);
     let cookies = fx.dir.path().join("root/cookies");
-    assert_eq!(*lock(&fx.backend.watched), [cookies, fx.ctx()]);
+    assert_eq!(fx.backend.watched_paths(), [cookies, fx.ctx()]);
 
     let outcome = fx.edit("src/x.js", "x = 2");
     assert_eq!(outcome.matched, 1);
@@ -196,7 +223,7 @@ fn a_rescan_finds_changes_the_watcher_missed() {
     std::thread::sleep(Duration::from_millis(120));
     fs::write(fx.ctx().join("package.json"), "{\"a\":1}").expect("silent edit");
     assert!(fx.dirty().is_empty(), "nobody told the hub yet");
-    let outcome = fx.hub.rescan();
+    let outcome = fx.hub.rescan(None);
     assert!(outcome.dirtied >= 1);
     assert_eq!(labels(&fx.dirty())[0], "COPY package.json /app/");
 }
@@ -407,9 +434,11 @@ fn a_replaced_root_is_rearmed_and_rescanned_with_or_without_its_event() {
     let listing = cold_listing(&fx);
     assert!(listing.iter().any(|(p, _)| p == "src/y.js"), "{listing:?}");
     assert!(fx.hub.reports()[0].degraded.is_none());
-    assert!(
-        lock(&fx.backend.watched).contains(&fx.ctx()),
-        "watched again"
+    let watched = lock(&fx.backend.watched).clone();
+    assert_eq!(
+        watched.iter().filter(|(_, p)| *p == fx.ctx()).count(),
+        1,
+        "watched again, by one new watcher: {watched:?}"
     );
 
     // Swapped by a rename nobody reported: the identity check at build time finds it.

@@ -111,6 +111,9 @@ impl Baseline {
 pub struct DirIdentity {
     dev: u64,
     ino: u64,
+    /// Inode numbers are reused at once (a root deleted and recreated often gets its old
+    /// number back); the birth time, where the filesystem keeps one, tells them apart.
+    born: Option<SystemTime>,
 }
 
 impl DirIdentity {
@@ -120,6 +123,7 @@ impl DirIdentity {
         Ok(Self {
             dev: meta.dev(),
             ino: meta.ino(),
+            born: meta.created().ok(),
         })
     }
 }
@@ -282,16 +286,19 @@ impl Workspace {
         Ok(self.absorb(touched))
     }
 
-    /// Records whether arming the watcher worked.
-    pub fn set_armed(&mut self, armed: Result<(), WatchError>) {
+    /// Records whether arming a watcher worked, passing the watcher on.
+    pub fn set_armed<T>(&mut self, armed: Result<T, WatchError>) -> Option<T> {
         match armed {
-            Ok(()) => {
+            Ok(watcher) => {
                 self.watching = true;
                 self.degraded = None;
+                Some(watcher)
             }
             Err(err) => {
+                tracing::warn!(context = %self.context.display(), %err, "not watching live");
                 self.watching = false;
                 self.degraded = Some(err.to_string());
+                None
             }
         }
     }
