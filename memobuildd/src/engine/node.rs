@@ -449,7 +449,7 @@ impl BuildRun {
         if !env.iter().any(|e| e.starts_with("HOME=")) {
             env.push(format!("HOME={}", who.home));
         }
-        let cwd = parent.workdir();
+        let cwd = crate::context::dockerignore::clean(&parent.workdir());
         // Docker creates a missing WORKDIR for RUN; so does the layer, as it does there.
         let _ = std::fs::create_dir_all(active.rootfs().join(cwd.trim_start_matches('/')));
         let absent_mounts: Vec<String> = MOUNT_POINTS

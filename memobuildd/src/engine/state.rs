@@ -182,14 +182,15 @@ impl State {
     }
 }
 
-/// `WORKDIR rel` is relative to the current one; the result is cleaned.
+/// `WORKDIR rel` is relative to the current one, joined and cleaned; an absolute path is
+/// kept as written (`/etc/../srv` stays so in the config, as BuildKit has it). Whoever
+/// touches the filesystem with it cleans it first.
 pub fn absolute_workdir(current: &str, path: &str) -> String {
-    let joined = if path.starts_with('/') {
+    if path.starts_with('/') {
         path.to_owned()
     } else {
-        format!("{current}/{path}")
-    };
-    crate::context::dockerignore::clean(&joined)
+        crate::context::dockerignore::clean(&format!("{current}/{path}"))
+    }
 }
 
 fn healthcheck(spec: &HealthcheckSpec) -> Healthcheck {
@@ -355,5 +356,7 @@ mod tests {
     fn workdir_is_relative_to_the_current_one() {
         assert_eq!(absolute_workdir("/app", "src/../lib"), "/app/lib");
         assert_eq!(absolute_workdir("/app", "/srv"), "/srv");
+        assert_eq!(absolute_workdir("/app", "/etc/../srv"), "/etc/../srv");
+        assert_eq!(absolute_workdir("/etc/../srv", "x/.."), "/srv");
     }
 }

@@ -1,2 +1,2 @@
 ln -s a.txt link-a
-ln -s /etc/passwd link-abs
+ln -s /b.txt link-abs
