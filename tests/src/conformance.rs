@@ -524,6 +524,9 @@ mod tests {
         h.set_entry_type(kind);
         h.set_mode(mode);
         h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h
     }
 
