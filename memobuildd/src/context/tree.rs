@@ -248,7 +248,11 @@ impl FileTree {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"memobuild-sources-v1\0");
         let mut matched = 0u64;
+        let mut named_links = Vec::new();
         for (path, entry) in self.select(sources, excludes) {
+            if entry.kind == EntryKind::Symlink && sources.iter().any(|s| s.matches(path)) {
+                named_links.push(path);
+            }
             // A directory is listed for its own path and mode; its contents are listed one
             // by one, so its Merkle hash (which would include excluded files) stays out.
             let content = if entry.kind == EntryKind::Dir {
@@ -260,13 +264,7 @@ impl FileTree {
             matched += 1;
         }
         // A symlink a source names is followed by COPY: what it leads to is read too.
-        for (path, entry) in self.iter() {
-            if entry.kind != EntryKind::Symlink
-                || excludes.is_excluded(path)
-                || !sources.iter().any(|s| s.matches(path))
-            {
-                continue;
-            }
+        for path in named_links {
             hasher.update(b"\0followed\0");
             let Some(target) = self.resolve(path) else {
                 continue;
