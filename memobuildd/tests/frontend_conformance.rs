@@ -9,37 +9,8 @@ use std::path::{Path, PathBuf};
 
 use memobuildd::frontend::{self, shell};
 
-const DIR_ENV: &str = "MEMOBUILD_CONFORMANCE_DIR";
-
-/// Where the data is, or `None` (after saying so) when this is a bare clone outside CI.
-fn data_root(test: &str) -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os(DIR_ENV) {
-        let dir = PathBuf::from(dir);
-        assert!(
-            dir.is_dir(),
-            "{DIR_ENV}={} is not a directory",
-            dir.display()
-        );
-        return Some(dir);
-    }
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance");
-    if beside.is_dir() {
-        return Some(beside);
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    assert!(
-        !ci,
-        "{test}: BuildKit's conformance data is missing ({} does not exist and {DIR_ENV} is \
-         not set), and CI=true makes that a failure",
-        beside.display()
-    );
-    eprintln!(
-        "\n!!! {test}: NOT RUN — BuildKit's parser/expansion data is not here: set {DIR_ENV} \
-         or put it at {} (passing only because CI is not set) !!!\n",
-        beside.display()
-    );
-    None
-}
+mod common;
+use common::data_root;
 
 /// The case directories under `rel`, sorted by name.
 fn cases(root: &Path, rel: &str) -> Vec<PathBuf> {
