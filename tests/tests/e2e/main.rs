@@ -3,6 +3,7 @@
 mod access;
 mod add;
 mod build;
+mod conformance;
 mod frontend;
 mod hotstate;
 mod images;
