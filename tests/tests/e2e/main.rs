@@ -8,5 +8,6 @@ mod images;
 mod lifecycle;
 mod protocol;
 mod registry;
+mod remote;
 mod service_units;
 mod watch;
