@@ -18,12 +18,51 @@ pub struct TestBuildGrid {
     pub dir: TempDir,
     pub port: u16,
     pub log: PathBuf,
+    /// With TLS: the CA that signed the server's certificate for `localhost` (PEM).
+    pub ca: Option<PathBuf>,
     storage: PathBuf,
     child: Option<Child>,
 }
 
+/// How a [`TestBuildGrid`] is reached.
+#[derive(Debug, Clone, Default)]
+pub struct BuildGridOptions {
+    /// gRPC over TLS, as `localhost`, with a certificate from a fresh CA ([`TestBuildGrid::ca`]).
+    pub tls: bool,
+    /// Requests must carry `authorization: Bearer <JWT>` signed (HS256) with this secret
+    /// ([`jwt`] makes one).
+    pub jwt_secret: Option<String>,
+}
+
+/// An HS256 JWT for `secret`, valid for an hour: what BuildGrid's `jwt` authorization checks.
+pub fn jwt(secret: &str) -> String {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(format!(r#"{{"sub":"memobuild-test","exp":{exp}}}"#).as_bytes())
+    );
+    let tag = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+        .expect("any key length")
+        .chain_update(signed.as_bytes())
+        .finalize()
+        .into_bytes();
+    format!("{signed}.{}", b64(&tag))
+}
+
 impl TestBuildGrid {
     pub fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, &BuildGridOptions::default())
+    }
+
+    pub fn start_with(test: &str, options: &BuildGridOptions) -> Option<Self> {
         let bgd = crate::required_tool(test, "BuildGrid (bgd)", crate::python_tool("bgd"))?;
         let dir = tempfile::Builder::new()
             .prefix("mbbgd")
@@ -49,11 +88,35 @@ impl TestBuildGrid {
                 "  - !lru-action-cache &ac{n}\n    storage: *store{n}\n    max-cached-refs: 100000\n    allow-updates: true\n"
             )
         };
+        let (channel, ca) = if options.tls {
+            let (cert, key) = crate::registry::issue_certificate(dir.path(), "localhost");
+            (
+                format!(
+                    "    insecure-mode: false\n    credentials:\n      tls-server-key: {}\n      tls-server-cert: {}\n",
+                    key.display(),
+                    cert.display()
+                ),
+                Some(dir.path().join("ca.pem")),
+            )
+        } else {
+            ("    insecure-mode: true\n".to_owned(), None)
+        };
+        let authorization = match &options.jwt_secret {
+            Some(secret) => {
+                let path = dir.path().join("jwt.secret");
+                std::fs::write(&path, secret).expect("write jwt secret");
+                format!(
+                    "authorization:\n  method: jwt\n  secret: {}\n  algorithm: hs256\n",
+                    path.display()
+                )
+            }
+            None => String::new(),
+        };
         let config = dir.path().join("cache.yml");
         std::fs::write(
             &config,
             format!(
-                "server:\n  - !channel\n    address: \"127.0.0.1:{port}\"\n    insecure-mode: true\n\
+                "server:\n  - !channel\n    address: \"127.0.0.1:{port}\"\n{channel}{authorization}\
                  storages:\n{}{}caches:\n{}{}\
                  instances:\n  - name: team\n{}  - name: \"\"\n{}",
                 stores(1),
@@ -74,19 +137,23 @@ impl TestBuildGrid {
             dir,
             port,
             log,
+            ca,
             storage,
             child: Some(child),
         })
     }
 
-    /// `grpc://127.0.0.1:PORT[/instance]`.
+    /// `grpc://127.0.0.1:PORT[/instance]`, or `grpcs://localhost:PORT[/instance]` with TLS.
     pub fn url(&self, instance: &str) -> String {
         let path = if instance.is_empty() {
             String::new()
         } else {
             format!("/{instance}")
         };
-        format!("grpc://127.0.0.1:{}{path}", self.port)
+        match self.ca {
+            Some(_) => format!("grpcs://localhost:{}{path}", self.port),
+            None => format!("grpc://127.0.0.1:{}{path}", self.port),
+        }
     }
 
     /// Where BuildGrid's disk storage keeps a blob of instance `team`.

@@ -9,15 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use memobuild_tests::buildgrid::TestBuildGrid;
-use memobuild_tests::nginx::TestNginx;
-use memobuildd::cache::Digest;
+use memobuild_tests::buildgrid::{BuildGridOptions, TestBuildGrid, jwt};
+use memobuild_tests::nginx::{NginxAuth, NginxOptions, TestNginx};
 use memobuildd::cache::remote::mapping::{self, RemoteLayer, RemoteResult};
 use memobuildd::cache::remote::settings::Endpoint;
 use memobuildd::cache::remote::{
-    L3, LayerSource, RemoteEvent, RemoteMode, RemoteOptions, RemoteSettings, Secret,
+    Auth, L3, LayerSource, RemoteEvent, RemoteMode, RemoteOptions, RemoteSettings, Secret,
 };
 use memobuildd::cache::tier::suite;
+use memobuildd::cache::{Digest, L1, Tier, Tiered};
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
@@ -207,6 +207,17 @@ async fn round_trip(server: Server) {
     let status = writer.status();
     assert_eq!((status.uploads_failed, status.errors), (0, 0), "{status:?}");
     assert!(status.bytes_up > 5 << 20, "{status:?}");
+    let tiered = Tiered::new(vec![
+        Arc::new(L1::<RemoteResult>::new(1 << 20)) as Arc<dyn Tier<RemoteResult>>,
+        Arc::new(writer.clone()),
+    ]);
+    suite::check(
+        &tiered,
+        &values,
+        async || settle(&writer).await,
+        suite::keys(3),
+    )
+    .await;
 
     // Another machine: same secret, nothing local.
     let elsewhere = DirLayers::new();
@@ -278,6 +289,144 @@ async fn buildgrid_instances_are_separate_caches() {
     settle(&team).await;
     assert_eq!(team.lookup(&[9; 32]).await, Some(result));
     assert_eq!(at("").lookup(&[9; 32]).await, None, "the default instance");
+}
+
+/// A client of `url` with these credentials and CA (credentials in the URL count too).
+fn client(url: &str, auth: Option<Auth>, ca: Option<&Path>, layers: &Arc<DirLayers>) -> L3 {
+    let (endpoint, url_auth) = Endpoint::parse(url).expect("url");
+    let settings = RemoteSettings {
+        endpoint,
+        mode: RemoteMode::ReadWrite,
+        auth: auth.or(url_auth),
+        ca_file: ca.map(Path::to_owned),
+        secret: None,
+    };
+    L3::connect(
+        &settings,
+        options(),
+        Arc::clone(layers) as Arc<dyn LayerSource>,
+    )
+    .expect("client")
+    .expect("on")
+}
+
+/// A client without the right credentials or CA gets nothing in or out (errors, not
+/// crashes); one with them round-trips an entry and its layer.
+async fn only_trusted_and_authorized_clients_get_through(
+    refused: &[(&str, L3)],
+    allowed: &L3,
+    layers: &DirLayers,
+) {
+    let result = RemoteResult {
+        layers: vec![layers.add(b"a layer behind TLS and auth")],
+    };
+    for (why, client) in refused {
+        client.store(&[1; 32], &result);
+        settle(client).await;
+        assert_eq!(client.lookup(&[1; 32]).await, None, "{why}");
+        let status = client.status();
+        assert!(
+            status.uploads_failed == 1 && status.errors > 0,
+            "{why}: {status:?}"
+        );
+    }
+    allowed.store(&[1; 32], &result);
+    settle(allowed).await;
+    assert_eq!(allowed.status().uploads_done, 1, "{:?}", allowed.status());
+    assert_eq!(allowed.lookup(&[1; 32]).await, Some(result.clone()));
+    assert!(
+        allowed
+            .fetch_layer(&result.layers[0], Vec::new())
+            .await
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_over_https_with_an_extra_ca_and_basic_or_bearer_auth() {
+    let basic = NginxOptions {
+        tls: true,
+        auth: Some(NginxAuth::Basic {
+            user: "ci".into(),
+            password: "s3cret".into(),
+        }),
+    };
+    let Some(server) = TestNginx::start_with("remote::nginx_https", &basic) else {
+        return;
+    };
+    let layers = DirLayers::new();
+    let ca = server.ca.as_deref();
+    let url = server.url();
+    let with_password = url.replace("https://", "https://ci:s3cret@");
+    only_trusted_and_authorized_clients_get_through(
+        &[
+            ("no credentials", client(&url, None, ca, &layers)),
+            (
+                "wrong password",
+                client(
+                    &url.replace("https://", "https://ci:nope@"),
+                    None,
+                    ca,
+                    &layers,
+                ),
+            ),
+            ("an unknown CA", client(&with_password, None, None, &layers)),
+        ],
+        &client(&with_password, None, ca, &layers),
+        &layers,
+    )
+    .await;
+
+    let bearer = NginxOptions {
+        tls: false,
+        auth: Some(NginxAuth::Bearer("t0ken".into())),
+    };
+    let Some(server) = TestNginx::start_with("remote::nginx_bearer", &bearer) else {
+        return;
+    };
+    let token = |t: &str| Some(Auth::Bearer(Secret::new(t)));
+    only_trusted_and_authorized_clients_get_through(
+        &[(
+            "wrong token",
+            client(&server.url(), token("other"), None, &layers),
+        )],
+        &client(&server.url(), token("t0ken"), None, &layers),
+        &layers,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buildgrid_over_grpcs_with_an_extra_ca_and_a_bearer_token() {
+    let options = BuildGridOptions {
+        tls: true,
+        jwt_secret: Some("bgd jwt secret".into()),
+    };
+    let Some(server) = TestBuildGrid::start_with("remote::buildgrid_grpcs", &options) else {
+        return;
+    };
+    let layers = DirLayers::new();
+    let ca = server.ca.as_deref();
+    let url = server.url("team");
+    let token = Some(Auth::Bearer(Secret::new(jwt("bgd jwt secret"))));
+    only_trusted_and_authorized_clients_get_through(
+        &[
+            ("no token", client(&url, None, ca, &layers)),
+            (
+                "a token signed otherwise",
+                client(
+                    &url,
+                    Some(Auth::Bearer(Secret::new(jwt("other")))),
+                    ca,
+                    &layers,
+                ),
+            ),
+            ("an unknown CA", client(&url, token.clone(), None, &layers)),
+        ],
+        &client(&url, token, ca, &layers),
+        &layers,
+    )
+    .await;
 }
 
 async fn corruption_is_detected(server: Server) {
@@ -422,6 +571,51 @@ async fn buildgrid_killed_mid_upload_turns_into_misses_and_opens_the_breaker() {
 async fn nginx_killed_mid_upload_turns_into_misses_and_opens_the_breaker() {
     if let Some(server) = Server::nginx("remote::nginx_killed") {
         a_killed_server_becomes_misses(server).await;
+    }
+}
+
+/// A layer whose local copy changed after its diff-id was taken: the upload stops before its
+/// end, so the server never stores it under the old name, and no entry names it.
+async fn a_changed_local_copy_is_not_published(server: Server) {
+    let layers = DirLayers::new();
+    let small = layers.add(b"small layer, soon changed");
+    let big = layers.add_big(5 << 20, 5);
+    for layer in [&small, &big] {
+        let path = layers.path(&layer.diff_id);
+        let mut bytes = std::fs::read(&path).expect("layer");
+        bytes[layer.size as usize / 2] ^= 1;
+        std::fs::write(&path, bytes).expect("change it");
+    }
+    let l3 = l3(&server, RemoteMode::ReadWrite, None, &layers);
+    for (key, layer) in [small, big].iter().enumerate() {
+        let result = RemoteResult {
+            layers: vec![layer.clone()],
+        };
+        l3.store(&[key as u8; 32], &result);
+        settle(&l3).await;
+        assert!(!server.blob_path(&layer.diff_id).exists(), "{layer:?}");
+        assert_eq!(l3.lookup(&[key as u8; 32]).await, None);
+    }
+    let status = l3.status();
+    assert_eq!(
+        (status.uploads_done, status.uploads_failed),
+        (0, 2),
+        "{status:?}"
+    );
+    assert!(status.healthy, "a local problem is no outage: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buildgrid_never_gets_a_changed_local_copy() {
+    if let Some(server) = Server::buildgrid("remote::buildgrid_changed_copy") {
+        a_changed_local_copy_is_not_published(server).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_never_gets_a_changed_local_copy() {
+    if let Some(server) = Server::nginx("remote::nginx_changed_copy") {
+        a_changed_local_copy_is_not_published(server).await;
     }
 }
 

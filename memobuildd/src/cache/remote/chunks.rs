@@ -182,11 +182,11 @@ fn read_checked(
 }
 
 /// Where a download's bytes go. Transports [`push`](Self::push) chunks as they arrive; the
-/// size is enforced here, the digest by whoever made the sink (after the last chunk).
+/// size limit is enforced here, the digest by whoever made the sink (after the last chunk).
 #[derive(Debug)]
 pub struct Sink {
     to: SinkTo,
-    expected: u64,
+    limit: u64,
     received: u64,
     progress: Progress,
 }
@@ -201,9 +201,9 @@ enum SinkTo {
 pub type Written<W> = std::io::Result<(W, Digest, u64)>;
 
 impl Sink {
-    /// Collects a small blob in memory.
-    pub fn memory(blob: &Blob) -> Self {
-        Self::new(SinkTo::Memory(Vec::new()), blob)
+    /// Collects up to `limit` bytes in memory (small blobs, entries).
+    pub fn memory(limit: u64) -> Self {
+        Self::new(SinkTo::Memory(Vec::new()), limit)
     }
 
     /// Streams into `writer` on a blocking thread, hashing as it writes; the handle yields
@@ -224,13 +224,13 @@ impl Sink {
             writer.flush()?;
             Ok((writer, Digest::from_hasher(hasher), size))
         });
-        (Self::new(SinkTo::Writer(tx), blob), task)
+        (Self::new(SinkTo::Writer(tx), blob.size), task)
     }
 
-    fn new(to: SinkTo, blob: &Blob) -> Self {
+    fn new(to: SinkTo, limit: u64) -> Self {
         Self {
             to,
-            expected: blob.size,
+            limit,
             received: 0,
             progress: Progress::default(),
         }
@@ -242,7 +242,7 @@ impl Sink {
 
     pub async fn push(&mut self, chunk: Bytes) -> Result<(), RemoteError> {
         self.received += chunk.len() as u64;
-        if self.received > self.expected {
+        if self.received > self.limit {
             return Err(RemoteError::Protocol(
                 "the server sent more bytes than the blob's size",
             ));
@@ -324,7 +324,7 @@ mod tests {
             (content.clone(), blob(&content).digest, 11)
         );
 
-        let mut memory = Sink::memory(&blob(&content));
+        let mut memory = Sink::memory(content.len() as u64);
         memory
             .push(Bytes::from(content.clone()))
             .await

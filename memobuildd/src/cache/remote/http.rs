@@ -177,10 +177,7 @@ impl RemoteCache for HttpCache {
         let Some(response) = self.found(Method::GET, &url).await? else {
             return Ok(None);
         };
-        let mut sink = Sink::memory(&Blob {
-            digest: action.digest.clone(),
-            size: MAX_ENTRY,
-        });
+        let mut sink = Sink::memory(MAX_ENTRY);
         self.chunks_into(response, &url, &mut sink).await?;
         Ok(Some(reapi::ActionResult::decode(
             sink.into_bytes().as_slice(),

@@ -331,10 +331,10 @@ impl L3 {
 }
 
 impl Shared {
-    /// Whether the remote may be used now: the breaker lets this operation through, and the
-    /// server's capabilities (asked once) allow SHA-256.
+    /// Whether the remote may be used now: it is not switched off, the breaker lets this
+    /// operation through, and the server's capabilities (asked once) allow SHA-256.
     async fn ready(&self) -> bool {
-        if !self.breaker.admit() {
+        if self.mode == RemoteMode::Off || !self.breaker.admit() {
             return false;
         }
         self.capabilities
@@ -363,7 +363,7 @@ impl Shared {
                 return None;
             }
         };
-        let mut sink = Sink::memory(&result_blob);
+        let mut sink = Sink::memory(result_blob.size);
         let progress = sink.progress();
         let found = self
             .transfer(&progress, self.remote.download(&result_blob, &mut sink))
