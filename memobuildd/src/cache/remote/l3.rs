@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{OnceCell, broadcast};
+use tracing::Instrument as _;
 
 use super::breaker::{Breaker, Change};
 use super::chunks::{Progress, stalled};
@@ -218,7 +219,8 @@ impl L3 {
     /// its digest and (with a secret) its signature, and whose layer blobs the remote still
     /// has. Anything else — including every remote failure — is a miss.
     pub async fn lookup(&self, key: &Hash) -> Option<RemoteResult> {
-        let found = self.shared.find(key).await;
+        let span = tracing::debug_span!("l3_lookup", key = %hex::encode(key));
+        let found = self.shared.find(key).instrument(span).await;
         let counter = if found.is_some() {
             &self.shared.counters.hits
         } else {
@@ -237,7 +239,10 @@ impl L3 {
         let entry = mapping::encode(&mapping::action_digest(key), result, shared.signer.as_ref());
         let bytes = entry.result_blob.size + result.layers.iter().map(|l| l.size).sum::<u64>();
         let id = entry.action.digest.clone();
-        let job = Arc::clone(shared).upload(entry, result.layers.clone());
+        let span = tracing::debug_span!("l3_upload", action = %id, bytes);
+        let job = Arc::clone(shared)
+            .upload(entry, result.layers.clone())
+            .instrument(span);
         match shared.uploads.enqueue(id.clone(), bytes, job) {
             Enqueued::Queued | Enqueued::Duplicate => {}
             Enqueued::Full => tracing::warn!(
@@ -262,8 +267,10 @@ impl L3 {
         let blob = layer.blob();
         let (mut sink, written) = Sink::writer(&blob, into);
         let progress = sink.progress();
+        let span = tracing::debug_span!("l3_fetch", blob = %blob.digest, size = blob.size);
         let found = shared
             .transfer(&progress, shared.remote.download(&blob, &mut sink))
+            .instrument(span)
             .await;
         drop(sink);
         let written = written.await.expect("the blob writer does not panic");
