@@ -38,6 +38,7 @@ use crate::cache::{Blob, Digest};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capabilities {
     /// The largest total of blob bytes one batch request may carry; bigger blobs stream.
+    /// 0 where the protocol has no batches (HTTP).
     pub max_batch_bytes: u64,
     /// Whether clients may write action entries.
     pub action_updates: bool,
