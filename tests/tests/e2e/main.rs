@@ -10,5 +10,6 @@ mod images;
 mod lifecycle;
 mod protocol;
 mod registry;
+mod remote;
 mod service_units;
 mod watch;
