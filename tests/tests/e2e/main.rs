@@ -4,6 +4,7 @@ mod access;
 mod add;
 mod build;
 mod conformance;
+mod cutoff;
 mod frontend;
 mod hotstate;
 mod images;
