@@ -16,6 +16,7 @@
 pub mod add;
 pub mod copy;
 pub mod explain;
+mod flight;
 pub mod keys;
 mod node;
 pub mod state;
@@ -30,10 +31,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tracing::{Instrument, info_span};
 
-use crate::cache::{ActionResult, Cas, Index, L1};
+use crate::cache::{Cas, Index, L1};
 use crate::context::Hash;
 use crate::exec::{Executor, LogStream, Network};
 use crate::frontend::{self, Diagnostic};
@@ -209,8 +210,6 @@ impl Default for EngineOptions {
 /// Remembered `COPY --from` file ids: 64 bytes each with moka's bookkeeping, a few MB.
 const DERIVED_ENTRIES: u64 = 16_384;
 
-type Shared<T> = watch::Receiver<Option<Result<T, Arc<BuildError>>>>;
-
 pub struct Engine {
     layout: Layout,
     cas: Cas,
@@ -231,8 +230,8 @@ pub struct Engine {
     derived: moka::sync::Cache<Hash, Hash>,
     /// The last build of each target, for "why did this step run".
     history: explain::History,
-    /// Keys being computed right now, so concurrent builds share the work.
-    inflight: Mutex<HashMap<Hash, Shared<ActionResult>>>,
+    /// Steps being computed right now, so concurrent builds share the work.
+    flights: flight::Flights,
     /// Images exported by this daemon, by content without timestamps: a rebuild that
     /// changes nothing hands back the same image instead of writing a new one
     /// (docker/buildx#107 is what happens otherwise).
@@ -285,7 +284,7 @@ impl Engine {
             options: parts.options,
             derived: moka::sync::Cache::new(DERIVED_ENTRIES),
             history: explain::History::default(),
-            inflight: Mutex::new(HashMap::new()),
+            flights: flight::Flights::default(),
             exported: Mutex::new(HashMap::new()),
             run_ids: AtomicU64::new(0),
             as_root: crate::passwd::effective_uid() == 0,

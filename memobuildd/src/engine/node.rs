@@ -17,6 +17,7 @@ use tracing::{Instrument, info_span};
 use super::add;
 use super::copy::{self, CopySource, CopySpec};
 use super::explain::{self, Circumstances, Position, StepInputs};
+use super::flight::Work;
 use super::keys::{self, BaseImage, ExecContext, Input, KeyInputs};
 use super::state::{self, DEFAULT_PATH, State};
 use super::user;
@@ -403,19 +404,22 @@ impl BuildRun {
                 });
                 let run = Arc::clone(self);
                 let parent_for_step = parent.clone();
-                let (result, ran_here) = self
+                let joined = self
                     .engine
-                    .once(key, async move {
-                        run.execute(node, step.clone(), parent_for_step, from).await
-                    })
+                    .flights
+                    .join(
+                        key,
+                        Arc::clone(&self.reporter),
+                        id,
+                        &self.cancel,
+                        move |work| async move {
+                            run.execute(node, key, step, parent_for_step, from, work)
+                                .await
+                        },
+                    )
                     .await;
-                let result = result.map_err(unshare)?;
-                if ran_here {
-                    self.engine
-                        .index
-                        .record_action(&key, &result)
-                        .map_err(store)?;
-                    self.engine.l1.insert(key, result.clone());
+                let result = joined.outcome.map_err(unshare)?;
+                if joined.started_here {
                     self.executed.fetch_add(1, Ordering::Relaxed);
                     self.reporter.report(Progress::Done {
                         node: id,
@@ -479,12 +483,16 @@ impl BuildRun {
         Ok(usable)
     }
 
+    /// Runs a step as shared work (`flight`): stopped by `work`'s flag, logging to every
+    /// build waiting for it, and recording its result under `key` when it succeeds.
     async fn execute(
         self: Arc<Self>,
         node: NodeIndex,
+        key: Hash,
         step: InstructionKind,
         parent: State,
         from: Option<Arc<State>>,
+        work: Arc<Work>,
     ) -> Result<ActionResult, BuildError> {
         let _permit = self
             .engine
@@ -505,7 +513,7 @@ impl BuildRun {
         tokio::task::spawn_blocking(move || {
             let label = run.graph.node(node).label.clone();
             let outcome = match &step {
-                InstructionKind::Run(spec) => run.run_step(node, spec, &parent),
+                InstructionKind::Run(spec) => run.run_step(node, spec, &parent, &work),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let is_add = matches!(step, InstructionKind::Add(_));
                     run.copy_step(
@@ -515,6 +523,7 @@ impl BuildRun {
                         &parent,
                         from.as_deref(),
                         tree.as_deref(),
+                        &work,
                     )
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
@@ -523,13 +532,19 @@ impl BuildRun {
                     other.keyword()
                 ))),
             };
-            outcome.map_err(|err| match err {
+            let result = outcome.map_err(|err| match err {
                 BuildError::Store(message) => BuildError::Step {
                     step: label,
                     message,
                 },
                 other => other,
-            })
+            })?;
+            run.engine
+                .index
+                .record_action(&key, &result)
+                .map_err(store)?;
+            run.engine.l1.insert(key, result.clone());
+            Ok(result)
         })
         .await
         .map_err(store)?
@@ -562,6 +577,7 @@ impl BuildRun {
         node: NodeIndex,
         run: &Run,
         parent: &State,
+        work: &Work,
     ) -> Result<ActionResult, BuildError> {
         let executor = self
             .engine
@@ -614,7 +630,6 @@ impl BuildRun {
                 _ => self.spec.network,
             },
         };
-        let id = node.index() as u32 + 1;
         let tail = Mutex::new(VecDeque::with_capacity(FAILURE_TAIL));
         let mut logs = |stream: LogStream, line: &[u8]| {
             let mut kept = tail
@@ -624,14 +639,10 @@ impl BuildRun {
                 kept.pop_front();
             }
             kept.push_back(String::from_utf8_lossy(line).into_owned());
-            self.reporter.report(Progress::Log {
-                node: id,
-                stream,
-                line: line.to_vec(),
-            });
+            work.log(stream, line);
         };
         let code = executor
-            .run(&request, &mut logs, &self.cancel)
+            .run(&request, &mut logs, work.cancel_flag())
             .map_err(|e| match e {
                 crate::exec::ExecError::Cancelled => BuildError::Cancelled,
                 other => BuildError::Store(other.to_string()),
@@ -657,6 +668,7 @@ impl BuildRun {
         parent: &State,
         from: Option<&State>,
         tree: Option<&crate::context::FileTree>,
+        work: &Work,
     ) -> Result<ActionResult, BuildError> {
         let parent_view = RootView::new(self.lower_dirs(parent)?);
         let chown = copy
@@ -759,7 +771,7 @@ impl BuildRun {
             && copy.heredocs.is_empty()
             && let Some(chunks) = plan.chunks(self.engine.options.copy_chunk_bytes)
         {
-            return self.chunked_copy(node, plan, &chunks, &spec, &parent_view);
+            return self.chunked_copy(node, plan, &chunks, &spec, &parent_view, work);
         }
         self.new_layer("copy-", |staging| {
             for plan in &plans {
@@ -780,6 +792,7 @@ impl BuildRun {
         chunks: &[copy::Chunk],
         spec: &CopySpec,
         parent_view: &RootView,
+        work: &Work,
     ) -> Result<ActionResult, BuildError> {
         let base = self
             .keyed
@@ -822,18 +835,14 @@ impl BuildRun {
             })
             .collect::<Result<_, BuildError>>()?;
         let rewritten: u64 = missing.iter().map(|&i| keyed[i].1.bytes).sum();
-        self.reporter.report(Progress::Log {
-            node: node.index() as u32 + 1,
-            stream: LogStream::Stdout,
-            line: format!(
-                "{} layer chunks: {} reused, {} written ({} MB)\n",
-                chunks.len(),
-                chunks.len() - missing.len(),
-                missing.len(),
-                rewritten.div_ceil(1 << 20)
-            )
-            .into_bytes(),
-        });
+        let summary = format!(
+            "{} layer chunks: {} reused, {} written ({} MB)\n",
+            chunks.len(),
+            chunks.len() - missing.len(),
+            missing.len(),
+            rewritten.div_ceil(1 << 20)
+        );
+        work.log(LogStream::Stdout, summary.as_bytes());
         let mut results = cached;
         for (i, result) in written {
             results[i] = Some(result);
@@ -909,65 +918,6 @@ impl BuildRun {
 
     fn scratch(&self, prefix: &str) -> Result<PathBuf, BuildError> {
         self.engine.layers.scratch(prefix).map_err(store)
-    }
-}
-
-impl Engine {
-    /// Runs `work` for `key` unless another build is already computing it; then waits for
-    /// that one's result instead. The flag says whether `work` ran here.
-    pub(super) async fn once(
-        &self,
-        key: Hash,
-        work: impl std::future::Future<Output = Result<ActionResult, BuildError>>,
-    ) -> (Result<ActionResult, Arc<BuildError>>, bool) {
-        let waiting = {
-            let mut inflight = self
-                .inflight
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match inflight.get(&key) {
-                Some(receiver) => Err(receiver.clone()),
-                None => {
-                    let (sender, receiver) = watch::channel(None);
-                    inflight.insert(key, receiver);
-                    Ok(sender)
-                }
-            }
-        };
-        match waiting {
-            Err(mut receiver) => {
-                let shared = match receiver.wait_for(Option::is_some).await {
-                    Ok(outcome) => outcome
-                        .clone()
-                        .unwrap_or_else(|| Err(Arc::new(BuildError::Cancelled))),
-                    // The build computing it went away (cancelled): so does this one's wait.
-                    Err(_) => Err(Arc::new(BuildError::Cancelled)),
-                };
-                (shared, false)
-            }
-            Ok(sender) => {
-                let _forget = ForgetInflight { engine: self, key };
-                let outcome = work.await.map_err(Arc::new);
-                let _ = sender.send(Some(outcome.clone()));
-                (outcome, true)
-            }
-        }
-    }
-}
-
-/// Removes the in-flight entry however the computation ends (also when it is cancelled).
-struct ForgetInflight<'a> {
-    engine: &'a Engine,
-    key: Hash,
-}
-
-impl Drop for ForgetInflight<'_> {
-    fn drop(&mut self) {
-        self.engine
-            .inflight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.key);
     }
 }
 

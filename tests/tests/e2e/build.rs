@@ -288,6 +288,45 @@ fn two_builds_needing_the_same_step_at_once_compute_it_once() {
 }
 
 #[test]
+fn a_build_waiting_on_shared_work_takes_it_over_when_its_starter_is_killed() {
+    if !privileged("a_build_waiting_on_shared_work_takes_it_over_when_its_starter_is_killed") {
+        return;
+    }
+    let bench = Bench::start();
+    let dockerfile =
+        "FROM BASE\nRUN echo started && /bin/busybox sleep 5 && echo finished > /done\n";
+    let ctx = bench.context("takeover", &[("Dockerfile", dockerfile)]);
+    let start = |progress: &str| {
+        bench
+            .daemon
+            .client()
+            .args(["build", "--progress", progress])
+            .arg(&ctx)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("build")
+    };
+    let mut first = start("plain");
+    wait_for_line(first.stderr.take().expect("stderr"), "started");
+    let second = start("plain");
+    // The second build has joined the running step when it says it started it too.
+    std::thread::sleep(Duration::from_millis(500));
+    first.kill().expect("kill the first client");
+    let _ = first.wait();
+    let output = second.wait_with_output().expect("second");
+    let (_, stderr) = texts(&output);
+    assert!(
+        output.status.success(),
+        "the waiting build finished the work: {stderr}\n{}",
+        tail(&bench.daemon.log_text())
+    );
+    // The work recorded its result: a third build finds it cached.
+    let third = bench.build_ok(&ctx, &[]);
+    assert_eq!(executed(&third), 0, "{third}");
+}
+
+#[test]
 fn an_unneeded_broken_stage_does_not_fail_a_target_build() {
     if !privileged("an_unneeded_broken_stage_does_not_fail_a_target_build") {
         return;
