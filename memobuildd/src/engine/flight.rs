@@ -218,14 +218,10 @@ mod tests {
         }
     }
 
+    type Running = std::pin::Pin<Box<dyn Future<Output = Result<ActionResult, BuildError>> + Send>>;
+
     /// Work that logs a line, then waits to be told to finish (or to be cancelled).
-    fn slow(
-        release: Arc<tokio::sync::Notify>,
-    ) -> impl FnOnce(
-        Arc<Work>,
-    ) -> std::pin::Pin<
-        Box<dyn Future<Output = Result<ActionResult, BuildError>> + Send>,
-    > {
+    fn slow(release: Arc<tokio::sync::Notify>) -> impl FnOnce(Arc<Work>) -> Running {
         move |work| {
             Box::pin(async move {
                 work.log(LogStream::Stdout, b"working");

@@ -516,15 +516,11 @@ impl BuildRun {
                 InstructionKind::Run(spec) => run.run_step(node, spec, &parent, &work),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let is_add = matches!(step, InstructionKind::Add(_));
-                    run.copy_step(
-                        node,
-                        spec,
-                        is_add,
-                        &parent,
-                        from.as_deref(),
-                        tree.as_deref(),
-                        &work,
-                    )
+                    let origin = match from.as_deref() {
+                        Some(state) => Origin::Stage(state),
+                        None => Origin::Context(tree.as_deref()),
+                    };
+                    run.copy_step(node, spec, is_add, &parent, origin, &work)
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
                 other => Err(BuildError::Store(format!(
@@ -666,10 +662,13 @@ impl BuildRun {
         copy: &FileCopy,
         is_add: bool,
         parent: &State,
-        from: Option<&State>,
-        tree: Option<&crate::context::FileTree>,
+        origin: Origin<'_>,
         work: &Work,
     ) -> Result<ActionResult, BuildError> {
+        let (from, tree) = match origin {
+            Origin::Stage(state) => (Some(state), None),
+            Origin::Context(tree) => (None, tree),
+        };
         let parent_view = RootView::new(self.lower_dirs(parent)?);
         let chown = copy
             .chown
@@ -919,6 +918,14 @@ impl BuildRun {
     fn scratch(&self, prefix: &str) -> Result<PathBuf, BuildError> {
         self.engine.layers.scratch(prefix).map_err(store)
     }
+}
+
+/// Where a COPY/ADD reads its sources.
+enum Origin<'a> {
+    /// `--from`: another stage or an image.
+    Stage(&'a State),
+    /// The build's snapshot of its context (`None` for heredocs alone).
+    Context(Option<&'a crate::context::FileTree>),
 }
 
 /// Removes a scratch directory when the step ends, unless it was adopted (renamed away).
