@@ -14,6 +14,7 @@ use memobuild_client::launch::spawn_until_ready;
 use tempfile::TempDir;
 
 pub mod bench;
+pub mod cacheserver;
 pub mod docker;
 pub mod registry;
 pub mod workload;

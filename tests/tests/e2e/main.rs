@@ -3,6 +3,7 @@
 mod access;
 mod add;
 mod build;
+mod cacheserver;
 mod frontend;
 mod images;
 mod lifecycle;
