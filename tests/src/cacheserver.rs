@@ -11,6 +11,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+use bazel_remote_apis::google::bytestream as bs;
 use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
 use memobuild_client::launch::spawn_until_ready;
 use sha2::{Digest as _, Sha256};
@@ -173,6 +174,24 @@ pub fn digest(bytes: &[u8]) -> reapi::Digest {
         hash: hex::encode(Sha256::digest(bytes)),
         size_bytes: i64::try_from(bytes.len()).expect("size"),
     }
+}
+
+/// A ByteStream upload of `bytes` to `resource` in messages of `chunk` bytes.
+pub fn write_requests(resource: &str, bytes: &[u8], chunk: usize) -> Vec<bs::WriteRequest> {
+    bytes
+        .chunks(chunk)
+        .enumerate()
+        .map(|(n, data)| bs::WriteRequest {
+            resource_name: if n == 0 {
+                resource.to_owned()
+            } else {
+                String::new()
+            },
+            write_offset: i64::try_from(n * chunk).expect("offset"),
+            finish_write: (n + 1) * chunk >= bytes.len(),
+            data: data.to_vec(),
+        })
+        .collect()
 }
 
 /// Deterministic bytes, distinct per seed.

@@ -151,15 +151,12 @@ async fn get(state: &Arc<State>, key: Key, head: bool) -> Response<Body> {
     if key.kind == Kind::Ac {
         return match state.action_result(key.hash).await {
             Ok(AcEntry::Valid(bytes, _) | AcEntry::Opaque(bytes)) => {
-                state.metrics.sent(bytes.len() as u64);
-                sized(
-                    full(
-                        StatusCode::OK,
-                        octets,
-                        if head { Bytes::new() } else { bytes },
-                    ),
-                    None,
-                )
+                let len = bytes.len() as u64;
+                if head {
+                    return sized(full(StatusCode::OK, octets, Bytes::new()), Some(len));
+                }
+                state.metrics.sent(len);
+                full(StatusCode::OK, octets, bytes)
             }
             Ok(AcEntry::Miss) => error(StatusCode::NOT_FOUND, "not in the action cache"),
             Err(err) => store_error(&err),

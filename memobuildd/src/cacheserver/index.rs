@@ -52,7 +52,7 @@ pub struct Entries {
 #[derive(Debug)]
 pub struct Index {
     entries: Mutex<Entries>,
-    writer: Mutex<mpsc::Sender<Op>>,
+    writer: mpsc::Sender<Op>,
 }
 
 pub fn now_millis() -> i64 {
@@ -104,7 +104,7 @@ impl Index {
         Ok((
             Self {
                 entries: Mutex::new(Entries::default()),
-                writer: Mutex::new(tx),
+                writer: tx,
             },
             loaded,
         ))
@@ -126,13 +126,9 @@ impl Index {
     }
 
     fn send(&self, op: Op) {
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // The writer only stops with the process; a send error means it died, and the
         // next start reconciles the index with the files anyway.
-        let _ = writer.send(op);
+        let _ = self.writer.send(op);
     }
 
     pub fn get(&self, key: &Key) -> Option<Meta> {
@@ -260,7 +256,7 @@ fn open_and_load(path: &Path) -> rusqlite::Result<(Connection, HashMap<Key, Meta
 }
 
 /// The writer thread: applies every queued change in one transaction per wake-up, so a burst
-/// of touches costs one commit.
+/// of touches costs one commit, and repeated touches of one entry one update.
 fn writer(mut conn: Connection, rx: &mpsc::Receiver<Op>, path: &Path) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -297,9 +293,13 @@ fn apply(
             "UPDATE entries SET accessed = ?3, hits = ?4 WHERE kind = ?1 AND hash = ?2",
         )?;
         let mut remove = tx.prepare_cached("DELETE FROM entries WHERE kind = ?1 AND hash = ?2")?;
+        // Only the last touch of an entry since its last put or remove matters; those are
+        // applied at the end (a put or remove drops the touches before it).
+        let mut touches: HashMap<Key, (i64, u64)> = HashMap::new();
         for op in batch {
             match op {
                 Op::Put(key, meta) => {
+                    touches.remove(&key);
                     put.execute(params![
                         key.kind.code(),
                         &key.hash.0[..],
@@ -322,10 +322,19 @@ fn apply(
                     ])?;
                 }
                 Op::Remove(key) => {
+                    touches.remove(&key);
                     remove.execute(params![key.kind.code(), &key.hash.0[..]])?;
                 }
                 Op::Flush(waiter) => waiters.push(waiter),
             }
+        }
+        for (key, (accessed, hits)) in touches {
+            touch.execute(params![
+                key.kind.code(),
+                &key.hash.0[..],
+                accessed,
+                i64::try_from(hits).unwrap_or(i64::MAX),
+            ])?;
         }
     }
     tx.commit()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::google::bytestream as bs;
-use memobuild_tests::cacheserver::{blob, digest};
+use memobuild_tests::cacheserver::{blob, digest, write_requests};
 use reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -301,17 +301,7 @@ impl Client {
                     "{prefix}uploads/{}-{}/blobs/{}/{}",
                     self.id, self.seq, d.hash, d.size_bytes
                 );
-                let chunk = 64 << 10;
-                let requests: Vec<bs::WriteRequest> = bytes
-                    .chunks(chunk)
-                    .enumerate()
-                    .map(|(n, data)| bs::WriteRequest {
-                        resource_name: if n == 0 { name.clone() } else { String::new() },
-                        write_offset: i64::try_from(n * chunk).unwrap_or(0),
-                        finish_write: (n + 1) * chunk >= bytes.len(),
-                        data: data.to_vec(),
-                    })
-                    .collect();
+                let requests = write_requests(&name, &bytes, 64 << 10);
                 let response = self
                     .bytestream
                     .write(tonic::codegen::tokio_stream::iter(requests))
@@ -389,17 +379,7 @@ async fn seed(options: &Options, channel: Channel) -> anyhow::Result<()> {
             format!("{}/", options.instance)
         };
         let name = format!("{prefix}uploads/seed-{i}/blobs/{}/{}", d.hash, d.size_bytes);
-        let chunk = 64 << 10;
-        let requests: Vec<bs::WriteRequest> = bytes
-            .chunks(chunk)
-            .enumerate()
-            .map(|(n, data)| bs::WriteRequest {
-                resource_name: if n == 0 { name.clone() } else { String::new() },
-                write_offset: i64::try_from(n * chunk).unwrap_or(0),
-                finish_write: (n + 1) * chunk >= bytes.len(),
-                data: data.to_vec(),
-            })
-            .collect();
+        let requests = write_requests(&name, &bytes, 64 << 10);
         bytestream
             .write(tonic::codegen::tokio_stream::iter(requests))
             .await

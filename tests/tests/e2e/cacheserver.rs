@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::google::bytestream as bs;
 use hmac::{KeyInit as _, Mac as _};
-use memobuild_tests::cacheserver::{TestCacheServer, blob, digest, http, verify_store};
+use memobuild_tests::cacheserver::{
+    TestCacheServer, blob, digest, http, verify_store, write_requests,
+};
 use memobuild_tests::{privileged, python_tool, texts};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
@@ -215,12 +217,23 @@ fn curl_puts_and_gets_blobs_and_action_results_over_http() {
         &[],
         b"",
     );
-    assert_eq!((response.status, response.body), (200, result));
+    assert_eq!((response.status, response.body), (200, result.clone()));
+    let head = http(
+        server.addr,
+        "HEAD",
+        &format!("/team/ac/{}", hex_sha256(b"action")),
+        &[],
+        b"",
+    );
+    assert_eq!(
+        head.header("content-length"),
+        Some(result.len().to_string().as_str())
+    );
     let metrics = http(server.addr, "GET", "/metrics", &[], b"").text();
     for needle in [
         "memobuild_cache_requests_total{kind=\"http_cas_put\",status=\"200\"} 1",
         "memobuild_cache_requests_total{kind=\"http_cas_put\",status=\"400\"} 1",
-        "memobuild_cache_hits_total{kind=\"ac\"} 1",
+        "memobuild_cache_hits_total{kind=\"ac\"} 2",
         "memobuild_cache_store_entries{kind=\"cas\"} 1",
     ] {
         assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
@@ -554,20 +567,7 @@ async fn concurrent_uploads_of_one_blob_and_abandoned_uploads() {
         let d = d.clone();
         tasks.push(tokio::spawn(async move {
             let resource = format!("uploads/{i}-uuid/blobs/{}/{}", d.hash, d.size_bytes);
-            let requests: Vec<bs::WriteRequest> = bytes
-                .chunks(256 << 10)
-                .enumerate()
-                .map(|(n, chunk)| bs::WriteRequest {
-                    resource_name: if n == 0 {
-                        resource.clone()
-                    } else {
-                        String::new()
-                    },
-                    write_offset: (n * (256 << 10)) as i64,
-                    finish_write: (n + 1) * (256 << 10) >= bytes.len(),
-                    data: chunk.to_vec(),
-                })
-                .collect();
+            let requests = write_requests(&resource, &bytes, 256 << 10);
             client
                 .write(tokio_stream(requests))
                 .await
