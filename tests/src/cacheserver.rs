@@ -309,7 +309,7 @@ pub struct StoreCheck {
     pub action_results: usize,
     /// Blobs whose bytes do not hash to their name.
     pub bad: Vec<PathBuf>,
-    /// Files left in `tmp/`.
+    /// Uploads in progress (`.tmp-…` files beside the entries).
     pub temp_files: usize,
 }
 
@@ -323,10 +323,12 @@ pub fn verify_store(store: &Path) -> StoreCheck {
         for shard in shards {
             for entry in std::fs::read_dir(shard.expect("shard").path()).expect("shard dir") {
                 let path = entry.expect("entry").path();
-                if count_blobs {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if name.starts_with(".tmp-") {
+                    check.temp_files += 1;
+                } else if count_blobs {
                     check.blobs += 1;
                     let bytes = std::fs::read(&path).expect("read blob");
-                    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
                     if hex::encode(Sha256::digest(&bytes)) != name {
                         check.bad.push(path);
                     }
@@ -336,6 +338,5 @@ pub fn verify_store(store: &Path) -> StoreCheck {
             }
         }
     }
-    check.temp_files = std::fs::read_dir(store.join("tmp")).map_or(0, Iterator::count);
     check
 }

@@ -61,6 +61,9 @@ pub fn now_millis() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// How often, at most, the writer commits.
+const WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 const SCHEMA: &str = "
     PRAGMA journal_mode = WAL;
     PRAGMA synchronous = NORMAL;
@@ -275,6 +278,9 @@ fn writer(mut conn: Connection, rx: &mpsc::Receiver<Op>, path: &Path) {
         for waiter in waiters {
             let _ = waiter.send(());
         }
+        // Let changes gather: under load one transaction and one wake-up per interval,
+        // instead of one per request.
+        std::thread::sleep(WRITE_INTERVAL);
     }
 }
 

@@ -3,14 +3,16 @@
 //! ```text
 //! DIR/
 //!   cas/ab/abcdef…   blobs, named by the SHA-256 of their bytes (64 hex), sharded by the first two
+//!   cas/ab/.tmp-…    an upload in progress, beside its final name; removed at start
 //!   ac/ab/abcdef…    action results (serialized REAPI ActionResult), named by their action's digest
-//!   tmp/             uploads in progress; emptied at start
 //!   index.sqlite     the index (see `index`), rebuilt from the files if lost
 //!   analytics.sqlite build reports (see `analytics`)
 //! ```
 //!
 //! The main type is [`Store`]. An entry enters only through a [`BlobWriter`]: bytes go to a
-//! temp file while SHA-256 is computed, and [`BlobWriter::commit`] renames it into place only
+//! temp file in the entry's own shard directory (so the rename stays inside one directory:
+//! no filesystem-wide cross-directory rename lock, and creates spread over 512 directory
+//! locks instead of one) while SHA-256 is computed, and [`BlobWriter::commit`] renames it into place only
 //! when the digest and size match — nothing half-written or mislabelled is ever visible, a
 //! killed server leaves only temp files, and two uploads of one blob both succeed. Entries
 //! beyond the byte budget are evicted, least recently used first, on the eviction thread.
@@ -32,6 +34,9 @@ use sha2::{Digest as _, Sha256};
 
 use super::digest::{Digest, Hash, Key, Kind};
 use super::index::{Index, IndexError, Meta};
+
+/// Names of uploads in progress start with this (never a hex digit).
+const TEMP_PREFIX: &str = ".tmp-";
 
 /// Bytes per chunk of a streamed read.
 pub const READ_CHUNK: usize = 64 << 10;
@@ -111,14 +116,6 @@ impl Store {
                 std::fs::create_dir_all(&path).map_err(StoreError::io(&path, None))?;
             }
         }
-        let tmp = dir.join("tmp");
-        match std::fs::remove_dir_all(&tmp) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(StoreError::io(&tmp, None)(err)),
-        }
-        std::fs::create_dir_all(&tmp).map_err(StoreError::io(&tmp, None))?;
-
         let (index, loaded) = Index::open(&dir.join("index.sqlite"))?;
         let map = reconcile(dir, &loaded)?;
         index.persist_all(&map);
@@ -199,11 +196,9 @@ impl Store {
             });
         }
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let temp = self.dir.join("tmp").join(format!(
-            "{}-{seq}-{}",
-            std::process::id(),
-            &key.hash.hex()[..16]
-        ));
+        let temp = self
+            .path(&key)
+            .with_file_name(format!("{TEMP_PREFIX}{}-{seq}", std::process::id()));
         let file = File::create(&temp).map_err(StoreError::io(&temp, Some(key)))?;
         Ok(BlobWriter {
             store: Arc::clone(self),
@@ -579,6 +574,11 @@ fn reconcile(dir: &Path, loaded: &HashMap<Key, Meta>) -> Result<HashMap<Key, Met
             for entry in entries {
                 let entry = entry.map_err(StoreError::io(&shard_dir, None))?;
                 let path = entry.path();
+                if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    // An upload the last run did not finish.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
                 let hash = entry.file_name().to_str().and_then(Hash::parse_hex);
                 match (hash, entry.metadata()) {
                     (Some(hash), Ok(meta))
@@ -663,6 +663,20 @@ fn eviction_thread(store: &Weak<Store>, wake: &mpsc::Receiver<()>) {
 mod tests {
     use super::*;
 
+    fn temp_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("cas"))
+            .expect("cas")
+            .flat_map(|shard| std::fs::read_dir(shard.expect("shard").path()).expect("shard"))
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(TEMP_PREFIX)
+            })
+            .count()
+    }
+
     fn blob(n: usize, seed: u8) -> Vec<u8> {
         (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
     }
@@ -679,13 +693,9 @@ mod tests {
         writer.write(&bytes[..500]).expect("half");
         assert!(!entry_path(dir.path(), &key).exists());
         assert_eq!(store.touch(&[(key, None)], false), [false]);
+        assert_eq!(temp_files(dir.path()), 1);
         drop(writer);
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp"))
-                .expect("tmp")
-                .count(),
-            0
-        );
+        assert_eq!(temp_files(dir.path()), 0);
 
         let mut wrong = bytes.clone();
         wrong[10] ^= 1;
@@ -759,7 +769,8 @@ mod tests {
         // verify-then-rename could have left.
         let bad = Key::cas(Hash::of(b"other"));
         std::fs::write(entry_path(dir.path(), &bad), b"not other").expect("plant");
-        std::fs::write(dir.path().join("tmp/leftover"), b"partial").expect("plant temp");
+        let leftover = entry_path(dir.path(), &bad).with_file_name(".tmp-1-1");
+        std::fs::write(leftover, b"partial").expect("plant temp");
 
         let store = Store::open(dir.path(), 1 << 30).expect("reopen");
         assert_eq!(
@@ -771,12 +782,7 @@ mod tests {
             }
         );
         assert!(!entry_path(dir.path(), &bad).exists());
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp"))
-                .expect("tmp")
-                .count(),
-            0
-        );
+        assert_eq!(temp_files(dir.path()), 0);
     }
 
     #[tokio::test]

@@ -232,7 +232,13 @@ impl Client {
                     })
                     .await?
                     .into_inner();
-                for (item, (expected, _)) in response.responses.iter().zip(&blobs) {
+                // Responses may come in any order (and a repeated digest once): match by digest.
+                for (expected, d) in &blobs {
+                    let item = response
+                        .responses
+                        .iter()
+                        .find(|r| r.digest.as_ref() == Some(d))
+                        .with_context(|| format!("BatchReadBlobs did not answer for {}", d.hash))?;
                     if item.status.as_ref().is_some_and(|s| s.code != 0) || item.data != *expected {
                         bail!("BatchReadBlobs returned wrong data or {:?}", item.status);
                     }

@@ -692,7 +692,7 @@ fn disk_full_refuses_uploads_with_507_and_keeps_serving_reads() {
         (200, true),
         "reads keep working"
     );
-    let mut cas = tokio::runtime::Runtime::new()
+    tokio::runtime::Runtime::new()
         .expect("runtime")
         .block_on(async {
             let mut cas = server.cas().await;
@@ -715,9 +715,7 @@ fn disk_full_refuses_uploads_with_507_and_keeps_serving_reads() {
                 Some(tonic::Code::ResourceExhausted as i32),
                 "{response:?}"
             );
-            cas
         });
-    let _ = &mut cas;
     let metrics = http(server.addr, "GET", "/metrics", &[], b"").text();
     assert!(metrics.contains("status=\"507\""), "{metrics}");
     let check = verify_store(&server.store);
@@ -743,10 +741,8 @@ async fn malformed_requests_cost_only_their_connection() {
         // The server answers with an error or nothing, and closes: read reaches EOF.
         let _ = stream.read_to_end(&mut answer);
         let text = String::from_utf8_lossy(&answer);
-        assert!(
-            answer.is_empty() || text.starts_with("HTTP/1.1 4") || !text.starts_with("HTTP/1.1 2"),
-            "{text}"
-        );
+        // Nothing, or an error status: never a success.
+        assert!(!text.starts_with("HTTP/1.1 2"), "{text}");
     }
     // Oversized headers.
     let huge = "x".repeat(200 << 10);
