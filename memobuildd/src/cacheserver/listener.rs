@@ -70,7 +70,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let routes = grpc::routes(&state);
-    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -92,15 +92,15 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         let routes = routes.clone();
-        let graceful = Arc::clone(&graceful);
+        let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, peer, state, routes, &graceful).await,
+                None => serve_connection(stream, peer, state, routes, watcher).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            serve_connection(stream, peer, state, routes, &graceful).await;
+                            serve_connection(stream, peer, state, routes, watcher).await;
                         }
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "TLS handshake failed")
@@ -113,15 +113,10 @@ pub async fn serve(
         });
     }
     drop(socket);
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|shared| {
-        // Connection tasks still hold their clones; a fresh watcher would see nothing, so
-        // wait for them by the clock instead.
-        tracing::debug!(
-            holders = Arc::strong_count(&shared),
-            "waiting for connections"
-        );
-        hyper_util::server::graceful::GracefulShutdown::new()
-    });
+    tracing::debug!(
+        connections = graceful.count(),
+        "waiting for open connections"
+    );
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
         .is_err()
@@ -135,7 +130,7 @@ async fn serve_connection<IO>(
     peer: SocketAddr,
     state: Arc<State>,
     routes: tonic::service::Routes,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    watcher: hyper_util::server::graceful::Watcher,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -160,7 +155,7 @@ async fn serve_connection<IO>(
         async move { Ok::<_, Infallible>(dispatch(state, routes, request, peer).await) }
     });
     let connection = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(err) = graceful.watch(connection).await {
+    if let Err(err) = watcher.watch(connection).await {
         // Malformed requests, resets, clients gone: that connection ends, nothing else.
         tracing::debug!(%peer, error = %err, "connection ended with an error");
     }

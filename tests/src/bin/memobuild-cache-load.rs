@@ -19,7 +19,7 @@ use serde_json::json;
 use tonic::transport::Channel;
 
 const USAGE: &str = "usage: memobuild-cache-load --target http://HOST:PORT [--instance NAME] \
-    [--clients N] [--duration SECS] [--http] [--label TEXT]";
+    [--clients N] [--duration SECS] [--http] [--small-only] [--label TEXT]";
 const SMALL_BLOBS: u64 = 256;
 const LARGE_BLOBS: u64 = 8;
 const LARGE: usize = 1 << 20;
@@ -33,6 +33,8 @@ struct Options {
     clients: usize,
     duration: Duration,
     http: bool,
+    /// Only small requests: no ByteStream transfers.
+    small_only: bool,
     label: String,
 }
 
@@ -43,6 +45,7 @@ fn options() -> anyhow::Result<Options> {
         clients: 50,
         duration: Duration::from_secs(15),
         http: false,
+        small_only: false,
         label: String::new(),
     };
     let mut args = std::env::args().skip(1);
@@ -57,6 +60,7 @@ fn options() -> anyhow::Result<Options> {
             "--clients" => options.clients = value()?.parse()?,
             "--duration" => options.duration = Duration::from_secs_f64(value()?.parse()?),
             "--http" => options.http = true,
+            "--small-only" => options.small_only = true,
             "--label" => options.label = value()?,
             _ => bail!("unknown argument {arg}\n{USAGE}"),
         }
@@ -96,8 +100,17 @@ impl Op {
     }
 
     /// The mix: mostly the small look-ups a build's cache traffic is made of.
-    fn pick(roll: u64, http: bool) -> Self {
+    fn pick(roll: u64, http: bool, small_only: bool) -> Self {
         let roll = roll % 100;
+        if small_only {
+            return match (roll, http) {
+                (0..40, _) => Self::FindMissing,
+                (40..60, true) => Self::HttpGet,
+                (60..70, true) => Self::HttpPut,
+                (70..85, true) | (40..70, false) => Self::BatchRead,
+                _ => Self::BatchUpdate,
+            };
+        }
         if http {
             match roll {
                 0..25 => Self::FindMissing,
@@ -452,7 +465,11 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut local = Tally::default();
             while Instant::now() < deadline {
-                let op = Op::pick(client.roll(), client.options.http);
+                let op = Op::pick(
+                    client.roll(),
+                    client.options.http,
+                    client.options.small_only,
+                );
                 let began = Instant::now();
                 let result = client.run(op).await;
                 local.latencies.entry(op).or_default().push(began.elapsed());
@@ -512,6 +529,7 @@ async fn main() -> anyhow::Result<()> {
         "clients": options.clients,
         "duration_s": elapsed,
         "http": options.http,
+        "small_only": options.small_only,
         "ops": all.len(),
         "errors": errors,
         "first_errors": tally.first_errors,

@@ -1047,3 +1047,36 @@ fn tls_serves_http_and_sigterm_stops_cleanly() {
     let exit = server.terminate();
     assert!(exit.success(), "{exit:?}\n{}", server.log_text());
 }
+
+#[test]
+fn sigterm_lets_an_upload_in_flight_finish() {
+    let mut server = TestCacheServer::start(&[]);
+    let bytes = blob(2 << 20, 31);
+    let hash = hex_sha256(&bytes);
+    let mut stream = TcpStream::connect(server.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!(
+        "PUT /cas/{hash} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        bytes.len()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    stream.write_all(&bytes[..1 << 20]).expect("first half");
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = server.pid();
+    memobuild_tests::signal(pid, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        memobuild_tests::process_exists(pid),
+        "the server waits for the upload in flight"
+    );
+    stream.write_all(&bytes[1 << 20..]).expect("second half");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let exit = server.terminate();
+    assert!(exit.success(), "{exit:?}\n{}", server.log_text());
+    let check = verify_store(&server.store);
+    assert_eq!((check.blobs, check.bad.len()), (1, 0), "{check:?}");
+}
