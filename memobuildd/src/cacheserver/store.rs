@@ -209,6 +209,7 @@ impl Store {
             file: Some(file),
             hasher: Sha256::new(),
             written: 0,
+            committed: false,
         })
     }
 
@@ -504,6 +505,8 @@ pub struct BlobWriter {
     file: Option<File>,
     hasher: Sha256,
     written: u64,
+    /// Renamed into place: no temp file left to remove.
+    committed: bool,
 }
 
 impl BlobWriter {
@@ -547,14 +550,16 @@ impl BlobWriter {
         // Closing before the rename: a reader never sees a file still being written to.
         drop(self.file.take());
         self.store.install(self.key, &self.temp, self.written)?;
+        self.committed = true;
         Ok(self.written)
     }
 }
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        // Committed: the temp name was renamed away and this finds nothing.
-        let _ = std::fs::remove_file(&self.temp);
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temp);
+        }
     }
 }
 
