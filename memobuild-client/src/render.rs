@@ -29,7 +29,19 @@ pub fn status(report: &StatusReport) -> String {
         "connections:  {} open, {} served; {} requests",
         report.connections_active, report.connections_total, report.requests_total
     );
-    let _ = writeln!(out, "builds:       {} running", report.builds_active);
+    let _ = writeln!(out, "builds:       {} running", report.builds.len());
+    for build in &report.builds {
+        let step = build.step.as_deref().unwrap_or("waiting");
+        let _ = writeln!(
+            out,
+            "  {} ({}): {step}, {}/{} steps, {}",
+            build.context.display(),
+            build.dockerfile.display(),
+            build.steps_done,
+            build.steps_total,
+            duration(Duration::from_millis(build.elapsed_ms))
+        );
+    }
     let _ = writeln!(out, "cache:        {}", cache(&report.cache));
     if report.workspaces.is_empty() {
         let _ = writeln!(out, "workspaces:   none watched");
@@ -58,17 +70,17 @@ fn cache(stats: &CacheStats) -> String {
 
 /// One workspace: where, how big, how fresh, and what is dirty because of what.
 pub fn workspace(ws: &WorkspaceStatus) -> String {
+    let live = match (&ws.degraded, ws.watching) {
+        (Some(why), _) => format!(", degraded, scanned at build time: {why}"),
+        (None, true) => String::new(),
+        (None, false) => ", not watched live (scanned at build time)".into(),
+    };
     let mut out = format!(
-        "  {} ({}): {} files, {}{}\n",
+        "  {} ({}): {} files, {}{live}\n",
         ws.context.display(),
         ws.dockerfile.display(),
         ws.files,
         bytes(ws.bytes),
-        if ws.watching {
-            ""
-        } else {
-            ", not watched live (scanned at build time)"
-        }
     );
     if let Some(ms) = ws.last_change_unix_ms {
         let now = std::time::SystemTime::now()
@@ -84,7 +96,9 @@ pub fn workspace(ws: &WorkspaceStatus) -> String {
             error.replace('\n', "\n      ")
         );
     }
-    if ws.dirty.is_empty() {
+    if !ws.built {
+        let _ = writeln!(out, "    never built: nothing to compare with yet");
+    } else if ws.dirty.is_empty() {
         let _ = writeln!(out, "    clean: nothing changed since the last build");
     }
     for dirty in &ws.dirty {

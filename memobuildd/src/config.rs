@@ -16,7 +16,16 @@
 //! | extra registry CA (PEM) | | | `registry_ca_file` | none |
 //! | keep built contexts watched | | | `watch_built_contexts` | true |
 //! | bytes per chunk of a large COPY's layer (0: one layer per COPY, as Docker) | | | `copy_chunk_bytes` | 32 MiB |
+//! | remote cache (L3): `grpc://host:port[/instance]`, `grpcs://host[:port][/instance]`, `http(s)://host[:port][/prefix]` | | `MEMOBUILD_REMOTE_URL` | `remote_cache` | none |
+//! | remote cache mode: `read-write`, `read-only`, `off` | | `MEMOBUILD_REMOTE_CACHE_MODE` | `remote_cache_mode` | `read-write` |
+//! | remote cache bearer token (wins over basic auth) | | `MEMOBUILD_REMOTE_TOKEN` | `remote_cache_token_file` | none |
+//! | remote cache basic auth (also `scheme://user:password@host` in the URL) | | `MEMOBUILD_REMOTE_USER`, `MEMOBUILD_REMOTE_PASSWORD` | `remote_cache_user`, `remote_cache_password_file` | none |
+//! | extra CA for the remote cache (PEM) | | | `remote_cache_ca_file` | none |
+//! | secret that signs and checks remote cache entries | | `MEMOBUILD_CACHE_SECRET` | `remote_cache_secret_file` | none: entries unsigned, none checked |
 //! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
+//!
+//! Secrets in files (token, password, signing secret) lose trailing whitespace; an empty one
+//! is an error. The remote-cache keys are read only when a remote cache URL is set.
 //!
 //! A missing default config file is fine; a missing file named by flag or environment is an
 //! error, and so is an unknown key (a typo must not be silently ignored).
@@ -42,6 +51,9 @@ use std::time::Duration;
 use memobuild_protocol::paths;
 use serde::Deserialize;
 
+use crate::cache::remote::settings::{self, Auth, Endpoint, SettingsError};
+use crate::cache::remote::{RemoteMode, RemoteSettings, Secret};
+
 /// The daemon's resolved configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -65,6 +77,8 @@ pub struct Config {
     /// A COPY from the context of at least twice this many bytes becomes several layers of
     /// about this size, so an edit rewrites one of them (`engine::copy::Plan::chunks`).
     pub copy_chunk_bytes: u64,
+    /// The shared remote cache (L3); `None` without a URL or with mode `off`.
+    pub remote_cache: Option<RemoteSettings>,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -102,6 +116,8 @@ pub enum ConfigError {
     BadAddress { what: &'static str, value: String },
     #[error("--tls-cert and --tls-key go together; only {given} was given")]
     TlsHalf { given: &'static str },
+    #[error(transparent)]
+    RemoteCache(#[from] SettingsError),
 }
 
 /// The config file's shape. Every key is optional; unknown keys are errors.
@@ -118,6 +134,13 @@ struct FileConfig {
     registry_ca_file: Option<PathBuf>,
     watch_built_contexts: Option<bool>,
     copy_chunk_bytes: Option<u64>,
+    remote_cache: Option<String>,
+    remote_cache_mode: Option<String>,
+    remote_cache_token_file: Option<PathBuf>,
+    remote_cache_user: Option<String>,
+    remote_cache_password_file: Option<PathBuf>,
+    remote_cache_ca_file: Option<PathBuf>,
+    remote_cache_secret_file: Option<PathBuf>,
     serve_cache: Option<FileServeCache>,
 }
 
@@ -146,6 +169,12 @@ enum SizeValue {
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
 const SOCKET_GROUP_ENV: &str = "MEMOBUILD_SOCKET_GROUP";
 const LOG_ENV: &str = "MEMOBUILD_LOG";
+const REMOTE_URL_ENV: &str = "MEMOBUILD_REMOTE_URL";
+const REMOTE_MODE_ENV: &str = "MEMOBUILD_REMOTE_CACHE_MODE";
+const REMOTE_TOKEN_ENV: &str = "MEMOBUILD_REMOTE_TOKEN";
+const REMOTE_USER_ENV: &str = "MEMOBUILD_REMOTE_USER";
+const REMOTE_PASSWORD_ENV: &str = "MEMOBUILD_REMOTE_PASSWORD";
+const CACHE_SECRET_ENV: &str = "MEMOBUILD_CACHE_SECRET";
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Big enough that a COPY under 64 MiB stays one layer, as Docker makes it; small enough
 /// that rewriting a chunk (16–64 MiB) after an edit takes a few tenths of a second. At
@@ -169,6 +198,7 @@ impl Config {
 
         let (file, config_file) = load_file_config(flags.config.clone(), euid, &env)?;
 
+        let remote_cache = remote_settings(&file, &env_string)?;
         // Flags and environment beat the file; the file beats the defaults. The protocol
         // crate owns the flag → environment → default chain so the client agrees with it.
         let root = flags
@@ -223,6 +253,7 @@ impl Config {
             registry_ca_file: file.registry_ca_file,
             watch_built_contexts: file.watch_built_contexts.unwrap_or(true),
             copy_chunk_bytes: file.copy_chunk_bytes.unwrap_or(DEFAULT_COPY_CHUNK_BYTES),
+            remote_cache,
             config_file,
         })
     }
@@ -442,6 +473,54 @@ fn resolve_log(
         .unwrap_or_else(|| "info".to_owned())
 }
 
+/// The remote cache settings: environment over file, secrets from the environment or files.
+fn remote_settings(
+    file: &FileConfig,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<RemoteSettings>, ConfigError> {
+    let Some(url) = env(REMOTE_URL_ENV).or_else(|| file.remote_cache.clone()) else {
+        return Ok(None);
+    };
+    let mode = match env(REMOTE_MODE_ENV).or_else(|| file.remote_cache_mode.clone()) {
+        Some(text) => text.parse()?,
+        None => RemoteMode::default(),
+    };
+    if mode == RemoteMode::Off {
+        return Ok(None);
+    }
+    let (endpoint, url_auth) = Endpoint::parse(&url)?;
+    let from_file = |path: &Option<PathBuf>| path.as_deref().map(settings::read_secret_file);
+    let token = match env(REMOTE_TOKEN_ENV) {
+        Some(token) => Some(Secret::new(token)),
+        None => from_file(&file.remote_cache_token_file).transpose()?,
+    };
+    let user = env(REMOTE_USER_ENV).or_else(|| file.remote_cache_user.clone());
+    let auth = match (token, user) {
+        (Some(token), _) => Some(Auth::Bearer(token)),
+        (None, Some(user)) => {
+            let password = match env(REMOTE_PASSWORD_ENV) {
+                Some(password) => Secret::new(password),
+                None => from_file(&file.remote_cache_password_file)
+                    .transpose()?
+                    .unwrap_or_else(|| Secret::new("")),
+            };
+            Some(Auth::Basic { user, password })
+        }
+        (None, None) => url_auth,
+    };
+    let secret = match env(CACHE_SECRET_ENV) {
+        Some(secret) => Some(Secret::new(secret)),
+        None => from_file(&file.remote_cache_secret_file).transpose()?,
+    };
+    Ok(Some(RemoteSettings {
+        endpoint,
+        mode,
+        auth,
+        ca_file: file.remote_cache_ca_file.clone(),
+        secret,
+    }))
+}
+
 fn default_config_file(euid: u32, env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
     if euid == 0 {
         return Some(PathBuf::from("/etc/memobuild/memobuildd.toml"));
@@ -559,6 +638,94 @@ mod tests {
         assert!(msg.contains(file.to_str().expect("utf-8")), "{msg}");
         assert!(msg.contains("sokcet"), "{msg}");
         assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn remote_cache_settings_environment_over_file_secrets_from_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("secret"), "file secret\n").expect("secret");
+        std::fs::write(dir.path().join("token"), "file-token\n").expect("token");
+        let file = write_config(
+            dir.path(),
+            &format!(
+                "remote_cache = \"grpc://cache:8980/team\"\nremote_cache_mode = \"read-only\"\n\
+                 remote_cache_secret_file = \"{0}/secret\"\nremote_cache_token_file = \"{0}/token\"\n\
+                 remote_cache_ca_file = \"/etc/ca.pem\"\n",
+                dir.path().display()
+            ),
+        );
+        let config = file.to_str().expect("utf-8").to_owned();
+        let cfg = Config::resolve(
+            Overrides::default(),
+            1000,
+            env_from(&[("MEMOBUILD_CONFIG", &config)]),
+        )
+        .expect("resolve");
+        let remote = cfg.remote_cache.expect("configured");
+        assert_eq!(remote.endpoint.display(), "grpc://cache:8980/team");
+        assert_eq!(remote.mode, RemoteMode::ReadOnly);
+        assert_eq!(remote.auth, Some(Auth::Bearer(Secret::new("file-token"))));
+        assert_eq!(remote.secret, Some(Secret::new("file secret")));
+        assert_eq!(remote.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+
+        let env = env_from(&[
+            ("MEMOBUILD_CONFIG", &config),
+            ("MEMOBUILD_REMOTE_URL", "https://u:p@other/bazel"),
+            ("MEMOBUILD_REMOTE_CACHE_MODE", "read-write"),
+            ("MEMOBUILD_REMOTE_TOKEN", "env-token"),
+            ("MEMOBUILD_CACHE_SECRET", "env secret"),
+        ]);
+        let remote = Config::resolve(Overrides::default(), 1000, env)
+            .expect("resolve")
+            .remote_cache
+            .expect("configured");
+        assert_eq!(remote.endpoint.display(), "https://other:443/bazel");
+        assert_eq!(remote.mode, RemoteMode::ReadWrite);
+        assert_eq!(remote.auth, Some(Auth::Bearer(Secret::new("env-token"))));
+        assert_eq!(remote.secret, Some(Secret::new("env secret")));
+
+        let basic = env_from(&[
+            ("MEMOBUILD_REMOTE_URL", "http://127.0.0.1:8080/cache"),
+            ("MEMOBUILD_REMOTE_USER", "ci"),
+            ("MEMOBUILD_REMOTE_PASSWORD", "pw"),
+        ]);
+        let remote = Config::resolve(Overrides::default(), 0, basic)
+            .expect("resolve")
+            .remote_cache
+            .expect("configured");
+        assert_eq!(
+            remote.auth,
+            Some(Auth::Basic {
+                user: "ci".into(),
+                password: Secret::new("pw")
+            })
+        );
+        assert_eq!(remote.secret, None);
+    }
+
+    #[test]
+    fn remote_cache_off_unset_or_malformed() {
+        let off = env_from(&[
+            ("MEMOBUILD_REMOTE_URL", "grpc://cache:1"),
+            ("MEMOBUILD_REMOTE_CACHE_MODE", "off"),
+        ]);
+        let cfg = Config::resolve(Overrides::default(), 0, off).expect("resolve");
+        assert_eq!(cfg.remote_cache, None);
+        let unset = Config::resolve(Overrides::default(), 0, env_from(&[])).expect("resolve");
+        assert_eq!(unset.remote_cache, None);
+        for (key, value) in [
+            ("MEMOBUILD_REMOTE_URL", "grpc://cache"),
+            ("MEMOBUILD_REMOTE_CACHE_MODE", "sometimes"),
+        ] {
+            let env = env_from(&[("MEMOBUILD_REMOTE_URL", "grpc://cache:1"), (key, value)]);
+            assert!(
+                matches!(
+                    Config::resolve(Overrides::default(), 0, env),
+                    Err(ConfigError::RemoteCache(_))
+                ),
+                "{key}={value}"
+            );
+        }
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //! `MEMOBUILD_FUZZ_SEED` picks another seed.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::Path;
 use std::time::{Duration, Instant};
 use std::{env, fs};
 
 use memobuildd::frontend::{self, shell};
 use memobuildd::plan::{self, PlanOptions};
+
+mod common;
 
 struct XorShift(u64);
 
@@ -86,14 +87,14 @@ fn seed() -> u64 {
         .unwrap_or(0x9e37_79b9_7f4a_7c15)
 }
 
-/// Every Dockerfile of the conformance data, plus [`SEEDS`].
+/// Every Dockerfile of the conformance data (when it is here), plus [`SEEDS`].
 fn corpus() -> Vec<Vec<u8>> {
-    let root = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/conformance/dockerfile-parser"
-    ));
     let mut files = Vec::new();
-    let mut dirs = vec![root.to_path_buf()];
+    let Some(root) = common::data_root("frontend_fuzz corpus") else {
+        files.extend(SEEDS.iter().map(|s| s.as_bytes().to_vec()));
+        return files;
+    };
+    let mut dirs = vec![root.join("dockerfile-parser")];
     while let Some(dir) = dirs.pop() {
         for entry in fs::read_dir(&dir).expect("conformance data") {
             let path = entry.expect("entry").path();

@@ -332,6 +332,19 @@ pub struct StatusReport {
     pub builds_active: u64,
     pub workspaces: Vec<WorkspaceStatus>,
     pub cache: CacheStats,
+    /// The builds running now, oldest first.
+    pub builds: Vec<RunningBuild>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningBuild {
+    pub context: PathBuf,
+    pub dockerfile: PathBuf,
+    /// The step executing (or waited for) now, e.g. `[build 2/5] RUN make`.
+    pub step: Option<String>,
+    pub steps_done: u64,
+    pub steps_total: u64,
+    pub elapsed_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,6 +357,10 @@ pub struct WorkspaceStatus {
     pub last_change_unix_ms: Option<u64>,
     /// The watcher is live; `false` means changes are found by scanning at build time.
     pub watching: bool,
+    /// Why the watcher does not cover this workspace (watch limit, context gone), if so.
+    pub degraded: Option<String>,
+    /// Whether it was ever built; dirty marks compare with the last build.
+    pub built: bool,
     /// Files whose content the last full scan had to read (the rest came from the stat cache).
     pub hashed_files: u64,
     pub dirty: Vec<DirtyNode>,

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 const READY_WITHIN: Duration = Duration::from_secs(60);
+/// Debian's CLI, matching Debian's daemon: it builds with the daemon's built-in BuildKit,
+/// where a newer `docker` on `PATH` would want the buildx plugin.
+const DEBIAN_CLI: &str = "/usr/bin/docker";
 
 #[derive(Debug)]
 pub struct TestDocker {
@@ -66,12 +69,52 @@ impl TestDocker {
 
     /// `docker ARGS…` against this daemon.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new("docker")
-            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
-            .env("DOCKER_CONFIG", self.dir.path().join("client"))
+        self.command()
             .args(args)
             .output()
             .expect("docker client (docker.io)")
+    }
+
+    /// The `docker` client pointed at this daemon, BuildKit on.
+    pub fn command(&self) -> Command {
+        let cli = if Path::new(DEBIAN_CLI).is_file() {
+            DEBIAN_CLI
+        } else {
+            "docker"
+        };
+        let mut command = Command::new(cli);
+        command
+            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
+            .env("DOCKER_CONFIG", self.dir.path().join("client"))
+            .env("DOCKER_BUILDKIT", "1");
+        command
+    }
+
+    /// Copies `reference` from a plain-HTTP registry into this daemon under the same name
+    /// (skopeo to a `docker load` archive), as `bench/compare.sh` gives BuildKit its base.
+    pub fn load_from_registry(&self, reference: &str) -> Result<(), String> {
+        let archive = self.dir.path().join("loaded.tar");
+        let _ = std::fs::remove_file(&archive);
+        let copy = Command::new("skopeo")
+            .args(["copy", "-q", "--src-tls-verify=false"])
+            .arg(format!("docker://{reference}"))
+            .arg(format!("docker-archive:{}:{reference}", archive.display()))
+            .output()
+            .map_err(|e| format!("skopeo: {e}"))?;
+        if !copy.status.success() {
+            return Err(format!(
+                "skopeo copy {reference}: {}",
+                String::from_utf8_lossy(&copy.stderr)
+            ));
+        }
+        let load = self.run(&["load", "-q", "-i", &archive.to_string_lossy()]);
+        if !load.status.success() {
+            return Err(format!(
+                "docker load: {}",
+                String::from_utf8_lossy(&load.stderr)
+            ));
+        }
+        Ok(())
     }
 
     pub fn log(&self) -> String {

@@ -1,21 +1,26 @@
 //! Support for the end-to-end tests: the real `memobuildd` on a temp socket and root
-//! ([`TestDaemon`]), the real `memobuild` client ([`TestDaemon::client`]), and the rule for
-//! tests that need privileges ([`privileged`]).
+//! ([`TestDaemon`]), the real `memobuild` client ([`TestDaemon::client`]), the rule for
+//! tests that need privileges ([`privileged`]) or tools ([`required_tool`]), and real servers
+//! (`registry`, `buildgrid`, `nginx`, `docker`).
 //!
 //! The binaries are the ones cargo built next to the test executable; the README's test
 //! command builds them first (`cargo build --workspace --bins`).
 
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use memobuild_client::Connection;
 use memobuild_client::launch::spawn_until_ready;
 use tempfile::TempDir;
 
 pub mod bench;
+pub mod buildgrid;
 pub mod cacheserver;
+pub mod conformance;
 pub mod docker;
+pub mod nginx;
 pub mod registry;
 pub mod workload;
 
@@ -235,4 +240,55 @@ pub fn texts(output: &Output) -> (String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// How long a test server may take to listen.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// `path` if the tool is there; otherwise a skip message, or a failure where skips are not
+/// allowed.
+pub fn required_tool(test: &str, tool: &str, path: Option<PathBuf>) -> Option<PathBuf> {
+    if path.is_some() {
+        return path;
+    }
+    let strict = std::env::var_os(REQUIRE_PRIVILEGED_ENV).is_some()
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(
+        !strict,
+        "{test} needs {tool} (bash .ci/install-deps installs it) and skipping is not allowed here"
+    );
+    eprintln!("SKIPPED {test}: {tool} is not installed (bash .ci/install-deps)");
+    None
+}
+
+/// Waits until something accepts connections on `port`, failing early if `child` exits.
+pub fn wait_listening(child: &mut Child, port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited with {status}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port} within {READY_WITHIN:?}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn spawn_logged(mut command: Command, log: &Path, what: &str) -> Child {
+    let file = std::fs::File::create(log).expect("server log");
+    command
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log fd"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|err| panic!("start {what}: {err}"))
 }

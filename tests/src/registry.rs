@@ -292,7 +292,7 @@ fn resolve(host: &str) -> String {
 
 /// Makes a CA (`ca.pem`) in `dir` and a certificate for `host` signed by it; returns the
 /// certificate and key paths.
-fn issue_certificate(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
+pub fn issue_certificate(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     let openssl = |command: &str| {
         let output = Command::new("openssl")
             .args(command.split_whitespace())

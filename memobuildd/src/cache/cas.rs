@@ -34,7 +34,7 @@ impl Digest {
         Self::from_hasher(Sha256::new_with_prefix(bytes))
     }
 
-    fn from_hasher(hasher: Sha256) -> Self {
+    pub(crate) fn from_hasher(hasher: Sha256) -> Self {
         Self(format!("sha256:{}", hex::encode(hasher.finalize())))
     }
 

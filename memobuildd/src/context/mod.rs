@@ -144,8 +144,11 @@ pub fn refresh(
             hash_entries(context, &mut entries, cache, scan_start_ns, true)?;
             entries
         };
+        let kept = !replacement.is_empty();
         touched.extend(tree.replace_subtree(rel, replacement));
-        add_missing_parents(context, tree, rel, &mut touched);
+        if kept {
+            add_missing_parents(context, tree, rel, &mut touched);
+        }
     }
     cache.flush()?;
     Ok(touched)

@@ -248,7 +248,11 @@ impl FileTree {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"memobuild-sources-v1\0");
         let mut matched = 0u64;
+        let mut named_links = Vec::new();
         for (path, entry) in self.select(sources, excludes) {
+            if entry.kind == EntryKind::Symlink && sources.iter().any(|s| s.matches(path)) {
+                named_links.push(path);
+            }
             // A directory is listed for its own path and mode; its contents are listed one
             // by one, so its Merkle hash (which would include excluded files) stays out.
             let content = if entry.kind == EntryKind::Dir {
@@ -259,10 +263,69 @@ impl FileTree {
             hash_entry(&mut hasher, path, entry, &content);
             matched += 1;
         }
+        // A symlink a source names is followed by COPY: what it leads to is read too.
+        for path in named_links {
+            hasher.update(b"\0followed\0");
+            let Some(target) = self.resolve(path) else {
+                continue;
+            };
+            let below = format!("{target}/");
+            for (inner, entry) in self.iter().filter(|(p, _)| {
+                (*p == target || p.starts_with(&below)) && !excludes.is_excluded(p)
+            }) {
+                let content = if entry.kind == EntryKind::Dir {
+                    [0; 32]
+                } else {
+                    entry.hash
+                };
+                hash_entry(&mut hasher, inner, entry, &content);
+                matched += 1;
+            }
+        }
         Fingerprint {
             hash: *hasher.finalize().as_bytes(),
             entries: matched,
         }
+    }
+
+    /// `path` with every symlink in it followed inside the context, the last one too (as
+    /// BuildKit follows the sources a COPY names): absolute targets start at the context
+    /// root and `..` stops there. `None` when it leads nowhere in the tree or loops.
+    pub fn resolve(&self, path: &str) -> Option<String> {
+        const MAX_HOPS: usize = 40;
+        let mut pending: Vec<String> = path.rsplit('/').map(str::to_owned).collect();
+        let mut resolved = String::new();
+        let mut hops = 0;
+        while let Some(component) = pending.pop() {
+            match component.as_str() {
+                "" | "." => continue,
+                ".." => {
+                    resolved = parent(&resolved).to_owned();
+                    continue;
+                }
+                _ => {}
+            }
+            let candidate = if resolved.is_empty() {
+                component
+            } else {
+                format!("{resolved}/{component}")
+            };
+            let entry = self.get(&candidate)?;
+            match entry.link_target.as_deref() {
+                Some(target) if entry.kind == EntryKind::Symlink => {
+                    hops += 1;
+                    if hops > MAX_HOPS {
+                        return None;
+                    }
+                    if target.starts_with('/') {
+                        resolved.clear();
+                    }
+                    pending.extend(target.rsplit('/').map(str::to_owned));
+                }
+                _ => resolved = candidate,
+            }
+        }
+        Some(resolved)
     }
 
     /// The entries a source set reads, in path order.
@@ -508,6 +571,41 @@ mod tests {
             base.fingerprint(&src, &excludes),
             edited_src.fingerprint(&src, &excludes)
         );
+    }
+
+    fn link(target: &str) -> Entry {
+        Entry {
+            kind: EntryKind::Symlink,
+            link_target: Some(target.into()),
+            hash: *blake3::hash(target.as_bytes()).as_bytes(),
+            ..file("", 0o777)
+        }
+    }
+
+    #[test]
+    fn a_named_symlink_is_followed_inside_the_context() {
+        let with = |content: &str| {
+            tree(&[
+                ("a.txt", file(content, 0o644)),
+                ("d/x", file("x", 0o644)),
+                ("link", link("a.txt")),
+                ("sub/up", link("../d")),
+                ("sub/abs", link("/sub/up/x")),
+                ("loop", link("loop")),
+            ])
+        };
+        let t = with("a");
+        assert_eq!(t.resolve("link").as_deref(), Some("a.txt"));
+        assert_eq!(t.resolve("sub/up").as_deref(), Some("d"));
+        assert_eq!(t.resolve("sub/abs").as_deref(), Some("d/x"));
+        assert_eq!(t.resolve("loop"), None);
+        let none = IgnoreRules::default();
+        // The link's target is read by `COPY link`, so its content is in the fingerprint.
+        assert_ne!(
+            t.fingerprint(&sources(&["link"]), &none).hash,
+            with("b").fingerprint(&sources(&["link"]), &none).hash
+        );
+        assert_eq!(t.fingerprint(&sources(&["sub/up"]), &none).entries, 3);
     }
 
     #[test]

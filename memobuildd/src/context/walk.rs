@@ -36,7 +36,7 @@ struct Collected {
 
 /// Walks the directory `start` (context-relative, `""` for the whole context) of the context
 /// at `root`, returning every kept entry (files unhashed) keyed by relative path, `start`
-/// itself included.
+/// itself included unless it is excluded and nothing below it is kept.
 pub(crate) fn walk(
     root: &Path,
     start: &str,
@@ -76,7 +76,10 @@ pub(crate) fn walk(
             entries.insert(dir.path, dir.entry);
         }
     }
-    entries.insert(start.into(), entry_from(&meta, None));
+    // An excluded directory walked only for exceptions is kept only if one matched below it.
+    if start.is_empty() || !rules.is_excluded(start) || !entries.is_empty() {
+        entries.insert(start.into(), entry_from(&meta, None));
+    }
     Ok(entries)
 }
 

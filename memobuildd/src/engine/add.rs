@@ -4,13 +4,14 @@
 //! against `--checksum` when one is given. Everything else is COPY ([`super::copy`]), and
 //! placing a download reuses COPY's destination rules too.
 //!
-//! Archives keep their whiteout names as plain files and their owners (unless `--chown`);
+//! Archives keep their whiteout names as plain files and their owners (`--chown` owns only
+//! the destination directory, as in BuildKit);
 //! no entry lands outside the destination ([`crate::image::unpack`] refuses it). Downloads
 //! stream through a temp file outside the staging tree, are bounded in time, and are tried
 //! again after a 5xx answer or a broken connection.
 
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -156,11 +157,10 @@ pub fn stage(
     }
     if !archives.is_empty() {
         let dest_host = place.archive_dest()?;
+        // `--chown` owns the destination directory only: entries keep the archive's owners,
+        // as in BuildKit.
         for archive in &archives {
             extract(context, archive, &dest_host)?;
-        }
-        if let (Some(owner), true) = (spec.chown, as_root) {
-            chown_below(&dest_host, owner)?;
         }
     }
     for url in urls {
@@ -435,30 +435,6 @@ impl<R: Read> Read for HashingReader<R> {
         self.hasher.update(&buf[..n]);
         Ok(n)
     }
-}
-
-/// `--chown` for what archives put below `dir` (their own owners are replaced; `dir` itself
-/// was made by COPY's rules). chown clears setuid and setgid, so modes are set again.
-fn chown_below(dir: &Path, (uid, gid): (u32, u32)) -> Result<(), AddError> {
-    let mut todo = vec![dir.to_owned()];
-    while let Some(current) = todo.pop() {
-        let children = std::fs::read_dir(&current).map_err(io("listing", &current))?;
-        for child in children {
-            let path = child.map_err(io("listing", &current))?.path();
-            let meta = std::fs::symlink_metadata(&path).map_err(io("reading", &path))?;
-            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-                .map_err(io("setting the owner of", &path))?;
-            if meta.file_type().is_symlink() {
-                continue;
-            }
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-                .map_err(io("setting the mode of", &path))?;
-            if meta.is_dir() {
-                todo.push(path);
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The file name BuildKit gives a download: the last component of the URL's (decoded)

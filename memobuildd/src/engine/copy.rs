@@ -6,9 +6,13 @@
 //! destination a directory, and so does a destination that already is a directory in the
 //! parent image; a relative destination is relative to WORKDIR; destinations resolve through
 //! the parent image's symlinks; missing parents are created (owned by `--chown` if given);
-//! symlinks are copied as links; `--chown` and `--chmod` apply to everything copied. Parent
-//! directories that exist in the parent image are recreated with their own mode and owner,
-//! so the layer does not change them.
+//! a symlink a source names (also through a wildcard) is followed inside the context or
+//! source image, symlinks inside a copied directory are copied as links; hard links among
+//! the copied files stay hard links; FIFOs and sockets of a source image are skipped (as
+//! BuildKit's copier does); `--chown` and `--chmod` apply to everything copied. The
+//! directory a directory's contents go to is made 0755 (or `--chmod`), as BuildKit makes it.
+//! Parent directories that exist in the parent image are recreated with their own mode and
+//! owner, so the layer does not change them.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -25,6 +29,8 @@ use crate::context::{EntryKind, FileTree, Hash, IgnoreRules, SourcePattern};
 pub enum CopyError {
     #[error("COPY source {0:?} not found in the build context")]
     NotInContext(String),
+    #[error("COPY source {link:?} is a symlink that leads outside the build context or nowhere")]
+    DanglingLink { link: String },
     #[error("COPY source {0:?} not found in the source image")]
     NotInImage(String),
     #[error("bad COPY source pattern {pattern:?}: {message}")]
@@ -80,11 +86,24 @@ struct Item {
     /// file's copy must hash to it.
     content: Option<Hash>,
     size: u64,
+    /// The name it is copied as when that is not `rel`'s: a followed symlink keeps its own.
+    alias: Option<String>,
+    /// Files: (device, inode), so paths sharing one are copied as hard links.
+    inode: Option<(u64, u64)>,
 }
 
 impl Item {
     fn name(&self) -> &str {
-        self.rel.rsplit('/').next().unwrap_or(&self.rel)
+        match &self.alias {
+            Some(alias) => alias,
+            None => self.rel.rsplit('/').next().unwrap_or(&self.rel),
+        }
+    }
+
+    /// This item, copied under the name of the symlink `link` that led to it.
+    fn named_as(mut self, link: &str) -> Self {
+        self.alias = Some(link.rsplit('/').next().unwrap_or(link).to_owned());
+        self
     }
 }
 
@@ -111,6 +130,35 @@ pub fn stage(
     as_root: bool,
 ) -> Result<CopyStats, CopyError> {
     plan(spec, source, parent)?.apply(spec, parent, staging, as_root)
+}
+
+/// Creates `dir` (image-absolute, free of symlinks) and its missing parents in `staging` the
+/// way COPY makes a destination: what the parent image has keeps its mode and owner, what is
+/// new gets 0755 and `owner`. WORKDIR uses it too.
+pub fn create_dirs(
+    dir: &Path,
+    owner: (u32, u32),
+    parent: &RootView,
+    staging: &Path,
+    as_root: bool,
+) -> Result<(), CopyError> {
+    let spec = CopySpec {
+        sources: Vec::new(),
+        dest: dir.to_string_lossy().into_owned(),
+        workdir: "/".to_owned(),
+        chown: Some(owner),
+        chmod: None,
+    };
+    let mut writer = Writer {
+        staging,
+        parent,
+        spec: &spec,
+        as_root,
+        dir_times: Vec::new(),
+        dirs: HashSet::new(),
+    };
+    writer.ensure_dir(dir, None)?;
+    writer.finish()
 }
 
 /// Decides everything a COPY writes, in order, before writing anything.
@@ -206,10 +254,29 @@ pub fn plan(spec: &CopySpec, source: CopySource<'_>, parent: &RootView) -> Resul
             Op::Dir { .. } => None,
         })
         .collect();
+    // The second and later paths of one inode become hard links to the first.
+    let mut first_of: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut links = HashMap::new();
+    for (index, op) in ops.iter().enumerate() {
+        if let Op::Put { dest, item } = op
+            && let Some(inode) = item.inode
+        {
+            match first_of.get(&inode) {
+                Some(first) if first != dest => {
+                    links.insert(index, first.clone());
+                }
+                Some(_) => {}
+                None => {
+                    first_of.insert(inode, dest.clone());
+                }
+            }
+        }
+    }
     Ok(Plan {
         ops,
         unique,
         copied_parent,
+        links,
     })
 }
 
@@ -230,6 +297,8 @@ pub struct Plan {
     unique: bool,
     /// By op: the op that copies the nearest directory above its path, if one does.
     copied_parent: Vec<Option<usize>>,
+    /// Puts that are hard links (op index → the image path they link to).
+    links: HashMap<usize, PathBuf>,
 }
 
 /// A part of a split COPY: a run of the plan's `Put`s, plus every directory they need.
@@ -301,7 +370,17 @@ impl Plan {
         let mut buf = vec![0u8; COPY_BUFFER];
         let mut stats = CopyStats::default();
         let mut leaves = Vec::new();
+        let mut linked = Vec::new();
         for index in ops {
+            if let (Some(first), Op::Put { dest, item }) =
+                (self.links.get(&index), &self.ops[index])
+            {
+                if let Some(parent) = dest.parent() {
+                    writer.ensure_dir(parent, None)?;
+                }
+                linked.push((dest, first, item));
+                continue;
+            }
             match &self.ops[index] {
                 Op::Dir { dest, like } => writer.ensure_dir(dest, like.as_ref())?,
                 // Later sources replace earlier ones: then everything goes in plan order.
@@ -334,6 +413,12 @@ impl Plan {
                     bytes: a.bytes + b.bytes,
                 })
             })?;
+        // After every file: a link's first path exists now.
+        for (dest, first, item) in linked {
+            let host = writer.host(dest);
+            replacing(&host, |host| std::fs::hard_link(writer.host(first), host))?;
+            stats.add(item, 0);
+        }
         writer.finish()?;
         Ok(CopyStats {
             files: stats.files + copied.files,
@@ -363,7 +448,8 @@ impl Plan {
         let known = self
             .puts()
             .all(|(_, item)| item.kind == EntryKind::Dir || item.content.is_some());
-        if !self.unique || !known {
+        // Hard links must stay in the layer of the path they link to.
+        if !self.unique || !known || !self.links.is_empty() {
             return None;
         }
         let mut bounds = Vec::new();
@@ -459,11 +545,20 @@ impl CopySource<'_> {
                 dir,
                 tree,
                 excludes,
-            } => Ok(tree
+            } => tree
                 .iter()
                 .filter(|(path, _)| pattern.matches(path) && !excludes.is_excluded(path))
-                .map(|(path, entry)| context_item(dir, path, entry))
-                .collect()),
+                .map(|(path, entry)| {
+                    if entry.kind != EntryKind::Symlink {
+                        return Ok(context_item(dir, path, entry));
+                    }
+                    // A named source is followed inside the context, as BuildKit does.
+                    let dangling = || CopyError::DanglingLink { link: path.into() };
+                    let target = tree.resolve(path).ok_or_else(dangling)?;
+                    let entry = tree.get(&target).ok_or_else(dangling)?;
+                    Ok(context_item(dir, &target, entry).named_as(path))
+                })
+                .collect(),
             CopySource::Image(view) => Ok(image_roots(view, pattern)),
         }
     }
@@ -510,12 +605,20 @@ fn context_item(dir: &Path, path: &str, entry: &crate::context::Entry) -> Item {
         },
         content: Some(entry.hash),
         size: entry.size,
+        alias: None,
+        inode: (entry.kind == EntryKind::File).then_some((entry.stat.dev, entry.stat.ino)),
     }
 }
 
 fn image_item(view: &RootView, rel: &str) -> Option<Item> {
+    use std::os::unix::fs::FileTypeExt;
     let found = view.lookup(&Path::new("/").join(rel))?;
-    let kind = EntryKind::of(found.meta.file_type());
+    let file_type = found.meta.file_type();
+    // BuildKit's copier leaves FIFOs and sockets out.
+    if file_type.is_fifo() || file_type.is_socket() {
+        return None;
+    }
+    let kind = EntryKind::of(file_type);
     let link_target = (kind == EntryKind::Symlink)
         .then(|| std::fs::read_link(&found.host).ok())
         .flatten()
@@ -526,8 +629,26 @@ fn image_item(view: &RootView, rel: &str) -> Option<Item> {
         mode: found.meta.mode() & 0o7777,
         link_target,
         size: found.meta.len(),
+        inode: (kind == EntryKind::File && found.meta.nlink() > 1)
+            .then_some((found.meta.dev(), found.meta.ino())),
         host: found.host,
         content: None,
+        alias: None,
+    })
+}
+
+/// A source path named in an image, symlinks followed (the last one too), under its own name.
+fn followed_image_item(view: &RootView, rel: &str) -> Option<Item> {
+    let resolved = view.resolve(&Path::new("/").join(rel), true);
+    let target = resolved
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .to_owned();
+    let item = image_item(view, &target)?;
+    Some(if target == rel {
+        item
+    } else {
+        item.named_as(rel)
     })
 }
 
@@ -535,12 +656,9 @@ fn image_item(view: &RootView, rel: &str) -> Option<Item> {
 /// source paths), wildcard components are matched against directory listings.
 fn image_roots(view: &RootView, pattern: &SourcePattern) -> Vec<Item> {
     if !pattern.is_wildcard() {
-        let resolved = view.resolve(&Path::new("/").join(pattern.as_str()), true);
-        let rel = resolved
-            .to_string_lossy()
-            .trim_start_matches('/')
-            .to_owned();
-        return image_item(view, &rel).into_iter().collect();
+        return followed_image_item(view, pattern.as_str())
+            .into_iter()
+            .collect();
     }
     let mut candidates = vec![String::new()];
     for _component in pattern.as_str().split('/') {
@@ -560,7 +678,7 @@ fn image_roots(view: &RootView, pattern: &SourcePattern) -> Vec<Item> {
     candidates
         .into_iter()
         .filter(|path| pattern.matches(path))
-        .filter_map(|path| image_item(view, &path))
+        .filter_map(|path| followed_image_item(view, &path))
         .collect()
 }
 
@@ -630,8 +748,10 @@ impl Writer<'_> {
                         found.meta.mode() & 0o7777,
                         (found.meta.uid(), found.meta.gid()),
                     ),
-                    _ if i + 1 == components.len() => {
-                        (like.map_or(0o755, |item| self.mode(item)), self.owner())
+                    // A directory's contents go into a directory made like BuildKit's
+                    // MkdirAll: 0755, unless `--chmod` says otherwise.
+                    _ if i + 1 == components.len() && like.is_some() => {
+                        (self.spec.chmod.unwrap_or(0o755), self.owner())
                     }
                     _ => (0o755, self.owner()),
                 };

@@ -44,7 +44,7 @@ use crate::plan::{self, BuildGraph, NodeIndex, NodeKind, PlanError, PlanOptions}
 use crate::registry::{Reference, Registry, RegistryError};
 use crate::snapshot::Snapshotter;
 use crate::snapshot::store::LayerStore;
-use crate::watch::Hub;
+use crate::watch::{Baseline, BuildSnapshot, Hub, SourceSet, WatchError};
 use state::State;
 
 /// What happened to a node, as the client's progress display needs it.
@@ -108,6 +108,8 @@ pub enum BuildError {
     },
     #[error("RUN steps need {0}; this daemon can still build Dockerfiles without RUN")]
     NoRuntime(String),
+    #[error("{0}")]
+    Context(Box<WatchError>),
     #[error("build cancelled")]
     Cancelled,
     #[error("store: {0}")]
@@ -171,6 +173,8 @@ pub struct Built {
     pub cached: u64,
     pub executed: u64,
     pub duration: Duration,
+    /// The context as this build read it: the workspace's baseline once the build is done.
+    pub baseline: Option<Baseline>,
 }
 
 #[derive(Debug, Clone)]
@@ -418,7 +422,10 @@ impl Engine {
             };
             Arc::new(plan::lower_with_base_env(&dockerfile, &options, &base_env)?)
         };
-        let fingerprints = self.fingerprints(&spec, &graph).await?;
+        let (fingerprints, snapshot) = match self.snapshot(&spec, &graph).await? {
+            Some((fingerprints, snapshot)) => (fingerprints, Some(snapshot)),
+            None => (HashMap::new(), None),
+        };
         let keys = keys::compute(&graph, &bases, &fingerprints);
 
         let run = Arc::new(node::BuildRun {
@@ -427,6 +434,7 @@ impl Engine {
             graph: Arc::clone(&graph),
             keys,
             bases,
+            context: snapshot.as_ref().map(|s| Arc::clone(&s.tree)),
             reporter,
             cancel,
             created: state::timestamp(None),
@@ -442,6 +450,7 @@ impl Engine {
             cached: run.cached.load(Ordering::Relaxed),
             executed: run.executed.load(Ordering::Relaxed),
             duration: started.elapsed(),
+            baseline: snapshot.map(|s| s.baseline),
         })
     }
 
@@ -524,55 +533,39 @@ impl Engine {
         Ok(base)
     }
 
-    /// Fingerprints of the context-source nodes, from the workspace kept hot by the watcher
-    /// (registering the workspace on first build).
-    async fn fingerprints(
+    /// The build's one snapshot of its context, from the workspace kept hot by the watcher
+    /// (registered on first build), and from it the fingerprints of the context-source
+    /// nodes. `None` when the Dockerfile reads nothing from the context.
+    async fn snapshot(
         &self,
         spec: &BuildSpec,
         graph: &BuildGraph,
-    ) -> Result<HashMap<NodeIndex, Hash>, BuildError> {
-        let sources: Vec<(NodeIndex, Vec<String>, Vec<String>)> = graph
+    ) -> Result<Option<(HashMap<NodeIndex, Hash>, BuildSnapshot)>, BuildError> {
+        let (nodes, sources): (Vec<NodeIndex>, Vec<SourceSet>) = graph
             .toposort()
             .into_iter()
             .filter(|n| graph.node(*n).kind == NodeKind::ContextSource)
             .map(|n| {
-                (
-                    n,
-                    graph.node(n).sources.clone(),
-                    graph.node(n).excludes.clone(),
-                )
+                let node = graph.node(n);
+                (n, (node.sources.clone(), node.excludes.clone()))
             })
-            .collect();
+            .unzip();
         if sources.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(None);
         }
         let hub = Arc::clone(&self.hub);
         let context = spec.context.clone();
         let dockerfile = spec.dockerfile.clone();
-        tokio::task::spawn_blocking(move || {
-            if hub.with_workspace(&context, |_| ()).is_none() {
-                hub.watch(&context, &dockerfile)
-                    .map_err(|e| BuildError::Store(format!("build context: {e}")))?;
-            }
-            hub.ensure_current(&context)
-                .map_err(|e| BuildError::Store(format!("build context: {e}")))?;
-            hub.with_workspace(&context, |ws| {
-                sources
-                    .iter()
-                    .map(|(node, patterns, excludes)| {
-                        ws.fingerprint(patterns, excludes)
-                            .map(|fp| (*node, fp))
-                            .map_err(|message| BuildError::Step {
-                                step: "context".into(),
-                                message,
-                            })
-                    })
-                    .collect::<Result<HashMap<_, _>, _>>()
-            })
-            .unwrap_or_else(|| Err(BuildError::Store("workspace vanished".into())))
-        })
-        .await
-        .map_err(|e| BuildError::Store(e.to_string()))?
+        let snapshot =
+            tokio::task::spawn_blocking(move || hub.snapshot(&context, &dockerfile, &sources))
+                .await
+                .map_err(|e| BuildError::Store(e.to_string()))?
+                .map_err(|source| BuildError::Context(Box::new(source)))?;
+        let fingerprints = nodes
+            .into_iter()
+            .zip(snapshot.fingerprints.iter().copied())
+            .collect();
+        Ok(Some((fingerprints, snapshot)))
     }
 
     /// Writes the config and manifest of `state` into the CAS (unless the same image, but

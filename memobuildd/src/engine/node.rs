@@ -2,6 +2,7 @@
 //! result from the cache or executing it.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,16 +28,10 @@ use crate::frontend::{Command, FileCopy, InstructionKind, Run};
 use crate::image::layer::{Layer, LayerOptions, write_layer};
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
 
-/// Paths the runtime creates as mount points when the image lacks them; they never belong
-/// in a layer.
-const MOUNT_POINTS: &[&str] = &[
-    "proc",
-    "sys",
-    "dev",
-    "etc/hosts",
-    "etc/resolv.conf",
-    "etc/hostname",
-];
+/// Mount points the runtime creates when the image lacks them and that BuildKit removes
+/// again when they stayed empty. (It keeps /proc, /sys and /dev, and /etc/hostname is no
+/// mount there: what a RUN writes to it is kept.)
+const MOUNT_POINTS: &[&str] = &["etc/hosts", "etc/resolv.conf"];
 /// Versions the keys of COPY chunks (`BuildRun::chunked_copy`).
 const CHUNK_KEY_VERSION: &[u8] = b"memobuild-copy-chunk-v1\0";
 /// Log lines kept to explain a failed RUN.
@@ -50,6 +45,8 @@ pub(super) struct BuildRun {
     pub(super) graph: Arc<BuildGraph>,
     pub(super) keys: Keys,
     pub(super) bases: HashMap<String, BaseImage>,
+    /// The build's snapshot of its context (`None`: the Dockerfile reads nothing from it).
+    pub(super) context: Option<Arc<crate::context::FileTree>>,
     pub(super) reporter: Arc<dyn Reporter>,
     pub(super) cancel: Arc<AtomicBool>,
     pub(super) created: String,
@@ -194,8 +191,11 @@ impl BuildRun {
         let parent_state = || -> State {
             let parent = spec.parent.and_then(|p| inputs.get(&p));
             match (parent, spec.parent.map(|p| self.graph.node(p).kind)) {
-                // A stage built FROM another stage starts afresh from its result.
-                (Some(state), Some(NodeKind::Stage)) => state.for_new_stage(),
+                // A stage built FROM another stage starts afresh from its result (the
+                // export keeps the stage's image as it is, ONBUILD triggers included).
+                (Some(state), Some(NodeKind::Stage)) if spec.kind != NodeKind::Export => {
+                    state.for_new_stage()
+                }
                 (Some(state), _) => (**state).clone(),
                 (None, _) => State::scratch(&self.engine.platform),
             }
@@ -352,8 +352,11 @@ impl BuildRun {
             .await
             .map_err(|_| BuildError::Cancelled)?;
         let tree = match &step {
-            InstructionKind::Copy(c) | InstructionKind::Add(c) if c.from.is_none() => {
-                Some(self.context_tree()?)
+            // The build's snapshot; a COPY of heredocs alone reads none.
+            InstructionKind::Copy(c) | InstructionKind::Add(c)
+                if c.from.is_none() && !c.sources.is_empty() =>
+            {
+                self.context.clone()
             }
             _ => None,
         };
@@ -364,7 +367,14 @@ impl BuildRun {
                 InstructionKind::Run(spec) => run.run_step(node, spec, &parent),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let is_add = matches!(step, InstructionKind::Add(_));
-                    run.copy_step(node, spec, is_add, &parent, from.as_deref(), tree.as_ref())
+                    run.copy_step(
+                        node,
+                        spec,
+                        is_add,
+                        &parent,
+                        from.as_deref(),
+                        tree.as_deref(),
+                    )
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
                 other => Err(BuildError::Store(format!(
@@ -382,13 +392,6 @@ impl BuildRun {
         })
         .await
         .map_err(store)?
-    }
-
-    fn context_tree(&self) -> Result<crate::context::FileTree, BuildError> {
-        self.engine
-            .hub
-            .with_workspace(&self.spec.context, |ws| ws.tree().clone())
-            .ok_or_else(|| BuildError::Store("the build context is not watched".into()))
     }
 
     fn layer_options(&self) -> LayerOptions<'static> {
@@ -448,7 +451,7 @@ impl BuildRun {
         if !env.iter().any(|e| e.starts_with("HOME=")) {
             env.push(format!("HOME={}", who.home));
         }
-        let cwd = parent.workdir();
+        let cwd = crate::context::dockerignore::clean(&parent.workdir());
         // Docker creates a missing WORKDIR for RUN; so does the layer, as it does there.
         let _ = std::fs::create_dir_all(active.rootfs().join(cwd.trim_start_matches('/')));
         let absent_mounts: Vec<String> = MOUNT_POINTS
@@ -515,13 +518,12 @@ impl BuildRun {
         tree: Option<&crate::context::FileTree>,
     ) -> Result<ActionResult, BuildError> {
         let parent_view = RootView::new(self.lower_dirs(parent)?);
-        let chown = match copy.chown.as_deref() {
-            Some(spec) => {
-                let who = user::resolve(spec, &parent_view).map_err(store)?;
-                Some((who.process.uid, who.process.gid))
-            }
-            None => None,
-        };
+        let chown = copy
+            .chown
+            .as_deref()
+            .map(|spec| user::chown(spec, &parent_view))
+            .transpose()
+            .map_err(store)?;
         let chmod =
             match copy.chmod.as_deref() {
                 Some(text) => Some(u32::from_str_radix(text, 8).map_err(|_| {
@@ -563,27 +565,67 @@ impl BuildRun {
                 .map_err(store)
             });
         }
-        let from_view;
-        let source = match (from, tree) {
-            (Some(state), _) => {
-                from_view = RootView::new(self.lower_dirs(state)?);
-                CopySource::Image(&from_view)
+        // `COPY <<EOF`: each heredoc is a 0644 file named after it (BuildKit's mkfile), copied
+        // like any source; with other sources or several heredocs the destination is a
+        // directory.
+        let spec = if copy.sources.len() + copy.heredocs.len() > 1 && !spec.dest.ends_with('/') {
+            CopySpec {
+                dest: format!("{}/", spec.dest),
+                ..spec
             }
-            (None, Some(tree)) => CopySource::Context {
-                dir: &self.spec.context,
-                tree,
-                excludes: &excludes,
-            },
-            (None, None) => return Err(BuildError::Store("no source for COPY".into())),
+        } else {
+            spec
         };
-        let plan = copy::plan(&spec, source, &parent_view).map_err(store)?;
-        if let Some(chunks) = plan.chunks(self.engine.options.copy_chunk_bytes) {
-            return self.chunked_copy(node, &plan, &chunks, &spec, &parent_view);
+        let mut plans = Vec::new();
+        if !copy.sources.is_empty() || copy.heredocs.is_empty() {
+            let from_view;
+            let source = match (from, tree) {
+                (Some(state), _) => {
+                    from_view = RootView::new(self.lower_dirs(state)?);
+                    CopySource::Image(&from_view)
+                }
+                (None, Some(tree)) => CopySource::Context {
+                    dir: &self.spec.context,
+                    tree,
+                    excludes: &excludes,
+                },
+                (None, None) => return Err(BuildError::Store("no source for COPY".into())),
+            };
+            plans.push(copy::plan(&spec, source, &parent_view).map_err(store)?);
+        }
+        let _docs = if copy.heredocs.is_empty() {
+            None
+        } else {
+            let dir = self.scratch("heredoc-")?;
+            let cleanup = RemoveOnDrop(dir.clone());
+            for doc in &copy.heredocs {
+                let file = dir.join(&doc.name);
+                std::fs::write(&file, &doc.body).map_err(store)?;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
+                    .map_err(store)?;
+            }
+            let docs_spec = CopySpec {
+                sources: copy.heredocs.iter().map(|d| d.name.clone()).collect(),
+                ..spec.clone()
+            };
+            let view = RootView::new(vec![dir]);
+            plans.push(
+                copy::plan(&docs_spec, CopySource::Image(&view), &parent_view).map_err(store)?,
+            );
+            Some(cleanup)
+        };
+        if let [plan] = plans.as_slice()
+            && copy.heredocs.is_empty()
+            && let Some(chunks) = plan.chunks(self.engine.options.copy_chunk_bytes)
+        {
+            return self.chunked_copy(node, plan, &chunks, &spec, &parent_view);
         }
         self.new_layer("copy-", |staging| {
-            plan.apply(&spec, &parent_view, staging, self.engine.as_root)
-                .map(drop)
-                .map_err(store)
+            for plan in &plans {
+                plan.apply(&spec, &parent_view, staging, self.engine.as_root)
+                    .map_err(store)?;
+            }
+            Ok(())
         })
     }
 
@@ -658,22 +700,21 @@ impl BuildRun {
         })
     }
 
+    /// WORKDIR makes its directory as BuildKit's mkdir with parents does: directories the
+    /// image has stay as they are; the new ones belong to the USER (by `--chown`'s rule).
     fn workdir_step(&self, dir: &str, parent: &State) -> Result<ActionResult, BuildError> {
         let path = state::absolute_workdir(&parent.workdir(), dir);
         let view = RootView::new(self.lower_dirs(parent)?);
-        if view.lookup(&view.resolve(Path::new(&path), true)).is_some() {
+        let resolved = view.resolve(Path::new(&path), true);
+        if view.lookup(&resolved).is_some() {
             return Ok(ActionResult { layers: vec![] });
         }
-        let who = user::resolve(parent.config.config.user.as_deref().unwrap_or(""), &view)
-            .map_err(store)?;
+        let owner = match parent.config.config.user.as_deref() {
+            None | Some("") => (0, 0),
+            Some(spec) => user::chown(spec, &view).map_err(store)?,
+        };
         self.new_layer("workdir-", |staging| {
-            let target = staging.join(path.trim_start_matches('/'));
-            std::fs::create_dir_all(&target).map_err(store)?;
-            if self.engine.as_root {
-                std::os::unix::fs::chown(&target, Some(who.process.uid), Some(who.process.gid))
-                    .map_err(store)?;
-            }
-            Ok(())
+            copy::create_dirs(&resolved, owner, &view, staging, self.engine.as_root).map_err(store)
         })
     }
 

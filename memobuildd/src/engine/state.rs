@@ -7,8 +7,7 @@ use crate::frontend::{Command, Healthcheck as HealthcheckSpec, InstructionKind};
 use crate::image::layer::Layer;
 use crate::image::oci::{Healthcheck, History, ImageConfig, Platform};
 
-/// Docker's PATH for images that set none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use crate::plan::DEFAULT_PATH;
 const HISTORY_COMMENT: &str = "memobuild.dockerfile.v0";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,14 +21,19 @@ pub struct State {
 }
 
 impl State {
+    /// `FROM scratch`: BuildKit's empty image, which has the default PATH and `/` as its
+    /// WORKDIR in its config.
     pub fn scratch(platform: &Platform) -> Self {
+        let mut config = ImageConfig {
+            architecture: platform.architecture.clone(),
+            os: platform.os.clone(),
+            variant: platform.variant.clone(),
+            ..ImageConfig::default()
+        };
+        config.config.env = vec![format!("PATH={DEFAULT_PATH}")];
+        config.config.working_dir = Some("/".to_owned());
         Self {
-            config: ImageConfig {
-                architecture: platform.architecture.clone(),
-                os: platform.os.clone(),
-                variant: platform.variant.clone(),
-                ..ImageConfig::default()
-            },
+            config,
             layers: Vec::new(),
             cmd_set_here: false,
         }
@@ -178,14 +182,15 @@ impl State {
     }
 }
 
-/// `WORKDIR rel` is relative to the current one; the result is cleaned.
+/// `WORKDIR rel` is relative to the current one, joined and cleaned; an absolute path is
+/// kept as written (`/etc/../srv` stays so in the config, as BuildKit has it). Whoever
+/// touches the filesystem with it cleans it first.
 pub fn absolute_workdir(current: &str, path: &str) -> String {
-    let joined = if path.starts_with('/') {
+    if path.starts_with('/') {
         path.to_owned()
     } else {
-        format!("{current}/{path}")
-    };
-    crate::context::dockerignore::clean(&joined)
+        crate::context::dockerignore::clean(&format!("{current}/{path}"))
+    }
 }
 
 fn healthcheck(spec: &HealthcheckSpec) -> Healthcheck {
@@ -318,7 +323,10 @@ mod tests {
         s.apply_metadata(&env("A", "1"), "ENV", T);
         s.apply_metadata(&env("B", "2"), "ENV", T);
         s.apply_metadata(&env("A", "3"), "ENV", T);
-        assert_eq!(s.config.config.env, ["A=3", "B=2"]);
+        assert_eq!(
+            s.config.config.env,
+            [format!("PATH={DEFAULT_PATH}"), "A=3".into(), "B=2".into()]
+        );
         assert_eq!(s.env_value("A"), Some("3"));
         s.apply_metadata(
             &InstructionKind::Expose(vec!["8000-8002/UDP".into(), "80".into()]),
@@ -338,8 +346,17 @@ mod tests {
     }
 
     #[test]
+    fn scratch_has_the_default_path_and_root_workdir_as_in_buildkit() {
+        let s = state();
+        assert_eq!(s.env_value("PATH"), Some(DEFAULT_PATH));
+        assert_eq!(s.config.config.working_dir.as_deref(), Some("/"));
+    }
+
+    #[test]
     fn workdir_is_relative_to_the_current_one() {
         assert_eq!(absolute_workdir("/app", "src/../lib"), "/app/lib");
         assert_eq!(absolute_workdir("/app", "/srv"), "/srv");
+        assert_eq!(absolute_workdir("/app", "/etc/../srv"), "/etc/../srv");
+        assert_eq!(absolute_workdir("/etc/../srv", "x/.."), "/srv");
     }
 }

@@ -32,6 +32,45 @@ pub fn resolve(spec: &str, view: &RootView) -> Result<ResolvedUser, UserError> {
     resolve_in(spec, &read("/etc/passwd"), &read("/etc/group"))
 }
 
+/// The owner `--chown=spec` gives (COPY, ADD), by BuildKit's rule, which differs from USER's
+/// for a bare uid: `2000` means 2000:2000 whatever /etc/passwd says, while a name takes the
+/// user's primary group. An explicit group, by name or number, always wins.
+pub fn chown(spec: &str, view: &RootView) -> Result<(u32, u32), UserError> {
+    let read = |path: &str| {
+        view.read(Path::new(path))
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    };
+    chown_in(spec, &read("/etc/passwd"), &read("/etc/group"))
+}
+
+fn chown_in(spec: &str, passwd_db: &str, group_db: &str) -> Result<(u32, u32), UserError> {
+    let (user_part, group_part) = match spec.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (spec, None),
+    };
+    let (uid, primary) = match user_part.parse::<u32>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => {
+            let user = passwd::find_user_by_name(passwd_db, user_part)
+                .ok_or_else(|| UserError::UnknownUser(user_part.to_owned()))?;
+            (user.uid, user.gid)
+        }
+    };
+    let gid = match group_part {
+        None | Some("") => primary,
+        Some(group) => match group.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                passwd::find_group(group_db, group)
+                    .ok_or_else(|| UserError::UnknownGroup(group.to_owned()))?
+                    .gid
+            }
+        },
+    };
+    Ok((uid, gid))
+}
+
 fn resolve_in(spec: &str, passwd_db: &str, group_db: &str) -> Result<ResolvedUser, UserError> {
     let (user_part, group_part) = match spec.split_once(':') {
         Some((user, group)) => (user, Some(group)),
@@ -91,6 +130,24 @@ mod tests {
             user.process.gid,
             user.process.additional_gids,
         )
+    }
+
+    #[test]
+    fn chown_takes_a_bare_uid_as_its_own_group() {
+        let ids = |spec| chown_in(spec, PASSWD, GROUP).expect("resolves");
+        assert_eq!(ids("2000"), (2000, 2000));
+        // A known uid still gets its own number as group, not its passwd group.
+        const ODD: &str = "odd:x:1500:50::/:/bin/sh\n";
+        assert_eq!(chown_in("1500", ODD, GROUP), Ok((1500, 1500)));
+        assert_eq!(chown_in("odd", ODD, GROUP), Ok((1500, 50)));
+        assert_eq!(ids("app"), (1000, 1000));
+        assert_eq!(ids("app:staff"), (1000, 50));
+        assert_eq!(ids("2000:3000"), (2000, 3000));
+        assert_eq!(ids("root:docker"), (0, 999));
+        assert_eq!(
+            chown_in("ghost", PASSWD, GROUP),
+            Err(UserError::UnknownUser("ghost".into()))
+        );
     }
 
     #[test]

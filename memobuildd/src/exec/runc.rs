@@ -2,8 +2,9 @@
 //!
 //! The bundle's `config.json` is an oci-spec `Spec`: runc's defaults for mounts and masked
 //! paths, Docker's default capability set (what `apt-get` and `chown` in a RUN expect),
-//! BuildKit's /etc/hosts, /etc/resolv.conf and /etc/hostname as bind mounts of files in the
-//! bundle (so they never land in the layer), and either the host network or a private
+//! BuildKit's /etc/hosts and /etc/resolv.conf as read-only bind mounts of files in the bundle
+//! (so they never land in the layer; /etc/hostname is the image's own, as there), and
+//! either the host network or a private
 //! namespace with loopback up. A guard deletes the container (and the namespace) however the
 //! run ends, so a cancelled or failed step leaves nothing behind.
 
@@ -80,7 +81,6 @@ impl Runc {
         let etc = [
             ("hosts", hosts_file()),
             ("resolv.conf", resolv_conf(request.network)),
-            ("hostname", format!("{HOSTNAME}\n")),
         ];
         for (name, content) in &etc {
             std::fs::write(request.bundle.join(name), content).map_err(io("writing /etc files"))?;
@@ -291,13 +291,13 @@ fn spec(request: &RunRequest, netns: Option<&Path>) -> Result<Spec, oci_spec::Oc
     ));
     spec.set_hostname(Some(HOSTNAME.to_owned()));
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    for name in ["hosts", "resolv.conf", "hostname"] {
+    for name in ["hosts", "resolv.conf"] {
         mounts.push(
             MountBuilder::default()
                 .destination(PathBuf::from("/etc").join(name))
                 .typ("bind")
                 .source(request.bundle.join(name))
-                .options(vec!["rbind".to_owned(), "rw".to_owned()])
+                .options(vec!["rbind".to_owned(), "ro".to_owned()])
                 .build()?,
         );
     }

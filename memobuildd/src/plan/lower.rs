@@ -338,7 +338,10 @@ impl Lowering<'_> {
                 };
                 let base = match &resolved.base {
                     Base::Image(image) => (self.base_env)(image, resolved.platform.as_deref()),
-                    _ => BaseInfo::default(),
+                    _ => BaseInfo {
+                        env: vec![("PATH".to_owned(), super::DEFAULT_PATH.to_owned())],
+                        on_build: Vec::new(),
+                    },
                 };
                 (
                     self.add(node, &[]),
@@ -432,7 +435,7 @@ impl Lowering<'_> {
             InstructionKind::Env(pairs) => scope.env.extend(pairs.iter().cloned()),
             InstructionKind::Arg(decls) => {
                 for decl in decls.iter() {
-                    scope.args.declare(&decl.name, decl.default.clone());
+                    scope.declare_arg(&decl.name, decl.default.as_deref());
                 }
                 env = decls
                     .iter()

@@ -27,6 +27,9 @@ pub use lower::{BaseEnv, BaseInfo, lower, lower_with_base_env};
 /// Node handles, re-exported so callers need not depend on petgraph to hold one.
 pub use petgraph::graph::NodeIndex;
 
+/// Docker's PATH for images that set none; `FROM scratch` starts with it (BuildKit).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// What to build.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PlanOptions {

@@ -3,7 +3,10 @@
 //! - ARGs before the first FROM (global) are visible to FROM lines only; a stage sees one when it
 //!   redeclares it without a default, and then gets the global value.
 //! - A `--build-arg` overrides the value of a declared ARG, global or in a stage.
-//! - ENV beats an ARG of the same name; ENV is inherited by `FROM <stage>`, ARGs are not.
+//! - ENV and an ARG that has a value set the same variables, in order: the later one wins in
+//!   RUN and in expansion (`ENV X=a` then `ARG X=b` gives `b`), and both go on with
+//!   `FROM <stage>`, as BuildKit's dispatcher adds both to its state's environment. Only ENV
+//!   reaches the image config (the engine's business).
 //! - The proxy ARGs reach RUN from `--build-arg` without any declaration.
 
 use std::collections::BTreeMap;
@@ -64,10 +67,6 @@ impl Args {
     pub(super) fn declare(&mut self, name: &str, value: Option<String>) {
         self.0.insert(name.to_owned(), value);
     }
-
-    fn set(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter().filter_map(|(k, v)| Some((k, v.as_ref()?)))
-    }
 }
 
 impl Env for Args {
@@ -79,8 +78,8 @@ impl Env for Args {
 /// The variables of one stage at one point of its instructions.
 #[derive(Debug, Clone)]
 pub(super) struct Scope<'a> {
+    /// What ENV and ARGs with a value set so far (and what the stage inherited).
     pub(super) env: BTreeMap<String, String>,
-    pub(super) args: Args,
     build_args: &'a [(String, String)],
 }
 
@@ -91,20 +90,21 @@ impl<'a> Scope<'a> {
 
     /// A stage's scope, starting from the ENV it inherits.
     pub(super) fn new(env: BTreeMap<String, String>, build_args: &'a [(String, String)]) -> Self {
-        Scope {
-            env,
-            args: Args::default(),
-            build_args,
+        Scope { env, build_args }
+    }
+
+    /// An `ARG` with a value sets its variable over whatever ENV set (one without a value
+    /// leaves it as it is).
+    pub(super) fn declare_arg(&mut self, name: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.env.insert(name.to_owned(), value.to_owned());
         }
     }
 
-    /// Everything a RUN step sees, sorted: ENV, then set ARGs ENV does not shadow, then proxy
-    /// build args nothing else set.
+    /// Everything a RUN step sees, sorted: the variables, then proxy build args nothing
+    /// else set.
     pub(super) fn run_env(&self) -> Vec<(String, String)> {
         let mut all = self.env.clone();
-        for (k, v) in self.args.set() {
-            all.entry(k.clone()).or_insert_with(|| v.clone());
-        }
         for name in PROXY_ARGS {
             if let Some(v) = build_arg(self.build_args, name) {
                 all.entry(name.to_owned()).or_insert_with(|| v.to_owned());
@@ -116,10 +116,7 @@ impl<'a> Scope<'a> {
 
 impl Env for Scope<'_> {
     fn lookup(&self, name: &str) -> Option<&str> {
-        self.env
-            .get(name)
-            .map(String::as_str)
-            .or_else(|| self.args.get(name))
+        self.env.get(name).map(String::as_str)
     }
 }
 

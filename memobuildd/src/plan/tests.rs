@@ -90,10 +90,23 @@ fn proxy_args_reach_run_without_declaration_but_do_not_expand() {
 }
 
 #[test]
-fn from_stage_inherits_env_but_not_args() {
-    let g = graph("FROM a AS base\nENV E=e\nARG R=r\nFROM base\nLABEL l=$E$R\n");
+fn from_stage_inherits_env_and_args_with_values() {
+    // As BuildKit's dispatcher: a child stage starts from its parent's variables.
+    let g = graph("FROM a AS base\nENV E=e\nARG R=r\nARG N\nFROM base\nLABEL l=$E$R${N-unset}\n");
     assert_eq!(g.stages()[1].base, Base::Stage(0));
-    assert_eq!(find(&g, "LABEL").1.label, "LABEL l=e");
+    assert_eq!(find(&g, "LABEL").1.label, "LABEL l=erunset");
+}
+
+#[test]
+fn an_arg_after_an_env_of_the_same_name_wins() {
+    let text = "FROM a\nENV X=env\nARG X=arg\nLABEL x=$X\nRUN true\nARG X\nLABEL y=$X\n";
+    let g = graph(text);
+    assert_eq!(find(&g, "LABEL x").1.label, "LABEL x=arg");
+    assert_eq!(find(&g, "RUN").1.env, pairs(&[("X", "arg")]));
+    // A bare ARG X changes nothing.
+    assert_eq!(find(&g, "LABEL y").1.label, "LABEL y=arg");
+    let g = plan(text, None, &[("X", "cli")]).unwrap();
+    assert_eq!(find(&g, "LABEL x").1.label, "LABEL x=cli");
 }
 
 #[test]

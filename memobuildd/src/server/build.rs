@@ -2,11 +2,13 @@
 //! write the outputs, answer with the result. A client that goes away cancels its build
 //! (containers killed, mounts and scratch directories removed by the engine's guards).
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use memobuild_protocol::{
     BuildEvent, BuildEventKind, BuildRequest, BuildResult, ErrorCode, FrameError, ImageSummary,
@@ -16,6 +18,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
+use super::Shared;
 use super::access::Peer;
 use super::requests::DockerfileText;
 use crate::cache::ImageRecord;
@@ -30,7 +33,6 @@ use crate::image::export::{
 use crate::image::layer::{Compression, LayerOptions};
 use crate::image::oci::{MediaTypes, manifest_json};
 use crate::registry::{PushEvent, RegistryError};
-use crate::watch::Hub;
 
 /// Largest output chunk streamed to the client (`dest=-`).
 const CHUNK: usize = 1 << 20;
@@ -44,15 +46,107 @@ impl Reporter for ChannelReporter {
     }
 }
 
+/// The builds in progress, as `status` lists them.
+#[derive(Debug, Default)]
+pub(crate) struct RunningBuilds {
+    next_id: AtomicU64,
+    builds: std::sync::Mutex<BTreeMap<u64, Running>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    context: PathBuf,
+    dockerfile: PathBuf,
+    started: Instant,
+    /// Step names by node, from the build's `Queued` events.
+    names: HashMap<u32, String>,
+    current: Option<u32>,
+    done: u64,
+}
+
+/// Keeps a build listed while it lives.
+struct Listed<'a> {
+    builds: &'a RunningBuilds,
+    id: u64,
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        self.builds.lock().remove(&self.id);
+    }
+}
+
+impl RunningBuilds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Running>> {
+        self.builds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn start(&self, context: &Path, dockerfile: &Path) -> Listed<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(
+            id,
+            Running {
+                context: context.to_owned(),
+                dockerfile: dockerfile.to_owned(),
+                started: Instant::now(),
+                names: HashMap::new(),
+                current: None,
+                done: 0,
+            },
+        );
+        Listed { builds: self, id }
+    }
+
+    fn observe(&self, id: u64, event: &Progress) {
+        let mut builds = self.lock();
+        let Some(build) = builds.get_mut(&id) else {
+            return;
+        };
+        match event {
+            Progress::Queued { node, name } => {
+                build.names.insert(*node, name.clone());
+            }
+            Progress::Started { node } => build.current = Some(*node),
+            Progress::Cached { node } | Progress::Done { node, .. } => {
+                if build.names.contains_key(node) {
+                    build.done += 1;
+                }
+                if build.current == Some(*node) {
+                    build.current = None;
+                }
+            }
+            Progress::Log { .. } | Progress::Failed { .. } => {}
+        }
+    }
+
+    pub(crate) fn list(&self) -> Vec<memobuild_protocol::RunningBuild> {
+        self.lock()
+            .values()
+            .map(|build| memobuild_protocol::RunningBuild {
+                context: build.context.clone(),
+                dockerfile: build.dockerfile.clone(),
+                step: build
+                    .current
+                    .and_then(|node| build.names.get(&node).cloned()),
+                steps_done: build.done,
+                steps_total: build.names.len() as u64,
+                elapsed_ms: u64::try_from(build.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect()
+    }
+}
+
 /// Serves one build on `stream`: events, then output chunks, then the final answer.
 pub(crate) async fn serve(
     stream: &mut UnixStream,
-    engine: &Arc<Engine>,
-    hub: &Arc<Hub>,
+    shared: &Shared,
     request: BuildRequest,
     peer: Peer,
-    keep_watching: bool,
 ) -> Result<(), FrameError> {
+    let (engine, hub) = (&shared.engine, &shared.hub);
+    let keep_watching = shared.config.watch_built_contexts;
     let dockerfile = match DockerfileText::read(&request.source, peer) {
         Ok(dockerfile) => dockerfile,
         Err(err) => return write_frame(stream, &err.into_response()).await,
@@ -72,10 +166,11 @@ pub(crate) async fn serve(
         source_date_epoch: request.source_date_epoch.map(|s| s as i64),
     };
     // Every change made before this request must be in the fingerprints it uses.
-    hub.cookies().sync().await;
-    let was_watched = hub.with_workspace(&dockerfile.context, |_| ()).is_some();
+    hub.sync(&dockerfile.context).await;
+    let was_watched = hub.is_watched(&dockerfile.context);
     let (events, mut received) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
+    let listed = shared.builds.start(&dockerfile.context, &dockerfile.path);
     let build = tokio::spawn({
         let engine = Arc::clone(engine);
         let cancel = Arc::clone(&cancel);
@@ -93,6 +188,7 @@ pub(crate) async fn serve(
         tokio::select! {
             event = received.recv() => match event {
                 Some(event) => {
+                    shared.builds.observe(listed.id, &event);
                     if !client_gone && write_frame(&mut writer, &Response::Event(event_frame(event))).await.is_err() {
                         client_gone = true;
                         cancel.store(true, Ordering::Relaxed);
@@ -115,6 +211,7 @@ pub(crate) async fn serve(
     let outcome = build
         .await
         .unwrap_or_else(|err| Err(BuildError::Store(format!("build task failed: {err}"))));
+    drop(listed);
     if !was_watched && !keep_watching {
         let _ = hub.unwatch(&dockerfile.context);
     }
@@ -129,8 +226,16 @@ pub(crate) async fn serve(
             return write_frame(stream, &Response::error(code(&err), err.to_string())).await;
         }
     };
-    // What was just built is the new baseline: the workspace is clean again.
-    hub.with_workspace(&dockerfile.context, |ws| ws.mark_built());
+    // What this build read is the new baseline: the workspace is clean again, but for
+    // edits made after the build took its snapshot.
+    if let Some(baseline) = &built.baseline {
+        let (hub, context, baseline) = (
+            Arc::clone(hub),
+            dockerfile.context.clone(),
+            baseline.clone(),
+        );
+        let _ = tokio::task::spawn_blocking(move || hub.mark_built(&context, &baseline)).await;
+    }
     match write_outputs(engine, &built, &request, peer, stream).await {
         Ok(()) => {}
         Err(message) => {
@@ -203,6 +308,7 @@ fn code(err: &BuildError) -> ErrorCode {
         BuildError::BaseImage { .. } | BuildError::Store(_) => ErrorCode::Internal,
         BuildError::Step { .. } | BuildError::RunFailed { .. } => ErrorCode::Failed,
         BuildError::NoRuntime(_) => ErrorCode::Unavailable,
+        BuildError::Context(err) => super::requests::watch_code(err),
         BuildError::Cancelled => ErrorCode::Cancelled,
     }
 }

@@ -170,15 +170,7 @@ impl Connection {
                 return Ok(Next::HoldUntilExit);
             }
             Request::Build(request) => {
-                build::serve(
-                    &mut self.stream,
-                    &self.shared.engine,
-                    &self.shared.hub,
-                    request,
-                    self.peer,
-                    self.shared.config.watch_built_contexts,
-                )
-                .await?;
+                build::serve(&mut self.stream, &self.shared, request, self.peer).await?;
                 return Ok(Next::Continue);
             }
             Request::Images => build::images(&self.shared.engine),

@@ -34,7 +34,7 @@ use crate::passwd;
 use crate::registry::{Registry, RegistryOptions};
 use crate::snapshot::Overlay;
 use crate::snapshot::store::LayerStore;
-use crate::watch::{Change, Hub, NotifyBackend, WatchError};
+use crate::watch::{Change, Hub, WatchError, WatcherId};
 use access::AccessPolicy;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,7 @@ pub(crate) struct Shared {
     shutdown: watch::Sender<bool>,
     hub: Arc<Hub>,
     engine: Arc<Engine>,
+    builds: build::RunningBuilds,
     /// Connections that asked for the shutdown: kept open until the process exits, so their
     /// end of the socket closing means "the daemon is gone and its root is free".
     held_until_exit: Mutex<Vec<UnixStream>>,
@@ -98,6 +99,7 @@ impl Shared {
     }
 
     fn status(&self) -> StatusReport {
+        let builds = self.builds.list();
         StatusReport {
             daemon_version: PACKAGE_VERSION.to_owned(),
             protocol_version: PROTOCOL_VERSION,
@@ -110,7 +112,7 @@ impl Shared {
             connections_active: self.connections_active.load(Ordering::Relaxed),
             connections_total: self.connections_total.load(Ordering::Relaxed),
             requests_total: self.requests_total.load(Ordering::Relaxed),
-            builds_active: 0,
+            builds_active: builds.len() as u64,
             workspaces: self
                 .hub
                 .reports()
@@ -118,6 +120,7 @@ impl Shared {
                 .map(requests::workspace_status)
                 .collect(),
             cache: self.engine.cache_stats(),
+            builds,
         }
     }
 }
@@ -140,8 +143,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let access = AccessPolicy::new(passwd::effective_uid(), group);
     let listening = listener::listen(&config.socket, access.group())?;
     let (changes, changes_seen) = mpsc::unbounded_channel();
-    let backend = NotifyBackend::new(changes)?;
-    let hub = Arc::new(Hub::open(&layout, Box::new(backend))?);
+    let hub = Arc::new(Hub::open(
+        &layout,
+        crate::watch::platform_watchers(changes),
+    )?);
     let engine = Arc::new(open_engine(&config, &layout, Arc::clone(&hub))?);
     // Whatever a daemon killed mid-build left (mounts, containers, scratch) goes first.
     engine.recover();
@@ -156,6 +161,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         shutdown,
         hub: Arc::clone(&hub),
         engine,
+        builds: build::RunningBuilds::default(),
         held_until_exit: Mutex::new(Vec::new()),
         config,
     });
@@ -267,38 +273,48 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
     }))
 }
 
-/// Applies what the watcher reports, as it comes. A burst that queued up while the previous
+/// Applies what the watchers report, as it comes. A burst that queued up while the previous
 /// batch was applied is taken in one pass, so an editor's save costs one re-hash.
 async fn follow_changes(hub: Arc<Hub>, mut changes: mpsc::UnboundedReceiver<Change>) {
     while let Some(first) = changes.recv().await {
-        let mut paths = Vec::new();
-        let mut rescan = false;
+        // Kept per watcher, in order: a cookie proves only what its own watcher delivered.
+        let mut batches: Vec<(WatcherId, Vec<PathBuf>)> = Vec::new();
+        let mut rescans: Vec<WatcherId> = Vec::new();
         let queued = std::iter::from_fn(|| changes.try_recv().ok());
         for change in std::iter::once(first).chain(queued) {
             match change {
-                Change::Paths(more) => paths.extend(more),
-                Change::Rescan => rescan = true,
+                Change::Paths { watcher, paths } => {
+                    match batches.iter_mut().find(|b| b.0 == watcher) {
+                        Some((_, batch)) => batch.extend(paths),
+                        None => batches.push((watcher, paths)),
+                    }
+                }
+                Change::Rescan { watcher } => rescans.push(watcher),
             }
         }
         let worker = Arc::clone(&hub);
-        let count = paths.len();
+        let count: usize = batches.iter().map(|(_, paths)| paths.len()).sum();
         let started = std::time::Instant::now();
         let applied = tokio::task::spawn_blocking(move || {
-            let outcome = if rescan {
-                worker.rescan()
-            } else {
-                worker.changed(&paths)
-            };
+            let mut dirtied = 0;
+            for watcher in rescans {
+                dirtied += worker.rescan(Some(watcher)).dirtied;
+            }
+            let all: Vec<PathBuf> = batches
+                .iter()
+                .flat_map(|(_, p)| p.iter().cloned())
+                .collect();
+            dirtied += worker.changed(&all).dirtied;
             // Builds waiting on a cookie of this batch may go now: all before it is applied.
-            worker.cookies().applied(&paths);
-            outcome
+            for (watcher, paths) in &batches {
+                worker.cookies().applied(*watcher, paths);
+            }
+            dirtied
         })
         .await;
-        tracing::debug!(paths = count, rescan, elapsed = ?started.elapsed(), "applied changes");
+        tracing::debug!(paths = count, elapsed = ?started.elapsed(), "applied changes");
         match applied {
-            Ok(outcome) if outcome.dirtied > 0 => {
-                info!(dirtied = outcome.dirtied, "workspace changed");
-            }
+            Ok(dirtied) if dirtied > 0 => info!(dirtied, "workspace changed"),
             Ok(_) => {}
             Err(err) => warn!(%err, "applying changes failed"),
         }

@@ -51,20 +51,26 @@ impl HandlerError {
             Self::Context(ContextError::Database { .. }) => ErrorCode::Internal,
             Self::Context(_) => ErrorCode::InvalidInput,
             Self::Unreadable { .. } => ErrorCode::PermissionDenied,
-            Self::Watch(err) => match err {
-                WatchError::NotWatched(_) => ErrorCode::NotFound,
-                WatchError::Dockerfile(_) | WatchError::Ignore(_) => ErrorCode::InvalidInput,
-                WatchError::Read { source, .. } => io_code(source),
-                WatchError::WatchLimit => ErrorCode::ResourceExhausted,
-                WatchError::Context(ContextError::Io { source, .. }) => io_code(source),
-                _ => ErrorCode::Internal,
-            },
+            Self::Watch(err) => watch_code(err),
             Self::NotImplemented(_) => ErrorCode::NotImplemented,
         }
     }
 
     pub(crate) fn into_response(self) -> Response {
         Response::error(self.code(), self.to_string())
+    }
+}
+
+pub(crate) fn watch_code(err: &WatchError) -> ErrorCode {
+    match err {
+        WatchError::NotWatched(_) | WatchError::ContextGone(_) => ErrorCode::NotFound,
+        WatchError::Dockerfile(_) | WatchError::Ignore(_) | WatchError::Pattern { .. } => {
+            ErrorCode::InvalidInput
+        }
+        WatchError::Read { source, .. } => io_code(source),
+        WatchError::WatchLimit => ErrorCode::ResourceExhausted,
+        WatchError::Context(ContextError::Io { source, .. }) => io_code(source),
+        _ => ErrorCode::Internal,
     }
 }
 
@@ -231,6 +237,8 @@ pub(crate) fn workspace_status(report: &WorkspaceReport) -> WorkspaceStatus {
             u64::try_from(since.as_millis()).ok()
         }),
         watching: report.watching,
+        degraded: report.degraded.clone(),
+        built: report.built,
         hashed_files: report.hashed_files,
         dirty: report
             .dirty

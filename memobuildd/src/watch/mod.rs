@@ -10,19 +10,44 @@
 //! Methods block (file I/O, hashing, SQLite): the server calls them via `spawn_blocking`.
 
 mod backend;
+#[cfg(target_os = "linux")]
+mod inotify;
+#[cfg(not(target_os = "linux"))]
+mod notify;
 mod registry;
 mod workspace;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tracing::{info, warn};
 
-pub use backend::{Change, Cookies, NotifyBackend, WatchBackend};
-pub use workspace::{DirtyMark, Workspace};
+pub use backend::{Change, Cookies, Lost, WatchBackend, WatcherFactory, WatcherId};
+#[cfg(target_os = "linux")]
+pub use inotify::InotifyFactory;
+#[cfg(not(target_os = "linux"))]
+pub use notify::NotifyFactory;
 
-use crate::context::{ContextError, StatCache};
+/// The watchers of this platform.
+#[cfg(target_os = "linux")]
+pub fn platform_watchers(
+    sink: tokio::sync::mpsc::UnboundedSender<Change>,
+) -> Box<dyn WatcherFactory> {
+    Box::new(InotifyFactory::new(sink))
+}
+
+/// The watchers of this platform.
+#[cfg(not(target_os = "linux"))]
+pub fn platform_watchers(
+    sink: tokio::sync::mpsc::UnboundedSender<Change>,
+) -> Box<dyn WatcherFactory> {
+    Box::new(NotifyFactory::new(sink))
+}
+pub use workspace::{Baseline, DirIdentity, DirtyMark, Workspace};
+
+use crate::context::{ContextError, FileTree, Hash, StatCache};
 use crate::layout::Layout;
 use registry::Registry;
 
@@ -45,21 +70,25 @@ pub enum WatchError {
          found by scanning at build time instead"
     )]
     WatchLimit,
+    #[cfg(not(target_os = "linux"))]
     #[error("watcher: {0}")]
     Watcher(String),
+    #[error("watcher: {0}")]
+    Inotify(#[source] std::io::Error),
+    #[error("the watcher stopped covering the whole workspace: {0}")]
+    Lost(String),
     #[error("workspace registry: {0}")]
     Registry(#[source] rusqlite::Error),
     #[error("no watched workspace at {}", .0.display())]
     NotWatched(PathBuf),
-}
-
-impl WatchError {
-    fn from_notify(error: notify::Error) -> Self {
-        match error.kind {
-            notify::ErrorKind::MaxFilesWatch => Self::WatchLimit,
-            _ => Self::Watcher(error.to_string()),
-        }
-    }
+    #[error("build context {} does not exist (it was deleted or moved away)", .0.display())]
+    ContextGone(PathBuf),
+    #[error("COPY/ADD source {pattern:?}: {source}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
 }
 
 /// The outcome of reported changes.
@@ -72,12 +101,78 @@ pub struct ChangeOutcome {
 }
 
 pub struct Hub {
-    workspaces: Mutex<BTreeMap<PathBuf, Workspace>>,
+    /// Held only to find a workspace: scanning one never blocks status or another one.
+    workspaces: Mutex<BTreeMap<PathBuf, Arc<Slot>>>,
+    /// Taken while a workspace is registered and while changes are applied: a workspace is
+    /// armed before it is scanned, and the events that arrive meanwhile wait here until its
+    /// slot exists, so none is dropped for want of a workspace to apply it to.
+    registering: Mutex<()>,
     stat_cache: Mutex<StatCache>,
     registry: Mutex<Registry>,
-    backend: Mutex<Box<dyn WatchBackend>>,
+    watchers: Box<dyn WatcherFactory>,
+    next_watcher: AtomicU64,
     cookies: Cookies,
 }
+
+/// A workspace's own watcher; dropping it drops all of its watches.
+struct Armed {
+    id: WatcherId,
+    backend: Box<dyn WatchBackend>,
+}
+
+/// One workspace and the report status reads, which is published after every change so a
+/// status request never waits for a scan.
+struct Slot {
+    context: PathBuf,
+    dockerfile: PathBuf,
+    workspace: Mutex<Workspace>,
+    report: Mutex<WorkspaceReport>,
+    /// `None` while no watcher covers it (watch limit, context gone).
+    watcher: Mutex<Option<Armed>>,
+}
+
+impl Slot {
+    fn new(workspace: Workspace, watcher: Option<Armed>) -> Self {
+        Self {
+            context: workspace.context.clone(),
+            dockerfile: workspace.dockerfile.clone(),
+            report: Mutex::new(WorkspaceReport::of(&workspace)),
+            workspace: Mutex::new(workspace),
+            watcher: Mutex::new(watcher),
+        }
+    }
+
+    /// Runs `f` on the workspace, then publishes its report.
+    fn update<T>(&self, f: impl FnOnce(&mut Workspace) -> T) -> T {
+        let mut workspace = lock(&self.workspace);
+        let out = f(&mut workspace);
+        *lock(&self.report) = WorkspaceReport::of(&workspace);
+        out
+    }
+
+    fn watcher_id(&self) -> Option<WatcherId> {
+        lock(&self.watcher).as_ref().map(|armed| armed.id)
+    }
+
+    fn is_build_definition(&self, path: &Path) -> bool {
+        path == self.dockerfile || workspace::is_ignore_file(&self.context, &self.dockerfile, path)
+    }
+}
+
+/// What one build reads of a workspace, fixed when the build starts: the fingerprints that go
+/// into its keys and the tree its COPY steps copy from are the same content, whatever changes
+/// on disk while it runs.
+#[derive(Debug, Clone)]
+pub struct BuildSnapshot {
+    pub tree: Arc<FileTree>,
+    /// One per requested source set, in request order.
+    pub fingerprints: Vec<Hash>,
+    /// The workspace's state as of the snapshot: the baseline once the build succeeds.
+    pub baseline: Baseline,
+}
+
+/// A COPY/ADD source set: its source patterns and its `--exclude` patterns.
+pub type SourceSet = (Vec<String>, Vec<String>);
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,19 +185,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn open(layout: &Layout, mut backend: Box<dyn WatchBackend>) -> Result<Self, WatchError> {
+    pub fn open(layout: &Layout, watchers: Box<dyn WatcherFactory>) -> Result<Self, WatchError> {
         let cookies = Cookies::new(layout.cookies_dir()).map_err(|source| WatchError::Read {
             path: layout.cookies_dir(),
             source,
         })?;
-        if let Err(err) = backend.watch(cookies.dir(), false) {
-            warn!(%err, "builds cannot sync with the watcher");
-        }
         Ok(Self {
             workspaces: Mutex::new(BTreeMap::new()),
+            registering: Mutex::new(()),
             stat_cache: Mutex::new(StatCache::open(&layout.context_db())?),
             registry: Mutex::new(Registry::open(&layout.context_db())?),
-            backend: Mutex::new(backend),
+            watchers,
+            next_watcher: AtomicU64::new(1),
             cookies,
         })
     }
@@ -112,8 +206,8 @@ impl Hub {
         &self.cookies
     }
 
-    /// Watches the workspaces registered before the daemon restarted. One that cannot be
-    /// opened any more is reported and skipped, never fatal.
+    /// Watches the workspaces registered before the daemon restarted, with what was last
+    /// built of each. One that cannot be opened any more is reported and skipped, never fatal.
     pub fn restore(&self) {
         let registered = match lock(&self.registry).all() {
             Ok(all) => all,
@@ -122,23 +216,29 @@ impl Hub {
                 return;
             }
         };
-        for (context, dockerfile) in registered {
-            match self.start_watching(&context, &dockerfile) {
+        for entry in registered {
+            let baseline = entry.baseline.as_deref().and_then(Baseline::from_bytes);
+            match self.start_watching(&entry.context, &entry.dockerfile, baseline) {
                 Ok(ws) => info!(
-                    context = %context.display(),
+                    context = %entry.context.display(),
                     files = ws.files,
                     hashed = ws.hashed_files,
                     "workspace restored"
                 ),
-                Err(err) => warn!(context = %context.display(), %err, "cannot restore workspace"),
+                Err(err) => {
+                    warn!(context = %entry.context.display(), %err, "cannot restore workspace")
+                }
             }
         }
     }
 
     /// Registers (or re-registers) a workspace and starts watching it.
     pub fn watch(&self, context: &Path, dockerfile: &Path) -> Result<WorkspaceReport, WatchError> {
-        let report = self.start_watching(context, dockerfile)?;
-        lock(&self.registry).add(context, dockerfile)?;
+        let baseline = self
+            .slot(context)
+            .and_then(|slot| lock(&slot.workspace).baseline().cloned());
+        let report = self.start_watching(context, dockerfile, baseline.clone())?;
+        lock(&self.registry).add(context, dockerfile, baseline.as_ref())?;
         Ok(report)
     }
 
@@ -146,136 +246,245 @@ impl Hub {
         &self,
         context: &Path,
         dockerfile: &Path,
+        baseline: Option<Baseline>,
     ) -> Result<WorkspaceReport, WatchError> {
-        // Scanning can take a while: do it without holding the workspace map.
-        let mut workspace = Workspace::open(context, dockerfile, &mut lock(&self.stat_cache))?;
-        workspace.watching = {
-            let mut backend = lock(&self.backend);
-            let watched = backend
-                .watch(context, true)
-                .and_then(|()| match dockerfile.parent() {
-                    Some(dir) if !dockerfile.starts_with(context) => backend.watch(dir, false),
-                    _ => Ok(()),
-                });
-            match watched {
-                Ok(()) => true,
-                Err(err) => {
-                    warn!(context = %context.display(), %err, "not watching live");
-                    false
-                }
-            }
-        };
-        let report = WorkspaceReport::of(&workspace);
-        lock(&self.workspaces).insert(context.to_owned(), workspace);
+        let _registering = lock(&self.registering);
+        // Its watcher goes with it.
+        lock(&self.workspaces).remove(context);
+        // Watched before scanned: an edit during the scan is either seen by it or queued.
+        let armed = self.arm(context, dockerfile);
+        let mut workspace =
+            Workspace::open(context, dockerfile, baseline, &mut lock(&self.stat_cache))?;
+        let armed = workspace.set_armed(armed);
+        let slot = Arc::new(Slot::new(workspace, armed));
+        let report = lock(&slot.report).clone();
+        lock(&self.workspaces).insert(context.to_owned(), slot);
         Ok(report)
+    }
+
+    /// A fresh watcher for a workspace: the cookies directory, the context (recursively),
+    /// and the directory of a Dockerfile that lies outside the context.
+    fn arm(&self, context: &Path, dockerfile: &Path) -> Result<Armed, WatchError> {
+        let id = self.next_watcher.fetch_add(1, Ordering::Relaxed);
+        let mut backend = self.watchers.create(id)?;
+        backend.watch(self.cookies.dir(), false)?;
+        backend.watch(context, true)?;
+        if let Some(dir) = workspace::definition_dir_outside(context, dockerfile) {
+            backend.watch(&dir, false)?;
+        }
+        Ok(Armed { id, backend })
     }
 
     pub fn unwatch(&self, context: &Path) -> Result<(), WatchError> {
         let removed = lock(&self.workspaces).remove(context);
-        let Some(workspace) = removed else {
+        if removed.is_none() {
             return Err(WatchError::NotWatched(context.to_owned()));
-        };
-        let mut backend = lock(&self.backend);
-        backend.unwatch(context);
-        if let Some(dir) = workspace.dockerfile.parent()
-            && !workspace.dockerfile.starts_with(context)
-        {
-            backend.unwatch(dir);
         }
         lock(&self.registry).remove(context)
     }
 
+    fn slot(&self, context: &Path) -> Option<Arc<Slot>> {
+        lock(&self.workspaces).get(context).cloned()
+    }
+
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        lock(&self.workspaces).values().cloned().collect()
+    }
+
+    pub fn is_watched(&self, context: &Path) -> bool {
+        lock(&self.workspaces).contains_key(context)
+    }
+
     /// Paths (absolute) changed: update every workspace that holds one. A changed
-    /// Dockerfile or ignore file re-plans that workspace.
+    /// Dockerfile or ignore file re-plans that workspace; the root itself reported (deleted,
+    /// moved, replaced) re-arms its watches and rescans it.
     pub fn changed(&self, paths: &[PathBuf]) -> ChangeOutcome {
+        let _registering = lock(&self.registering);
         let mut outcome = ChangeOutcome::default();
-        let mut workspaces = lock(&self.workspaces);
-        let mut cache = lock(&self.stat_cache);
-        for workspace in workspaces.values_mut() {
+        for slot in self.slots() {
             let mine: Vec<&PathBuf> = paths
                 .iter()
-                .filter(|p| p.starts_with(&workspace.context) || workspace.is_build_definition(p))
+                .filter(|p| p.starts_with(&slot.context) || slot.is_build_definition(p))
                 .collect();
             if mine.is_empty() {
                 continue;
             }
             outcome.matched += mine.len() as u64;
-            let relative: Vec<String> = mine
-                .iter()
-                .filter_map(|p| p.strip_prefix(&workspace.context).ok())
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect();
-            let result = match mine.iter().find(|p| workspace.is_build_definition(p)) {
-                Some(definition) => {
-                    let cause = definition
-                        .strip_prefix(&workspace.context)
-                        .unwrap_or(definition)
-                        .display()
-                        .to_string();
-                    let before = workspace.dirty().len();
-                    // New ignore rules can change what the whole tree holds; a new
-                    // Dockerfile only changes what is read from it.
-                    let applied = if mine.iter().any(|p| workspace.is_ignore_file(p)) {
-                        workspace.reload(&cause, &mut cache)
-                    } else {
-                        workspace.replan(&cause, &relative, &mut cache)
-                    };
-                    applied.map(|()| workspace.dirty().len().saturating_sub(before))
+            let result = slot.update(|workspace| {
+                let mut cache = lock(&self.stat_cache);
+                if mine.iter().any(|p| **p == workspace.context) {
+                    return self.resync(&slot, workspace, &mut cache, true);
                 }
-                None => workspace.refresh(&relative, &mut cache),
-            };
+                apply_paths(workspace, &mine, &mut cache)
+            });
             match result {
                 Ok(dirtied) => outcome.dirtied += dirtied as u64,
                 Err(err) => {
-                    warn!(context = %workspace.context.display(), %err, "cannot apply change")
+                    warn!(context = %slot.context.display(), %err, "cannot apply change")
                 }
             }
         }
         outcome
     }
 
-    /// Rescans every workspace (the watcher lost events).
-    pub fn rescan(&self) -> ChangeOutcome {
+    /// Rescans the workspaces `watcher` covers (it lost events), or all of them.
+    pub fn rescan(&self, watcher: Option<WatcherId>) -> ChangeOutcome {
+        let _registering = lock(&self.registering);
         let mut outcome = ChangeOutcome::default();
-        let mut workspaces = lock(&self.workspaces);
-        let mut cache = lock(&self.stat_cache);
-        for workspace in workspaces.values_mut() {
-            match workspace.rescan(&mut cache) {
+        for slot in self.slots() {
+            if watcher.is_some() && slot.watcher_id() != watcher {
+                continue;
+            }
+            let result = slot.update(|workspace| {
+                let mut cache = lock(&self.stat_cache);
+                self.resync(&slot, workspace, &mut cache, true)
+            });
+            match result {
                 Ok(dirtied) => outcome.dirtied += dirtied as u64,
-                Err(err) => warn!(context = %workspace.context.display(), %err, "rescan failed"),
+                Err(err) => warn!(context = %slot.context.display(), %err, "rescan failed"),
             }
         }
         outcome
     }
 
-    /// Brings a workspace up to date before a build reads it. A live watcher has already
-    /// done so (the build synced with it); one the watcher cannot follow (inotify limit)
-    /// is rescanned, through the stat cache.
-    pub fn ensure_current(&self, context: &Path) -> Result<(), WatchError> {
-        let mut workspaces = lock(&self.workspaces);
-        if let Some(workspace) = workspaces.get_mut(context)
-            && !workspace.watching
-        {
-            workspace.rescan(&mut lock(&self.stat_cache))?;
+    /// Checks that the workspace's directories are the ones it watches; if the root (or the
+    /// directory holding an outside Dockerfile) was replaced, re-arms the watches and
+    /// rescans. `force` rescans anyway. A workspace the watcher does not cover is rescanned
+    /// too, through the stat cache.
+    fn resync(
+        &self,
+        slot: &Slot,
+        workspace: &mut Workspace,
+        cache: &mut StatCache,
+        force: bool,
+    ) -> Result<usize, WatchError> {
+        let lost = lock(&slot.watcher)
+            .as_ref()
+            .and_then(|armed| armed.backend.lost());
+        if lost == Some(Lost::Root) || workspace.identity_changed() {
+            info!(context = %workspace.context.display(), "workspace directory replaced; rescanning");
+            let mut watcher = lock(&slot.watcher);
+            // The old instance goes first, with every watch it had.
+            *watcher = None;
+            *watcher = workspace.set_armed(self.arm(&workspace.context, &workspace.dockerfile));
+            drop(watcher);
+            return workspace.reload_all(cache);
         }
-        Ok(())
+        if let Some(Lost::Incomplete(why)) = lost {
+            // Part of the tree is not watched any more: scan per build from now on.
+            *lock(&slot.watcher) = None;
+            workspace.set_armed::<()>(Err(WatchError::Lost(why)));
+        }
+        if force || !workspace.watching {
+            return workspace.rescan(cache);
+        }
+        Ok(0)
     }
 
-    pub fn reports(&self) -> Vec<WorkspaceReport> {
-        lock(&self.workspaces)
-            .values()
-            .map(WorkspaceReport::of)
-            .collect()
+    /// Brings a workspace up to date before a build reads it: a live watcher has already
+    /// done so (the build synced with it); a replaced root or one the watcher cannot follow
+    /// (inotify limit) is rescanned. Fails when the context directory does not exist.
+    pub fn ensure_current(&self, context: &Path) -> Result<(), WatchError> {
+        let slot = self
+            .slot(context)
+            .ok_or_else(|| WatchError::NotWatched(context.to_owned()))?;
+        slot.update(|workspace| {
+            let mut cache = lock(&self.stat_cache);
+            self.resync(&slot, workspace, &mut cache, false)?;
+            match workspace.root {
+                Some(_) => Ok(()),
+                None => Err(WatchError::ContextGone(context.to_owned())),
+            }
+        })
     }
 
-    /// Runs `f` on a watched workspace (the engine's entry point).
-    pub fn with_workspace<T>(
+    /// Returns once the watcher of `context` has delivered, and the change loop applied,
+    /// every change made before the call. Without a live watcher there is nothing to wait
+    /// for: the build's snapshot scans instead.
+    pub async fn sync(&self, context: &Path) {
+        let watcher = self.slot(context).and_then(|slot| slot.watcher_id());
+        if let Some(watcher) = watcher {
+            self.cookies.sync(watcher).await;
+        }
+    }
+
+    /// The snapshot one build reads (registering the workspace if it is new): brought up to
+    /// date, then fixed. `sources` are the build's COPY/ADD source sets.
+    pub fn snapshot(
         &self,
         context: &Path,
-        f: impl FnOnce(&mut Workspace) -> T,
-    ) -> Option<T> {
-        lock(&self.workspaces).get_mut(context).map(f)
+        dockerfile: &Path,
+        sources: &[SourceSet],
+    ) -> Result<BuildSnapshot, WatchError> {
+        if !self.is_watched(context) {
+            self.watch(context, dockerfile)?;
+        }
+        self.ensure_current(context)?;
+        let slot = self
+            .slot(context)
+            .ok_or_else(|| WatchError::NotWatched(context.to_owned()))?;
+        let mut workspace = lock(&slot.workspace);
+        let fingerprints = sources
+            .iter()
+            .map(|(patterns, excludes)| workspace.fingerprint(patterns, excludes))
+            .collect::<Result<_, _>>()?;
+        Ok(BuildSnapshot {
+            tree: workspace.snapshot(),
+            fingerprints,
+            baseline: workspace.current_baseline(),
+        })
     }
+
+    /// A build of `context` from `built` succeeded: that is the new baseline (kept across
+    /// restarts). Does nothing if the workspace is no longer watched.
+    pub fn mark_built(&self, context: &Path, built: &Baseline) {
+        let Some(slot) = self.slot(context) else {
+            return;
+        };
+        slot.update(|workspace| workspace.mark_built(built.clone()));
+        if let Err(err) = lock(&self.registry).set_baseline(context, built) {
+            warn!(context = %context.display(), %err, "cannot persist what was built");
+        }
+    }
+
+    /// What status shows; never waits for a scan in progress.
+    pub fn reports(&self) -> Vec<WorkspaceReport> {
+        self.slots()
+            .iter()
+            .map(|slot| lock(&slot.report).clone())
+            .collect()
+    }
+}
+
+/// Applies changed paths of one workspace: a build definition re-plans it (an ignore file
+/// rescans it), anything else refreshes those paths.
+fn apply_paths(
+    workspace: &mut Workspace,
+    paths: &[&PathBuf],
+    cache: &mut StatCache,
+) -> Result<usize, WatchError> {
+    let relative: Vec<String> = paths
+        .iter()
+        .filter_map(|p| p.strip_prefix(&workspace.context).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let Some(definition) = paths.iter().find(|p| workspace.is_build_definition(p)) else {
+        return workspace.refresh(&relative, cache);
+    };
+    let cause = definition
+        .strip_prefix(&workspace.context)
+        .unwrap_or(definition)
+        .display()
+        .to_string();
+    let before = workspace.dirty().len();
+    // New ignore rules can change what the whole tree holds; a new Dockerfile only changes
+    // what is read from it.
+    if paths.iter().any(|p| workspace.is_ignore_file(p)) {
+        workspace.reload(&cause, cache)?;
+    } else {
+        workspace.replan(&cause, &relative, cache)?;
+    }
+    Ok(workspace.dirty().len().saturating_sub(before))
 }
 
 /// A workspace as `status` shows it.
@@ -287,6 +496,10 @@ pub struct WorkspaceReport {
     pub bytes: u64,
     pub last_change: Option<std::time::SystemTime>,
     pub watching: bool,
+    /// Why the watcher does not cover it (builds then scan it), while it does not.
+    pub degraded: Option<String>,
+    /// Whether it was ever built: without a baseline, nothing can be called dirty or clean.
+    pub built: bool,
     pub hashed_files: u64,
     pub dirty: Vec<DirtyMark>,
     pub error: Option<String>,
@@ -302,6 +515,11 @@ impl WorkspaceReport {
             bytes,
             last_change: workspace.last_change,
             watching: workspace.watching,
+            degraded: match workspace.root {
+                None => Some("the context directory does not exist".into()),
+                Some(_) => workspace.degraded.clone(),
+            },
+            built: workspace.baseline().is_some(),
             hashed_files: workspace.last_scan.hashed_files,
             dirty: workspace.dirty().to_vec(),
             error: workspace.plan_error().map(str::to_owned),

@@ -7,24 +7,51 @@ use std::time::Duration;
 
 use super::*;
 
-/// Records what is watched; fails every watch with `fail` when set.
+/// Makes watchers that record what they watch (by watcher) while they live; with
+/// `fail_with_limit` every watch fails as on an exhausted inotify watch limit.
 #[derive(Debug, Clone, Default)]
 struct ScriptedBackend {
-    watched: Arc<Mutex<Vec<PathBuf>>>,
+    watched: Arc<Mutex<Vec<(WatcherId, PathBuf)>>>,
     fail_with_limit: bool,
 }
 
-impl WatchBackend for ScriptedBackend {
+struct ScriptedWatcher {
+    id: WatcherId,
+    script: ScriptedBackend,
+}
+
+impl WatcherFactory for ScriptedBackend {
+    fn create(&self, id: WatcherId) -> Result<Box<dyn WatchBackend>, WatchError> {
+        Ok(Box::new(ScriptedWatcher {
+            id,
+            script: self.clone(),
+        }))
+    }
+}
+
+impl WatchBackend for ScriptedWatcher {
     fn watch(&mut self, dir: &Path, _recursive: bool) -> Result<(), WatchError> {
-        if self.fail_with_limit {
+        if self.script.fail_with_limit {
             return Err(WatchError::WatchLimit);
         }
-        lock(&self.watched).push(dir.to_owned());
+        lock(&self.script.watched).push((self.id, dir.to_owned()));
         Ok(())
     }
 
     fn unwatch(&mut self, dir: &Path) {
-        lock(&self.watched).retain(|d| d != dir);
+        lock(&self.script.watched).retain(|(id, d)| *id != self.id || d != dir);
+    }
+}
+
+impl Drop for ScriptedWatcher {
+    fn drop(&mut self) {
+        lock(&self.script.watched).retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl ScriptedBackend {
+    fn watched_paths(&self) -> Vec<PathBuf> {
+        lock(&self.watched).iter().map(|(_, p)| p.clone()).collect()
     }
 }
 
@@ -70,10 +97,26 @@ impl Fixture {
         self.dir.path().join("ctx")
     }
 
+    /// Watches the workspace and builds it (as far as the hub can tell): the state now is the
+    /// baseline edits are compared with.
     fn watch(&self) -> WorkspaceReport {
-        self.hub
+        let report = self
+            .hub
             .watch(&self.ctx(), &self.ctx().join("Dockerfile"))
-            .expect("watch")
+            .expect("watch");
+        assert!(!report.built, "watched, not built");
+        self.build();
+        report
+    }
+
+    /// What a build does with the hub: a snapshot, then the snapshot as the new baseline.
+    fn build(&self) -> BuildSnapshot {
+        let snapshot = self
+            .hub
+            .snapshot(&self.ctx(), &self.ctx().join("Dockerfile"), &[])
+            .expect("snapshot");
+        self.hub.mark_built(&self.ctx(), &snapshot.baseline);
+        snapshot
     }
 
     fn edit(&self, rel: &str, content: &str) -> ChangeOutcome {
@@ -102,7 +145,7 @@ fn editing_src_marks_only_the_src_copy_and_what_follows() {
     assert!(report.dirty.is_empty());
     assert!(report.watching);
     let cookies = fx.dir.path().join("root/cookies");
-    assert_eq!(*lock(&fx.backend.watched), [cookies, fx.ctx()]);
+    assert_eq!(fx.backend.watched_paths(), [cookies, fx.ctx()]);
 
     let outcome = fx.edit("src/x.js", "x = 2");
     assert_eq!(outcome.matched, 1);
@@ -180,7 +223,7 @@ fn a_rescan_finds_changes_the_watcher_missed() {
     std::thread::sleep(Duration::from_millis(120));
     fs::write(fx.ctx().join("package.json"), "{\"a\":1}").expect("silent edit");
     assert!(fx.dirty().is_empty(), "nobody told the hub yet");
-    let outcome = fx.hub.rescan();
+    let outcome = fx.hub.rescan(None);
     assert!(outcome.dirtied >= 1);
     assert_eq!(labels(&fx.dirty())[0], "COPY package.json /app/");
 }
@@ -260,4 +303,192 @@ fn a_dockerfile_edit_replans_without_a_rescan_but_an_ignore_edit_rescans() {
         "new ignore rules rescan: {:?}",
         fx.dirty()
     );
+}
+
+#[test]
+fn a_workspace_never_built_says_so_and_its_baseline_survives_a_restart() {
+    let fx = Fixture::new();
+    let report = fx
+        .hub
+        .watch(&fx.ctx(), &fx.ctx().join("Dockerfile"))
+        .expect("watch");
+    assert!(!report.built);
+    fx.edit("src/x.js", "x = 2");
+    let report = &fx.hub.reports()[0];
+    assert!(!report.built && report.dirty.is_empty(), "{report:?}");
+
+    fx.build();
+    assert!(fx.hub.reports()[0].built);
+    fx.edit("src/x.js", "x = 3");
+    let restarted = Hub::open(
+        &Layout::new(fx.dir.path().join("root")),
+        Box::new(ScriptedBackend::default()),
+    )
+    .expect("hub");
+    restarted.restore();
+    let report = &restarted.reports()[0];
+    assert!(report.built, "the last build is remembered");
+    assert_eq!(
+        report
+            .dirty
+            .first()
+            .map(|d| (d.label.as_str(), d.cause.as_str())),
+        Some(("COPY src/ /app/src/", "Dockerfile")),
+        "an edit made before the restart is still a change from the last build"
+    );
+}
+
+#[test]
+fn a_build_snapshot_does_not_see_later_edits_and_they_stay_dirty() {
+    let fx = Fixture::new();
+    fx.watch();
+    let snapshot = fx
+        .hub
+        .snapshot(
+            &fx.ctx(),
+            &fx.ctx().join("Dockerfile"),
+            &[(vec!["src/".into()], vec![])],
+        )
+        .expect("snapshot");
+    let before = snapshot.tree.get("src/x.js").expect("x").hash;
+    fx.edit("src/x.js", "x = 2 (during the build)");
+    assert_eq!(snapshot.tree.get("src/x.js").expect("x").hash, before);
+    let again = fx
+        .hub
+        .snapshot(
+            &fx.ctx(),
+            &fx.ctx().join("Dockerfile"),
+            &[(vec!["src/".into()], vec![])],
+        )
+        .expect("snapshot");
+    assert_ne!(again.tree.get("src/x.js").expect("x").hash, before);
+    assert_ne!(again.fingerprints, snapshot.fingerprints);
+    // The build that took the first snapshot finishes: the edit is still dirty.
+    fx.hub.mark_built(&fx.ctx(), &snapshot.baseline);
+    assert_eq!(labels(&fx.dirty())[0], "COPY src/ /app/src/");
+    fx.hub.mark_built(&fx.ctx(), &again.baseline);
+    assert!(fx.dirty().is_empty());
+}
+
+#[test]
+fn an_atomic_save_names_the_saved_file_not_the_temp() {
+    let fx = Fixture::new();
+    fx.watch();
+    let temp = fx.ctx().join("src/.x.js.tmp1234");
+    fs::write(&temp, "x = 42").expect("temp");
+    fx.hub.changed(std::slice::from_ref(&temp));
+    fs::rename(&temp, fx.ctx().join("src/x.js")).expect("rename over");
+    fx.hub.changed(&[temp, fx.ctx().join("src/x.js")]);
+    assert!(
+        fx.dirty().iter().all(|(_, cause)| cause == "src/x.js"),
+        "{:?}",
+        fx.dirty()
+    );
+}
+
+/// A copy of the fixture's context in its current state, scanned cold.
+fn cold_listing(fx: &Fixture) -> Vec<(String, [u8; 32])> {
+    let snapshot = fx
+        .hub
+        .snapshot(&fx.ctx(), &fx.ctx().join("Dockerfile"), &[])
+        .expect("snapshot");
+    let hot: Vec<(String, [u8; 32])> = snapshot
+        .tree
+        .iter()
+        .filter(|(_, e)| e.kind != crate::context::EntryKind::Dir)
+        .map(|(p, e)| (p.to_owned(), e.hash))
+        .collect();
+    let rules =
+        crate::context::ignore_rules(&fx.ctx(), &fx.ctx().join("Dockerfile")).expect("rules");
+    let mut cache = StatCache::open(&fx.dir.path().join("cold.sqlite")).expect("cache");
+    let (tree, _) = crate::context::scan(&fx.ctx(), &rules, &mut cache).expect("scan");
+    let cold: Vec<(String, [u8; 32])> = tree
+        .iter()
+        .filter(|(_, e)| e.kind != crate::context::EntryKind::Dir)
+        .map(|(p, e)| (p.to_owned(), e.hash))
+        .collect();
+    assert_eq!(hot, cold, "the hot tree equals a cold scan");
+    hot
+}
+
+#[test]
+fn a_replaced_root_is_rearmed_and_rescanned_with_or_without_its_event() {
+    let fx = Fixture::new();
+    fx.watch();
+    let template = fx.dir.path().join("template");
+    fs::create_dir_all(template.join("src")).expect("template");
+    fs::write(template.join("Dockerfile"), DOCKERFILE).expect("Dockerfile");
+    fs::write(template.join("package.json"), "{\"v\":2}").expect("package.json");
+    fs::write(template.join("src/y.js"), "y").expect("y");
+
+    // Deleted and recreated, and the watcher reported the root's deletion.
+    fs::remove_dir_all(fx.ctx()).expect("rm -rf");
+    fx.hub.changed(&[fx.ctx()]);
+    assert_eq!(
+        fx.hub.reports()[0].degraded.as_deref(),
+        Some("the context directory does not exist")
+    );
+    let gone = fx.hub.ensure_current(&fx.ctx()).expect_err("no context");
+    assert!(matches!(gone, WatchError::ContextGone(_)), "{gone}");
+    copy_dir(&template, &fx.ctx());
+    let listing = cold_listing(&fx);
+    assert!(listing.iter().any(|(p, _)| p == "src/y.js"), "{listing:?}");
+    assert!(fx.hub.reports()[0].degraded.is_none());
+    let watched = lock(&fx.backend.watched).clone();
+    assert_eq!(
+        watched.iter().filter(|(_, p)| *p == fx.ctx()).count(),
+        1,
+        "watched again, by one new watcher: {watched:?}"
+    );
+
+    // Swapped by a rename nobody reported: the identity check at build time finds it.
+    let next = fx.dir.path().join("next");
+    copy_dir(&template, &next);
+    fs::write(next.join("src/z.js"), "z").expect("z");
+    fs::rename(&next, fx.ctx().with_extension("new")).expect("stage");
+    fs::rename(fx.ctx(), fx.dir.path().join("old")).expect("move away");
+    fs::rename(fx.ctx().with_extension("new"), fx.ctx()).expect("swap in");
+    let listing = cold_listing(&fx);
+    assert!(listing.iter().any(|(p, _)| p == "src/z.js"), "{listing:?}");
+    assert!(labels(&fx.dirty()).contains(&"COPY src/ /app/src/"));
+
+    // Replaced by a symlink to another directory.
+    let elsewhere = fx.dir.path().join("elsewhere");
+    copy_dir(&template, &elsewhere);
+    fs::write(elsewhere.join("package.json"), "{\"v\":3}").expect("v3");
+    fs::remove_dir_all(fx.ctx()).expect("rm");
+    std::os::unix::fs::symlink(&elsewhere, fx.ctx()).expect("symlink");
+    let listing = cold_listing(&fx);
+    let package = listing
+        .iter()
+        .find(|(p, _)| p == "package.json")
+        .expect("package");
+    assert_eq!(package.1, *blake3::hash(b"{\"v\":3}").as_bytes());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for entry in fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn baselines_round_trip_and_damaged_ones_read_as_never_built() {
+    let fx = Fixture::new();
+    fx.watch();
+    let baseline = fx.build().baseline;
+    let bytes = baseline.to_bytes();
+    assert_eq!(Baseline::from_bytes(&bytes), Some(baseline));
+    assert_eq!(Baseline::from_bytes(&bytes[..bytes.len() - 1]), None);
+    assert_eq!(Baseline::from_bytes(b"garbage"), None);
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert_eq!(Baseline::from_bytes(&longer), None);
 }

@@ -1,5 +1,10 @@
 //! One watched workspace: its plan, its file tree, the fingerprint of every COPY/ADD source
-//! set, and which nodes are dirty compared with the baseline (the state last built).
+//! set, and which nodes are dirty compared with the baseline (the state last built; none
+//! until the first build).
+//!
+//! The tree is shared copy-on-write ([`Arc`]): a build takes one snapshot of it for its keys
+//! and for the bytes its COPY steps write, and a change that arrives while the build runs
+//! edits a private copy, never the snapshot.
 //!
 //! Dirty marks are recomputed from scratch after every change, which keeps them exact when an
 //! edit is reverted: a node is dirty when its *structural key* (instruction plus the structural
@@ -8,7 +13,9 @@
 //! downstream of a dirty node is dirty too, with the same cause.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use petgraph::Direction;
@@ -40,10 +47,85 @@ struct TrackedSource {
 }
 
 /// What was last built: structural keys of the nodes, fingerprints of the source nodes.
-#[derive(Debug, Clone, Default)]
-struct Baseline {
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Baseline {
     structural: HashSet<Hash>,
     fingerprints: HashMap<Hash, Fingerprint>,
+}
+
+/// Versions [`Baseline::to_bytes`].
+const BASELINE_FORMAT: &[u8] = b"memobuild-baseline-v1\0";
+
+impl Baseline {
+    /// A compact encoding, persisted with the workspace so a restarted daemon still knows
+    /// what was last built.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = BASELINE_FORMAT.to_vec();
+        let mut structural: Vec<&Hash> = self.structural.iter().collect();
+        structural.sort_unstable();
+        out.extend((structural.len() as u64).to_le_bytes());
+        for key in structural {
+            out.extend(key);
+        }
+        let mut fingerprints: Vec<(&Hash, &Fingerprint)> = self.fingerprints.iter().collect();
+        fingerprints.sort_unstable_by_key(|(key, _)| **key);
+        out.extend((fingerprints.len() as u64).to_le_bytes());
+        for (key, fingerprint) in fingerprints {
+            out.extend(key);
+            out.extend(fingerprint.hash);
+            out.extend(fingerprint.entries.to_le_bytes());
+        }
+        out
+    }
+
+    /// `None` for bytes of another format or damaged ones: the workspace then counts as
+    /// never built, which is the truth as far as anyone can tell.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let mut rest = bytes.strip_prefix(BASELINE_FORMAT)?;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, tail) = rest.split_at_checked(n)?;
+            rest = tail;
+            Some(head)
+        };
+        let count = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().unwrap_or([0xff; 8]));
+        let hash = |bytes: &[u8]| -> Option<Hash> { bytes.try_into().ok() };
+        let mut baseline = Self::default();
+        for _ in 0..count(take(8)?) {
+            baseline.structural.insert(hash(take(32)?)?);
+        }
+        for _ in 0..count(take(8)?) {
+            let key = hash(take(32)?)?;
+            let fingerprint = Fingerprint {
+                hash: hash(take(32)?)?,
+                entries: count(take(8)?),
+            };
+            baseline.fingerprints.insert(key, fingerprint);
+        }
+        rest.is_empty().then_some(baseline)
+    }
+}
+
+/// Which directory a path names right now: a deleted and recreated root, one swapped in by a
+/// rename, or a symlink pointed elsewhere has another identity although its path is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirIdentity {
+    dev: u64,
+    ino: u64,
+    /// Inode numbers are reused at once (a root deleted and recreated often gets its old
+    /// number back); the birth time, where the filesystem keeps one, tells them apart.
+    born: Option<SystemTime>,
+}
+
+impl DirIdentity {
+    /// Follows symlinks, as the walk of the context does for its root.
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            born: meta.created().ok(),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -51,13 +133,19 @@ pub struct Workspace {
     pub context: PathBuf,
     pub dockerfile: PathBuf,
     rules: IgnoreRules,
-    tree: FileTree,
+    tree: Arc<FileTree>,
     plan: Result<Plan, String>,
-    baseline: Baseline,
+    baseline: Option<Baseline>,
     dirty: Vec<DirtyMark>,
     pub last_change: Option<SystemTime>,
     /// Whether a live watcher covers it (false: changes are found by scanning).
     pub watching: bool,
+    /// Why the watcher does not cover it, while it does not.
+    pub degraded: Option<String>,
+    /// The root directory as last scanned; `None` while it does not exist.
+    pub root: Option<DirIdentity>,
+    /// The directory holding the Dockerfile, when that is outside the context.
+    definition_dir: Option<DirIdentity>,
     pub last_scan: ScanReport,
     /// Fingerprints builds asked for, by (patterns, excludes), with the tree generation they
     /// were computed at: a rebuild with nothing changed does not walk the tree again.
@@ -72,15 +160,19 @@ struct Plan {
 }
 
 impl Workspace {
-    /// Reads, plans and scans a workspace. The baseline is the state found now.
+    /// Reads, plans and scans a workspace. `baseline` is what was last built of it, if it
+    /// ever was.
     pub fn open(
         context: &Path,
         dockerfile: &Path,
+        baseline: Option<Baseline>,
         cache: &mut StatCache,
     ) -> Result<Self, WatchError> {
         let plan = read_plan(dockerfile)?;
         let mut workspace = Self::load(context, dockerfile, Ok(plan), cache)?;
-        workspace.baseline = workspace.current_baseline();
+        workspace.baseline = baseline;
+        let dockerfile_name = workspace.dockerfile_name();
+        workspace.recompute_dirty(&dockerfile_name);
         Ok(workspace)
     }
 
@@ -90,6 +182,10 @@ impl Workspace {
         graph: Result<BuildGraph, String>,
         cache: &mut StatCache,
     ) -> Result<Self, WatchError> {
+        let root = DirIdentity::of(context).map_err(|source| WatchError::Read {
+            path: context.to_owned(),
+            source,
+        })?;
         let rules = context::ignore_rules(context, dockerfile)?;
         let (tree, last_scan) = context::scan(context, &rules, cache)?;
         let plan = match graph {
@@ -100,12 +196,16 @@ impl Workspace {
             context: context.to_owned(),
             dockerfile: dockerfile.to_owned(),
             rules,
-            tree,
+            tree: Arc::new(tree),
             plan,
-            baseline: Baseline::default(),
+            baseline: None,
             dirty: Vec::new(),
             last_change: None,
             watching: false,
+            degraded: None,
+            root: Some(root),
+            definition_dir: definition_dir_outside(context, dockerfile)
+                .and_then(|dir| DirIdentity::of(&dir).ok()),
             last_scan,
             fingerprints: HashMap::new(),
         })
@@ -117,8 +217,9 @@ impl Workspace {
     pub fn reload(&mut self, cause: &str, cache: &mut StatCache) -> Result<(), WatchError> {
         let graph = self.read_graph()?;
         let mut fresh = Self::load(&self.context, &self.dockerfile, graph, cache)?;
-        fresh.baseline = std::mem::take(&mut self.baseline);
+        fresh.baseline = self.baseline.take();
         fresh.watching = self.watching;
+        fresh.degraded = self.degraded.take();
         *self = fresh;
         self.definition_changed(cause);
         Ok(())
@@ -134,7 +235,13 @@ impl Workspace {
         paths: &[String],
         cache: &mut StatCache,
     ) -> Result<(), WatchError> {
-        context::refresh(&self.context, &self.rules, &mut self.tree, paths, cache)?;
+        context::refresh(
+            &self.context,
+            &self.rules,
+            Arc::make_mut(&mut self.tree),
+            paths,
+            cache,
+        )?;
         self.plan = match self.read_graph()? {
             Ok(graph) => Ok(Plan::new(graph, &self.tree)?),
             Err(message) => Err(message),
@@ -169,15 +276,84 @@ impl Workspace {
         paths: &[String],
         cache: &mut StatCache,
     ) -> Result<usize, WatchError> {
-        let touched = context::refresh(&self.context, &self.rules, &mut self.tree, paths, cache)?;
+        let touched = context::refresh(
+            &self.context,
+            &self.rules,
+            Arc::make_mut(&mut self.tree),
+            paths,
+            cache,
+        )?;
         Ok(self.absorb(touched))
     }
 
-    /// Rescans everything (the watcher lost events). Returns how many nodes became dirty.
+    /// Records whether arming a watcher worked, passing the watcher on.
+    pub fn set_armed<T>(&mut self, armed: Result<T, WatchError>) -> Option<T> {
+        match armed {
+            Ok(watcher) => {
+                self.watching = true;
+                self.degraded = None;
+                Some(watcher)
+            }
+            Err(err) => {
+                tracing::warn!(context = %self.context.display(), %err, "not watching live");
+                self.watching = false;
+                self.degraded = Some(err.to_string());
+                None
+            }
+        }
+    }
+
+    /// Whether the root, or the directory of an outside Dockerfile, is not the directory
+    /// last scanned (deleted, recreated, renamed over, re-pointed symlink) or has vanished.
+    pub fn identity_changed(&self) -> bool {
+        let root = DirIdentity::of(&self.context).ok();
+        let definition_dir = definition_dir_outside(&self.context, &self.dockerfile)
+            .and_then(|dir| DirIdentity::of(&dir).ok());
+        root != self.root || definition_dir != self.definition_dir
+    }
+
+    /// Starts over after the directories were replaced: ignore rules, Dockerfile, tree,
+    /// keeping the baseline so what differs from the last build shows as dirty. Returns how
+    /// many nodes became dirty.
+    pub fn reload_all(&mut self, cache: &mut StatCache) -> Result<usize, WatchError> {
+        let before = self.dirty.len();
+        self.definition_dir = definition_dir_outside(&self.context, &self.dockerfile)
+            .and_then(|dir| DirIdentity::of(&dir).ok());
+        self.rescan(cache)?;
+        if self.root.is_some() {
+            self.plan = match self.read_graph()? {
+                Ok(graph) => Ok(Plan::new(graph, &self.tree)?),
+                Err(message) => Err(message),
+            };
+            let cause = self.dockerfile_name();
+            self.definition_changed(&cause);
+        }
+        Ok(self.dirty.len().saturating_sub(before))
+    }
+
+    /// Rescans everything (the watcher lost events, or the root was replaced). Returns how
+    /// many nodes became dirty. A root that is gone leaves an empty tree, and says so.
     pub fn rescan(&mut self, cache: &mut StatCache) -> Result<usize, WatchError> {
+        let root = match DirIdentity::of(&self.context) {
+            Ok(root) => root,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                self.root = None;
+                let touched = Arc::make_mut(&mut self.tree).replace_subtree("", Default::default());
+                return Ok(self.absorb(touched));
+            }
+            Err(source) => {
+                return Err(WatchError::Read {
+                    path: self.context.clone(),
+                    source,
+                });
+            }
+        };
+        // The ignore file may have gone or come with the root.
+        self.rules = context::ignore_rules(&self.context, &self.dockerfile)?;
         let (tree, report) = context::scan(&self.context, &self.rules, cache)?;
-        let touched = self.tree.replace_subtree("", tree.into_entries());
+        let touched = Arc::make_mut(&mut self.tree).replace_subtree("", tree.into_entries());
         self.last_scan = report;
+        self.root = Some(root);
         Ok(self.absorb(touched))
     }
 
@@ -189,9 +365,14 @@ impl Workspace {
         let before = self.dirty.len();
         if let Ok(plan) = &mut self.plan {
             for source in &mut plan.sources {
-                let cause = touched
+                let mut covered = touched
                     .iter()
-                    .find(|path| source.patterns.iter().any(|p| p.covers(path)));
+                    .map(|path| &**path)
+                    .filter(|path| source.patterns.iter().any(|p| p.covers(path)));
+                let first = covered.clone().next();
+                // An editor's atomic save writes a temp file and renames it over the one the
+                // user saved: name the file that is there now, not the temp that came and went.
+                let cause = covered.find(|path| self.tree.get(path).is_some()).or(first);
                 if let Some(cause) = cause {
                     let now = self.tree.fingerprint(&source.patterns, &source.excludes);
                     if now != source.current {
@@ -215,7 +396,7 @@ impl Workspace {
     }
 
     fn recompute_dirty(&mut self, dockerfile_cause: &str) {
-        let Ok(plan) = &self.plan else {
+        let (Ok(plan), Some(baseline)) = (&self.plan, &self.baseline) else {
             self.dirty.clear();
             return;
         };
@@ -223,7 +404,7 @@ impl Workspace {
         let mut cause_of: HashMap<NodeIndex, String> = HashMap::new();
         for source in &plan.sources {
             let key = plan.structural[source.node.index()];
-            if self.baseline.fingerprints.get(&key) != Some(&source.current) {
+            if baseline.fingerprints.get(&key) != Some(&source.current) {
                 let cause = source
                     .cause
                     .clone()
@@ -232,11 +413,7 @@ impl Workspace {
             }
         }
         for node in plan.graph.toposort() {
-            if !self
-                .baseline
-                .structural
-                .contains(&plan.structural[node.index()])
-            {
+            if !baseline.structural.contains(&plan.structural[node.index()]) {
                 cause_of
                     .entry(node)
                     .or_insert_with(|| dockerfile_cause.to_owned());
@@ -275,7 +452,7 @@ impl Workspace {
         &mut self,
         patterns: &[String],
         excludes: &[String],
-    ) -> Result<Hash, String> {
+    ) -> Result<Hash, WatchError> {
         let key = (patterns.to_vec(), excludes.to_vec());
         let generation = self.tree.generation();
         if let Some((at, hash)) = self.fingerprints.get(&key)
@@ -285,22 +462,34 @@ impl Workspace {
         }
         let compiled = patterns
             .iter()
-            .map(|p| SourcePattern::new(p).map_err(|e| format!("source {p:?}: {e}")))
+            .map(|p| {
+                SourcePattern::new(p).map_err(|source| WatchError::Pattern {
+                    pattern: p.clone(),
+                    source,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let rules =
-            IgnoreRules::parse(&excludes.join("\n"), "--exclude").map_err(|e| e.to_string())?;
+        let rules = IgnoreRules::parse(&excludes.join("\n"), "--exclude")?;
         let hash = self.tree.fingerprint(&compiled, &rules).hash;
         self.fingerprints.insert(key, (generation, hash));
         Ok(hash)
     }
 
-    /// Makes the current state the baseline (after a successful build).
-    pub fn mark_built(&mut self) {
-        self.baseline = self.current_baseline();
-        self.dirty.clear();
+    /// Makes `built` — the state a build took its snapshot of — the baseline. Edits made
+    /// since that snapshot stay dirty: the build did not see them.
+    pub fn mark_built(&mut self, built: Baseline) {
+        self.baseline = Some(built);
+        let dockerfile = self.dockerfile_name();
+        self.recompute_dirty(&dockerfile);
     }
 
-    fn current_baseline(&self) -> Baseline {
+    /// What was last built, if anything was.
+    pub fn baseline(&self) -> Option<&Baseline> {
+        self.baseline.as_ref()
+    }
+
+    /// The state as it is now, as a build would record it.
+    pub fn current_baseline(&self) -> Baseline {
         let Ok(plan) = &self.plan else {
             return Baseline::default();
         };
@@ -322,6 +511,12 @@ impl Workspace {
         &self.tree
     }
 
+    /// The tree as it is now, shared: what one build reads however the workspace changes
+    /// while it runs.
+    pub fn snapshot(&self) -> Arc<FileTree> {
+        Arc::clone(&self.tree)
+    }
+
     /// Why the Dockerfile cannot be planned right now, if it cannot.
     pub fn plan_error(&self) -> Option<&str> {
         self.plan.as_ref().err().map(String::as_str)
@@ -334,9 +529,24 @@ impl Workspace {
 
     /// Whether `path` is a file the ignore rules may come from.
     pub fn is_ignore_file(&self, path: &Path) -> bool {
-        let mut specific = self.dockerfile.as_os_str().to_owned();
-        specific.push(".dockerignore");
-        path == Path::new(&specific) || path == self.context.join(".dockerignore")
+        is_ignore_file(&self.context, &self.dockerfile, path)
+    }
+}
+
+/// Whether `path` is a file the ignore rules of this context and Dockerfile may come from.
+pub(super) fn is_ignore_file(context: &Path, dockerfile: &Path, path: &Path) -> bool {
+    let mut specific = dockerfile.as_os_str().to_owned();
+    specific.push(".dockerignore");
+    path == Path::new(&specific) || path == context.join(".dockerignore")
+}
+
+/// The directory holding the Dockerfile when it lies outside the context (it is watched
+/// on its own then).
+pub(super) fn definition_dir_outside(context: &Path, dockerfile: &Path) -> Option<PathBuf> {
+    if dockerfile.starts_with(context) {
+        None
+    } else {
+        dockerfile.parent().map(Path::to_owned)
     }
 }
 

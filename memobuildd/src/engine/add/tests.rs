@@ -114,6 +114,39 @@ impl Fixture {
 }
 
 #[test]
+fn chown_owns_the_destination_but_not_what_the_archive_holds() {
+    if !crate::testing::privileged("chown_owns_the_destination_but_not_what_the_archive_holds") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let fx = Fixture::new(&[("app.tar.gz", gzip(&app_tar()))]);
+    let staging = fx.dir.path().join("staging");
+    std::fs::create_dir(&staging).expect("staging");
+    let spec = CopySpec {
+        sources: vec!["app.tar.gz".into()],
+        dest: "/dst/".into(),
+        workdir: "/".into(),
+        chown: Some((1000, 1000)),
+        chmod: None,
+    };
+    let ctx = fx.dir.path().join("ctx");
+    let excludes = IgnoreRules::default();
+    let context = Context {
+        dir: &ctx,
+        tree: &fx.tree,
+        excludes: &excludes,
+    };
+    stage(&spec, None, context, &fx.parent, &staging, true).expect("add");
+    let owner = |rel: &str| {
+        let meta = std::fs::symlink_metadata(staging.join(rel)).expect(rel);
+        (meta.uid(), meta.gid())
+    };
+    assert_eq!(owner("dst"), (1000, 1000));
+    assert_eq!(owner("dst/app"), (0, 0));
+    assert_eq!(owner("dst/app/run.sh"), (0, 0));
+}
+
+#[test]
 fn archives_are_told_by_content_not_by_name() {
     let tar = app_tar();
     let fx = Fixture::new(&[

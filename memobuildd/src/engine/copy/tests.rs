@@ -146,13 +146,63 @@ fn destinations_resolve_through_the_parents_symlinks() {
 }
 
 #[test]
-fn symlinks_are_copied_as_links_and_chmod_applies() {
+fn a_named_symlink_is_followed_and_chmod_applies() {
     let fx = Fixture::new();
     let out = fx
         .copy(&["link", "a.txt"], "/d/", Some(0o700))
         .expect("copy");
-    assert_eq!(out["d/link"], "link a.txt");
+    assert_eq!(
+        out["d/link"], "file 700 a",
+        "BuildKit copies what a named link points to"
+    );
     assert_eq!(out["d/a.txt"], "file 700 a");
+    let out = fx.copy(&["lin*"], "/w/", None).expect("copy");
+    assert_eq!(out["w/link"], "file 644 a", "also through a wildcard");
+}
+
+#[test]
+fn symlinks_and_hard_links_inside_a_copied_directory_stay_links() {
+    use std::os::unix::fs::MetadataExt;
+    let fx = Fixture::new();
+    std::os::unix::fs::symlink("main.rs", fx.ctx().join("src/alias")).expect("symlink");
+    std::fs::hard_link(
+        fx.ctx().join("src/main.rs"),
+        fx.ctx().join("src/util/same.rs"),
+    )
+    .expect("hard link");
+    std::fs::set_permissions(fx.ctx().join("src"), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    let mut cache = StatCache::open(&fx.dir.path().join("c2.sqlite")).expect("cache");
+    let (tree, _) = scan(&fx.ctx(), &IgnoreRules::default(), &mut cache).expect("scan");
+    let staging = tempfile::tempdir_in(fx.dir.path()).expect("staging");
+    let spec = CopySpec {
+        sources: vec!["src".into()],
+        dest: "/dst".into(),
+        workdir: "/".into(),
+        chown: None,
+        chmod: None,
+    };
+    let excludes = IgnoreRules::default();
+    let ctx = fx.ctx();
+    let source = CopySource::Context {
+        dir: &ctx,
+        tree: &tree,
+        excludes: &excludes,
+    };
+    let plan = plan(&spec, source, &fx.parent).expect("plan");
+    assert!(plan.chunks(1).is_none(), "hard links keep one layer");
+    plan.apply(&spec, &fx.parent, staging.path(), false)
+        .expect("copy");
+    let out = listing(staging.path());
+    assert_eq!(out["dst/alias"], "link main.rs");
+    // The directory a directory's contents go to is made 0755, whatever the source's mode.
+    assert_eq!(out["dst"], "dir 755");
+    let ino = |rel: &str| {
+        std::fs::metadata(staging.path().join(rel))
+            .expect(rel)
+            .ino()
+    };
+    assert_eq!(ino("dst/main.rs"), ino("dst/util/same.rs"));
 }
 
 #[test]

@@ -1,0 +1,2 @@
+ln dir/a dir/b
+mkdir dir/sub && ln dir/a dir/sub/c

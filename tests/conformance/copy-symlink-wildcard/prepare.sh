@@ -1,0 +1,2 @@
+ln -s a.txt link-a
+ln -s /b.txt link-abs
