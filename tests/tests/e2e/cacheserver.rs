@@ -1,5 +1,5 @@
-//! `memobuildd serve-cache`: a third-party REAPI client (BuildGrid's `bgd`) and curl against
-//! our server, eviction, auth, TLS, crashes during uploads, a full disk, malformed requests,
+//! `memobuildd serve-cache`: a third-party REAPI client (BuildGrid's `bgd`), curl and the
+//! daemon's own L3 client against our server, eviction, auth, TLS, crashes during uploads, a full disk, malformed requests,
 //! build reports and signed webhooks. Every test runs its own server on a temp store.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -16,6 +16,11 @@ use memobuild_tests::cacheserver::{
     TestCacheServer, blob, digest, http, verify_store, write_requests,
 };
 use memobuild_tests::{privileged, python_tool, texts};
+use memobuildd::cache::remote::mapping::{RemoteLayer, RemoteResult};
+use memobuildd::cache::remote::settings::Endpoint;
+use memobuildd::cache::remote::{
+    L3, LayerSource, RemoteMode, RemoteOptions, RemoteSettings, Secret,
+};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
@@ -1079,4 +1084,100 @@ fn sigterm_lets_an_upload_in_flight_finish() {
     assert!(exit.success(), "{exit:?}\n{}", server.log_text());
     let check = verify_store(&server.store);
     assert_eq!((check.blobs, check.bad.len()), (1, 0), "{check:?}");
+}
+
+/// Layer tars in a directory, by diff-id, as a machine's store hands them to L3 uploads.
+#[derive(Debug)]
+struct DirLayers(tempfile::TempDir);
+
+impl DirLayers {
+    fn add(&self, bytes: &[u8]) -> RemoteLayer {
+        let diff_id = memobuildd::cache::Digest::parse(&format!("sha256:{}", hex_sha256(bytes)))
+            .expect("digest");
+        std::fs::write(self.0.path().join(diff_id.hex()), bytes).expect("write layer");
+        RemoteLayer {
+            diff_id,
+            size: bytes.len() as u64,
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        }
+    }
+}
+
+impl LayerSource for DirLayers {
+    fn open(&self, layer: &RemoteLayer) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        Ok(Box::new(std::fs::File::open(
+            self.0.path().join(layer.diff_id.hex()),
+        )?))
+    }
+}
+
+fn l3_client(url: &str, mode: RemoteMode, layers: DirLayers) -> L3 {
+    let (endpoint, auth) = Endpoint::parse(url).expect("url");
+    let settings = RemoteSettings {
+        endpoint,
+        mode,
+        auth,
+        ca_file: None,
+        secret: Some(Secret::new("team")),
+    };
+    L3::connect(
+        &settings,
+        RemoteOptions::default(),
+        std::sync::Arc::new(layers) as std::sync::Arc<dyn LayerSource>,
+    )
+    .expect("client")
+    .expect("not off")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemons_l3_client_shares_results_through_serve_cache_over_grpc_and_http() {
+    let server = TestCacheServer::start(&[]);
+    for (n, url) in [
+        format!("grpc://{}", server.addr),
+        format!("{}/team-prefix", server.url()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let layers = DirLayers(tempfile::tempdir().expect("tempdir"));
+        let small = layers.add(format!("a small layer {n}").as_bytes());
+        // Past the 4 MiB batch limit: ByteStream over gRPC, a streamed PUT over HTTP.
+        let big = layers.add(&blob(5 << 20, 40 + n as u64));
+        let result = RemoteResult {
+            layers: vec![small, big],
+        };
+        let writer = l3_client(&url, RemoteMode::ReadWrite, layers);
+        let key = memobuildd::cache::tier::suite::keys(u8::try_from(n).expect("n"))(1);
+        writer.store(&key, &result);
+        assert!(
+            writer.uploaded(Duration::from_secs(120)).await,
+            "{url}: uploads finish"
+        );
+
+        // Another machine: nothing local.
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let reader = l3_client(
+            &url,
+            RemoteMode::ReadOnly,
+            DirLayers(tempfile::tempdir().expect("tempdir")),
+        );
+        let hit = reader.lookup(&key).await.expect("a hit on another machine");
+        assert_eq!(hit, result, "{url}");
+        for layer in &hit.layers {
+            let path = elsewhere.path().join(layer.diff_id.hex());
+            let file = std::fs::File::create(&path).expect("create");
+            reader
+                .fetch_layer(layer, file)
+                .await
+                .expect("layer arrives");
+            assert_eq!(
+                hex_sha256(&std::fs::read(&path).expect("read")),
+                layer.diff_id.hex()
+            );
+        }
+        let status = reader.status();
+        assert_eq!(status.hits, 1, "{url}: {status:?}");
+    }
+    let check = verify_store(&server.store);
+    assert!(check.bad.is_empty() && check.blobs >= 4, "{check:?}");
 }
