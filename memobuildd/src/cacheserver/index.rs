@@ -31,6 +31,8 @@ pub enum IndexError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("starting the index writer thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Changes on their way to SQLite.
@@ -103,7 +105,7 @@ impl Index {
         std::thread::Builder::new()
             .name("cache-index".to_owned())
             .spawn(move || writer(conn, &rx, &thread_path))
-            .map_err(|err| sqlite_err(rusqlite::Error::ToSqlConversionFailure(Box::new(err))))?;
+            .map_err(IndexError::Thread)?;
         Ok((
             Self {
                 entries: Mutex::new(Entries::default()),
