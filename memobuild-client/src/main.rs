@@ -152,6 +152,9 @@ struct BuildArgs {
     /// Progress output
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+    /// After the build, print each step's outcome: cached, or why it ran
+    #[arg(long)]
+    explain: bool,
     /// Output: type=oci|docker|tar|local|image,dest=PATH (`dest=-` for stdout); `PATH` alone is
     /// type=local, `-` alone a tar on stdout
     #[arg(short = 'o', long = "output", value_name = "SPEC", value_parser = parse_output)]
@@ -428,6 +431,9 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
             Response::BuildDone(result) => {
                 let _ = std::io::Write::flush(&mut stdout);
                 progress.finished(&result);
+                if args.explain {
+                    eprint!("{}", progress.explanation());
+                }
                 return Ok(Exit::Success);
             }
             _ => return Err(unexpected("build")),

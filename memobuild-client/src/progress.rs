@@ -40,6 +40,8 @@ pub struct Progress<W: Write> {
     out: W,
     names: HashMap<u32, String>,
     started: HashMap<u32, Instant>,
+    /// Per step, in the order they were decided: `None` cached, `Some(why)` it ran.
+    outcomes: Vec<(u32, Option<String>)>,
     /// The screen under `--progress tty`, until the build ends.
     tty: Option<TtyView>,
 }
@@ -70,11 +72,22 @@ impl<W: Write> Progress<W> {
             out,
             names: HashMap::new(),
             started: HashMap::new(),
+            outcomes: Vec::new(),
             tty,
         }
     }
 
     pub fn event(&mut self, event: &BuildEvent) {
+        match &event.kind {
+            BuildEventKind::Queued { name } => {
+                self.names.insert(event.node, name.clone());
+            }
+            BuildEventKind::Cached => self.outcomes.push((event.node, None)),
+            BuildEventKind::Reason { reason } => {
+                self.outcomes.push((event.node, Some(reason.clone())));
+            }
+            _ => {}
+        }
         match self.mode {
             ProgressMode::Quiet => {}
             ProgressMode::Json => {
@@ -92,10 +105,8 @@ impl<W: Write> Progress<W> {
     fn plain(&mut self, event: &BuildEvent) {
         let n = event.node;
         let line = match &event.kind {
-            BuildEventKind::Queued { name } => {
-                self.names.insert(n, name.clone());
-                return;
-            }
+            BuildEventKind::Queued { .. } => return,
+            BuildEventKind::Reason { reason } => format!("#{n} REBUILD {reason}"),
             BuildEventKind::Cached => format!("#{n} {}\n#{n} CACHED", self.name(n)),
             BuildEventKind::Started => {
                 self.started.insert(n, Instant::now());
@@ -120,6 +131,21 @@ impl<W: Write> Progress<W> {
 
     fn name(&self, n: u32) -> &str {
         self.names.get(&n).map_or("", String::as_str)
+    }
+
+    /// `--explain`: every step, cached or why it ran, in the order they were decided.
+    pub fn explanation(&self) -> String {
+        let mut out = String::from("why each step ran (compared with the previous build):\n");
+        for (node, outcome) in &self.outcomes {
+            let verdict = outcome
+                .as_deref()
+                .map_or("CACHED".to_owned(), |why| format!("REBUILD {why}"));
+            out.push_str(&format!(
+                "  #{node:<3} {:<48} {verdict}\n",
+                self.name(*node)
+            ));
+        }
+        out
     }
 
     pub fn finished(&mut self, result: &BuildResult) {
@@ -163,6 +189,9 @@ fn json_event(event: &BuildEvent) -> serde_json::Value {
         }
         BuildEventKind::Failed { message } => {
             json!({"node": node, "event": "failed", "message": message})
+        }
+        BuildEventKind::Reason { reason } => {
+            json!({"node": node, "event": "reason", "reason": reason})
         }
     }
 }

@@ -413,6 +413,11 @@ pub enum BuildEventKind {
     Failed {
         message: String,
     },
+    /// Why a started step runs: which of its inputs changed since the previous build of the
+    /// same workspace and target (`src/main.js changed`, `build-arg V changed`, `--no-cache`).
+    Reason {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -91,6 +91,8 @@ impl TtyView {
                 let multi = self.multi.clone();
                 self.step(n).fail(&multi, message);
             }
+            // The screen has no room for it; `--explain` prints it after the build.
+            BuildEventKind::Reason { .. } => {}
         }
         self.update_header("");
     }

@@ -31,6 +31,8 @@ pub struct LayerRecord {
     pub blob: Blob,
     pub diff_id: Digest,
     pub media_type: String,
+    /// What keys see of the layer (`image::layer::Layer::content_id`).
+    pub content_id: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +74,7 @@ impl Index {
              CREATE TABLE IF NOT EXISTS action_layers (
                  key BLOB NOT NULL, position INTEGER NOT NULL,
                  layer_digest TEXT NOT NULL, layer_size INTEGER NOT NULL,
-                 diff_id TEXT NOT NULL, media_type TEXT NOT NULL,
+                 diff_id TEXT NOT NULL, media_type TEXT NOT NULL, content_id BLOB,
                  PRIMARY KEY (key, position)
              ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS images (
@@ -88,6 +90,7 @@ impl Index {
         )
         .map_err(err)?;
         migrate_one_layer_actions(&conn).map_err(err)?;
+        add_content_ids(&conn).map_err(err)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path: path.to_owned(),
@@ -118,8 +121,8 @@ impl Index {
         }
         let mut statement = conn
             .prepare_cached(
-                "SELECT layer_digest, layer_size, diff_id, media_type FROM action_layers
-                 WHERE key = ?1 ORDER BY position",
+                "SELECT layer_digest, layer_size, diff_id, media_type, content_id
+                 FROM action_layers WHERE key = ?1 ORDER BY position",
             )
             .map_err(|e| self.err(e))?;
         let rows = statement
@@ -129,15 +132,19 @@ impl Index {
                     row.get::<_, i64>(1)?,
                     row.get::<_, String>(2)?,
                     row.get::<_, String>(3)?,
+                    row.get::<_, Option<Vec<u8>>>(4)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         let mut layers = Vec::new();
         for row in rows {
-            let (digest, size, diff_id, media_type) = row.map_err(|e| self.err(e))?;
+            let (digest, size, diff_id, media_type, content_id) = row.map_err(|e| self.err(e))?;
             // A row that does not parse is treated as a miss: the step reruns.
-            let (Ok(digest), Ok(diff_id)) = (Digest::parse(&digest), Digest::parse(&diff_id))
-            else {
+            let (Ok(digest), Ok(diff_id), Some(Ok(content_id))) = (
+                Digest::parse(&digest),
+                Digest::parse(&diff_id),
+                content_id.map(<[u8; 32]>::try_from),
+            ) else {
                 return Ok(None);
             };
             layers.push(LayerRecord {
@@ -147,6 +154,7 @@ impl Index {
                 },
                 diff_id,
                 media_type,
+                content_id,
             });
         }
         Ok(Some(ActionResult { layers }))
@@ -167,8 +175,8 @@ impl Index {
             for (position, layer) in result.layers.iter().enumerate() {
                 tx.execute(
                     "INSERT INTO action_layers
-                     (key, position, layer_digest, layer_size, diff_id, media_type)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                     (key, position, layer_digest, layer_size, diff_id, media_type, content_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![
                         &key[..],
                         position as i64,
@@ -176,6 +184,7 @@ impl Index {
                         layer.blob.size as i64,
                         layer.diff_id.as_str(),
                         layer.media_type,
+                        &layer.content_id[..],
                     ],
                 )?;
             }
@@ -325,6 +334,7 @@ fn migrate_one_layer_actions(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "BEGIN;
          INSERT OR IGNORE INTO action_layers
+             (key, position, layer_digest, layer_size, diff_id, media_type)
              SELECT key, 0, layer_digest, layer_size, diff_id, media_type FROM actions
              WHERE layer_digest IS NOT NULL;
          ALTER TABLE actions DROP COLUMN layer_digest;
@@ -333,6 +343,20 @@ fn migrate_one_layer_actions(conn: &Connection) -> rusqlite::Result<()> {
          ALTER TABLE actions DROP COLUMN media_type;
          COMMIT;",
     )
+}
+
+/// Layers recorded before content ids existed gain the column; their rows read as misses
+/// (their keys, of an older key version, are not asked for again anyway).
+fn add_content_ids(conn: &Connection) -> rusqlite::Result<()> {
+    let has_it: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('action_layers') WHERE name = 'content_id'",
+        [],
+        |row| row.get(0),
+    )?;
+    if has_it {
+        return Ok(());
+    }
+    conn.execute_batch("ALTER TABLE action_layers ADD COLUMN content_id BLOB")
 }
 
 fn now_unix() -> i64 {
@@ -359,6 +383,7 @@ mod tests {
             },
             diff_id: Digest::of(b"tar"),
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            content_id: [7; 32],
         }
     }
 
@@ -398,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn an_index_from_before_action_layers_keeps_its_actions() {
+    fn an_index_from_before_content_ids_opens_and_its_layers_read_as_misses() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("index-v1.sqlite");
         let old = Connection::open(&path).expect("open");
@@ -423,19 +448,23 @@ mod tests {
         )
         .expect("old rows");
         drop(old);
-        for _ in 0..2 {
-            let index = Index::open(&path).expect("migrate");
-            assert_eq!(
-                index.action(&[1; 32]).expect("hit"),
-                Some(ActionResult {
-                    layers: vec![layer.clone()]
-                })
-            );
-            assert_eq!(
-                index.action(&[2; 32]).expect("hit"),
-                Some(ActionResult { layers: vec![] })
-            );
-        }
+        let index = Index::open(&path).expect("migrate");
+        assert_eq!(
+            index.action(&[1; 32]).expect("read"),
+            None,
+            "a layer without its content id cannot be chained on"
+        );
+        assert_eq!(
+            index.action(&[2; 32]).expect("hit"),
+            Some(ActionResult { layers: vec![] })
+        );
+        let again = ActionResult {
+            layers: vec![layer.clone()],
+        };
+        index.record_action(&[1; 32], &again).expect("record again");
+        drop(index);
+        let reopened = Index::open(&path).expect("reopen");
+        assert_eq!(reopened.action(&[1; 32]).expect("hit"), Some(again));
     }
 
     #[test]

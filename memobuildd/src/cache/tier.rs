@@ -202,6 +202,7 @@ mod tests {
                     blob: cas.put(format!("blob {n} {i}").as_bytes()).expect("put"),
                     diff_id: Digest::of(format!("tar {n} {i}").as_bytes()),
                     media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                    content_id: [i as u8; 32],
                 })
                 .collect(),
         }

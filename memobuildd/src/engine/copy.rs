@@ -537,6 +537,74 @@ impl Plan {
     }
 }
 
+/// Versions [`source_id`].
+const SOURCE_ID_VERSION: &[u8] = b"memobuild-copy-sources-v1\0";
+
+/// An id of exactly what `COPY --from` reads of `view` for `sources`: every path it would
+/// copy (as named, a followed symlink under its own name), with its type, mode, owner, link
+/// target, hard-link group and content — never its mtime. Two images that agree on these
+/// give the same id, so a source stage that changed elsewhere does not rerun the COPY.
+pub fn source_id(sources: &[String], view: &RootView) -> Result<Hash, CopyError> {
+    let source = CopySource::Image(view);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(SOURCE_ID_VERSION);
+    let mut first_link: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut count = 0usize;
+    for text in sources {
+        let pattern = SourcePattern::new(text).map_err(|err| CopyError::Pattern {
+            pattern: text.clone(),
+            message: err.to_string(),
+        })?;
+        let roots = source.roots(&pattern)?;
+        if roots.is_empty() && !pattern.is_wildcard() {
+            return Err(CopyError::NotInImage(pattern.as_str().into()));
+        }
+        hasher.update(&(roots.len() as u64).to_le_bytes());
+        for root in roots {
+            let below = if root.kind == EntryKind::Dir {
+                source.descendants(&root)
+            } else {
+                Vec::new()
+            };
+            for item in std::iter::once(&root).chain(&below) {
+                let name = if std::ptr::eq(item, &root) {
+                    root.name().to_owned()
+                } else {
+                    item.rel[root.rel.len()..].to_owned()
+                };
+                let meta =
+                    std::fs::symlink_metadata(&item.host).map_err(io("reading", &item.host))?;
+                for field in [
+                    name.as_bytes(),
+                    item.link_target.as_deref().unwrap_or("").as_bytes(),
+                ] {
+                    hasher.update(&(field.len() as u64).to_le_bytes());
+                    hasher.update(field);
+                }
+                hasher.update(&[item.kind as u8]);
+                hasher.update(&item.mode.to_le_bytes());
+                hasher.update(&meta.uid().to_le_bytes());
+                hasher.update(&meta.gid().to_le_bytes());
+                let link_group = item
+                    .inode
+                    .map(|inode| *first_link.entry(inode).or_insert(count));
+                hasher.update(&(link_group.map_or(u64::MAX, |g| g as u64)).to_le_bytes());
+                if item.kind == EntryKind::File {
+                    let mut content = blake3::Hasher::new();
+                    let file =
+                        std::fs::File::open(&item.host).map_err(io("reading", &item.host))?;
+                    content
+                        .update_reader(file)
+                        .map_err(io("reading", &item.host))?;
+                    hasher.update(content.finalize().as_bytes());
+                }
+                count += 1;
+            }
+        }
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
 impl CopySource<'_> {
     /// The paths a pattern names (not their contents).
     fn roots(&self, pattern: &SourcePattern) -> Result<Vec<Item>, CopyError> {

@@ -15,6 +15,7 @@
 
 pub mod add;
 pub mod copy;
+pub mod explain;
 pub mod keys;
 mod node;
 pub mod state;
@@ -59,6 +60,11 @@ pub enum Progress {
     },
     Started {
         node: u32,
+    },
+    /// Why a started step runs (`explain`).
+    Reason {
+        node: u32,
+        reason: String,
     },
     Log {
         node: u32,
@@ -200,6 +206,9 @@ impl Default for EngineOptions {
     }
 }
 
+/// Remembered `COPY --from` file ids: 64 bytes each with moka's bookkeeping, a few MB.
+const DERIVED_ENTRIES: u64 = 16_384;
+
 type Shared<T> = watch::Receiver<Option<Result<T, Arc<BuildError>>>>;
 
 pub struct Engine {
@@ -218,6 +227,10 @@ pub struct Engine {
     platform: Platform,
     options: EngineOptions,
     permits: Semaphore,
+    /// What `COPY --from` copies, by source state and sources (`node::copied_files_id`).
+    derived: moka::sync::Cache<Hash, Hash>,
+    /// The last build of each target, for "why did this step run".
+    history: explain::History,
     /// Keys being computed right now, so concurrent builds share the work.
     inflight: Mutex<HashMap<Hash, Shared<ActionResult>>>,
     /// Images exported by this daemon, by content without timestamps: a rebuild that
@@ -270,6 +283,8 @@ impl Engine {
             hub: parts.hub,
             platform: Platform::host(),
             options: parts.options,
+            derived: moka::sync::Cache::new(DERIVED_ENTRIES),
+            history: explain::History::default(),
             inflight: Mutex::new(HashMap::new()),
             exported: Mutex::new(HashMap::new()),
             run_ids: AtomicU64::new(0),
@@ -426,13 +441,20 @@ impl Engine {
             Some((fingerprints, snapshot)) => (fingerprints, Some(snapshot)),
             None => (HashMap::new(), None),
         };
-        let keys = keys::compute(&graph, &bases, &fingerprints);
-
+        let target: explain::Target = (
+            spec.context.clone(),
+            spec.dockerfile.clone(),
+            spec.target.clone(),
+        );
         let run = Arc::new(node::BuildRun {
             engine: Arc::clone(self),
+            contexts: keys::exec_contexts(&graph, &bases),
+            fingerprints,
+            keyed: Mutex::new(HashMap::new()),
+            previous: self.history.last(&target),
+            positions: explain::positions(&graph),
             spec,
             graph: Arc::clone(&graph),
-            keys,
             bases,
             context: snapshot.as_ref().map(|s| Arc::clone(&s.tree)),
             reporter,
@@ -442,6 +464,7 @@ impl Engine {
             executed: AtomicU64::new(0),
         });
         let final_state = run.execute_all().await?;
+        self.history.record(target, run.step_inputs());
         let image = self.export(&final_state, run.spec.source_date_epoch)?;
         Ok(Built {
             image,

@@ -16,7 +16,8 @@ use tracing::{Instrument, info_span};
 
 use super::add;
 use super::copy::{self, CopySource, CopySpec};
-use super::keys::{BaseImage, Keys};
+use super::explain::{self, Circumstances, Position, StepInputs};
+use super::keys::{self, BaseImage, ExecContext, Input, KeyInputs};
 use super::state::{self, DEFAULT_PATH, State};
 use super::user;
 use super::view::RootView;
@@ -32,6 +33,8 @@ use crate::plan::{BuildGraph, NodeIndex, NodeKind};
 /// again when they stayed empty. (It keeps /proc, /sys and /dev, and /etc/hostname is no
 /// mount there: what a RUN writes to it is kept.)
 const MOUNT_POINTS: &[&str] = &["etc/hosts", "etc/resolv.conf"];
+/// Versions the ids of what a `COPY --from` copies (`BuildRun::copied_files_id`).
+const COPIED_FILES_VERSION: &[u8] = b"memobuild-copied-files-v1\0";
 /// Versions the keys of COPY chunks (`BuildRun::chunked_copy`).
 const CHUNK_KEY_VERSION: &[u8] = b"memobuild-copy-chunk-v1\0";
 /// Log lines kept to explain a failed RUN.
@@ -43,7 +46,17 @@ pub(super) struct BuildRun {
     pub(super) engine: Arc<Engine>,
     pub(super) spec: BuildSpec,
     pub(super) graph: Arc<BuildGraph>,
-    pub(super) keys: Keys,
+    /// USER, WORKDIR and SHELL in effect at each node (by index).
+    pub(super) contexts: Vec<ExecContext>,
+    /// The snapshot's fingerprint of each context-source node.
+    pub(super) fingerprints: HashMap<NodeIndex, Hash>,
+    /// What each filesystem step's key was made of, as it was computed.
+    pub(super) keyed: Mutex<HashMap<NodeIndex, KeyInputs>>,
+    /// The same, from the previous build of this workspace and target: what a step that
+    /// runs again is compared with to say why.
+    pub(super) previous: Option<Arc<Vec<StepInputs>>>,
+    /// Each filesystem step's place in its stage, to find it in the previous build.
+    pub(super) positions: HashMap<NodeIndex, Position>,
     pub(super) bases: HashMap<String, BaseImage>,
     /// The build's snapshot of its context (`None`: the Dockerfile reads nothing from it).
     pub(super) context: Option<Arc<crate::context::FileTree>>,
@@ -55,6 +68,45 @@ pub(super) struct BuildRun {
 }
 
 impl BuildRun {
+    /// Why a step that missed the cache runs, compared with the previous build.
+    fn why(&self, node: NodeIndex, inputs: &KeyInputs) -> String {
+        let Some(position) = self.positions.get(&node) else {
+            return "not in cache".into();
+        };
+        let label = &self.graph.node(node).label;
+        let changed_file = self.engine.hub.dirty_cause(&self.spec.context, label);
+        let step = StepInputs {
+            position: *position,
+            inputs: inputs.clone(),
+        };
+        explain::reason(
+            self.previous.as_deref().map(Vec::as_slice),
+            &step,
+            Circumstances {
+                no_cache: self.spec.no_cache,
+                build_args: &self.spec.build_args,
+                changed_file: changed_file.as_deref(),
+            },
+        )
+    }
+
+    /// This build's steps as the next build of the same target will compare with them.
+    pub(super) fn step_inputs(&self) -> Vec<StepInputs> {
+        let keyed = self
+            .keyed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keyed
+            .iter()
+            .filter_map(|(node, inputs)| {
+                Some(StepInputs {
+                    position: *self.positions.get(node)?,
+                    inputs: inputs.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Steps as the user counts them: base images and filesystem steps.
     pub(super) fn step_count(&self) -> u64 {
         self.graph.nodes().filter(|(_, n)| is_step(n.kind)).count() as u64
@@ -221,17 +273,100 @@ impl BuildRun {
             }
             NodeKind::Filesystem => {
                 let parent = parent_state();
+                let key_inputs = self.key_inputs(node, &parent, inputs).await?;
                 // `COPY --from`: the other input that is a stage or an image, not the context.
-                let other = self
-                    .graph
-                    .graph()
-                    .neighbors_directed(node, Direction::Incoming)
-                    .filter(|p| Some(*p) != spec.parent)
+                let other = keys::other_inputs(&self.graph, node)
+                    .into_iter()
                     .filter(|p| self.graph.node(*p).kind != NodeKind::ContextSource)
                     .find_map(|p| inputs.get(&p).cloned());
-                self.filesystem(node, parent, other).await
+                self.filesystem(node, parent, other, key_inputs).await
             }
         }
+    }
+
+    /// What `node`'s key is made of: its parent's result, and what it reads from the
+    /// context (fingerprints) and from other stages (the copied files for `COPY --from`, the
+    /// whole state otherwise).
+    async fn key_inputs(
+        self: &Arc<Self>,
+        node: NodeIndex,
+        parent: &State,
+        inputs: &HashMap<NodeIndex, Arc<State>>,
+    ) -> Result<KeyInputs, BuildError> {
+        let mut ids = Vec::new();
+        for other in keys::other_inputs(&self.graph, node) {
+            if self.graph.node(other).kind == NodeKind::ContextSource {
+                let id = self.fingerprints.get(&other).copied().ok_or_else(|| {
+                    BuildError::Store("a context source without a fingerprint".into())
+                })?;
+                ids.push(Input {
+                    id,
+                    from_context: true,
+                });
+                continue;
+            }
+            let Some(state) = inputs.get(&other) else {
+                continue;
+            };
+            let id = match &self.graph.node(node).step {
+                Some(InstructionKind::Copy(copy) | InstructionKind::Add(copy))
+                    if copy.from.is_some() =>
+                {
+                    self.copied_files_id(node, copy, state).await?
+                }
+                _ => keys::state_id(state),
+            };
+            ids.push(Input {
+                id,
+                from_context: false,
+            });
+        }
+        let inputs = KeyInputs::of(&self.graph, node, &self.contexts[node.index()], parent, ids);
+        self.keyed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node, inputs.clone());
+        Ok(inputs)
+    }
+
+    /// The id of exactly the files a `COPY --from` copies out of `from`: paths, types, modes,
+    /// owners and contents. Remembered per source state, so a build that changes nothing reads
+    /// no layer to find it.
+    async fn copied_files_id(
+        self: &Arc<Self>,
+        node: NodeIndex,
+        copy: &FileCopy,
+        from: &State,
+    ) -> Result<Hash, BuildError> {
+        let memo = {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(COPIED_FILES_VERSION);
+            hasher.update(&keys::state_id(from));
+            hasher.update(&(copy.sources.len() as u64).to_le_bytes());
+            for source in &copy.sources {
+                hasher.update(&(source.len() as u64).to_le_bytes());
+                hasher.update(source.as_bytes());
+            }
+            *hasher.finalize().as_bytes()
+        };
+        if let Some(id) = self.engine.derived.get(&memo) {
+            return Ok(id);
+        }
+        let run = Arc::clone(self);
+        let from = from.clone();
+        let sources = copy.sources.clone();
+        let label = self.graph.node(node).label.clone();
+        let id = tokio::task::spawn_blocking(move || {
+            let view = RootView::new(run.lower_dirs(&from)?);
+            copy::source_id(&sources, &view).map_err(|err| BuildError::Step {
+                step: label,
+                message: err.to_string(),
+            })
+        })
+        .await
+        .map_err(store)??;
+        self.engine.derived.insert(memo, id);
+        Ok(id)
     }
 
     async fn filesystem(
@@ -239,10 +374,11 @@ impl BuildRun {
         node: NodeIndex,
         parent: State,
         from: Option<Arc<State>>,
+        key_inputs: KeyInputs,
     ) -> Result<State, BuildError> {
         let spec = self.graph.node(node);
         let id = node.index() as u32 + 1;
-        let key = self.keys.of[node.index()];
+        let key = key_inputs.key();
         let step = spec
             .step
             .clone()
@@ -261,6 +397,10 @@ impl BuildRun {
             None => {
                 let started = Instant::now();
                 self.reporter.report(Progress::Started { node: id });
+                self.reporter.report(Progress::Reason {
+                    node: id,
+                    reason: self.why(node, &key_inputs),
+                });
                 let run = Arc::clone(self);
                 let parent_for_step = parent.clone();
                 let (result, ran_here) = self
@@ -301,6 +441,7 @@ impl BuildRun {
                 blob: l.blob,
                 diff_id: l.diff_id,
                 media_type: l.media_type,
+                content_id: l.content_id,
             })
             .collect();
         state.push_layers(layers, &spec.label, &self.created);
@@ -640,7 +781,13 @@ impl BuildRun {
         spec: &CopySpec,
         parent_view: &RootView,
     ) -> Result<ActionResult, BuildError> {
-        let base = self.keys.without_context[node.index()];
+        let base = self
+            .keyed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&node)
+            .map(KeyInputs::key_without_context)
+            .ok_or_else(|| BuildError::Store("a chunked COPY without a key".into()))?;
         let keyed: Vec<(Hash, &copy::Chunk)> = chunks
             .iter()
             .map(|chunk| {
@@ -755,6 +902,7 @@ impl BuildRun {
                 blob: layer.blob,
                 diff_id: layer.diff_id,
                 media_type: layer.media_type,
+                content_id: layer.content_id,
             }],
         })
     }

@@ -147,7 +147,12 @@ impl<K: Hash + Eq> Links<K> {
 pub(crate) struct TarSink<'o, W: Write> {
     builder: tar::Builder<W>,
     opts: &'o LayerOptions<'o>,
+    /// The content id being computed (see [`TarSink::with_content_id`]).
+    content: Option<blake3::Hasher>,
 }
+
+/// Versions content ids.
+const CONTENT_ID_DOMAIN: &[u8] = b"memobuild-layer-content-v1\0";
 
 impl<W: Write> std::fmt::Debug for TarSink<'_, W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,13 +165,42 @@ impl<'o, W: Write> TarSink<'o, W> {
         Self {
             builder: tar::Builder::new(out),
             opts,
+            content: None,
         }
+    }
+
+    /// Also computes the tar's *content id*: BLAKE3 over every header and PAX record with
+    /// the mtime set to 0, and every byte of data. Two tars that differ only in timestamps
+    /// (a RUN that ran again and wrote the same files) have the same content id; keys chain
+    /// on it, so what comes after such a step stays cached.
+    pub(crate) fn with_content_id(mut self) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(CONTENT_ID_DOMAIN);
+        self.content = Some(hasher);
+        self
+    }
+
+    /// The content id of what was appended so far, if it is being computed.
+    pub(crate) fn content_id(&self) -> Option<[u8; 32]> {
+        self.content.as_ref().map(|h| *h.finalize().as_bytes())
     }
 
     /// Appends `entry`; `data` must hold exactly `entry.size` bytes.
     pub(crate) fn append(&mut self, entry: &Entry, data: impl Read) -> Result<(), ImageError> {
         let (header, pax) = self.header(entry);
         let io = ImageError::entry_io(&entry.path);
+        if let Some(content) = &mut self.content {
+            for (key, value) in &pax {
+                for field in [key.as_bytes(), value.as_slice()] {
+                    content.update(&(field.len() as u64).to_le_bytes());
+                    content.update(field);
+                }
+            }
+            let mut timeless = header.clone();
+            timeless.set_mtime(0);
+            timeless.set_cksum();
+            content.update(timeless.as_bytes());
+        }
         if !pax.is_empty() {
             let records = pax
                 .iter()
@@ -176,7 +210,10 @@ impl<'o, W: Write> TarSink<'o, W> {
             }
         }
         let data = Exact {
-            inner: data,
+            inner: ContentReader {
+                inner: data,
+                content: self.content.as_mut(),
+            },
             left: entry.size,
         };
         self.builder.append(&header, data).map_err(io)
@@ -255,6 +292,22 @@ impl<'o, W: Write> TarSink<'o, W> {
 fn set_truncated(field: &mut [u8], name: &[u8]) {
     let n = name.len().min(field.len());
     field[..n].copy_from_slice(&name[..n]);
+}
+
+/// Feeds what it reads to the content id, when one is computed.
+struct ContentReader<'h, R> {
+    inner: R,
+    content: Option<&'h mut blake3::Hasher>,
+}
+
+impl<R: Read> Read for ContentReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(content) = &mut self.content {
+            content.update(&buf[..n]);
+        }
+        Ok(n)
+    }
 }
 
 /// A reader that yields exactly `left` bytes or fails: a file that shrank while being read

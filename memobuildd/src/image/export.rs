@@ -404,6 +404,7 @@ mod tests {
             blob: cas.put(&gz.finish().expect("gzip")).expect("put"),
             diff_id: Digest::of(&tar),
             media_type: MediaTypes::Oci.layer_gzip().to_owned(),
+            content_id: [2; 32],
         };
         let layers = vec![first, second];
         let host = Platform::host();

@@ -94,6 +94,18 @@ pub struct Layer {
     pub diff_id: Digest,
     /// The OCI layer media type of `blob`.
     pub media_type: String,
+    /// What cache keys see of this layer: for one MemoBuild wrote, its tar's content id
+    /// (timestamps left out, `entry::TarSink::with_content_id`); for one it pulled, a hash of
+    /// its diff-id ([`content_id_of_diff_id`]).
+    pub content_id: [u8; 32],
+}
+
+/// The content id of a layer known only by its diff-id (a base image's).
+pub fn content_id_of_diff_id(diff_id: &Digest) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"memobuild-layer-diff-id-v1\0");
+    hasher.update(diff_id.as_str().as_bytes());
+    *hasher.finalize().as_bytes()
 }
 
 /// Writes the tree under `dir` as a layer; `None` when there is nothing in it.
@@ -111,7 +123,7 @@ pub fn write_layer(
     let blob = BufWriter::with_capacity(1 << 18, cas.writer()?);
     // Two threads, two hash chains: this one reads files, frames the tar and takes its
     // SHA-256 (the diff-id); the other compresses, takes the blob's SHA-256 and writes it.
-    let (diff_id, blob) = std::thread::scope(|scope| {
+    let (diff_id, content_id, blob) = std::thread::scope(|scope| {
         let (handoff, received) = Handoff::new();
         let compression = opts.compression;
         let compressing = scope.spawn(move || {
@@ -127,7 +139,7 @@ pub fn write_layer(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         match (framed, compressed) {
-            (Ok(diff_id), Ok(blob)) => Ok((diff_id, blob)),
+            (Ok((diff_id, content_id)), Ok(blob)) => Ok((diff_id, content_id, blob)),
             (_, Err(err)) => Err(ImageError::io(dir)(err)),
             (Err(err), Ok(_)) => Err(err),
         }
@@ -144,18 +156,19 @@ pub fn write_layer(
         blob,
         diff_id,
         media_type: media_type.to_owned(),
+        content_id,
     }))
 }
 
-/// Streams the entries as a tar into `tar`; returns the tar's SHA-256. Ends the stream on
-/// success and on failure alike (dropping `tar` closes the hand-off).
+/// Streams the entries as a tar into `tar`; returns the tar's SHA-256 and its content id.
+/// Ends the stream on success and on failure alike (dropping `tar` closes the hand-off).
 fn frame_tar(
     dir: &Path,
     entries: Vec<Scanned>,
     opts: &LayerOptions<'_>,
     tar: HashingWriter<Handoff>,
-) -> Result<Digest, ImageError> {
-    let mut sink = TarSink::new(tar, opts);
+) -> Result<(Digest, [u8; 32]), ImageError> {
+    let mut sink = TarSink::new(tar, opts).with_content_id();
     let mut links = Links::new();
     for Scanned { mut entry, inode } in entries {
         let linked = inode.is_some_and(|inode| links.link(inode, &mut entry));
@@ -168,9 +181,10 @@ fn frame_tar(
         let file = File::open(&path).map_err(ImageError::io(&path))?;
         sink.append(&entry, file)?;
     }
+    let content_id = sink.content_id().unwrap_or_default();
     let (handoff, diff_id) = sink.finish().map_err(ImageError::io(dir))?.finish();
     handoff.finish().map_err(ImageError::io(dir))?;
-    Ok(diff_id)
+    Ok((diff_id, content_id))
 }
 
 /// Hands a byte stream to another thread in large buffers.

@@ -755,11 +755,13 @@ mod tests {
                 blob: blob(3, 30),
                 diff_id: digest(4),
                 media_type: MediaTypes::Oci.layer_gzip().into(),
+                content_id: [4; 32],
             },
             Layer {
                 blob: blob(5, 50),
                 diff_id: digest(6),
                 media_type: MediaTypes::Oci.layer_tar().into(),
+                content_id: [6; 32],
             },
         ];
         for media in [MediaTypes::Oci, MediaTypes::Docker] {

@@ -117,7 +117,7 @@ impl RunningBuilds {
                     build.current = None;
                 }
             }
-            Progress::Log { .. } | Progress::Failed { .. } => {}
+            Progress::Log { .. } | Progress::Failed { .. } | Progress::Reason { .. } => {}
         }
     }
 
@@ -296,6 +296,7 @@ fn event_frame(event: Progress) -> BuildEvent {
             },
         ),
         Progress::Failed { node, message } => (node, BuildEventKind::Failed { message }),
+        Progress::Reason { node, reason } => (node, BuildEventKind::Reason { reason }),
     };
     BuildEvent { node, kind }
 }

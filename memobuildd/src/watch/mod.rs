@@ -447,6 +447,18 @@ impl Hub {
         }
     }
 
+    /// The context file whose change made the step `label` of `context` dirty, if the
+    /// watcher saw one (for "why did this step run").
+    pub fn dirty_cause(&self, context: &Path, label: &str) -> Option<String> {
+        let slot = self.slot(context)?;
+        let report = lock(&slot.report);
+        report
+            .dirty
+            .iter()
+            .find(|mark| mark.label == label)
+            .map(|mark| mark.cause.clone())
+    }
+
     /// What status shows; never waits for a scan in progress.
     pub fn reports(&self) -> Vec<WorkspaceReport> {
         self.slots()

@@ -474,3 +474,119 @@ fn a_git_checkout_of_a_thousand_changed_files_builds_as_a_cold_scan_does() {
     git(&["checkout", "-q", "one"]);
     pair.compare(0, 2, &["back to branch one".into()]);
 }
+
+#[test]
+fn a_replaced_root_builds_as_a_cold_scan_does() {
+    let mut pair = Pair::start();
+    std::fs::create_dir_all(pair.ctx.join("src")).expect("src");
+    std::fs::write(pair.ctx.join("src/a.txt"), "one").expect("a");
+    pair.compare(0, 0, &["first build".into()]);
+    let template = pair.outside.join("template");
+    copy_tree(&pair.ctx, &template);
+    std::fs::write(template.join("src/a.txt"), "two").expect("edit template");
+
+    std::fs::remove_dir_all(&pair.ctx).expect("rm -rf");
+    copy_tree(&template, &pair.ctx);
+    pair.compare(0, 1, &["deleted and recreated".into()]);
+
+    let away = pair.outside.join("away");
+    std::fs::rename(&pair.ctx, &away).expect("away");
+    std::fs::write(away.join("src/b.txt"), "written while away").expect("b");
+    std::fs::rename(&away, &pair.ctx).expect("back");
+    pair.compare(0, 2, &["renamed away and back".into()]);
+
+    let elsewhere = pair.outside.join("elsewhere");
+    copy_tree(&template, &elsewhere);
+    std::fs::write(elsewhere.join("src/c.txt"), "only here").expect("c");
+    std::fs::remove_dir_all(&pair.ctx).expect("rm");
+    std::os::unix::fs::symlink(&elsewhere, &pair.ctx).expect("symlink");
+    pair.compare(0, 3, &["replaced by a symlink".into()]);
+    let listing = pair.build(true).expect("build");
+    assert!(listing.contains_key("ctx/src/c.txt"), "{listing:?}");
+}
+
+/// The build of the issue that found it: a COPY after a slow RUN, its file edited during the
+/// RUN. Nothing may be recorded under the key of the content the build started with.
+#[test]
+fn an_edit_during_a_build_is_never_recorded_under_the_old_content() {
+    use memobuild_tests::privileged;
+    if !privileged("an_edit_during_a_build_is_never_recorded_under_the_old_content") {
+        return;
+    }
+    let daemon = TestDaemon::start();
+    let ctx = daemon.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).expect("busybox-static");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sleep\", \"3\"]\nCOPY app.txt /app.txt\n",
+    )
+    .expect("Dockerfile");
+    std::fs::write(ctx.join("app.txt"), "v2").expect("v2");
+    let out = daemon.dir.path().join("out.tar");
+    let build = || {
+        let output = daemon
+            .client()
+            .args(["build", "--progress", "plain", "-o"])
+            .arg(format!("type=tar,dest={}", out.display()))
+            .arg(&ctx)
+            .output()
+            .expect("build");
+        let (_, stderr) = texts(&output);
+        (output.status.success(), stderr)
+    };
+    let mut running = daemon
+        .client()
+        .args(["build", "--progress", "plain"])
+        .arg(&ctx)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("build");
+    // While the RUN sleeps: status shows the build at its RUN, then the file changes.
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = daemon.run_client(&["status", "--json"]);
+        let status: serde_json::Value =
+            serde_json::from_slice(&status.stdout).expect("status json");
+        let step = status["builds"][0]["step"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        if step.contains("RUN") {
+            assert_eq!(status["builds_active"], 1, "{status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw the RUN running: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::fs::write(ctx.join("app.txt"), "v3").expect("v3 during the RUN");
+    let finished = memobuild_tests::wait_bounded(&mut running, std::time::Duration::from_secs(60));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(running.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(
+        !finished.success(),
+        "the COPY must not take v3 for v2: {stderr}"
+    );
+    assert!(stderr.contains("app.txt changed"), "{stderr}");
+
+    std::fs::write(ctx.join("app.txt"), "v2").expect("revert");
+    let (ok, stderr) = build();
+    assert!(ok, "{stderr}");
+    let listing = tar_listing(&out);
+    assert_eq!(
+        listing["app.txt"],
+        memobuild_tests::bench::describe(
+            "file",
+            0o644,
+            0,
+            0,
+            &memobuild_tests::bench::content_of("v2")
+        ),
+        "{stderr}"
+    );
+}

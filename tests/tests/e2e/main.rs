@@ -5,6 +5,7 @@ mod add;
 mod build;
 mod cacheserver;
 mod conformance;
+mod cutoff;
 mod frontend;
 mod hotstate;
 mod images;
