@@ -29,6 +29,20 @@
 //!
 //! A missing default config file is fine; a missing file named by flag or environment is an
 //! error, and so is an unknown key (a typo must not be silently ignored).
+//!
+//! `memobuildd serve-cache` (the team cache server, `cacheserver`) resolves
+//! [`ServeCacheConfig`] by the same rule from the same file, in its `[serve_cache]` table:
+//!
+//! | setting | flag | environment | `[serve_cache]` key | default |
+//! |---|---|---|---|---|
+//! | address to listen on | `--listen` | `MEMOBUILD_CACHE_LISTEN` | `listen` | `127.0.0.1:9092` |
+//! | store directory | `--dir` | `MEMOBUILD_CACHE_DIR` | `dir` | root: `/var/lib/memobuild-cache`; users: `$XDG_DATA_HOME/memobuild-cache` |
+//! | byte budget (`500M`, `10G`, `1TiB`, bytes) | `--max-size` | `MEMOBUILD_CACHE_MAX_SIZE` | `max_size` | `10G` |
+//! | token file (auth on) | `--auth` | `MEMOBUILD_CACHE_AUTH` | `auth_file` | none: no authentication |
+//! | TLS certificate chain and key (PEM) | `--tls-cert`, `--tls-key` | | `tls_cert`, `tls_key` | none: plain TCP |
+//! | webhook URLs for build summaries | `--webhook` (repeatable) | | `webhooks` | none |
+//! | HMAC key for webhook signatures | | `MEMOBUILD_CACHE_WEBHOOK_SECRET_FILE` | `webhook_secret_file` | none: unsigned |
+//! | log filter | `--log` | `MEMOBUILD_LOG`, then `RUST_LOG` | `log` (top level) | `info` |
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -94,6 +108,14 @@ pub enum ConfigError {
     NotAbsolute { what: &'static str, path: PathBuf },
     #[error(transparent)]
     SocketPath(#[from] paths::SocketPathError),
+    #[error(
+        "{what}: {value:?} is not a size (bytes, or a number with K, M, G, T, KiB, MiB, GiB, TiB)"
+    )]
+    BadSize { what: &'static str, value: String },
+    #[error("{what}: {value:?} is not an address (HOST:PORT)")]
+    BadAddress { what: &'static str, value: String },
+    #[error("--tls-cert and --tls-key go together; only {given} was given")]
+    TlsHalf { given: &'static str },
     #[error(transparent)]
     RemoteCache(#[from] SettingsError),
 }
@@ -119,6 +141,29 @@ struct FileConfig {
     remote_cache_password_file: Option<PathBuf>,
     remote_cache_ca_file: Option<PathBuf>,
     remote_cache_secret_file: Option<PathBuf>,
+    serve_cache: Option<FileServeCache>,
+}
+
+/// The `[serve_cache]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServeCache {
+    listen: Option<String>,
+    dir: Option<PathBuf>,
+    max_size: Option<SizeValue>,
+    auth_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    webhooks: Option<Vec<String>>,
+    webhook_secret_file: Option<PathBuf>,
+}
+
+/// A size in the file: a number of bytes or a string such as `"10G"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
 }
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
@@ -151,20 +196,7 @@ impl Config {
                 .filter(|v| !v.is_empty())
         };
 
-        let (file, config_file) = match flags
-            .config
-            .clone()
-            .or_else(|| env(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
-        {
-            Some(path) => (read_file_config(&path)?, Some(path)),
-            None => {
-                let path = default_config_file(euid, &env);
-                match path.as_deref().filter(|p| p.exists()) {
-                    Some(p) => (read_file_config(p)?, path),
-                    None => (FileConfig::default(), None),
-                }
-            }
-        };
+        let (file, config_file) = load_file_config(flags.config.clone(), euid, &env)?;
 
         let remote_cache = remote_settings(&file, &env_string)?;
         // Flags and environment beat the file; the file beats the defaults. The protocol
@@ -193,12 +225,7 @@ impl Config {
             .socket_group
             .or_else(|| env_string(SOCKET_GROUP_ENV))
             .or(file.socket_group);
-        let log = flags
-            .log
-            .or_else(|| env_string(LOG_ENV))
-            .or_else(|| env_string("RUST_LOG"))
-            .or(file.log)
-            .unwrap_or_else(|| "info".to_owned());
+        let log = resolve_log(flags.log, file.log, &env);
         let shutdown_grace = file
             .shutdown_grace_secs
             .map_or(DEFAULT_SHUTDOWN_GRACE, Duration::from_secs);
@@ -237,6 +264,213 @@ impl Config {
             std::env::var_os(key)
         })
     }
+}
+
+/// Settings of `memobuildd serve-cache` given on its command line; `None`: not given.
+#[derive(Debug, Clone, Default)]
+pub struct ServeCacheOverrides {
+    pub listen: Option<String>,
+    pub dir: Option<PathBuf>,
+    pub max_size: Option<String>,
+    pub auth_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub webhooks: Vec<String>,
+    pub log: Option<String>,
+    pub config: Option<PathBuf>,
+}
+
+/// The resolved settings of `memobuildd serve-cache` (see the table in this module's doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeCacheConfig {
+    pub listen: std::net::SocketAddr,
+    pub dir: PathBuf,
+    /// The store's byte budget; least recently used entries go beyond it.
+    pub max_size: u64,
+    /// Tokens and their access; `None` lets anyone read and write.
+    pub auth_file: Option<PathBuf>,
+    pub tls: Option<TlsFiles>,
+    pub webhooks: Vec<String>,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub log: String,
+    pub config_file: Option<PathBuf>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+const CACHE_LISTEN_ENV: &str = "MEMOBUILD_CACHE_LISTEN";
+const CACHE_DIR_ENV: &str = "MEMOBUILD_CACHE_DIR";
+const CACHE_MAX_SIZE_ENV: &str = "MEMOBUILD_CACHE_MAX_SIZE";
+const CACHE_AUTH_ENV: &str = "MEMOBUILD_CACHE_AUTH";
+const CACHE_WEBHOOK_SECRET_ENV: &str = "MEMOBUILD_CACHE_WEBHOOK_SECRET_FILE";
+const DEFAULT_CACHE_LISTEN: &str = "127.0.0.1:9092";
+const DEFAULT_CACHE_MAX_SIZE: u64 = 10 << 30;
+
+impl ServeCacheConfig {
+    /// Resolves `serve-cache`'s settings for a process running as `euid`: flag →
+    /// environment → the config file's `[serve_cache]` table → default.
+    pub fn resolve(
+        flags: ServeCacheOverrides,
+        euid: u32,
+        env: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Self, ConfigError> {
+        let (file, config_file) = load_file_config(flags.config.clone(), euid, &env)?;
+        let log = resolve_log(flags.log, file.log, &env);
+        let section = file.serve_cache.unwrap_or_default();
+        let env_path = |key: &str| env(key).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env_string = |key: &str| {
+            env(key)
+                .and_then(|v| v.into_string().ok())
+                .filter(|v| !v.is_empty())
+        };
+
+        let listen_text = flags
+            .listen
+            .or_else(|| env_string(CACHE_LISTEN_ENV))
+            .or(section.listen)
+            .unwrap_or_else(|| DEFAULT_CACHE_LISTEN.to_owned());
+        let listen = listen_text.parse().map_err(|_| ConfigError::BadAddress {
+            what: "listen",
+            value: listen_text.clone(),
+        })?;
+        let dir = flags
+            .dir
+            .or_else(|| env_path(CACHE_DIR_ENV))
+            .or(section.dir)
+            .unwrap_or_else(|| default_cache_dir(euid, &env));
+        let max_size = match flags.max_size.or_else(|| env_string(CACHE_MAX_SIZE_ENV)) {
+            Some(text) => parse_size("max_size", &text)?,
+            None => match section.max_size {
+                Some(SizeValue::Bytes(n)) => n,
+                Some(SizeValue::Text(text)) => parse_size("max_size", &text)?,
+                None => DEFAULT_CACHE_MAX_SIZE,
+            },
+        };
+        let auth_file = flags
+            .auth_file
+            .or_else(|| env_path(CACHE_AUTH_ENV))
+            .or(section.auth_file);
+        let tls = match (
+            flags.tls_cert.or(section.tls_cert),
+            flags.tls_key.or(section.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::TlsHalf {
+                    given: "a certificate",
+                });
+            }
+            (None, Some(_)) => return Err(ConfigError::TlsHalf { given: "a key" }),
+        };
+        let webhooks = if flags.webhooks.is_empty() {
+            section.webhooks.unwrap_or_default()
+        } else {
+            flags.webhooks
+        };
+        Ok(Self {
+            listen,
+            dir: absolute("dir", dir)?,
+            max_size,
+            auth_file,
+            tls,
+            webhooks,
+            webhook_secret_file: env_path(CACHE_WEBHOOK_SECRET_ENV).or(section.webhook_secret_file),
+            log,
+            config_file,
+        })
+    }
+
+    /// Resolves against the real process environment and effective uid.
+    pub fn from_process(flags: ServeCacheOverrides) -> Result<Self, ConfigError> {
+        Self::resolve(flags, crate::passwd::effective_uid(), |key| {
+            std::env::var_os(key)
+        })
+    }
+}
+
+/// Parses `10G`, `500MiB`, `1048576`: K/M/G/T are powers of 1000, KiB/MiB/GiB/TiB of 1024.
+pub fn parse_size(what: &'static str, text: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize {
+        what,
+        value: text.to_owned(),
+    };
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(factor).ok_or_else(bad)
+}
+
+fn default_cache_dir(euid: u32, env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    if euid == 0 {
+        return PathBuf::from("/var/lib/memobuild-cache");
+    }
+    let data = env("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            env("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|home| home.join(".local/share"))
+        })
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("memobuild-{euid}")));
+    data.join("memobuild-cache")
+}
+
+/// The config file named by flag or environment (which must exist), else the default one
+/// if it exists, else none.
+fn load_file_config(
+    flag: Option<PathBuf>,
+    euid: u32,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+    match flag.or_else(|| env(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from)) {
+        Some(path) => Ok((read_file_config(&path)?, Some(path))),
+        None => {
+            let path = default_config_file(euid, &env);
+            match path.as_deref().filter(|p| p.exists()) {
+                Some(p) => Ok((read_file_config(p)?, path)),
+                None => Ok((FileConfig::default(), None)),
+            }
+        }
+    }
+}
+
+fn resolve_log(
+    flag: Option<String>,
+    file: Option<String>,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> String {
+    let env_string = |key: &str| {
+        env(key)
+            .and_then(|v| v.into_string().ok())
+            .filter(|v| !v.is_empty())
+    };
+    flag.or_else(|| env_string(LOG_ENV))
+        .or_else(|| env_string("RUST_LOG"))
+        .or(file)
+        .unwrap_or_else(|| "info".to_owned())
 }
 
 /// The remote cache settings: environment over file, secrets from the environment or files.
@@ -511,6 +745,66 @@ mod tests {
         assert!(matches!(
             Config::resolve(flags, 0, env_from(&[])),
             Err(ConfigError::NotAbsolute { what: "root", .. })
+        ));
+    }
+
+    #[test]
+    fn serve_cache_flag_beats_environment_beats_section_beats_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config(
+            dir.path(),
+            "log = \"warn\"\n[serve_cache]\nlisten = \"0.0.0.0:1\"\ndir = \"/file/dir\"\nmax_size = \"2GiB\"\nauth_file = \"/file/tokens\"\nwebhooks = [\"http://127.0.0.1:9/hook\"]\n",
+        );
+        let flags = ServeCacheOverrides {
+            config: Some(file.clone()),
+            listen: Some("127.0.0.1:7".to_owned()),
+            ..ServeCacheOverrides::default()
+        };
+        let env = env_from(&[("MEMOBUILD_CACHE_DIR", "/env/dir")]);
+        let cfg = ServeCacheConfig::resolve(flags, 0, env).expect("resolve");
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:7");
+        assert_eq!(cfg.dir, Path::new("/env/dir"));
+        assert_eq!(cfg.max_size, 2 << 30);
+        assert_eq!(cfg.auth_file.as_deref(), Some(Path::new("/file/tokens")));
+        assert_eq!(cfg.webhooks, ["http://127.0.0.1:9/hook"]);
+        assert_eq!(cfg.log, "warn");
+        assert_eq!(cfg.tls, None);
+
+        let cfg = ServeCacheConfig::resolve(ServeCacheOverrides::default(), 0, env_from(&[]))
+            .expect("defaults");
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:9092");
+        assert_eq!(cfg.dir, Path::new("/var/lib/memobuild-cache"));
+        assert_eq!(cfg.max_size, 10 << 30);
+        assert_eq!(cfg.auth_file, None);
+    }
+
+    #[test]
+    fn serve_cache_rejects_bad_sizes_addresses_and_half_tls() {
+        for (text, bytes) in [
+            ("1048576", 1 << 20),
+            ("10G", 10_000_000_000),
+            ("3 MiB", 3 << 20),
+        ] {
+            assert_eq!(parse_size("max_size", text).expect(text), bytes);
+        }
+        for text in ["", "G", "10X", "-1", "99999999999999999999T"] {
+            assert!(parse_size("max_size", text).is_err(), "{text}");
+        }
+        let flags = ServeCacheOverrides {
+            listen: Some("localhost".to_owned()),
+            ..ServeCacheOverrides::default()
+        };
+        assert!(matches!(
+            ServeCacheConfig::resolve(flags, 0, env_from(&[])),
+            Err(ConfigError::BadAddress { .. })
+        ));
+        let flags = ServeCacheOverrides {
+            tls_key: Some("/key.pem".into()),
+            ..ServeCacheOverrides::default()
+        };
+        assert!(matches!(
+            ServeCacheConfig::resolve(flags, 0, env_from(&[])),
+            Err(ConfigError::TlsHalf { given: "a key" })
         ));
     }
 }

@@ -5,6 +5,7 @@
 //! socket). `config` resolves where everything lives; `passwd` reads user and group databases.
 
 pub mod cache;
+pub mod cacheserver;
 pub mod config;
 pub mod context;
 pub mod engine;

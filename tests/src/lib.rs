@@ -17,6 +17,7 @@ use tempfile::TempDir;
 
 pub mod bench;
 pub mod buildgrid;
+pub mod cacheserver;
 pub mod conformance;
 pub mod docker;
 pub mod nginx;

@@ -3,6 +3,7 @@
 mod access;
 mod add;
 mod build;
+mod cacheserver;
 mod conformance;
 mod cutoff;
 mod frontend;

@@ -1,4 +1,5 @@
-//! The service manager files: systemd units verify, the launchd plist parses.
+//! The service manager files: systemd units (the daemon's and the cache server's) verify,
+//! the launchd plist parses.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -38,6 +39,42 @@ fn systemd_units_pass_systemd_analyze_verify() {
     let (stdout, stderr) = texts(&output);
     assert!(output.status.success(), "{stdout}{stderr}");
     assert!(stderr.trim().is_empty(), "warnings: {stderr}");
+}
+
+#[test]
+fn cache_server_unit_passes_systemd_analyze_verify_and_runs_serve_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = std::fs::read_to_string(repo_file("systemd/memobuild-cache.service"))
+        .expect("cache service unit")
+        .replace(
+            "/usr/local/bin/memobuildd",
+            bin("memobuildd").to_str().expect("utf-8"),
+        );
+    assert!(unit.contains("Type=notify"), "serve-cache reports READY=1");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    assert!(exec.contains(" serve-cache ") && exec.contains("--dir /var/lib/memobuild-cache"));
+    let path = dir.path().join("memobuild-cache.service");
+    std::fs::write(&path, &unit).expect("write");
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is installed by .ci/run");
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stderr.trim().is_empty(), "warnings: {stderr}");
+    // The flags the unit passes are ones serve-cache accepts.
+    let mut words: Vec<&str> = exec.split_whitespace().skip(2).collect();
+    words.push("--help");
+    let output = Command::new(bin("memobuildd"))
+        .arg("serve-cache")
+        .args(&words)
+        .output()
+        .expect("memobuildd");
+    assert!(output.status.success(), "{:?}", texts(&output));
 }
 
 #[test]
