@@ -16,6 +16,8 @@
 //! | extra registry CA (PEM) | | | `registry_ca_file` | none |
 //! | keep built contexts watched | | | `watch_built_contexts` | true |
 //! | bytes per chunk of a large COPY's layer (0: one layer per COPY, as Docker) | | | `copy_chunk_bytes` | 32 MiB |
+//! | the store's budget: automatic GC keeps it under this (`"20GB"` or bytes) | | | `gc_keep_bytes` | 10% of the root's filesystem, at least 2 GiB |
+//! | what was unused longer goes at every GC pass (`"48h"`, `"7d"`) | | | `gc_keep_duration` | none (budget only) |
 //! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
 //!
 //! A missing default config file is fine; a missing file named by flag or environment is an
@@ -51,6 +53,10 @@ pub struct Config {
     /// A COPY from the context of at least twice this many bytes becomes several layers of
     /// about this size, so an edit rewrites one of them (`engine::copy::Plan::chunks`).
     pub copy_chunk_bytes: u64,
+    /// The store's budget; `None`: 10% of the root's filesystem, at least 2 GiB.
+    pub gc_keep_bytes: Option<u64>,
+    /// Unused longer than this goes at every GC pass, whatever the budget.
+    pub gc_keep_duration: Option<Duration>,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -80,6 +86,12 @@ pub enum ConfigError {
     NotAbsolute { what: &'static str, path: PathBuf },
     #[error(transparent)]
     SocketPath(#[from] paths::SocketPathError),
+    #[error("config key {key}: {source}")]
+    Unit {
+        key: &'static str,
+        #[source]
+        source: memobuild_protocol::units::UnitError,
+    },
 }
 
 /// The config file's shape. Every key is optional; unknown keys are errors.
@@ -96,6 +108,16 @@ struct FileConfig {
     registry_ca_file: Option<PathBuf>,
     watch_built_contexts: Option<bool>,
     copy_chunk_bytes: Option<u64>,
+    gc_keep_bytes: Option<SizeValue>,
+    gc_keep_duration: Option<String>,
+}
+
+/// A size in the config file: bytes, or text with a unit (`"20GB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
 }
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
@@ -173,6 +195,27 @@ impl Config {
             .shutdown_grace_secs
             .map_or(DEFAULT_SHUTDOWN_GRACE, Duration::from_secs);
 
+        let gc_keep_bytes = match file.gc_keep_bytes {
+            None => None,
+            Some(SizeValue::Bytes(bytes)) => Some(bytes),
+            Some(SizeValue::Text(text)) => Some(
+                memobuild_protocol::units::parse_size(&text).map_err(|source| {
+                    ConfigError::Unit {
+                        key: "gc_keep_bytes",
+                        source,
+                    }
+                })?,
+            ),
+        };
+        let gc_keep_duration = file
+            .gc_keep_duration
+            .map(|text| memobuild_protocol::units::parse_duration(&text))
+            .transpose()
+            .map_err(|source| ConfigError::Unit {
+                key: "gc_keep_duration",
+                source,
+            })?
+            .map(Duration::from_secs);
         let root = absolute("root", root)?;
         let socket = absolute("socket", socket)?;
         paths::check_socket_path(&socket)?;
@@ -196,6 +239,8 @@ impl Config {
             registry_ca_file: file.registry_ca_file,
             watch_built_contexts: file.watch_built_contexts.unwrap_or(true),
             copy_chunk_bytes: file.copy_chunk_bytes.unwrap_or(DEFAULT_COPY_CHUNK_BYTES),
+            gc_keep_bytes,
+            gc_keep_duration,
             config_file,
         })
     }
@@ -310,6 +355,37 @@ mod tests {
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(3));
         assert_eq!(cfg.max_parallel_steps, 3);
         assert_eq!(cfg.config_file.as_deref(), Some(file.as_path()));
+    }
+
+    #[test]
+    fn gc_settings_read_with_units() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config(
+            dir.path(),
+            "gc_keep_bytes = \"20GB\"\ngc_keep_duration = \"48h\"\n",
+        );
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        let cfg = Config::resolve(flags, 0, env_from(&[])).expect("resolve");
+        assert_eq!(cfg.gc_keep_bytes, Some(20 << 30));
+        assert_eq!(cfg.gc_keep_duration, Some(Duration::from_secs(48 * 3600)));
+        let file = write_config(dir.path(), "gc_keep_bytes = 1048576\n");
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        let cfg = Config::resolve(flags, 0, env_from(&[])).expect("resolve");
+        assert_eq!(cfg.gc_keep_bytes, Some(1 << 20));
+        assert_eq!(cfg.gc_keep_duration, None);
+        let file = write_config(dir.path(), "gc_keep_duration = \"soon\"\n");
+        let flags = Overrides {
+            config: Some(file),
+            ..Overrides::default()
+        };
+        let err = Config::resolve(flags, 0, env_from(&[])).expect_err("bad duration");
+        assert!(err.to_string().contains("gc_keep_duration"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,8 @@
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
-use super::index::ActionResult;
 use crate::context::Hash;
+use crate::store::ActionResult;
 
 /// Rough bytes one entry costs: key, vector, moka's bookkeeping.
 const ENTRY_OVERHEAD: u32 = 128;

@@ -1,11 +1,6 @@
-//! Build results by key, in tiers: L1 in memory, L2 on disk (content-addressed blobs in
-//! [`cas`] plus the SQLite [`index`]: action cache, image tags, base image resolutions), L3 a
-//! shared remote cache.
+//! Build results by key, in tiers: L1 in memory ([`l1`]), L2 on disk (the [`store`](crate::store):
+//! content-addressed blobs, the action cache, unpacked layers), L3 a shared remote cache.
 
-pub mod cas;
-pub mod index;
 pub mod l1;
 
-pub use cas::{Blob, BlobWriter, Cas, CasError, Digest};
-pub use index::{ActionResult, ImageRecord, Index, IndexError, LayerRecord};
 pub use l1::L1;

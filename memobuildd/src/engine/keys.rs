@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use petgraph::Direction;
 
 use super::state::State;
-use crate::cache::{Cas, Digest};
 use crate::context::Hash;
 use crate::frontend::InstructionKind;
 use crate::image::ImageError;
@@ -20,6 +19,7 @@ use crate::image::layer::Layer;
 use crate::image::oci::{ImageConfig, Manifest};
 use crate::plan::scope::PROXY_ARGS;
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
+use crate::store::{Cas, Digest};
 
 const KEY_VERSION: &[u8] = b"memobuild-key-v1\0";
 
@@ -59,7 +59,7 @@ impl BaseImage {
                 });
             }
             layers.push(Layer {
-                blob: crate::cache::Blob {
+                blob: crate::store::Blob {
                     digest: descriptor.digest.clone(),
                     size: descriptor.size,
                 },

@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 
 use super::access::Peer;
 use super::requests::DockerfileText;
-use crate::cache::ImageRecord;
 use crate::engine::{
     BuildError, BuildSpec, Built, Engine, Progress, PushError, Reporter, normalize_tag,
 };
@@ -30,6 +29,7 @@ use crate::image::export::{
 use crate::image::layer::{Compression, LayerOptions};
 use crate::image::oci::{MediaTypes, manifest_json};
 use crate::registry::{PushEvent, RegistryError};
+use crate::store::{ImageRecord, Store, blocking};
 use crate::watch::Hub;
 
 /// Largest output chunk streamed to the client (`dest=-`).
@@ -74,6 +74,52 @@ pub(crate) async fn serve(
     // Every change made before this request must be in the fingerprints it uses.
     hub.cookies().sync().await;
     let was_watched = hub.with_workspace(&dockerfile.context, |_| ()).is_some();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let Some(outcome) = stream_build(stream, engine, spec.clone()).await else {
+            if !was_watched && !keep_watching {
+                let _ = hub.unwatch(&dockerfile.context);
+            }
+            tokio::task::spawn_blocking(release_freed_memory);
+            return Ok(());
+        };
+        if !was_watched && !keep_watching {
+            let _ = hub.unwatch(&dockerfile.context);
+        }
+        let built = match outcome {
+            Ok(built) => built,
+            Err(err) => {
+                tokio::task::spawn_blocking(release_freed_memory);
+                return write_frame(stream, &Response::error(code(&err), err.to_string())).await;
+            }
+        };
+        // What was just built is the new baseline: the workspace is clean again.
+        hub.with_workspace(&dockerfile.context, |ws| ws.mark_built());
+        match write_outputs(engine, &built, &request, peer, stream).await {
+            Ok(()) => {}
+            // The store found a blob of this image damaged while writing an output, and
+            // repaired it (removed it and the steps that made it): building again makes it
+            // anew. Once: a second failure is not damage that a rebuild mends.
+            Err(message) if attempts == 1 && built.lease.saw_damage() => {
+                tracing::warn!(%message, "an output found a damaged blob; building again");
+                continue;
+            }
+            Err(message) => {
+                return write_frame(stream, &Response::error(ErrorCode::Internal, message)).await;
+            }
+        }
+        return finish(stream, engine, built).await;
+    }
+}
+
+/// Runs one build, streaming its events; `None` when the client went away (the build was
+/// cancelled).
+async fn stream_build(
+    stream: &mut UnixStream,
+    engine: &Arc<Engine>,
+    spec: BuildSpec,
+) -> Option<Result<Built, BuildError>> {
     let (events, mut received) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let build = tokio::spawn({
@@ -115,28 +161,15 @@ pub(crate) async fn serve(
     let outcome = build
         .await
         .unwrap_or_else(|err| Err(BuildError::Store(format!("build task failed: {err}"))));
-    if !was_watched && !keep_watching {
-        let _ = hub.unwatch(&dockerfile.context);
-    }
-    if client_gone {
-        tokio::task::spawn_blocking(release_freed_memory);
-        return Ok(());
-    }
-    let built = match outcome {
-        Ok(built) => built,
-        Err(err) => {
-            tokio::task::spawn_blocking(release_freed_memory);
-            return write_frame(stream, &Response::error(code(&err), err.to_string())).await;
-        }
-    };
-    // What was just built is the new baseline: the workspace is clean again.
-    hub.with_workspace(&dockerfile.context, |ws| ws.mark_built());
-    match write_outputs(engine, &built, &request, peer, stream).await {
-        Ok(()) => {}
-        Err(message) => {
-            return write_frame(stream, &Response::error(ErrorCode::Internal, message)).await;
-        }
-    }
+    (!client_gone).then_some(outcome)
+}
+
+/// Answers a finished build and lets the store check its budget.
+async fn finish(
+    stream: &mut UnixStream,
+    engine: &Arc<Engine>,
+    built: Built,
+) -> Result<(), FrameError> {
     let result = BuildResult {
         image_digest: Some(built.image.manifest.digest.to_string()),
         steps: built.steps,
@@ -149,7 +182,9 @@ pub(crate) async fn serve(
     // answering (measured on 1 GB COPY edits: 28–67 MB right after a build without this,
     // 26–28 MB with it); a build that executed nothing answers first, in milliseconds.
     let executed = built.executed;
+    // The lease goes with `built`: what it held is GC's again, so the budget is checked now.
     drop(built);
+    engine.store().check_budget();
     let released = tokio::task::spawn_blocking(release_freed_memory);
     if executed > 0 {
         let _ = released.await;
@@ -201,6 +236,7 @@ fn code(err: &BuildError) -> ErrorCode {
         BuildError::Dockerfile(_) | BuildError::Plan(_) => ErrorCode::InvalidInput,
         BuildError::Registry { source, .. } => registry_code(source),
         BuildError::BaseImage { .. } | BuildError::Store(_) => ErrorCode::Internal,
+        BuildError::Full(_) | BuildError::OutOfSpace { .. } => ErrorCode::ResourceExhausted,
         BuildError::Step { .. } | BuildError::RunFailed { .. } => ErrorCode::Failed,
         BuildError::NoRuntime(_) => ErrorCode::Unavailable,
         BuildError::Cancelled => ErrorCode::Cancelled,
@@ -240,7 +276,14 @@ async fn write_outputs(
     };
     for output in outputs {
         if output.kind == OutputKind::Image {
-            tag(engine, built, &request.tags, output.name.as_deref())?;
+            let names: Vec<String> = request
+                .tags
+                .iter()
+                .cloned()
+                .chain(output.name.clone())
+                .collect();
+            let (engine_for_tag, built_for_tag) = (Arc::clone(engine), built.clone());
+            blocking(move || tag(&engine_for_tag, &built_for_tag, &names)).await?;
             if output.push {
                 let names = request
                     .tags
@@ -256,12 +299,11 @@ async fn write_outputs(
             }
             continue;
         }
-        let engine_for_task = Arc::clone(engine);
         let built_for_task = built.clone();
         let tags = request.tags.clone();
         let dest = match (&output.dest, output.to_client) {
             (_, true) => {
-                let scratch = tempfile::NamedTempFile::new_in(engine.layers_tmp())
+                let scratch = tempfile::NamedTempFile::new_in(engine.store().tmp_dir())
                     .map_err(|e| format!("output: {e}"))?;
                 scratch.path().to_owned()
             }
@@ -270,11 +312,9 @@ async fn write_outputs(
         };
         let target = dest.clone();
         let kind = output.kind;
-        tokio::task::spawn_blocking(move || {
-            export(&engine_for_task, &built_for_task, kind, &tags, &target)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        tokio::task::spawn_blocking(move || export(&built_for_task, kind, &tags, &target))
+            .await
+            .map_err(|e| e.to_string())??;
         if output.to_client {
             stream_file(stream, &dest).await?;
             let _ = std::fs::remove_file(&dest);
@@ -285,34 +325,31 @@ async fn write_outputs(
     Ok(())
 }
 
-fn tag(engine: &Engine, built: &Built, tags: &[String], name: Option<&str>) -> Result<(), String> {
+/// Tags the image under every name; each tag pins what the build used. Blocking.
+fn tag(engine: &Engine, built: &Built, names: &[String]) -> Result<(), String> {
     let created_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let names = tags.iter().map(String::as_str).chain(name);
     for name in names {
         engine
-            .index()
-            .tag(&ImageRecord {
-                name: normalize_tag(name),
-                manifest: built.image.manifest.clone(),
-                config: built.image.config.digest.clone(),
-                created_unix,
-            })
+            .store()
+            .tag(
+                &built.lease,
+                &ImageRecord {
+                    name: normalize_tag(name),
+                    manifest: built.image.manifest.clone(),
+                    config: built.image.config.digest.clone(),
+                    created_unix,
+                },
+            )
             .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
 
-fn export(
-    engine: &Engine,
-    built: &Built,
-    kind: OutputKind,
-    tags: &[String],
-    dest: &Path,
-) -> Result<(), String> {
-    let cas = engine.cas();
-    let blobs: Vec<crate::cache::Blob> =
+fn export(built: &Built, kind: OutputKind, tags: &[String], dest: &Path) -> Result<(), String> {
+    let cas = &built.lease.cas();
+    let blobs: Vec<crate::store::Blob> =
         built.image.layers.iter().map(|l| l.blob.clone()).collect();
     let create = || -> Result<BufWriter<File>, String> {
         File::create(dest)
@@ -401,26 +438,31 @@ fn give_to(path: &Path, peer: Peer) {
 }
 
 /// The image store as `memobuild images` lists it.
-pub(crate) fn images(engine: &Engine) -> Response {
-    match engine.index().images() {
-        Ok(images) => Response::Images(
+pub(crate) async fn images(engine: &Engine) -> Response {
+    let store = engine.store().clone();
+    let listed = blocking(move || {
+        store.images().map(|images| {
             images
                 .into_iter()
                 .map(|image| ImageSummary {
-                    size: image_size(engine, &image),
+                    size: image_size(&store, &image),
                     name: image.name,
                     digest: image.manifest.digest.to_string(),
                     created_unix: image.created_unix,
                 })
-                .collect(),
-        ),
+                .collect()
+        })
+    })
+    .await;
+    match listed {
+        Ok(images) => Response::Images(images),
         Err(err) => Response::error(ErrorCode::Internal, err.to_string()),
     }
 }
 
 /// Config plus layers, from the stored manifest.
-fn image_size(engine: &Engine, image: &ImageRecord) -> u64 {
-    engine
+fn image_size(store: &Store, image: &ImageRecord) -> u64 {
+    store
         .cas()
         .read(&image.manifest.digest)
         .ok()
@@ -499,8 +541,9 @@ fn push_code(err: &PushError) -> ErrorCode {
 }
 
 /// `memobuild rmi`: the tag goes; its blobs stay until GC.
-pub(crate) fn remove_image(engine: &Engine, name: &str) -> Response {
-    match engine.index().untag(&normalize_tag(name)) {
+pub(crate) async fn remove_image(engine: &Engine, name: &str) -> Response {
+    let (store, tag) = (engine.store().clone(), normalize_tag(name));
+    match blocking(move || store.untag(&tag)).await {
         Ok(true) => Response::ImageRemoved,
         Ok(false) => Response::error(
             ErrorCode::NotFound,

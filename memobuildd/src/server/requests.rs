@@ -37,8 +37,6 @@ pub(crate) enum HandlerError {
     Unreadable { uid: u32, path: PathBuf },
     #[error("{0}")]
     Invalid(String),
-    #[error("`{0}` is not implemented by this daemon yet")]
-    NotImplemented(&'static str),
 }
 
 impl HandlerError {
@@ -59,7 +57,6 @@ impl HandlerError {
                 WatchError::Context(ContextError::Io { source, .. }) => io_code(source),
                 _ => ErrorCode::Internal,
             },
-            Self::NotImplemented(_) => ErrorCode::NotImplemented,
         }
     }
 
