@@ -470,9 +470,59 @@ impl Store {
         }
     }
 
-    /// Waits until no pass is running (tests, shutdown).
-    pub fn wait_for_gc(&self) {
-        drop(self.shared.gc.pass_lock());
+    /// Audits the store without changing it: every blob file hashes to its name, and
+    /// everything the index names is there.
+    pub fn verify(&self) -> Result<Verification, StoreError> {
+        let snapshot = self.shared.ix(|index| index.snapshot())?;
+        let mut found = Verification::default();
+        for (digest, path) in gc::blob_files(&self.shared.layout) {
+            found.blobs_checked += 1;
+            if hash_file(&path).is_none_or(|actual| actual != digest) {
+                found.corrupt.push(digest);
+            }
+        }
+        let named_blobs = snapshot
+            .blobs
+            .keys()
+            .chain(snapshot.action_layers.values().flatten().map(|(d, _)| d))
+            .chain(snapshot.tags.iter().map(|t| &t.manifest.digest));
+        for digest in named_blobs {
+            if !self.shared.blob_path(digest).is_file() {
+                found.missing.push(format!("blob {digest}"));
+            }
+        }
+        for diff_id in snapshot.unpacked.keys() {
+            if !self.shared.layer_path(diff_id).is_dir() {
+                found.missing.push(format!("unpacked layer {diff_id}"));
+            }
+        }
+        found.missing.sort();
+        found.missing.dedup();
+        Ok(found)
+    }
+}
+
+/// What [`Store::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verification {
+    pub blobs_checked: u64,
+    /// Blob files whose content hashes to another digest than their name.
+    pub corrupt: Vec<Digest>,
+    /// Blobs and layers the index names that are not on disk.
+    pub missing: Vec<String>,
+}
+
+fn hash_file(path: &Path) -> Option<Digest> {
+    use sha2::Digest as _;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf).ok()? {
+            0 => return Some(Digest::from_hasher(hasher)),
+            n => hasher.update(&buf[..n]),
+        }
     }
 }
 
