@@ -380,7 +380,8 @@ pub struct CacheStats {
     pub unpacked_bytes: u64,
     /// The SQLite index, with its WAL.
     pub index_bytes: u64,
-    /// The directories holding blobs and layers.
+    /// The directories holding blobs and layers, and what GC removed that is still being
+    /// deleted.
     pub other_bytes: u64,
     pub tags: u64,
     /// Builds, pushes and exports holding parts of the store now.
@@ -390,6 +391,7 @@ pub struct CacheStats {
     /// `gc_keep_duration`, if set.
     pub keep_duration_secs: Option<u64>,
     pub last_gc: Option<GcSummary>,
+    /// A pass runs, or what it removed is still being deleted.
     pub gc_running: bool,
 }
 

@@ -97,10 +97,13 @@ pub struct GcRecord {
     pub finished_unix: u64,
 }
 
-/// The GC thread's mailbox and the last pass.
+/// The GC thread's mailbox, the trash thread's, and the last pass.
 #[derive(Debug, Default)]
 pub(super) struct Control {
     wake: Mutex<Option<mpsc::Sender<Trigger>>>,
+    trash: Mutex<Option<mpsc::Sender<(PathBuf, u64)>>>,
+    /// Bytes renamed into the trash and not yet unlinked: still on disk, still counted.
+    trash_bytes: Arc<AtomicU64>,
     last: Mutex<Option<GcRecord>>,
     running: AtomicBool,
     pass: Mutex<()>,
@@ -121,8 +124,27 @@ impl Control {
             .clone()
     }
 
+    /// A pass runs, or its trash is still being deleted.
     pub(super) fn running(&self) -> bool {
-        self.running.load(Ordering::Relaxed)
+        self.running.load(Ordering::Relaxed) || self.trash_bytes() > 0
+    }
+
+    pub(super) fn trash_bytes(&self) -> u64 {
+        self.trash_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Hands a directory of removed things to the trash thread (or, without one, deletes it
+    /// here).
+    fn discard(&self, dir: PathBuf, bytes: u64) {
+        self.trash_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let queued = match &*self.trash.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(sender) => sender.send((dir, bytes)).map_err(|e| e.0),
+            None => Err((dir, bytes)),
+        };
+        if let Err((dir, bytes)) = queued {
+            remove_any(&dir);
+            self.trash_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn pass_lock(&self) -> MutexGuard<'_, ()> {
@@ -130,8 +152,28 @@ impl Control {
     }
 }
 
-/// Starts the store's GC thread. It ends when the store is dropped.
+/// Starts the store's GC thread and its trash thread. They end when the store is dropped.
 pub(super) fn spawn_thread(shared: &Arc<Shared>) {
+    let (discard, discarded) = mpsc::channel::<(PathBuf, u64)>();
+    let pending = Arc::clone(&shared.gc.trash_bytes);
+    let trash = std::thread::Builder::new()
+        .name("memobuild-trash".into())
+        .spawn(move || {
+            for (dir, bytes) in discarded {
+                remove_any(&dir);
+                pending.fetch_sub(bytes, Ordering::Relaxed);
+            }
+        });
+    match trash {
+        Ok(_) => {
+            *shared
+                .gc
+                .trash
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(discard);
+        }
+        Err(err) => tracing::warn!(%err, "no trash thread: GC passes delete as they go"),
+    }
     let (sender, receiver) = mpsc::channel();
     *shared
         .gc
@@ -557,11 +599,6 @@ fn sweep(
         .collect();
     blobs.extend(orphan_blobs);
 
-    let trash = shared.layout.tmp_dir().join(format!(
-        "gc-{}-{}",
-        std::process::id(),
-        shared.gc.passes.load(Ordering::Relaxed)
-    ));
     let mut cache = HashMap::new();
     let cas = unleased(shared);
     let rounds = blobs
@@ -572,8 +609,14 @@ fn sweep(
     for round in 0..rounds {
         let chunk_start = round * CHUNK;
         let range = |len: usize| chunk_start.min(len)..(chunk_start + CHUNK).min(len);
+        let trash = shared.layout.tmp_dir().join(format!(
+            "gc-{}-{}-{round}",
+            std::process::id(),
+            shared.gc.passes.load(Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&trash)
             .map_err(StoreError::io("creating GC's trash in", &trash))?;
+        let mut round_bytes = 0;
         {
             let _refs = shared.refs.write().unwrap_or_else(PoisonError::into_inner);
             let leases = shared.leases.lock().unwrap_or_else(PoisonError::into_inner);
@@ -603,11 +646,11 @@ fn sweep(
                 .counters
                 .blob_bytes
                 .fetch_sub(bytes, Ordering::Relaxed);
-            report.freed_bytes += bytes;
+            round_bytes += bytes;
             for digest in &gone_blobs {
                 let path = shared.blob_path(digest);
                 if !snapshot.blobs.contains_key(digest) {
-                    report.freed_bytes += disk_of(&path);
+                    round_bytes += disk_of(&path);
                 }
                 if std::fs::rename(&path, trash.join(digest.hex())).is_ok() {
                     report.removed_blobs += 1;
@@ -628,7 +671,7 @@ fn sweep(
                 .counters
                 .layer_bytes
                 .fetch_sub(bytes, Ordering::Relaxed);
-            report.freed_bytes += bytes;
+            round_bytes += bytes;
             for diff_id in &gone_layers {
                 let id = layer_id(diff_id);
                 if std::fs::rename(shared.layer_path(diff_id), trash.join(&id)).is_ok() {
@@ -653,13 +696,16 @@ fn sweep(
                 if leases.holds_layer_id(&name) {
                     continue;
                 }
-                report.freed_bytes += super::layers::disk_usage(path);
+                round_bytes += super::layers::disk_usage(path);
                 if std::fs::rename(path, trash.join(&name)).is_ok() {
                     report.removed_layers += 1;
                 }
             }
         }
-        remove_any(&trash);
+        report.freed_bytes += round_bytes;
+        // Unlinking is the slow part (milliseconds a file on a busy disk): the trash thread
+        // does it, so a pass holds nothing up; the bytes count as the store's until gone.
+        shared.gc.discard(trash.clone(), round_bytes);
         if out_of_time() {
             return Ok(false);
         }

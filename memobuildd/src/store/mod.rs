@@ -177,6 +177,7 @@ pub struct StoreStats {
     pub layers: u64,
     pub layer_bytes: u64,
     pub index_bytes: u64,
+    /// Directories, and what GC removed that is still being unlinked.
     pub other_bytes: u64,
     pub actions: u64,
     pub tags: u64,
@@ -541,6 +542,7 @@ impl Shared {
         c.blob_bytes.load(Ordering::Relaxed)
             + c.layer_bytes.load(Ordering::Relaxed)
             + c.dir_bytes.load(Ordering::Relaxed)
+            + self.gc.trash_bytes()
             + self.index_bytes()
     }
 

@@ -4,6 +4,7 @@ mod access;
 mod add;
 mod build;
 mod frontend;
+mod gc;
 mod images;
 mod lifecycle;
 mod protocol;
