@@ -9,31 +9,9 @@
 use std::time::{Duration, Instant};
 
 use memobuildd::layout::Layout;
-use memobuildd::store::{ActionResult, Digest, GcOptions, LayerRecord, Store, StoreOptions};
+use memobuildd::store::{GcOptions, Store, StoreOptions};
 
 const RUNS: usize = 3;
-
-fn populate(store: &Store, actions: u64) {
-    let lease = store.lease();
-    for i in 0..actions {
-        let bytes = format!("layer {i} {}", "x".repeat(200)).into_bytes();
-        let blob = lease.cas().put(&bytes).expect("blob");
-        let dir = store.scratch("bench-").expect("scratch");
-        std::fs::write(dir.join("file"), &bytes).expect("file");
-        let diff_id = Digest::of(&i.to_le_bytes());
-        lease.adopt(&diff_id, &dir).expect("adopt");
-        let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&i.to_le_bytes());
-        let result = ActionResult {
-            layers: vec![LayerRecord {
-                blob,
-                diff_id,
-                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            }],
-        };
-        lease.record_action(&key, &result).expect("record");
-    }
-}
 
 fn main() {
     let actions: u64 = std::env::var("MEMOBUILD_GC_BENCH_ACTIONS")
@@ -45,7 +23,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&Layout::new(dir.path()), StoreOptions::default()).expect("store");
         let filled = Instant::now();
-        populate(&store, actions);
+        memobuildd::testing::fill_store(&store, 0, actions, 1);
         let filled = filled.elapsed();
         let started = Instant::now();
         let report = store

@@ -10,7 +10,7 @@ use memobuild_tests::bench::{Bench, tail};
 use memobuild_tests::workload::XorShift;
 use memobuild_tests::{TestDaemon, privileged, texts};
 use memobuildd::layout::Layout;
-use memobuildd::store::{ActionResult, Digest, LayerRecord, Store, StoreOptions};
+use memobuildd::store::{Digest, Store, StoreOptions};
 
 /// A daemon whose config file holds `config`.
 fn daemon_with(config: &str) -> TestDaemon {
@@ -416,34 +416,6 @@ fn a_full_disk_fails_the_build_clearly_collects_and_the_next_build_succeeds() {
     drop(fs);
 }
 
-/// Adds `count` actions, each with its own blob and unpacked layer of a few files, as
-/// builds would leave them.
-fn populate(root: &Path, round: u64, count: u64) {
-    let store = Store::open(&Layout::new(root), StoreOptions::default()).expect("store");
-    let lease = store.lease();
-    for i in 0..count {
-        let seed = round * 1_000_000 + i;
-        let bytes = random_bytes(seed, 2048);
-        let blob = lease.cas().put(&bytes).expect("blob");
-        let dir = store.scratch("populate-").expect("scratch");
-        for f in 0..8 {
-            std::fs::write(dir.join(format!("f{f}")), &bytes[f * 64..]).expect("file");
-        }
-        let diff_id = Digest::of(&seed.to_le_bytes());
-        lease.adopt(&diff_id, &dir).expect("adopt");
-        let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&seed.to_le_bytes());
-        let result = ActionResult {
-            layers: vec![LayerRecord {
-                blob,
-                diff_id,
-                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            }],
-        };
-        lease.record_action(&key, &result).expect("record");
-    }
-}
-
 fn verify(root: &Path) {
     let store = Store::open(&Layout::new(root), StoreOptions::default()).expect("store");
     let audit = store.verify().expect("verify");
@@ -466,7 +438,10 @@ fn kill_9_during_gc_ten_times_leaves_a_store_that_verifies() {
     let mut rng = XorShift(0x5eed);
     let mut killed_mid_pass = 0;
     for round in 0..10 {
-        populate(&daemon.root, round, 400);
+        let store =
+            Store::open(&Layout::new(&daemon.root), StoreOptions::default()).expect("store");
+        memobuildd::testing::fill_store(&store, round * 1000, 400, 8);
+        drop(store);
         // A tiny budget: the start pass removes nearly everything, and is killed doing it.
         launch_with(&mut daemon, "gc_keep_bytes = 65536\n");
         std::thread::sleep(Duration::from_millis(rng.next_u64() % 300));
