@@ -388,12 +388,13 @@ pub(super) fn pass(
     for chunk in plan.actions.chunks(CHUNK) {
         let _refs = shared.refs.write().unwrap_or_else(PoisonError::into_inner);
         let leases = shared.leases.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut keys = Vec::with_capacity(chunk.len());
-        for key in chunk {
-            if !leases.holds_action(key) && !shared.ix(|index| index.action_tagged(key))? {
-                keys.push(*key);
-            }
-        }
+        // Tags may have come since the plan: ask again, under the lock.
+        let tagged = shared.ix(|index| index.tagged_actions())?;
+        let keys: Vec<ActionKey> = chunk
+            .iter()
+            .filter(|key| !leases.holds_action(key) && !tagged.contains(*key))
+            .copied()
+            .collect();
         let removed = shared.ix(|index| index.forget_actions(&keys))?;
         shared
             .counters
@@ -557,6 +558,9 @@ fn sweep(
     report: &mut GcReport,
     out_of_time: &dyn Fn() -> bool,
 ) -> Result<bool, StoreError> {
+    // References added after this (an action, a tag) move the epoch: then each candidate is
+    // asked about again under the lock; otherwise the snapshot still says it all.
+    let epoch = shared.refs_epoch.load(Ordering::Acquire);
     let snapshot = shared.ix(|index| index.snapshot())?;
     let referenced_blobs: HashSet<&Digest> = snapshot
         .action_layers
@@ -629,11 +633,12 @@ fn sweep(
             for (manifest, _) in &snapshot.bases {
                 pinned.extend(&image_closure(&cas, manifest, &mut cache));
             }
+            let unchanged = shared.refs_epoch.load(Ordering::Acquire) == epoch;
             let mut gone_blobs = Vec::new();
             for digest in &blobs[range(blobs.len())] {
                 let keep = leases.holds_blob(digest)
                     || pinned.blobs.contains(digest)
-                    || shared.ix(|index| index.layer_referenced(digest, false))?;
+                    || (!unchanged && shared.ix(|index| index.layer_referenced(digest, false))?);
                 if !keep {
                     gone_blobs.push(digest.clone());
                 } else if !snapshot.blobs.contains_key(digest) {
@@ -660,7 +665,7 @@ fn sweep(
             for diff_id in &layers[range(layers.len())] {
                 let keep = leases.holds_layer(diff_id)
                     || pinned.layers.contains(diff_id)
-                    || shared.ix(|index| index.layer_referenced(diff_id, true))?;
+                    || (!unchanged && shared.ix(|index| index.layer_referenced(diff_id, true))?);
                 if !keep {
                     gone_layers.push(diff_id.clone());
                 }

@@ -580,14 +580,9 @@ impl Index {
         })
     }
 
-    /// Whether a tag pins the action `key`.
-    pub(super) fn action_tagged(&self, key: &ActionKey) -> Result<bool, IndexError> {
-        self.with(|conn| {
-            conn.prepare_cached("SELECT 1 FROM image_actions WHERE key = ?1 LIMIT 1")?
-                .query_row(params![&key[..]], |_| Ok(()))
-                .optional()
-                .map(|found| found.is_some())
-        })
+    /// The actions tags pin.
+    pub(super) fn tagged_actions(&self) -> Result<HashSet<ActionKey>, IndexError> {
+        self.with(|conn| read_tagged_actions(conn))
     }
 
     pub(super) fn totals(&self) -> Result<Totals, IndexError> {
@@ -667,13 +662,7 @@ impl Index {
                     }
                 }
                 snapshot.tags = read_images(&tx)?;
-                let mut statement = tx.prepare("SELECT DISTINCT key FROM image_actions")?;
-                let rows = statement.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
-                for row in rows {
-                    if let Ok(key) = ActionKey::try_from(row?) {
-                        snapshot.tagged_actions.insert(key);
-                    }
-                }
+                snapshot.tagged_actions = read_tagged_actions(&tx)?;
                 for (table, column, into) in [
                     ("blobs", "digest", &mut snapshot.blobs),
                     ("unpacked", "diff_id", &mut snapshot.unpacked),
@@ -750,6 +739,18 @@ impl Index {
         })
         .expect("age an action");
     }
+}
+
+fn read_tagged_actions(conn: &Connection) -> rusqlite::Result<HashSet<ActionKey>> {
+    let mut statement = conn.prepare_cached("SELECT DISTINCT key FROM image_actions")?;
+    let rows = statement.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
+    let mut keys = HashSet::new();
+    for row in rows {
+        if let Ok(key) = ActionKey::try_from(row?) {
+            keys.insert(key);
+        }
+    }
+    Ok(keys)
 }
 
 fn read_images(conn: &Connection) -> rusqlite::Result<Vec<ImageRecord>> {
@@ -939,9 +940,9 @@ mod tests {
         assert!(index.tag(&record, &[[9; 32]]).expect("tag"));
         assert!(!index.tag(&record, &[[9; 32]]).expect("retag"));
         assert_eq!(index.images().expect("list"), [record]);
-        assert!(index.action_tagged(&[9; 32]).expect("pinned"));
+        assert!(index.tagged_actions().expect("pinned").contains(&[9; 32]));
         assert!(index.untag("app:latest").expect("untag"));
-        assert!(!index.action_tagged(&[9; 32]).expect("unpinned"));
+        assert!(index.tagged_actions().expect("unpinned").is_empty());
         assert!(index.images().expect("list").is_empty());
 
         let digest = Digest::of(b"manifest");

@@ -210,6 +210,9 @@ pub(crate) struct Shared {
     /// and (exclusive) by GC while it decides and removes, so nothing becomes referenced
     /// between GC's check and its removal.
     refs: RwLock<()>,
+    /// Moves after every reference added (once committed), so GC knows when its snapshot
+    /// of references is still complete.
+    refs_epoch: AtomicU64,
     touched: Mutex<Touched>,
     keep_bytes: u64,
     keep_duration: Option<Duration>,
@@ -269,6 +272,7 @@ impl Store {
             counters: Counters::default(),
             leases: Mutex::new(lease::Leases::default()),
             refs: RwLock::new(()),
+            refs_epoch: AtomicU64::new(0),
             touched: Mutex::new(Touched::default()),
             keep_bytes,
             keep_duration: options.keep_duration,
@@ -346,7 +350,9 @@ impl Store {
             .refs
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        if self.shared.ix(|index| index.tag(image, &lease.actions()))? {
+        let new = self.shared.ix(|index| index.tag(image, &lease.actions()))?;
+        self.shared.refs_epoch.fetch_add(1, Ordering::Release);
+        if new {
             self.shared.counters.tags.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -548,7 +554,9 @@ impl Shared {
 
     fn use_base(&self, manifest: &Digest) -> Result<(), StoreError> {
         let _refs = self.refs.read().unwrap_or_else(PoisonError::into_inner);
-        self.ix(|index| index.touch(&[], std::slice::from_ref(manifest)))
+        self.ix(|index| index.touch(&[], std::slice::from_ref(manifest)))?;
+        self.refs_epoch.fetch_add(1, Ordering::Release);
+        Ok(())
     }
 
     /// Runs an index call; a damaged index found on the way is rebuilt before the error is
@@ -704,7 +712,9 @@ impl Shared {
 
     fn record_action(&self, key: &ActionKey, result: &ActionResult) -> Result<(), StoreError> {
         let _refs = self.refs.read().unwrap_or_else(PoisonError::into_inner);
-        if self.ix(|index| index.record_action(key, result))? {
+        let new = self.ix(|index| index.record_action(key, result))?;
+        self.refs_epoch.fetch_add(1, Ordering::Release);
+        if new {
             self.counters.actions.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
