@@ -573,10 +573,10 @@ impl Shared {
     }
 
     fn repair_index(&self, err: &IndexError) {
+        // Not under `refs`: the failing call may hold it (recording an action, a GC pass).
         let Ok(_one) = self.repairing.try_lock() else {
             return;
         };
-        let _refs = self.refs.write().unwrap_or_else(PoisonError::into_inner);
         tracing::error!(
             index = %self.index.path().display(),
             %err,
