@@ -422,7 +422,10 @@ pub(super) fn pass(
         report.complete = sweep(shared, &mut report, &out_of_time)?;
     }
     let _ = shared.ix(|index| index.checkpoint());
-    report.kept_bytes = shared.total_bytes();
+    // What the store keeps: what the trash thread is still unlinking is freed already.
+    report.kept_bytes = shared
+        .total_bytes()
+        .saturating_sub(shared.gc.trash_bytes());
     report.duration = started.elapsed();
     shared.gc.passes.fetch_add(1, Ordering::Relaxed);
     *shared
