@@ -423,9 +423,7 @@ pub(super) fn pass(
     }
     let _ = shared.ix(|index| index.checkpoint());
     // What the store keeps: what the trash thread is still unlinking is freed already.
-    report.kept_bytes = shared
-        .total_bytes()
-        .saturating_sub(shared.gc.trash_bytes());
+    report.kept_bytes = shared.total_bytes().saturating_sub(shared.gc.trash_bytes());
     report.duration = started.elapsed();
     shared.gc.passes.fetch_add(1, Ordering::Relaxed);
     *shared

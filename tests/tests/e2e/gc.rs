@@ -594,27 +594,20 @@ fn damaged_index_pages_are_named_in_the_error_then_repaired() {
     }
     let index = daemon.root.join("index-v1.sqlite");
     // Move the WAL into the file, then overwrite every page but the first.
-    let python = |code: &str| {
-        let output = Command::new("python3")
-            .arg("-c")
-            .arg(code)
-            .arg(&index)
-            .output()
-            .expect("python3");
-        assert!(output.status.success(), "{:?}", texts(&output));
-    };
-    python(
-        "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchall(); c.close()",
-    );
+    let connection = rusqlite::Connection::open(&index).expect("open the index");
+    connection
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .expect("checkpoint");
     let mut bytes = std::fs::read(&index).expect("index");
     for byte in &mut bytes[4096..] {
         *byte = 0xa5;
     }
     std::fs::write(&index, &bytes).expect("damage");
     // Another writer makes the daemon's connection drop the pages it had cached.
-    python(
-        "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA user_version=2'); c.commit(); c.close()",
-    );
+    connection
+        .pragma_update(None, "user_version", 2)
+        .expect("bump the index");
+    drop(connection);
     // A step never built: its lookup reads the damaged pages (a built one is in L1).
     let (fresh, _) = copy_context(&daemon, "fresh", 99, 4 << 10);
     let failed = build(&daemon, &fresh, &[]);
