@@ -133,10 +133,14 @@ impl Control {
         self.trash_bytes.load(Ordering::Relaxed)
     }
 
-    /// Hands a directory of removed things to the trash thread (or, without one, deletes it
-    /// here).
-    fn discard(&self, dir: PathBuf, bytes: u64) {
+    /// Counts bytes renamed into the trash: still on disk until [`Control::discard`]ed.
+    fn trashed(&self, bytes: u64) {
         self.trash_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Hands a directory of removed things (counted by [`Control::trashed`]) to the trash
+    /// thread, or, without one, deletes it here.
+    fn discard(&self, dir: PathBuf, bytes: u64) {
         let queued = match &*self.trash.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(sender) => sender.send((dir, bytes)).map_err(|e| e.0),
             None => Err((dir, bytes)),
@@ -225,6 +229,10 @@ fn automatic(shared: &Shared, trigger: Trigger) {
     };
     match trigger {
         Trigger::OverBudget if total <= shared.keep_bytes => return,
+        // The periodic look has work only when something can expire.
+        Trigger::Interval if total <= shared.keep_bytes && shared.keep_duration.is_none() => {
+            return;
+        }
         Trigger::OutOfSpace { wanted } => {
             let free = super::filesystem(shared.layout.root()).map_or(0, |fs| fs.free);
             options.keep_bytes = options
@@ -606,6 +614,7 @@ fn sweep(
 
     let mut cache = HashMap::new();
     let cas = unleased(shared);
+    let mut trashed = Vec::new();
     let rounds = blobs
         .len()
         .max(layers.len())
@@ -710,13 +719,19 @@ fn sweep(
         }
         report.freed_bytes += round_bytes;
         // Unlinking is the slow part (milliseconds a file on a busy disk): the trash thread
-        // does it, so a pass holds nothing up; the bytes count as the store's until gone.
-        shared.gc.discard(trash.clone(), round_bytes);
+        // does it once the pass is over (not competing with its renames), so a pass holds
+        // nothing up; the bytes count as the store's until gone.
+        shared.gc.trashed(round_bytes);
+        trashed.push((trash, round_bytes));
         if out_of_time() {
-            return Ok(false);
+            break;
         }
     }
-    Ok(true)
+    let complete = trashed.len() == rounds;
+    for (dir, bytes) in trashed {
+        shared.gc.discard(dir, bytes);
+    }
+    Ok(complete)
 }
 
 fn disk_of(path: &Path) -> u64 {
