@@ -140,7 +140,7 @@ impl Control {
 
     /// Hands a directory of removed things (counted by [`Control::trashed`]) to the trash
     /// thread, or, without one, deletes it here.
-    fn discard(&self, dir: PathBuf, bytes: u64) {
+    pub(super) fn discard(&self, dir: PathBuf, bytes: u64) {
         let queued = match &*self.trash.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(sender) => sender.send((dir, bytes)).map_err(|e| e.0),
             None => Err((dir, bytes)),

@@ -87,11 +87,12 @@ impl Shared {
     }
 
     /// Removes everything under `tmp/` (crash recovery at start: nothing in it is
-    /// referenced).
+    /// referenced). The trash thread unlinks it: a killed GC pass may have left thousands
+    /// of entries, and the daemon must not wait for them to announce it is ready.
     pub(super) fn clear_tmp(&self) {
         if let Ok(entries) = std::fs::read_dir(self.layout.tmp_dir()) {
             for entry in entries.flatten() {
-                remove_any(&entry.path());
+                self.gc.discard(entry.path(), 0);
             }
         }
     }
