@@ -11,7 +11,7 @@ use memobuild_client::{
     daemon_place, launch, render,
 };
 use memobuild_protocol::{
-    BuildRequest, DockerfileSource, DumpDockerfileRequest, GraphRequest, NetworkMode,
+    BuildRequest, DockerfileSource, DumpDockerfileRequest, GcRequest, GraphRequest, NetworkMode,
     NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION, PROTOCOL_VERSION, PushRequest, Request,
     Response, UnwatchRequest, WatchRequest,
 };
@@ -100,6 +100,30 @@ enum Command {
     },
     /// Remove an image's tag from the store (its blobs are left to GC)
     Rmi { image: String },
+    /// Collect garbage in the store: LRU within the budget, never what a tag or a running
+    /// build holds; prints what it freed
+    Gc {
+        /// Shrink the store to at most this (e.g. 10GB) [default: gc_keep_bytes]
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        keep_bytes: Option<u64>,
+        /// Also remove what was unused for longer than this (e.g. 24h, 7d)
+        /// [default: gc_keep_duration]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        keep_duration: Option<u64>,
+        /// Remove every cached step and base image no tag and no running build holds
+        #[arg(long)]
+        all: bool,
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The build cache: its figures, and pruning (buildx's vocabulary)
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Tools for looking inside
     Debug {
         #[command(subcommand)]
@@ -178,6 +202,32 @@ enum GraphFormat {
     Text,
     Dot,
     Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheAction {
+    /// Counts and bytes per kind, the budget, the hit rate and the last GC
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove build cache no tag and no running build holds: all of it, or as filtered
+    Prune {
+        /// `until=DURATION`: only what was unused for longer (e.g. until=24h)
+        #[arg(long, value_name = "FILTER", value_parser = parse_prune_filter)]
+        filter: Vec<u64>,
+        /// Keep this much, removing the least recently used first (e.g. 10GB)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        keep_storage: Option<u64>,
+        /// Accepted for buildx compatibility: pruning never asks
+        #[arg(short, long)]
+        force: bool,
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -346,6 +396,60 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             println!("untagged {image}");
             Ok(Exit::Success)
         }
+        Command::Gc {
+            keep_bytes,
+            keep_duration,
+            all,
+            dry_run,
+            json,
+        } => {
+            let request = GcRequest {
+                keep_bytes,
+                dry_run,
+                keep_duration_secs: keep_duration,
+                all,
+            };
+            gc(place, request, json).await
+        }
+        Command::Cache {
+            action: CacheAction::Stats { json },
+        } => {
+            let mut conn = connect_or_start(place).await?;
+            let Response::CacheStats(stats) = conn.call(&Request::CacheStats).await? else {
+                return Err(unexpected("cache-stats"));
+            };
+            if json {
+                print_json(&stats);
+            } else {
+                print!("{}", render::cache_stats(&stats));
+            }
+            Ok(Exit::Success)
+        }
+        Command::Cache {
+            action:
+                CacheAction::Prune {
+                    filter,
+                    keep_storage,
+                    force: _,
+                    dry_run,
+                    json,
+                },
+        } => {
+            // As `buildx prune`: without a filter or a size, everything unused goes; with
+            // `until`, only what is older, whatever the size.
+            let until = filter.into_iter().min();
+            let request = GcRequest {
+                keep_bytes: Some(keep_storage.unwrap_or(if until.is_some() {
+                    u64::MAX
+                } else {
+                    0
+                })),
+                dry_run,
+                keep_duration_secs: until,
+                all: until.is_none() && keep_storage.is_none(),
+            };
+            gc(place, request, json).await
+        }
         Command::Images { json } => {
             let mut conn = connect_or_start(place).await?;
             let Response::Images(images) = conn.call(&Request::Images).await? else {
@@ -386,6 +490,19 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             Ok(Exit::Success)
         }
     }
+}
+
+async fn gc(place: &DaemonPlace, request: GcRequest, json: bool) -> Result<Exit, ClientError> {
+    let mut conn = connect_or_start(place).await?;
+    let Response::Gc(report) = conn.call(&Request::Gc(request)).await? else {
+        return Err(unexpected("gc"));
+    };
+    if json {
+        print_json(&report);
+    } else {
+        print!("{}", render::gc_report(&report));
+    }
+    Ok(Exit::Success)
 }
 
 async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError> {
@@ -492,6 +609,24 @@ fn parse_output(text: &str) -> Result<OutputSpec, String> {
 
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    memobuild_protocol::units::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_duration(text: &str) -> Result<u64, String> {
+    memobuild_protocol::units::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// buildx's `--filter`: `until=24h` is the one that applies to this cache.
+fn parse_prune_filter(text: &str) -> Result<u64, String> {
+    match text.split_once('=') {
+        Some(("until", value)) => parse_duration(value),
+        _ => Err(format!(
+            "unsupported filter {text:?}; this cache takes until=DURATION"
+        )),
+    }
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {

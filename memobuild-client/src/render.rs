@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::Duration;
 
-use memobuild_protocol::{CacheStats, GraphNodeView, GraphView, StatusReport, WorkspaceStatus};
+use memobuild_protocol::{
+    CacheStats, GcReport, GraphNodeView, GraphView, StatusReport, WorkspaceStatus,
+};
 
 pub fn status(report: &StatusReport) -> String {
     let mut out = String::new();
@@ -56,15 +58,111 @@ pub fn status(report: &StatusReport) -> String {
 
 fn cache(stats: &CacheStats) -> String {
     format!(
-        "L1 {} entries ({}); L2 {} blobs ({} of {} budget), {} actions; {} hits, {} misses",
+        "L1 {} entries ({}); L2 {} of {} budget: {} blobs ({}), {} actions, {} unpacked layers ({}); {} hits, {} misses",
         stats.l1_entries,
         bytes(stats.l1_bytes),
+        bytes(stats.total_bytes),
+        bytes(stats.l2_budget_bytes),
         stats.l2_blobs,
         bytes(stats.l2_bytes),
-        bytes(stats.l2_budget_bytes),
         stats.action_entries,
+        stats.unpacked_layers,
+        bytes(stats.unpacked_bytes),
         stats.hits,
         stats.misses
+    )
+}
+
+/// `memobuild cache stats`: per kind, the budget, the hit rate, the last GC.
+pub fn cache_stats(stats: &CacheStats) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<16} {:>10} {:>12}", "KIND", "COUNT", "SIZE");
+    let mut row = |kind: &str, count: Option<u64>, size: Option<u64>| {
+        let count = count.map_or_else(String::new, |c| c.to_string());
+        let size = size.map_or_else(String::new, bytes);
+        let _ = writeln!(out, "{kind:<16} {count:>10} {size:>12}");
+    };
+    row("blobs", Some(stats.l2_blobs), Some(stats.l2_bytes));
+    row(
+        "unpacked layers",
+        Some(stats.unpacked_layers),
+        Some(stats.unpacked_bytes),
+    );
+    row("actions", Some(stats.action_entries), None);
+    row("tags", Some(stats.tags), None);
+    row("index", None, Some(stats.index_bytes));
+    row("directories", None, Some(stats.other_bytes));
+    row("total", None, Some(stats.total_bytes));
+    let _ = writeln!(
+        out,
+        "budget:      {}{}",
+        bytes(stats.l2_budget_bytes),
+        stats
+            .keep_duration_secs
+            .map(|s| format!(
+                ", and nothing unused for more than {}",
+                duration(Duration::from_secs(s))
+            ))
+            .unwrap_or_default()
+    );
+    let lookups = stats.hits + stats.misses;
+    let rate = if lookups == 0 {
+        "no lookups yet".to_owned()
+    } else {
+        format!(
+            "{:.1}% ({} of {lookups} lookups)",
+            stats.hits as f64 * 100.0 / lookups as f64,
+            stats.hits
+        )
+    };
+    let _ = writeln!(out, "hit rate:    {rate}");
+    let _ = writeln!(
+        out,
+        "in use:      {} lease(s){}",
+        stats.leases,
+        if stats.gc_running { "; GC running" } else { "" }
+    );
+    match &stats.last_gc {
+        Some(last) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let _ = writeln!(
+                out,
+                "last GC:     {} ago ({}): {}",
+                duration(Duration::from_secs(now.saturating_sub(last.finished_unix))),
+                last.trigger,
+                gc_report(&last.report).trim_end()
+            );
+        }
+        None => {
+            let _ = writeln!(out, "last GC:     none since the daemon started");
+        }
+    }
+    out
+}
+
+/// What a GC pass freed (or, dry, would free).
+pub fn gc_report(report: &GcReport) -> String {
+    format!(
+        "{} {} ({} cached steps, {} base images, {} blobs, {} unpacked layers); {} kept{}, in {}\n",
+        if report.dry_run {
+            "would free"
+        } else {
+            "freed"
+        },
+        bytes(report.freed_bytes),
+        report.removed_actions,
+        report.removed_bases,
+        report.removed_blobs,
+        report.removed_layers,
+        bytes(report.kept_bytes),
+        if report.complete {
+            ""
+        } else {
+            " (stopped at its time limit; the next pass goes on)"
+        },
+        duration(Duration::from_millis(report.duration_ms))
     )
 }
 
@@ -128,20 +226,7 @@ pub fn push_progress(progress: &memobuild_protocol::PushProgress) -> String {
 }
 
 /// `1.5 KiB`, `3.2 GiB`: binary units, one decimal.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use memobuild_protocol::units::format_bytes as bytes;
 
 /// `850ms`, `12.3s`, `4m05s`, `2h10m`.
 pub fn duration(d: Duration) -> String {
@@ -249,9 +334,6 @@ mod tests {
 
     #[test]
     fn sizes_and_durations_read_naturally() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(10 << 30), "10.0 GiB");
         assert_eq!(duration(Duration::from_millis(850)), "850ms");
         assert_eq!(duration(Duration::from_millis(12_340)), "12.3s");
         assert_eq!(duration(Duration::from_secs(245)), "4m05s");

@@ -22,6 +22,8 @@
 //! | remote cache basic auth (also `scheme://user:password@host` in the URL) | | `MEMOBUILD_REMOTE_USER`, `MEMOBUILD_REMOTE_PASSWORD` | `remote_cache_user`, `remote_cache_password_file` | none |
 //! | extra CA for the remote cache (PEM) | | | `remote_cache_ca_file` | none |
 //! | secret that signs and checks remote cache entries | | `MEMOBUILD_CACHE_SECRET` | `remote_cache_secret_file` | none: entries unsigned, none checked |
+//! | the store's budget: automatic GC keeps it under this (`"20GB"` or bytes) | | | `gc_keep_bytes` | 10% of the root's filesystem, at least 2 GiB |
+//! | what was unused longer goes at every GC pass (`"48h"`, `"7d"`) | | | `gc_keep_duration` | none (budget only) |
 //! | config file | `--config` | `MEMOBUILD_CONFIG` | | root: `/etc/memobuild/memobuildd.toml`; users: `$XDG_CONFIG_HOME/memobuild/memobuildd.toml` |
 //!
 //! Secrets in files (token, password, signing secret) lose trailing whitespace; an empty one
@@ -79,6 +81,10 @@ pub struct Config {
     pub copy_chunk_bytes: u64,
     /// The shared remote cache (L3); `None` without a URL or with mode `off`.
     pub remote_cache: Option<RemoteSettings>,
+    /// The store's budget; `None`: 10% of the root's filesystem, at least 2 GiB.
+    pub gc_keep_bytes: Option<u64>,
+    /// Unused longer than this goes at every GC pass, whatever the budget.
+    pub gc_keep_duration: Option<Duration>,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -108,16 +114,18 @@ pub enum ConfigError {
     NotAbsolute { what: &'static str, path: PathBuf },
     #[error(transparent)]
     SocketPath(#[from] paths::SocketPathError),
-    #[error(
-        "{what}: {value:?} is not a size (bytes, or a number with K, M, G, T, KiB, MiB, GiB, TiB)"
-    )]
-    BadSize { what: &'static str, value: String },
     #[error("{what}: {value:?} is not an address (HOST:PORT)")]
     BadAddress { what: &'static str, value: String },
     #[error("--tls-cert and --tls-key go together; only {given} was given")]
     TlsHalf { given: &'static str },
     #[error(transparent)]
     RemoteCache(#[from] SettingsError),
+    #[error("config key {key}: {source}")]
+    Unit {
+        key: &'static str,
+        #[source]
+        source: memobuild_protocol::units::UnitError,
+    },
 }
 
 /// The config file's shape. Every key is optional; unknown keys are errors.
@@ -142,6 +150,8 @@ struct FileConfig {
     remote_cache_ca_file: Option<PathBuf>,
     remote_cache_secret_file: Option<PathBuf>,
     serve_cache: Option<FileServeCache>,
+    gc_keep_bytes: Option<SizeValue>,
+    gc_keep_duration: Option<String>,
 }
 
 /// The `[serve_cache]` table.
@@ -158,12 +168,24 @@ struct FileServeCache {
     webhook_secret_file: Option<PathBuf>,
 }
 
-/// A size in the file: a number of bytes or a string such as `"10G"`.
+/// A size in the file: a number of bytes or a string such as `"10GB"` (binary multiples
+/// whatever the spelling, as the client's `--keep-bytes` and Docker's `--keep-storage` read
+/// them: `memobuild_protocol::units`).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum SizeValue {
     Bytes(u64),
     Text(String),
+}
+
+impl SizeValue {
+    fn bytes(self, key: &'static str) -> Result<u64, ConfigError> {
+        match self {
+            Self::Bytes(bytes) => Ok(bytes),
+            Self::Text(text) => memobuild_protocol::units::parse_size(&text)
+                .map_err(|source| ConfigError::Unit { key, source }),
+        }
+    }
 }
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
@@ -230,6 +252,19 @@ impl Config {
             .shutdown_grace_secs
             .map_or(DEFAULT_SHUTDOWN_GRACE, Duration::from_secs);
 
+        let gc_keep_bytes = file
+            .gc_keep_bytes
+            .map(|size| size.bytes("gc_keep_bytes"))
+            .transpose()?;
+        let gc_keep_duration = file
+            .gc_keep_duration
+            .map(|text| memobuild_protocol::units::parse_duration(&text))
+            .transpose()
+            .map_err(|source| ConfigError::Unit {
+                key: "gc_keep_duration",
+                source,
+            })?
+            .map(Duration::from_secs);
         let root = absolute("root", root)?;
         let socket = absolute("socket", socket)?;
         paths::check_socket_path(&socket)?;
@@ -254,6 +289,8 @@ impl Config {
             watch_built_contexts: file.watch_built_contexts.unwrap_or(true),
             copy_chunk_bytes: file.copy_chunk_bytes.unwrap_or(DEFAULT_COPY_CHUNK_BYTES),
             remote_cache,
+            gc_keep_bytes,
+            gc_keep_duration,
             config_file,
         })
     }
@@ -344,10 +381,9 @@ impl ServeCacheConfig {
             .or(section.dir)
             .unwrap_or_else(|| default_cache_dir(euid, &env));
         let max_size = match flags.max_size.or_else(|| env_string(CACHE_MAX_SIZE_ENV)) {
-            Some(text) => parse_size("max_size", &text)?,
+            Some(text) => SizeValue::Text(text).bytes("max_size")?,
             None => match section.max_size {
-                Some(SizeValue::Bytes(n)) => n,
-                Some(SizeValue::Text(text)) => parse_size("max_size", &text)?,
+                Some(size) => size.bytes("max_size")?,
                 None => DEFAULT_CACHE_MAX_SIZE,
             },
         };
@@ -392,33 +428,6 @@ impl ServeCacheConfig {
             std::env::var_os(key)
         })
     }
-}
-
-/// Parses `10G`, `500MiB`, `1048576`: K/M/G/T are powers of 1000, KiB/MiB/GiB/TiB of 1024.
-pub fn parse_size(what: &'static str, text: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadSize {
-        what,
-        value: text.to_owned(),
-    };
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let number: u64 = number.parse().map_err(|_| bad())?;
-    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "m" | "mb" => 1_000_000,
-        "g" | "gb" => 1_000_000_000,
-        "t" | "tb" => 1_000_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        _ => return Err(bad()),
-    };
-    number.checked_mul(factor).ok_or_else(bad)
 }
 
 fn default_cache_dir(euid: u32, env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
@@ -626,6 +635,37 @@ mod tests {
     }
 
     #[test]
+    fn gc_settings_read_with_units() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config(
+            dir.path(),
+            "gc_keep_bytes = \"20GB\"\ngc_keep_duration = \"48h\"\n",
+        );
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        let cfg = Config::resolve(flags, 0, env_from(&[])).expect("resolve");
+        assert_eq!(cfg.gc_keep_bytes, Some(20 << 30));
+        assert_eq!(cfg.gc_keep_duration, Some(Duration::from_secs(48 * 3600)));
+        let file = write_config(dir.path(), "gc_keep_bytes = 1048576\n");
+        let flags = Overrides {
+            config: Some(file.clone()),
+            ..Overrides::default()
+        };
+        let cfg = Config::resolve(flags, 0, env_from(&[])).expect("resolve");
+        assert_eq!(cfg.gc_keep_bytes, Some(1 << 20));
+        assert_eq!(cfg.gc_keep_duration, None);
+        let file = write_config(dir.path(), "gc_keep_duration = \"soon\"\n");
+        let flags = Overrides {
+            config: Some(file),
+            ..Overrides::default()
+        };
+        let err = Config::resolve(flags, 0, env_from(&[])).expect_err("bad duration");
+        assert!(err.to_string().contains("gc_keep_duration"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_an_error_naming_file_and_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = write_config(dir.path(), "root = \"/x\"\nsokcet = \"/typo\"\n");
@@ -780,15 +820,17 @@ mod tests {
 
     #[test]
     fn serve_cache_rejects_bad_sizes_addresses_and_half_tls() {
-        for (text, bytes) in [
-            ("1048576", 1 << 20),
-            ("10G", 10_000_000_000),
-            ("3 MiB", 3 << 20),
-        ] {
-            assert_eq!(parse_size("max_size", text).expect(text), bytes);
+        for (text, bytes) in [("1048576", 1 << 20), ("10G", 10 << 30), ("3 MiB", 3 << 20)] {
+            assert_eq!(
+                SizeValue::Text(text.into()).bytes("max_size").expect(text),
+                bytes
+            );
         }
         for text in ["", "G", "10X", "-1", "99999999999999999999T"] {
-            assert!(parse_size("max_size", text).is_err(), "{text}");
+            assert!(
+                SizeValue::Text(text.into()).bytes("max_size").is_err(),
+                "{text}"
+            );
         }
         let flags = ServeCacheOverrides {
             listen: Some("localhost".to_owned()),

@@ -3,15 +3,16 @@
 //!
 //! ```text
 //! <root>/
-//!   memobuildd.lock       exclusive lock, holder's pid (server::listener)
-//!   memobuildd.log        the daemon's log when the client started it
-//!   context-v1.sqlite     stat cache and watched workspaces (context, watch)
-//!   cas-v1/sha256/ab/…    blobs by digest: layers, configs, manifests (cache::cas)
-//!   index-v1.sqlite       action cache, blob use, image tags, base image resolutions (cache)
-//!   layers-v1/<id>/       unpacked layers, the lowerdirs of RUN mounts (snapshot)
-//!   tmp/                  blobs being written; emptied at start
-//!   run/                  mounts, bundles and upper dirs of running steps; emptied at start
-//!   cookies/              files a build writes to sync with the watcher (watch::Cookies)
+//!   memobuildd.lock          exclusive lock, holder's pid (server::listener)
+//!   memobuildd.log           the daemon's log when the client started it
+//!   context-v1.sqlite        stat cache and watched workspaces (context, watch)
+//!   cas-v1/sha256/ab/…       blobs by digest: layers, configs, manifests (store)
+//!   index-v1.sqlite          actions, tags, resolutions, base images, blob and layer rows (store)
+//!   index-v1.sqlite.damaged  the last index found damaged, kept aside when it was rebuilt (store)
+//!   layers-v1/<id>/          unpacked layers by diff-id, the lowerdirs of RUN mounts (store)
+//!   tmp/                     blobs being written, step scratch, GC's trash; emptied at start
+//!   run/                     mounts, bundles and upper dirs of running steps; emptied at start
+//!   cookies/                 files a build writes to sync with the watcher (watch::Cookies)
 //! ```
 
 use std::path::{Path, PathBuf};

@@ -18,6 +18,7 @@ pub mod plan;
 pub mod registry;
 pub mod server;
 pub mod snapshot;
+pub mod store;
 #[doc(hidden)]
 pub mod testing;
 pub mod watch;

@@ -18,3 +18,32 @@ pub fn privileged(test: &str) -> bool {
     );
     false
 }
+
+/// Fills `store` with `count` actions as builds leave them: each its own layer blob and
+/// unpacked layer directory of `files` files, keyed by `first..first + count`. For GC's
+/// benchmark and the kill-during-GC test.
+pub fn fill_store(store: &crate::store::Store, first: u64, count: u64, files: usize) {
+    use crate::store::{ActionResult, Digest, LayerRecord};
+    let lease = store.lease();
+    for n in first..first + count {
+        let bytes = format!("layer {n} {}", "x".repeat(2000)).into_bytes();
+        let blob = lease.cas().put(&bytes).expect("blob");
+        let dir = store.scratch("fill-").expect("scratch");
+        for f in 0..files {
+            std::fs::write(dir.join(format!("f{f}")), &bytes[f * 8..]).expect("file");
+        }
+        let diff_id = Digest::of(&n.to_le_bytes());
+        lease.adopt(&diff_id, &dir).expect("adopt");
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&n.to_le_bytes());
+        let result = ActionResult {
+            layers: vec![LayerRecord {
+                blob,
+                diff_id,
+                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                content_id: *blake3::hash(&n.to_le_bytes()).as_bytes(),
+            }],
+        };
+        lease.record_action(&key, &result).expect("record");
+    }
+}

@@ -3,7 +3,8 @@
 //! This crate is the only place that knows the wire format (see `STYLE.md` rule 3):
 //! - [`frame`]: u32 length-prefixed frames carrying postcard-encoded messages, bounded in size;
 //! - [`messages`]: the handshake, every request, response and build event;
-//! - [`paths`]: where the socket and the daemon's state live, so client and daemon agree.
+//! - [`paths`]: where the socket and the daemon's state live, so client and daemon agree;
+//! - [`units`]: sizes and durations as people write them (`10GB`, `24h`), read alike by both.
 //!
 //! A connection is: the client sends a [`Hello`], the daemon answers a [`HelloReply`]; then
 //! the client sends one [`Request`] at a time and reads [`Response`] frames until a terminal one
@@ -13,6 +14,7 @@
 pub mod frame;
 pub mod messages;
 pub mod paths;
+pub mod units;
 
 pub use frame::{FrameError, MAX_FRAME_LEN, read_frame, write_frame};
 pub use messages::*;

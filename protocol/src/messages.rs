@@ -231,6 +231,10 @@ pub struct GcRequest {
     /// Shrink the store to at most this many bytes; `None` uses the configured budget.
     pub keep_bytes: Option<u64>,
     pub dry_run: bool,
+    /// Remove what was unused for longer than this; `None` uses the configured duration.
+    pub keep_duration_secs: Option<u64>,
+    /// Remove every cached step and base image that no tag and no running build holds.
+    pub all: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -381,11 +385,40 @@ pub struct CacheStats {
     pub l1_entries: u64,
     pub l1_bytes: u64,
     pub l2_blobs: u64,
+    /// Bytes on disk of the blobs.
     pub l2_bytes: u64,
+    /// `gc_keep_bytes`: automatic GC keeps [`CacheStats::total_bytes`] under it.
     pub l2_budget_bytes: u64,
     pub action_entries: u64,
     pub hits: u64,
     pub misses: u64,
+    /// Unpacked layers (RUN's lower directories) and their bytes on disk.
+    pub unpacked_layers: u64,
+    pub unpacked_bytes: u64,
+    /// The SQLite index, with its WAL.
+    pub index_bytes: u64,
+    /// The directories holding blobs and layers, and what GC removed that is still being
+    /// deleted.
+    pub other_bytes: u64,
+    pub tags: u64,
+    /// Builds, pushes and exports holding parts of the store now.
+    pub leases: u64,
+    /// Everything under the root that GC manages.
+    pub total_bytes: u64,
+    /// `gc_keep_duration`, if set.
+    pub keep_duration_secs: Option<u64>,
+    pub last_gc: Option<GcSummary>,
+    /// A pass runs, or what it removed is still being deleted.
+    pub gc_running: bool,
+}
+
+/// The last GC pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcSummary {
+    pub finished_unix: u64,
+    /// What started it: `start`, `over-budget`, `disk-full`, `interval`, `manual`.
+    pub trigger: String,
+    pub report: GcReport,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -449,6 +482,13 @@ pub struct GcReport {
     pub removed_blobs: u64,
     pub freed_bytes: u64,
     pub kept_bytes: u64,
+    pub removed_actions: u64,
+    pub removed_bases: u64,
+    pub removed_layers: u64,
+    pub dry_run: bool,
+    /// `false`: the pass stopped at its time limit; the next one goes on.
+    pub complete: bool,
+    pub duration_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

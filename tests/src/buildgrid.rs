@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command};
 
-use memobuildd::cache::Digest;
+use memobuildd::store::Digest;
 use tempfile::TempDir;
 
 use crate::registry::free_port;

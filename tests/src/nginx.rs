@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command};
 
-use memobuildd::cache::Digest;
+use memobuildd::store::Digest;
 use tempfile::TempDir;
 
 use crate::registry::free_port;

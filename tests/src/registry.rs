@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use memobuildd::cache::Digest;
+use memobuildd::store::Digest;
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 

@@ -9,10 +9,10 @@ use async_trait::async_trait;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
-use super::index::ActionResult;
 use super::remote::RemoteResult;
 use super::tier::{Tier, TierError};
 use crate::context::Hash;
+use crate::store::ActionResult;
 
 /// Rough bytes one entry costs: key, vector, moka's bookkeeping.
 const ENTRY_OVERHEAD: u32 = 128;

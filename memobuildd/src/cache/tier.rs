@@ -1,16 +1,15 @@
 //! The tier abstraction (STYLE §10): every cache level implements [`Tier`] — look a node key
 //! up, store a result — and [`Tiered`] composes them: look up in order, promote a hit into the
-//! tiers above the one that had it, write through to all. L1 (`l1`, memory), L2 ([`L2`]: today's
-//! `Index` + `Cas`) and L3 (`remote::L3`) implement it; [`suite`] is the test suite every
+//! tiers above the one that had it, write through to all. L1 (`l1`, memory), L2 ([`L2`]: the
+//! store's action cache, through a build's lease) and L3 (`remote::L3`) implement it; [`suite`] is the test suite every
 //! implementation runs (STYLE §9). The engine (next stage) asks the composition.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::cas::Cas;
-use super::index::{ActionResult, Index, IndexError};
 use crate::context::Hash;
+use crate::store::{ActionResult, Lease, StoreError};
 
 /// One level of the cache, for results of type `V`.
 #[async_trait]
@@ -27,7 +26,7 @@ pub trait Tier<V>: Send + Sync + std::fmt::Debug {
 #[derive(Debug, thiserror::Error)]
 pub enum TierError {
     #[error(transparent)]
-    Index(#[from] IndexError),
+    Store(#[from] StoreError),
 }
 
 /// A hit and the tier it came from.
@@ -83,18 +82,17 @@ impl<V: Send + Sync + std::fmt::Debug> Tier<V> for Tiered<V> {
     }
 }
 
-/// L2 as a tier: the SQLite action index, trusting an entry only while the CAS holds its
-/// layer blobs (an entry whose blob is gone is forgotten). A thin adapter until the store
-/// module owns L2; SQLite runs on a blocking thread.
+/// L2 as a tier: the store's action cache, seen through a build's lease (what it finds is
+/// held for the build), trusting an entry only while the store holds its layer blobs (an entry
+/// whose blob is gone is forgotten). The store blocks: it runs on a blocking thread.
 #[derive(Debug, Clone)]
 pub struct L2 {
-    index: Arc<Index>,
-    cas: Cas,
+    lease: Lease,
 }
 
 impl L2 {
-    pub fn new(index: Arc<Index>, cas: Cas) -> Self {
-        Self { index, cas }
+    pub fn new(lease: Lease) -> Self {
+        Self { lease }
     }
 }
 
@@ -112,15 +110,15 @@ impl Tier<ActionResult> for L2 {
     }
 
     async fn get(&self, key: &Hash) -> Result<Option<ActionResult>, TierError> {
-        let (index, cas, key) = (Arc::clone(&self.index), self.cas.clone(), *key);
+        let (lease, key) = (self.lease.clone(), *key);
         blocking(move || {
-            let Some(result) = index.action(&key)? else {
+            let Some(result) = lease.action(&key)? else {
                 return Ok(None);
             };
-            if result.layers.iter().all(|l| cas.contains(&l.blob.digest)) {
+            if lease.claim(&key, &result) {
                 Ok(Some(result))
             } else {
-                index.forget_action(&key)?;
+                lease.forget_action(&key)?;
                 Ok(None)
             }
         })
@@ -128,8 +126,8 @@ impl Tier<ActionResult> for L2 {
     }
 
     async fn put(&self, key: &Hash, value: &ActionResult) -> Result<(), TierError> {
-        let (index, key, value) = (Arc::clone(&self.index), *key, value.clone());
-        blocking(move || Ok(index.record_action(&key, &value)?)).await
+        let (lease, key, value) = (self.lease.clone(), *key, value.clone());
+        blocking(move || Ok(lease.record_action(&key, &value)?)).await
     }
 }
 
@@ -192,8 +190,9 @@ pub mod suite {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{Blob, Digest, L1, LayerRecord};
+    use crate::cache::L1;
     use crate::layout::Layout;
+    use crate::store::{Blob, Cas, Digest, LayerRecord, Store, StoreOptions};
 
     fn action(cas: &Cas, n: usize) -> ActionResult {
         ActionResult {
@@ -208,18 +207,17 @@ mod tests {
         }
     }
 
-    fn l2() -> (tempfile::TempDir, L2) {
+    fn l2() -> (tempfile::TempDir, Store, L2) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let layout = Layout::new(dir.path());
-        let cas = Cas::open(&layout).expect("cas");
-        let index = Index::open(&layout.index_db()).expect("index");
-        (dir, L2::new(Arc::new(index), cas))
+        let store = Store::open(&Layout::new(dir.path()), StoreOptions::default()).expect("store");
+        let l2 = L2::new(store.lease());
+        (dir, store, l2)
     }
 
     #[tokio::test]
     async fn the_suite_holds_for_l1_l2_and_their_composition() {
-        let (_dir, l2) = l2();
-        let values: Vec<ActionResult> = (0..3).map(|n| action(&l2.cas, n)).collect();
+        let (_dir, store, l2) = l2();
+        let values: Vec<ActionResult> = (0..3).map(|n| action(&store.cas(), n)).collect();
         suite::check(
             &L1::<ActionResult>::new(1 << 20),
             &values,
@@ -237,13 +235,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_lower_hit_is_promoted_and_stores_write_through() {
-        let (_dir, l2) = l2();
+        let (_dir, store, l2) = l2();
         let l1 = Arc::new(L1::<ActionResult>::new(1 << 20));
         let tiered = Tiered::new(vec![
             Arc::clone(&l1) as Arc<dyn Tier<ActionResult>>,
             Arc::new(l2.clone()),
         ]);
-        let value = action(&l2.cas, 2);
+        let value = action(&store.cas(), 2);
         l2.put(&[1; 32], &value).await.expect("put");
         assert_eq!(l1.get(&[1; 32]), None);
         let found = tiered.find(&[1; 32]).await.expect("find").expect("hit");
@@ -261,14 +259,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_l2_entry_whose_blob_is_gone_is_a_miss_and_forgotten() {
-        let (_dir, l2) = l2();
-        let mut value = action(&l2.cas, 1);
+        let (_dir, store, l2) = l2();
+        let mut value = action(&store.cas(), 1);
         value.layers[0].blob = Blob {
             digest: Digest::of(b"never stored"),
             size: 12,
         };
         l2.put(&[1; 32], &value).await.expect("put");
         assert_eq!(l2.get(&[1; 32]).await.expect("get"), None);
-        assert_eq!(l2.index.action_count().expect("count"), 0);
+        assert_eq!(store.stats().actions, 0);
     }
 }

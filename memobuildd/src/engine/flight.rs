@@ -16,9 +16,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{BuildError, Progress, Reporter};
-use crate::cache::ActionResult;
 use crate::context::Hash;
 use crate::exec::LogStream;
+use crate::store::ActionResult;
 
 /// How often a waiter looks at its own build's cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
@@ -205,7 +205,7 @@ impl Flights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::ActionResult;
+    use crate::store::ActionResult;
 
     #[derive(Default)]
     struct Lines(Mutex<Vec<(u32, Vec<u8>)>>);

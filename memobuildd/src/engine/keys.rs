@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use petgraph::Direction;
 
 use super::state::State;
-use crate::cache::{Cas, Digest};
 use crate::context::Hash;
 use crate::frontend::InstructionKind;
 use crate::image::ImageError;
@@ -28,6 +27,7 @@ use crate::image::layer::{Layer, content_id_of_diff_id};
 use crate::image::oci::{ImageConfig, Manifest};
 use crate::plan::scope::PROXY_ARGS;
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
+use crate::store::{Cas, Digest};
 
 const KEY_VERSION: &[u8] = b"memobuild-key-v2\0";
 
@@ -67,7 +67,7 @@ impl BaseImage {
                 });
             }
             layers.push(Layer {
-                blob: crate::cache::Blob {
+                blob: crate::store::Blob {
                     digest: descriptor.digest.clone(),
                     size: descriptor.size,
                 },
@@ -275,7 +275,7 @@ mod tests {
         let mut state = State::scratch(&Platform::host());
         for id in parent {
             state.layers.push(Layer {
-                blob: crate::cache::Blob {
+                blob: crate::store::Blob {
                     digest: Digest::of(&[*id]),
                     size: 1,
                 },

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, info_span};
 
-use crate::cache::{Cas, Index, L1};
+use crate::cache::L1;
 use crate::context::Hash;
 use crate::exec::{Executor, LogStream, Network};
 use crate::frontend::{self, Diagnostic};
@@ -45,7 +45,7 @@ use crate::layout::Layout;
 use crate::plan::{self, BuildGraph, NodeIndex, NodeKind, PlanError, PlanOptions};
 use crate::registry::{Reference, Registry, RegistryError};
 use crate::snapshot::Snapshotter;
-use crate::snapshot::store::LayerStore;
+use crate::store::{Lease, Store, blocking};
 use crate::watch::{Baseline, BuildSnapshot, Hub, SourceSet, WatchError};
 use state::State;
 
@@ -121,6 +121,16 @@ pub enum BuildError {
     Cancelled,
     #[error("store: {0}")]
     Store(String),
+    /// A write into the store ran out of space (the error as it came); a step's becomes
+    /// [`BuildError::OutOfSpace`].
+    #[error("no space left in the store: {0}")]
+    Full(String),
+    #[error("{step}: {source}")]
+    OutOfSpace {
+        step: String,
+        #[source]
+        source: Box<crate::store::OutOfSpace>,
+    },
 }
 
 impl From<Diagnostic> for BuildError {
@@ -157,6 +167,15 @@ pub fn normalize_tag(name: &str) -> String {
     }
 }
 
+/// L1's size and the cache's hits and misses since the daemon started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheUsage {
+    pub l1_entries: u64,
+    pub l1_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
 /// A build request, paths resolved and the Dockerfile read by the caller.
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
@@ -171,9 +190,11 @@ pub struct BuildSpec {
     pub source_date_epoch: Option<i64>,
 }
 
-/// A finished build: the image in the CAS, and what it took.
+/// A finished build: the image in the store, and what it took. Its lease keeps the image
+/// from GC until the outputs are written and it is tagged.
 #[derive(Debug, Clone)]
 pub struct Built {
+    pub lease: Lease,
     pub image: ImageParts,
     pub config: ImageConfig,
     pub steps: u64,
@@ -212,12 +233,10 @@ const DERIVED_ENTRIES: u64 = 16_384;
 
 pub struct Engine {
     layout: Layout,
-    cas: Cas,
-    index: Index,
+    store: Store,
     l1: L1,
     hits: AtomicU64,
     misses: AtomicU64,
-    layers: LayerStore,
     snapshotter: Arc<dyn Snapshotter>,
     /// `Err(why)` when this daemon cannot run containers.
     executor: Result<Arc<dyn Executor>, String>,
@@ -255,9 +274,7 @@ impl std::fmt::Debug for Engine {
 #[derive(Debug)]
 pub struct EngineParts {
     pub layout: Layout,
-    pub cas: Cas,
-    pub index: Index,
-    pub layers: LayerStore,
+    pub store: Store,
     pub snapshotter: Arc<dyn Snapshotter>,
     pub executor: Result<Arc<dyn Executor>, String>,
     pub registry: Registry,
@@ -270,12 +287,10 @@ impl Engine {
         Self {
             permits: Semaphore::new(parts.options.max_parallel.max(1)),
             layout: parts.layout,
-            cas: parts.cas,
-            index: parts.index,
+            store: parts.store,
             l1: L1::new(parts.options.l1_bytes),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
-            layers: parts.layers,
             snapshotter: parts.snapshotter,
             executor: parts.executor,
             registry: parts.registry,
@@ -292,12 +307,8 @@ impl Engine {
         }
     }
 
-    pub fn cas(&self) -> &Cas {
-        &self.cas
-    }
-
-    pub fn index(&self) -> &Index {
-        &self.index
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Pushes the stored image `name` to `destination` (default: its own name).
@@ -308,22 +319,33 @@ impl Engine {
         progress: &(dyn Fn(crate::registry::PushEvent) + Send + Sync),
     ) -> Result<crate::registry::PushReport, PushError> {
         let stored = normalize_tag(name);
-        let record = self
-            .index
-            .images()
-            .map_err(|e| PushError::Store(e.to_string()))?
-            .into_iter()
-            .find(|image| image.name == stored)
-            .ok_or_else(|| PushError::NoSuchImage(stored.clone()))?;
         let target = Reference::parse(destination.unwrap_or(&stored))
             .map_err(|e| PushError::Reference(e.to_string()))?;
-        let manifest_bytes = self
-            .cas
-            .read(&record.manifest.digest)
-            .map_err(|e| PushError::Store(e.to_string()))?;
-        let manifest = crate::image::oci::Manifest::parse(&manifest_bytes)
-            .map_err(|e| PushError::Store(e.to_string()))?;
-        let blob = |d: &crate::image::oci::Descriptor| crate::cache::Blob {
+        // The push holds what it uploads: an `rmi` and a GC meanwhile take nothing from it.
+        let lease = self.store.lease();
+        let (manifest_bytes, manifest) = {
+            let (store, lease) = (self.store.clone(), lease.clone());
+            blocking(move || {
+                let record = store
+                    .images()
+                    .map_err(|e| PushError::Store(e.to_string()))?
+                    .into_iter()
+                    .find(|image| image.name == stored)
+                    .ok_or_else(|| PushError::NoSuchImage(stored.clone()))?;
+                let cas = lease.cas();
+                let manifest_bytes = cas
+                    .read(&record.manifest.digest)
+                    .map_err(|e| PushError::Store(e.to_string()))?;
+                let manifest = crate::image::oci::Manifest::parse(&manifest_bytes)
+                    .map_err(|e| PushError::Store(e.to_string()))?;
+                for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
+                    cas.contains(&blob.digest);
+                }
+                Ok::<_, PushError>((manifest_bytes, manifest))
+            })
+            .await?
+        };
+        let blob = |d: &crate::image::oci::Descriptor| crate::store::Blob {
             digest: d.digest.clone(),
             size: d.size,
         };
@@ -346,7 +368,7 @@ impl Engine {
         };
         let report = self
             .registry
-            .push(&self.cas, &image, &target, progress)
+            .push(&lease.cas(), &image, &target, progress)
             .await
             .map_err(|e| PushError::Registry(Box::new(e)))?;
         self.remember_repository(&target);
@@ -364,22 +386,15 @@ impl Engine {
         }
     }
 
-    /// What the cache holds and how it served, for `status`.
-    pub fn cache_stats(&self) -> memobuild_protocol::CacheStats {
+    /// What L1 holds and how the cache served (the store's own figures: [`Store::stats`]).
+    pub fn cache_usage(&self) -> CacheUsage {
         let (l1_entries, l1_bytes) = self.l1.usage();
-        memobuild_protocol::CacheStats {
+        CacheUsage {
             l1_entries,
             l1_bytes,
-            action_entries: self.index.action_count().unwrap_or(0),
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
-            ..memobuild_protocol::CacheStats::default()
         }
-    }
-
-    /// Where scratch files live (same filesystem as the store, so renames are atomic).
-    pub fn layers_tmp(&self) -> PathBuf {
-        self.layout.tmp_dir()
     }
 
     /// Removes what a daemon killed mid-build left behind: mounts, containers, scratch
@@ -395,7 +410,7 @@ impl Engine {
         if let Ok(executor) = &self.executor {
             executor.clean_up();
         }
-        self.layers.clear_scratch();
+        self.store.clear_tmp();
     }
 
     /// Builds `spec`. Dropping the future, or setting `cancel`, stops it; containers, mounts
@@ -407,6 +422,8 @@ impl Engine {
         cancel: Arc<AtomicBool>,
     ) -> Result<Built, BuildError> {
         let started = Instant::now();
+        // Everything this build uses or makes is held until its outputs are written.
+        let lease = self.store.lease();
         let dockerfile = frontend::parse(
             &spec.dockerfile_text,
             &spec.dockerfile.display().to_string(),
@@ -417,7 +434,7 @@ impl Engine {
         };
         // Plan once to learn the base images, fetch their configs, then plan with their ENV.
         let first = plan::lower(&dockerfile, &options)?;
-        let bases = self.base_images(&first, spec.pull).await?;
+        let bases = self.base_images(&first, spec.pull, &lease).await?;
         let graph = {
             let base_env = |image: &str, _platform: Option<&str>| -> plan::BaseInfo {
                 let Some(base) = bases.get(image) else {
@@ -458,14 +475,20 @@ impl Engine {
             context: snapshot.as_ref().map(|s| Arc::clone(&s.tree)),
             reporter,
             cancel,
+            lease: lease.clone(),
             created: state::timestamp(None),
             cached: AtomicU64::new(0),
             executed: AtomicU64::new(0),
         });
         let final_state = run.execute_all().await?;
         self.history.record(target, run.step_inputs());
-        let image = self.export(&final_state, run.spec.source_date_epoch)?;
+        let image = {
+            let (engine, lease, state) = (Arc::clone(self), lease.clone(), final_state.clone());
+            let epoch = run.spec.source_date_epoch;
+            blocking(move || engine.export(&state, epoch, &lease)).await?
+        };
         Ok(Built {
+            lease,
             image,
             config: final_state.config.clone(),
             steps: run.step_count(),
@@ -481,6 +504,7 @@ impl Engine {
         &self,
         graph: &BuildGraph,
         pull: bool,
+        lease: &Lease,
     ) -> Result<HashMap<String, keys::BaseImage>, BuildError> {
         let mut images: Vec<String> = graph.nodes().filter_map(|(_, n)| n.image.clone()).collect();
         images.sort();
@@ -488,7 +512,7 @@ impl Engine {
         let mut bases = HashMap::new();
         for image in images {
             let base = self
-                .base_image(&image, pull)
+                .base_image(&image, pull, lease)
                 .instrument(info_span!("base_image", %image))
                 .await?;
             bases.insert(image, base);
@@ -496,7 +520,12 @@ impl Engine {
         Ok(bases)
     }
 
-    async fn base_image(&self, image: &str, pull: bool) -> Result<keys::BaseImage, BuildError> {
+    async fn base_image(
+        &self,
+        image: &str,
+        pull: bool,
+        lease: &Lease,
+    ) -> Result<keys::BaseImage, BuildError> {
         let registry_err = |source| BuildError::Registry {
             reference: image.to_owned(),
             source: Box::new(source),
@@ -512,21 +541,32 @@ impl Engine {
         let remembered = match reference.digest() {
             Some(digest) => Some(digest.clone()),
             None if pull => None,
-            None => self
-                .index
-                .resolution(&full, &platform, self.options.resolve_ttl)
-                .map_err(|e| BuildError::Store(e.to_string()))?,
+            None => {
+                let (store, full, platform) = (self.store.clone(), full.clone(), platform.clone());
+                let ttl = self.options.resolve_ttl;
+                blocking(move || store.resolution(&full, &platform, ttl))
+                    .await
+                    .map_err(|e| BuildError::Store(e.to_string()))?
+            }
+        };
+        let present = match &remembered {
+            Some(digest) => {
+                let (cas, digest) = (lease.cas(), digest.clone());
+                blocking(move || cas.contains(&digest)).await
+            }
+            None => false,
         };
         let pinned = match remembered {
-            Some(digest) if self.cas.contains(&digest) => reference.with_digest(digest),
+            Some(digest) if present => reference.with_digest(digest),
             _ => {
                 let resolved = self
                     .registry
                     .resolve(&reference, &self.platform)
                     .await
                     .map_err(registry_err)?;
-                self.index
-                    .remember_resolution(&full, &platform, &resolved.manifest_digest)
+                let (store, digest) = (self.store.clone(), resolved.manifest_digest.clone());
+                blocking(move || store.remember_resolution(&full, &platform, &digest))
+                    .await
                     .map_err(|e| BuildError::Store(e.to_string()))?;
                 reference.with_digest(resolved.manifest_digest)
             }
@@ -536,22 +576,28 @@ impl Engine {
             .digest()
             .cloned()
             .ok_or_else(|| BuildError::Store("a pinned reference has a digest".into()))?;
-        let local = keys::BaseImage::from_cas(&self.cas, &manifest_digest);
-        let base = match local {
+        let read_local = || {
+            let (cas, digest) = (lease.cas(), manifest_digest.clone());
+            blocking(move || keys::BaseImage::from_cas(&cas, &digest))
+        };
+        let base = match read_local().await {
             Ok(base) => base,
             Err(_) => {
                 self.registry
-                    .pull(&self.cas, &pinned, &self.platform)
+                    .pull(&lease.cas(), &pinned, &self.platform)
                     .await
                     .map_err(registry_err)?;
-                keys::BaseImage::from_cas(&self.cas, &manifest_digest).map_err(|source| {
-                    BuildError::BaseImage {
-                        reference: image.to_owned(),
-                        source,
-                    }
+                read_local().await.map_err(|source| BuildError::BaseImage {
+                    reference: image.to_owned(),
+                    source,
                 })?
             }
         };
+        // A base image is a GC root of its own (LRU), so an offline rebuild finds it.
+        let (held, layers) = (lease.clone(), base.state.layers.clone());
+        blocking(move || held.use_base(&manifest_digest, &layers))
+            .await
+            .map_err(|e| BuildError::Store(e.to_string()))?;
         Ok(base)
     }
 
@@ -590,12 +636,13 @@ impl Engine {
         Ok(Some((fingerprints, snapshot)))
     }
 
-    /// Writes the config and manifest of `state` into the CAS (unless the same image, but
-    /// for its timestamps, was exported before).
+    /// Writes the config and manifest of `state` into the store (unless the same image, but
+    /// for its timestamps, was exported before and is still whole there). Blocking.
     fn export(
         &self,
         state: &State,
         source_date_epoch: Option<i64>,
+        lease: &Lease,
     ) -> Result<ImageParts, BuildError> {
         let content = {
             let mut timeless = state.config.clone();
@@ -612,8 +659,16 @@ impl Engine {
             .exported
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cas = lease.cas();
+        // The memo is checked against the store: its documents verified (they are small),
+        // its layers present with their sizes. A damaged one is repaired, and written anew.
         if let Some(parts) = exported.get(&content)
-            && self.cas.contains(&parts.manifest.digest)
+            && cas.read(&parts.manifest.digest).is_ok()
+            && cas.read(&parts.config.digest).is_ok()
+            && parts
+                .layers
+                .iter()
+                .all(|l| cas.size(&l.blob.digest) == Some(l.blob.size))
         {
             return Ok(parts.clone());
         }
@@ -624,11 +679,10 @@ impl Engine {
                 history.created = config.created.clone();
             }
         }
-        let store = |e: crate::cache::CasError| BuildError::Store(e.to_string());
-        let config_blob = self.cas.put(&config.to_json()).map_err(store)?;
+        let store = |e: crate::store::CasError| BuildError::Store(e.to_string());
+        let config_blob = cas.put(&config.to_json()).map_err(store)?;
         let media = MediaTypes::Oci;
-        let manifest = self
-            .cas
+        let manifest = cas
             .put(&manifest_json(media, &config_blob, &state.layers))
             .map_err(store)?;
         let parts = ImageParts {

@@ -23,12 +23,12 @@ use super::state::{self, DEFAULT_PATH, State};
 use super::user;
 use super::view::RootView;
 use super::{BuildError, BuildSpec, Engine, Progress, Reporter};
-use crate::cache::{ActionResult, LayerRecord};
 use crate::context::{Hash, IgnoreRules};
 use crate::exec::{LogStream, Network, RunRequest};
 use crate::frontend::{Command, FileCopy, InstructionKind, Run};
 use crate::image::layer::{Layer, LayerOptions, write_layer};
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
+use crate::store::{ActionResult, LayerRecord, Lease, blocking};
 
 /// Mount points the runtime creates when the image lacks them and that BuildKit removes
 /// again when they stayed empty. (It keeps /proc, /sys and /dev, and /etc/hostname is no
@@ -63,6 +63,8 @@ pub(super) struct BuildRun {
     pub(super) context: Option<Arc<crate::context::FileTree>>,
     pub(super) reporter: Arc<dyn Reporter>,
     pub(super) cancel: Arc<AtomicBool>,
+    /// Holds everything this build uses in the store.
+    pub(super) lease: Lease,
     pub(super) created: String,
     pub(super) cached: AtomicU64,
     pub(super) executed: AtomicU64,
@@ -122,6 +124,9 @@ impl BuildRun {
         let mut senders: Vec<Option<watch::Sender<Outcome>>> =
             senders.into_iter().map(Some).collect();
         let mut tasks = JoinSet::new();
+        // The error to report: the first that is not a cancellation its siblings saw
+        // because of it (so a store error is not reported as "build cancelled").
+        let first_error: Arc<Mutex<Option<Arc<BuildError>>>> = Arc::default();
         for node in order {
             let parents: Vec<(NodeIndex, watch::Receiver<Outcome>)> = self
                 .graph
@@ -133,12 +138,19 @@ impl BuildRun {
                 continue;
             };
             let run = Arc::clone(self);
+            let first_error = Arc::clone(&first_error);
             let span =
                 info_span!("node", id = node.index() + 1, label = %self.graph.node(node).label);
             tasks.spawn(
                 async move {
                     let outcome = run.node_task(node, parents).await;
-                    if outcome.is_err() {
+                    if let Err(err) = &outcome {
+                        if !matches!(**err, BuildError::Cancelled) {
+                            first_error
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .get_or_insert_with(|| Arc::clone(err));
+                        }
                         // The first failure stops the rest of the build.
                         run.cancel.store(true, Ordering::Relaxed);
                     }
@@ -150,10 +162,14 @@ impl BuildRun {
         // Every task finishes (cleaning up after itself) before the result is read.
         while tasks.join_next().await.is_some() {}
         let export = receivers[self.graph.export().index()].borrow().clone();
-        match export {
-            Some(Ok(state)) => Ok((*state).clone()),
-            Some(Err(err)) => Err(unshare(err)),
-            None => Err(BuildError::Cancelled),
+        let first_error = first_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match (export, first_error) {
+            (Some(Ok(state)), _) => Ok((*state).clone()),
+            (_, Some(err)) | (Some(Err(err)), None) => Err(unshare(err)),
+            (None, None) => Err(BuildError::Cancelled),
         }
     }
 
@@ -387,7 +403,8 @@ impl BuildRun {
         let cached = if self.spec.no_cache {
             None
         } else {
-            self.lookup(&key)?
+            let run = Arc::clone(self);
+            blocking(move || run.lookup(&key)).await?
         };
         let result = match cached {
             Some(result) => {
@@ -427,7 +444,9 @@ impl BuildRun {
                     });
                 } else {
                     // Another build computed it while this one waited: for this build it is
-                    // as good as cached.
+                    // as good as cached, and held as a cached result is.
+                    let (lease, claimed) = (self.lease.clone(), result.clone());
+                    blocking(move || lease.claim(&key, &claimed)).await;
                     self.cached.fetch_add(1, Ordering::Relaxed);
                     self.reporter.report(Progress::Cached { node: id });
                 }
@@ -452,31 +471,26 @@ impl BuildRun {
         Ok(state)
     }
 
-    /// An L1 or L2 hit whose blob is really there (a missing blob makes it a miss, and the
-    /// record is dropped from both tiers).
+    /// An L1 or L2 hit whose blobs are really there, held by this build's lease (a missing
+    /// or damaged blob makes it a miss, and the record is dropped from both tiers). Blocking.
     fn lookup(&self, key: &Hash) -> Result<Option<ActionResult>, BuildError> {
         let engine = &self.engine;
         let found = match engine.l1.get(key) {
             Some(result) => Some(result),
             None => {
-                let l2 = engine.index.action(key).map_err(store)?;
+                let l2 = self.lease.action(key).map_err(store)?;
                 if let Some(result) = &l2 {
                     engine.l1.insert(*key, result.clone());
                 }
                 l2
             }
         };
-        let usable = found.filter(|result| {
-            result
-                .layers
-                .iter()
-                .all(|layer| engine.cas.contains(&layer.blob.digest))
-        });
+        let usable = found.filter(|result| self.lease.claim(key, result));
         match &usable {
             Some(_) => engine.hits.fetch_add(1, Ordering::Relaxed),
             None => {
                 engine.l1.remove(key);
-                let _ = engine.index.forget_action(key);
+                let _ = self.lease.forget_action(key);
                 engine.misses.fetch_add(1, Ordering::Relaxed)
             }
         };
@@ -512,6 +526,7 @@ impl BuildRun {
         let run = Arc::clone(&self);
         tokio::task::spawn_blocking(move || {
             let label = run.graph.node(node).label.clone();
+            let free_before = run.engine.store.free_space();
             let outcome = match &step {
                 InstructionKind::Run(spec) => run.run_step(node, spec, &parent, &work),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
@@ -533,12 +548,13 @@ impl BuildRun {
                     step: label,
                     message,
                 },
+                BuildError::Full(detail) => BuildError::OutOfSpace {
+                    step: label,
+                    source: Box::new(run.engine.store.out_of_space(free_before, detail)),
+                },
                 other => other,
             })?;
-            run.engine
-                .index
-                .record_action(&key, &result)
-                .map_err(store)?;
+            run.lease.record_action(&key, &result).map_err(store)?;
             run.engine.l1.insert(key, result.clone());
             Ok(result)
         })
@@ -559,12 +575,7 @@ impl BuildRun {
             .layers
             .iter()
             .rev()
-            .map(|layer| {
-                self.engine
-                    .layers
-                    .ensure(&self.engine.cas, layer)
-                    .map_err(store)
-            })
+            .map(|layer| self.lease.unpacked(layer).map_err(store))
             .collect()
     }
 
@@ -825,10 +836,7 @@ impl BuildRun {
                         .map(drop)
                         .map_err(store)
                 })?;
-                self.engine
-                    .index
-                    .record_action(&key, &result)
-                    .map_err(store)?;
+                self.lease.record_action(&key, &result).map_err(store)?;
                 self.engine.l1.insert(key, result.clone());
                 Ok((i, result))
             })
@@ -897,14 +905,11 @@ impl BuildRun {
                 ..self.layer_options()
             }
         };
-        let layer = write_layer(&self.engine.cas, dir, &options).map_err(store)?;
+        let layer = write_layer(&self.lease.cas(), dir, &options).map_err(store)?;
         let Some(layer) = layer else {
             return Ok(ActionResult { layers: vec![] });
         };
-        self.engine
-            .layers
-            .adopt(&layer.diff_id, dir)
-            .map_err(store)?;
+        self.lease.adopt(&layer.diff_id, dir).map_err(store)?;
         Ok(ActionResult {
             layers: vec![LayerRecord {
                 blob: layer.blob,
@@ -916,7 +921,7 @@ impl BuildRun {
     }
 
     fn scratch(&self, prefix: &str) -> Result<PathBuf, BuildError> {
-        self.engine.layers.scratch(prefix).map_err(store)
+        self.engine.store.scratch(prefix).map_err(store)
     }
 }
 
@@ -977,8 +982,13 @@ fn remove_mount_points(upper: &Path, absent: &[String]) {
     }
 }
 
-fn store(err: impl std::fmt::Display) -> BuildError {
-    BuildError::Store(err.to_string())
+/// An error of the store or of a step's writes; one that ran out of space says so.
+fn store(err: impl std::error::Error + 'static) -> BuildError {
+    if crate::store::is_out_of_space(&err) {
+        BuildError::Full(err.to_string())
+    } else {
+        BuildError::Store(err.to_string())
+    }
 }
 
 fn is_step(kind: NodeKind) -> bool {

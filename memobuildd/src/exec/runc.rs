@@ -135,12 +135,14 @@ impl Executor for Runc {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             if !killed && cancel.load(Ordering::Relaxed) {
-                killed = true;
-                let _ = self
+                // A kill sent before runc has created the container fails: send it again
+                // at the next tick rather than let the step run to its end.
+                killed = self
                     .command()
                     .args(["kill", &request.id, "KILL"])
                     .stderr(Stdio::null())
-                    .status();
+                    .status()
+                    .is_ok_and(|status| status.success());
             }
         }
         for reader in readers.into_iter().flatten() {
@@ -150,7 +152,7 @@ impl Executor for Runc {
             what: "waiting for runc".into(),
             source,
         })?;
-        if killed {
+        if killed || cancel.load(Ordering::Relaxed) {
             return Err(ExecError::Cancelled);
         }
         Ok(status.code().unwrap_or(128 + 9))

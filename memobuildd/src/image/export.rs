@@ -8,14 +8,13 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 
 use super::ImageError;
 use super::entry::{Entry, Kind, Links, TarSink, Whiteout, read_entry, whiteout};
-use super::layer::{Compressor, Layer, LayerOptions, digest_of, path_bytes};
+use super::layer::{Compressor, Layer, LayerOptions, path_bytes};
 use super::oci::{ImageConfig, MediaTypes, canonical_json, index_json};
 use super::unpack::{UnpackStats, Whiteouts, decompress, unpack};
-use crate::cache::{Blob, Cas, cas};
+use crate::store::{Blob, Cas};
 
 /// An image whose blobs are all in the CAS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,51 +134,10 @@ fn write_archive(
 }
 
 /// A blob's bytes, checked against its digest and size as they are read: the last read
-/// fails instead of returning corrupt data's end. Read it to the end ([`unpack()`] does).
+/// fails instead of returning corrupt data's end (and the store repairs the damage). Read
+/// it to the end ([`unpack()`] does).
 pub fn open_blob(cas: &Cas, blob: &Blob) -> Result<impl Read + use<>, ImageError> {
-    Ok(Verified {
-        inner: cas::open(cas, &blob.digest)?,
-        blob: blob.clone(),
-        hasher: Sha256::new(),
-        read: 0,
-    })
-}
-
-struct Verified<R> {
-    inner: R,
-    blob: Blob,
-    hasher: Sha256,
-    read: u64,
-}
-
-impl<R: Read> Read for Verified<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.blob.size - self.read;
-        if left == 0 {
-            return Ok(0);
-        }
-        let max = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-        let n = self.inner.read(&mut buf[..max])?;
-        self.hasher.update(&buf[..n]);
-        self.read += n as u64;
-        let corrupt = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
-        if n == 0 {
-            return Err(corrupt(format!(
-                "blob {} is shorter than its {} bytes",
-                self.blob.digest, self.blob.size
-            )));
-        }
-        if self.read == self.blob.size {
-            let actual = digest_of(std::mem::take(&mut self.hasher));
-            if actual != self.blob.digest {
-                return Err(corrupt(format!(
-                    "blob {} is corrupt: its content hashes to {actual}",
-                    self.blob.digest
-                )));
-            }
-        }
-        Ok(n)
-    }
+    Ok(cas.open(blob)?)
 }
 
 /// Merges `layers` (bottom first) into one root filesystem in `dest`, whiteouts applied;
@@ -373,13 +331,13 @@ mod tests {
     use tar::EntryType::{Directory as D, Regular as F};
 
     use super::*;
-    use crate::cache::Digest;
     use crate::image::layer::{Compression, write_layer};
     use crate::image::oci::{Platform, manifest_json};
     use crate::image::testutil::{
         Listing, list_dir, list_tar, raw_tar, require_tool, sample_tree, store,
     };
     use crate::image::{ImageConfig, sys};
+    use crate::store::Digest;
 
     /// Two layers: the sample tree, then one that deletes a hard-linked file (its other
     /// name keeps the data), hides `tmp` behind an opaque marker, replaces `bin/su` and

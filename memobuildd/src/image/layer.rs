@@ -5,7 +5,7 @@
 //! always gives the same bytes: entries sorted by path, headers built field by field
 //! (`entry::TarSink`), mtimes optionally clamped to `SOURCE_DATE_EPOCH`, no user or group names.
 //! The tar's SHA-256 (the diff-id) and the compressed SHA-256 (the digest) are computed in the
-//! one pass that streams the layer into a [`BlobWriter`](crate::cache::BlobWriter).
+//! one pass that streams the layer into a [`BlobWriter`](crate::store::BlobWriter).
 //!
 //! Upper dirs must come from mounts without `redirect_dir` and `metacopy`: their xattrs are
 //! not read here.
@@ -23,7 +23,7 @@ use sha2::{Digest as _, Sha256};
 use super::entry::{Entry, Kind, Links, OPAQUE_MARKER, TarSink, WHITEOUT_PREFIX, carries_xattr};
 use super::oci::MediaTypes;
 use super::{ImageError, sys};
-use crate::cache::{Blob, Cas, Digest};
+use crate::store::{Blob, Cas, Digest};
 
 /// zlib level 1 for the blocks worth compressing. Measured on 210 MB of mixed files (2-core
 /// shared machine, release): level 6 (Docker's and containerd's choice) compresses at
@@ -891,7 +891,6 @@ pub(crate) fn digest_of(hasher: Sha256) -> Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::cas;
     use crate::image::testutil::{
         LONG_NAME, list_dir, list_tar, mtime, require_root, sample_tree, set_mtimes, store,
     };
@@ -904,7 +903,7 @@ mod tests {
     }
 
     fn tar_of(cas: &Cas, layer: &Layer) -> Listing {
-        list_tar(cas::open(cas, &layer.blob.digest).expect("open"))
+        list_tar(cas.open(&layer.blob).expect("open"))
     }
 
     use crate::image::testutil::Listing;
@@ -919,7 +918,7 @@ mod tests {
         assert_eq!(write(&cas, tree.path(), &opts), first);
         assert_eq!(first.media_type, MediaTypes::Oci.layer_gzip());
         assert_ne!(first.blob.digest, first.diff_id);
-        let tar = cas::open(&cas, &first.blob.digest).expect("open");
+        let tar = cas.open(&first.blob).expect("open");
         let mut raw = Vec::new();
         io::Read::read_to_end(&mut flate2::read::GzDecoder::new(tar), &mut raw).expect("gunzip");
         assert_eq!(
@@ -965,7 +964,7 @@ mod tests {
         assert_eq!(tar_of(&cas, &layer), expected);
 
         let dest = tempfile::tempdir().expect("dest");
-        let blob = cas::open(&cas, &layer.blob.digest).expect("open");
+        let blob = cas.open(&layer.blob).expect("open");
         let stats = unpack(blob, dest.path(), Whiteouts::Apply).expect("unpack");
         assert_eq!(list_dir(dest.path()), expected);
         assert_eq!(stats.entries, expected.len() as u64);
@@ -1058,7 +1057,7 @@ mod tests {
         );
 
         let dest = tempfile::tempdir().expect("dest");
-        let blob = cas::open(&cas, &layer.blob.digest).expect("open");
+        let blob = cas.open(&layer.blob).expect("open");
         unpack(blob, dest.path(), Whiteouts::Overlay).expect("unpack");
         assert_eq!(list_dir(dest.path()), list_dir(up));
         let opaque = sys::lgetxattr(&dest.path().join("opq"), "trusted.overlay.opaque");

@@ -6,7 +6,7 @@
 //! - [`oci`]: [`ImageConfig`], manifests and indexes — canonical JSON in, canonical JSON out, so
 //!   one config always has one digest.
 //! - [`layer`]: [`write_layer`] turns a directory (an overlayfs upper dir or a staged tree) into
-//!   a deterministic, compressed layer [`Layer`] in the [`Cas`](crate::cache::Cas), hashing the
+//!   a deterministic, compressed layer [`Layer`] in the [`Cas`](crate::store::Cas), hashing the
 //!   tar (diff-id) and the gzip (digest) in one pass.
 //! - [`mod@unpack`]: [`unpack()`] extracts a layer into a directory, either as an overlayfs lowerdir
 //!   ([`Whiteouts::Overlay`]) or merged into a root filesystem ([`Whiteouts::Apply`]), never
@@ -28,7 +28,7 @@ pub mod unpack;
 
 use std::path::PathBuf;
 
-use crate::cache::{CasError, Digest};
+use crate::store::{CasError, Digest};
 
 pub use export::{
     ImageParts, open_blob, write_docker_archive, write_oci_archive, write_rootfs_dir,

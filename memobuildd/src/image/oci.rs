@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Value, json};
 
 use super::{ImageError, Layer};
-use crate::cache::{Blob, Digest};
+use crate::store::{Blob, Digest};
 
 /// Where an image runs, with Go's names (`linux/amd64`, `linux/arm/v7`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

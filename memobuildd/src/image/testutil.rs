@@ -11,15 +11,17 @@ use sha2::{Digest as _, Sha256};
 
 use super::entry::{Kind, read_entry};
 use super::unpack::decompress;
-use crate::cache::Cas;
 use crate::layout::Layout;
+use crate::store::{Cas, Store, StoreOptions};
 
 /// One line per path: type, mode, uid, gid, size, content hash, link target.
 pub(super) type Listing = BTreeMap<String, String>;
 
 pub(super) fn store() -> (tempfile::TempDir, Cas) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cas = Cas::open(&Layout::new(dir.path())).expect("cas");
+    let cas = Store::open(&Layout::new(dir.path()), StoreOptions::default())
+        .expect("store")
+        .cas();
     (dir, cas)
 }
 

@@ -8,7 +8,7 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use super::auth::{PASSWORD_ENV, USER_ENV};
 use super::manifest::Platform;
 use super::reference::ReferenceError;
-use crate::cache::{CasError, Digest};
+use crate::store::{CasError, Digest};
 
 /// What went wrong talking to a registry, sorted so the server can map each kind to an
 /// error code and a user can act on the message.

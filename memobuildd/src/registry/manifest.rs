@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::cache::Digest;
+use crate::store::Digest;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

@@ -209,15 +209,17 @@ fn plain_http(registry: &str, insecure: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Cas;
     use crate::layout::Layout;
+    use crate::store::{Store, StoreOptions};
 
     #[test]
     fn operations_can_be_spawned_on_a_multithreaded_runtime() {
         fn send<T: Send>(_: &T) {}
         let registry = Registry::new(RegistryOptions::default()).expect("registry");
         let dir = tempfile::tempdir().expect("tempdir");
-        let cas = Cas::open(&Layout::new(dir.path())).expect("cas");
+        let cas = Store::open(&Layout::new(dir.path()), StoreOptions::default())
+            .expect("store")
+            .cas();
         let reference = Reference::parse("localhost/x").expect("reference");
         let platform = Platform::host();
         let image = PushImage {

@@ -9,7 +9,7 @@ use oci_client::errors::OciDistributionError;
 use super::error::Subject;
 use super::manifest::{self, Descriptor, Document, Platform};
 use super::{Host, Reference, Registry, RegistryError};
-use crate::cache::{Blob, BlobWriter, Cas, CasError, Digest};
+use crate::store::{Blob, BlobWriter, Cas, CasError, Digest, blocking};
 
 /// Layers downloaded at once; more rarely helps against one registry.
 const PARALLEL_DOWNLOADS: usize = 3;
@@ -257,14 +257,6 @@ fn parse(bytes: &[u8], pinned: &Reference) -> Result<Document, RegistryError> {
         registry: pinned.registry().to_owned(),
         reason: format!("{pinned}: {err}"),
     })
-}
-
-/// Runs blocking work (file writes, fsync, hashing) off the runtime's threads. A panic
-/// there is a bug and is passed on.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))
 }
 
 /// Copies a download into a new CAS writer on a blocking thread. On any failure the

@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::error::Subject;
 use super::{Host, Reference, Registry, RegistryError};
-use crate::cache::{Blob, Cas, CasError, Digest};
+use crate::store::{Blob, Cas, CasError, Digest};
 
 const PARALLEL_UPLOADS: usize = 3;
 const READ_CHUNK: usize = 256 * 1024;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::cache::Digest;
+use crate::store::Digest;
 
 /// Docker Hub's name for itself in references; its API lives at `index.docker.io`.
 pub(super) const DOCKER_HUB: &str = "docker.io";

@@ -21,7 +21,6 @@ use tokio::sync::mpsc;
 use super::Shared;
 use super::access::Peer;
 use super::requests::DockerfileText;
-use crate::cache::ImageRecord;
 use crate::engine::{
     BuildError, BuildSpec, Built, Engine, Progress, PushError, Reporter, normalize_tag,
 };
@@ -33,6 +32,7 @@ use crate::image::export::{
 use crate::image::layer::{Compression, LayerOptions};
 use crate::image::oci::{MediaTypes, manifest_json};
 use crate::registry::{PushEvent, RegistryError};
+use crate::store::{ImageRecord, Store, blocking};
 
 /// Largest output chunk streamed to the client (`dest=-`).
 const CHUNK: usize = 1 << 20;
@@ -154,7 +154,7 @@ pub(crate) async fn serve(
     let spec = BuildSpec {
         context: dockerfile.context.clone(),
         dockerfile: dockerfile.path.clone(),
-        dockerfile_text: dockerfile.text,
+        dockerfile_text: dockerfile.text.clone(),
         build_args: request.build_args.clone(),
         target: request.target.clone(),
         no_cache: request.no_cache,
@@ -168,11 +168,64 @@ pub(crate) async fn serve(
     // Every change made before this request must be in the fingerprints it uses.
     hub.sync(&dockerfile.context).await;
     let was_watched = hub.is_watched(&dockerfile.context);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let outcome = stream_build(stream, shared, &dockerfile, spec.clone()).await;
+        if !was_watched && !keep_watching {
+            let _ = hub.unwatch(&dockerfile.context);
+        }
+        let Some(outcome) = outcome else {
+            tokio::task::spawn_blocking(release_freed_memory);
+            return Ok(());
+        };
+        let built = match outcome {
+            Ok(built) => built,
+            Err(err) => {
+                tokio::task::spawn_blocking(release_freed_memory);
+                return write_frame(stream, &Response::error(code(&err), err.to_string())).await;
+            }
+        };
+        // What this build read is the new baseline: the workspace is clean again, but for
+        // edits made after the build took its snapshot.
+        if let Some(baseline) = &built.baseline {
+            let (hub, context, baseline) = (
+                Arc::clone(hub),
+                dockerfile.context.clone(),
+                baseline.clone(),
+            );
+            let _ = tokio::task::spawn_blocking(move || hub.mark_built(&context, &baseline)).await;
+        }
+        match write_outputs(engine, &built, &request, peer, stream).await {
+            Ok(()) => {}
+            // The store found a blob of this image damaged while writing an output, and
+            // repaired it (removed it and the steps that made it): building again makes it
+            // anew. Once: a second failure is not damage that a rebuild mends.
+            Err(message) if attempts == 1 && built.lease.saw_damage() => {
+                tracing::warn!(%message, "an output found a damaged blob; building again");
+                continue;
+            }
+            Err(message) => {
+                return write_frame(stream, &Response::error(ErrorCode::Internal, message)).await;
+            }
+        }
+        return finish(stream, engine, built).await;
+    }
+}
+
+/// Runs one build, streaming its events (and listing it in `status` while it runs); `None`
+/// when the client went away (the build was cancelled).
+async fn stream_build(
+    stream: &mut UnixStream,
+    shared: &Shared,
+    dockerfile: &DockerfileText,
+    spec: BuildSpec,
+) -> Option<Result<Built, BuildError>> {
     let (events, mut received) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let listed = shared.builds.start(&dockerfile.context, &dockerfile.path);
     let build = tokio::spawn({
-        let engine = Arc::clone(engine);
+        let engine = Arc::clone(&shared.engine);
         let cancel = Arc::clone(&cancel);
         async move {
             engine
@@ -211,37 +264,15 @@ pub(crate) async fn serve(
     let outcome = build
         .await
         .unwrap_or_else(|err| Err(BuildError::Store(format!("build task failed: {err}"))));
-    drop(listed);
-    if !was_watched && !keep_watching {
-        let _ = hub.unwatch(&dockerfile.context);
-    }
-    if client_gone {
-        tokio::task::spawn_blocking(release_freed_memory);
-        return Ok(());
-    }
-    let built = match outcome {
-        Ok(built) => built,
-        Err(err) => {
-            tokio::task::spawn_blocking(release_freed_memory);
-            return write_frame(stream, &Response::error(code(&err), err.to_string())).await;
-        }
-    };
-    // What this build read is the new baseline: the workspace is clean again, but for
-    // edits made after the build took its snapshot.
-    if let Some(baseline) = &built.baseline {
-        let (hub, context, baseline) = (
-            Arc::clone(hub),
-            dockerfile.context.clone(),
-            baseline.clone(),
-        );
-        let _ = tokio::task::spawn_blocking(move || hub.mark_built(&context, &baseline)).await;
-    }
-    match write_outputs(engine, &built, &request, peer, stream).await {
-        Ok(()) => {}
-        Err(message) => {
-            return write_frame(stream, &Response::error(ErrorCode::Internal, message)).await;
-        }
-    }
+    (!client_gone).then_some(outcome)
+}
+
+/// Answers a finished build and lets the store check its budget.
+async fn finish(
+    stream: &mut UnixStream,
+    engine: &Arc<Engine>,
+    built: Built,
+) -> Result<(), FrameError> {
     let result = BuildResult {
         image_digest: Some(built.image.manifest.digest.to_string()),
         steps: built.steps,
@@ -254,7 +285,9 @@ pub(crate) async fn serve(
     // answering (measured on 1 GB COPY edits: 28–67 MB right after a build without this,
     // 26–28 MB with it); a build that executed nothing answers first, in milliseconds.
     let executed = built.executed;
+    // The lease goes with `built`: what it held is GC's again, so the budget is checked now.
     drop(built);
+    engine.store().check_budget();
     let released = tokio::task::spawn_blocking(release_freed_memory);
     if executed > 0 {
         let _ = released.await;
@@ -307,6 +340,7 @@ fn code(err: &BuildError) -> ErrorCode {
         BuildError::Dockerfile(_) | BuildError::Plan(_) => ErrorCode::InvalidInput,
         BuildError::Registry { source, .. } => registry_code(source),
         BuildError::BaseImage { .. } | BuildError::Store(_) => ErrorCode::Internal,
+        BuildError::Full(_) | BuildError::OutOfSpace { .. } => ErrorCode::ResourceExhausted,
         BuildError::Step { .. } | BuildError::RunFailed { .. } => ErrorCode::Failed,
         BuildError::NoRuntime(_) => ErrorCode::Unavailable,
         BuildError::Context(err) => super::requests::watch_code(err),
@@ -347,7 +381,14 @@ async fn write_outputs(
     };
     for output in outputs {
         if output.kind == OutputKind::Image {
-            tag(engine, built, &request.tags, output.name.as_deref())?;
+            let names: Vec<String> = request
+                .tags
+                .iter()
+                .cloned()
+                .chain(output.name.clone())
+                .collect();
+            let (engine_for_tag, built_for_tag) = (Arc::clone(engine), built.clone());
+            blocking(move || tag(&engine_for_tag, &built_for_tag, &names)).await?;
             if output.push {
                 let names = request
                     .tags
@@ -363,12 +404,11 @@ async fn write_outputs(
             }
             continue;
         }
-        let engine_for_task = Arc::clone(engine);
         let built_for_task = built.clone();
         let tags = request.tags.clone();
         let dest = match (&output.dest, output.to_client) {
             (_, true) => {
-                let scratch = tempfile::NamedTempFile::new_in(engine.layers_tmp())
+                let scratch = tempfile::NamedTempFile::new_in(engine.store().tmp_dir())
                     .map_err(|e| format!("output: {e}"))?;
                 scratch.path().to_owned()
             }
@@ -377,11 +417,9 @@ async fn write_outputs(
         };
         let target = dest.clone();
         let kind = output.kind;
-        tokio::task::spawn_blocking(move || {
-            export(&engine_for_task, &built_for_task, kind, &tags, &target)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        tokio::task::spawn_blocking(move || export(&built_for_task, kind, &tags, &target))
+            .await
+            .map_err(|e| e.to_string())??;
         if output.to_client {
             stream_file(stream, &dest).await?;
             let _ = std::fs::remove_file(&dest);
@@ -392,34 +430,31 @@ async fn write_outputs(
     Ok(())
 }
 
-fn tag(engine: &Engine, built: &Built, tags: &[String], name: Option<&str>) -> Result<(), String> {
+/// Tags the image under every name; each tag pins what the build used. Blocking.
+fn tag(engine: &Engine, built: &Built, names: &[String]) -> Result<(), String> {
     let created_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let names = tags.iter().map(String::as_str).chain(name);
     for name in names {
         engine
-            .index()
-            .tag(&ImageRecord {
-                name: normalize_tag(name),
-                manifest: built.image.manifest.clone(),
-                config: built.image.config.digest.clone(),
-                created_unix,
-            })
+            .store()
+            .tag(
+                &built.lease,
+                &ImageRecord {
+                    name: normalize_tag(name),
+                    manifest: built.image.manifest.clone(),
+                    config: built.image.config.digest.clone(),
+                    created_unix,
+                },
+            )
             .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
 
-fn export(
-    engine: &Engine,
-    built: &Built,
-    kind: OutputKind,
-    tags: &[String],
-    dest: &Path,
-) -> Result<(), String> {
-    let cas = engine.cas();
-    let blobs: Vec<crate::cache::Blob> =
+fn export(built: &Built, kind: OutputKind, tags: &[String], dest: &Path) -> Result<(), String> {
+    let cas = &built.lease.cas();
+    let blobs: Vec<crate::store::Blob> =
         built.image.layers.iter().map(|l| l.blob.clone()).collect();
     let create = || -> Result<BufWriter<File>, String> {
         File::create(dest)
@@ -508,26 +543,31 @@ fn give_to(path: &Path, peer: Peer) {
 }
 
 /// The image store as `memobuild images` lists it.
-pub(crate) fn images(engine: &Engine) -> Response {
-    match engine.index().images() {
-        Ok(images) => Response::Images(
+pub(crate) async fn images(engine: &Engine) -> Response {
+    let store = engine.store().clone();
+    let listed = blocking(move || {
+        store.images().map(|images| {
             images
                 .into_iter()
                 .map(|image| ImageSummary {
-                    size: image_size(engine, &image),
+                    size: image_size(&store, &image),
                     name: image.name,
                     digest: image.manifest.digest.to_string(),
                     created_unix: image.created_unix,
                 })
-                .collect(),
-        ),
+                .collect()
+        })
+    })
+    .await;
+    match listed {
+        Ok(images) => Response::Images(images),
         Err(err) => Response::error(ErrorCode::Internal, err.to_string()),
     }
 }
 
 /// Config plus layers, from the stored manifest.
-fn image_size(engine: &Engine, image: &ImageRecord) -> u64 {
-    engine
+fn image_size(store: &Store, image: &ImageRecord) -> u64 {
+    store
         .cas()
         .read(&image.manifest.digest)
         .ok()
@@ -606,8 +646,9 @@ fn push_code(err: &PushError) -> ErrorCode {
 }
 
 /// `memobuild rmi`: the tag goes; its blobs stay until GC.
-pub(crate) fn remove_image(engine: &Engine, name: &str) -> Response {
-    match engine.index().untag(&normalize_tag(name)) {
+pub(crate) async fn remove_image(engine: &Engine, name: &str) -> Response {
+    let (store, tag) = (engine.store().clone(), normalize_tag(name));
+    match blocking(move || store.untag(&tag)).await {
         Ok(true) => Response::ImageRemoved,
         Ok(false) => Response::error(
             ErrorCode::NotFound,

@@ -16,8 +16,8 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
 use super::access::Peer;
-use super::build;
 use super::requests::{self, HandlerError};
+use super::{build, gc};
 
 /// A client that connects and says nothing is dropped after this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,12 +173,14 @@ impl Connection {
                 build::serve(&mut self.stream, &self.shared, request, self.peer).await?;
                 return Ok(Next::Continue);
             }
-            Request::Images => build::images(&self.shared.engine),
+            Request::Images => build::images(&self.shared.engine).await,
+            Request::Gc(request) => gc::gc(&self.shared.engine, request).await,
+            Request::CacheStats => Response::CacheStats(gc::cache_stats(&self.shared.engine)),
             Request::Push(request) => {
                 build::push(&mut self.stream, &self.shared.engine, request).await?;
                 return Ok(Next::Continue);
             }
-            Request::RemoveImage(name) => build::remove_image(&self.shared.engine, &name),
+            Request::RemoveImage(name) => build::remove_image(&self.shared.engine, &name).await,
             Request::Graph(request) => respond(requests::graph(&request, self.peer)),
             Request::Watch(request) => {
                 respond(requests::watch(&self.shared.hub, request, self.peer).await)
@@ -190,7 +192,6 @@ impl Connection {
             Request::DumpDockerfile(request) => {
                 respond(requests::dump_dockerfile(&request, self.peer))
             }
-            other => HandlerError::NotImplemented(other.name()).into_response(),
         };
         write_frame(&mut self.stream, &reply).await?;
         Ok(Next::Continue)

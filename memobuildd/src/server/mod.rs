@@ -11,6 +11,7 @@
 mod access;
 mod build;
 mod connection;
+mod gc;
 mod listener;
 mod requests;
 
@@ -25,7 +26,6 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::cache::{Cas, Index};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions, EngineParts};
 use crate::exec::{Executor, Runc};
@@ -33,7 +33,7 @@ use crate::layout::Layout;
 use crate::passwd;
 use crate::registry::{Registry, RegistryOptions};
 use crate::snapshot::Overlay;
-use crate::snapshot::store::LayerStore;
+use crate::store::{Store, StoreOptions};
 use crate::watch::{Change, Hub, WatchError, WatcherId};
 use access::AccessPolicy;
 
@@ -119,7 +119,7 @@ impl Shared {
                 .iter()
                 .map(requests::workspace_status)
                 .collect(),
-            cache: self.engine.cache_stats(),
+            cache: gc::cache_stats(&self.engine),
             builds,
         }
     }
@@ -148,8 +148,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         crate::watch::platform_watchers(changes),
     )?);
     let engine = Arc::new(open_engine(&config, &layout, Arc::clone(&hub))?);
-    // Whatever a daemon killed mid-build left (mounts, containers, scratch) goes first.
+    // Whatever a daemon killed mid-build left (mounts, containers, scratch) goes first;
+    // then GC's start pass collects what it left in the store.
     engine.recover();
+    engine.store().start_gc();
     let (shutdown, mut shutdown_seen) = watch::channel(false);
     let shared = Arc::new(Shared {
         access,
@@ -236,10 +238,15 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
         root: layout.root().to_owned(),
         message,
     };
-    let cas = Cas::open(layout).map_err(|e| store(e.to_string()))?;
-    let index = Index::open(&layout.index_db()).map_err(|e| store(e.to_string()))?;
-    let layers = LayerStore::open(layout.layers_dir(), layout.tmp_dir())
-        .map_err(|e| store(e.to_string()))?;
+    let opened = Store::open(
+        layout,
+        StoreOptions {
+            keep_bytes: config.gc_keep_bytes,
+            keep_duration: config.gc_keep_duration,
+            ..StoreOptions::default()
+        },
+    )
+    .map_err(|e| store(e.to_string()))?;
     let executor: Result<Arc<dyn Executor>, String> = if passwd::effective_uid() != 0 {
         Err("root (overlay mounts and the OCI runtime need it): run memobuildd as root".into())
     } else {
@@ -258,10 +265,8 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
     .map_err(|e| store(e.to_string()))?;
     Ok(Engine::new(EngineParts {
         layout: layout.clone(),
-        cas,
-        index,
-        layers,
-        snapshotter: Arc::new(Overlay::new(layout.layers_dir())),
+        snapshotter: Arc::new(Overlay::new(opened.layers_dir())),
+        store: opened,
         executor,
         registry,
         hub,

@@ -37,8 +37,6 @@ pub(crate) enum HandlerError {
     Unreadable { uid: u32, path: PathBuf },
     #[error("{0}")]
     Invalid(String),
-    #[error("`{0}` is not implemented by this daemon yet")]
-    NotImplemented(&'static str),
 }
 
 impl HandlerError {
@@ -52,7 +50,6 @@ impl HandlerError {
             Self::Context(_) => ErrorCode::InvalidInput,
             Self::Unreadable { .. } => ErrorCode::PermissionDenied,
             Self::Watch(err) => watch_code(err),
-            Self::NotImplemented(_) => ErrorCode::NotImplemented,
         }
     }
 

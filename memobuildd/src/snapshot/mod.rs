@@ -7,9 +7,8 @@
 //! step never leaves a mount behind). Layers live in `<root>/layers-v1/<id>/`, where `<id>`
 //! is short (16 hex digits of the diff id): overlayfs takes all lower directories in one
 //! mount option of at most a page, and short names relative to the layer store keep 100+
-//! layer images mountable. Comes before `exec`, after the engine has the parents' layers.
-
-pub mod store;
+//! layer images mountable; the `store` owns that directory and names layers by diff-id.
+//! Comes before `exec`, after the engine has the parents' layers.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1092,7 +1092,7 @@ struct DirLayers(tempfile::TempDir);
 
 impl DirLayers {
     fn add(&self, bytes: &[u8]) -> RemoteLayer {
-        let diff_id = memobuildd::cache::Digest::parse(&format!("sha256:{}", hex_sha256(bytes)))
+        let diff_id = memobuildd::store::Digest::parse(&format!("sha256:{}", hex_sha256(bytes)))
             .expect("digest");
         std::fs::write(self.0.path().join(diff_id.hex()), bytes).expect("write layer");
         RemoteLayer {

@@ -7,6 +7,7 @@ mod cacheserver;
 mod conformance;
 mod cutoff;
 mod frontend;
+mod gc;
 mod hotstate;
 mod images;
 mod lifecycle;

@@ -181,22 +181,29 @@ async fn random_bytes_instead_of_a_handshake_are_refused() {
 }
 
 #[tokio::test]
-async fn requests_of_later_features_answer_not_implemented() {
+async fn gc_and_cache_stats_answer_and_the_connection_stays_usable() {
     let daemon = TestDaemon::start();
     let mut conn = daemon.connect().await;
     let gc = Request::Gc(memobuild_protocol::GcRequest {
         keep_bytes: None,
         dry_run: true,
+        keep_duration_secs: None,
+        all: true,
     });
-    let err = conn.call(&gc).await.expect_err("gc is not served yet");
-    match err {
-        memobuild_client::RequestError::Daemon(reply) => {
-            assert_eq!(reply.code, ErrorCode::NotImplemented);
-            assert!(reply.message.contains("gc"), "{}", reply.message);
-        }
-        other => panic!("unexpected {other}"),
+    match conn.call(&gc).await.expect("gc") {
+        Response::Gc(report) => assert!(report.dry_run && report.complete, "{report:?}"),
+        other => panic!("unexpected {other:?}"),
     }
-    // The connection stays usable after a typed error.
+    match conn.call(&Request::CacheStats).await.expect("cache stats") {
+        Response::CacheStats(stats) => {
+            assert!(stats.l2_budget_bytes >= 2 << 30, "{stats:?}");
+            assert!(
+                stats.total_bytes > 0,
+                "the index and directories: {stats:?}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
     let reply = conn.call(&Request::Status).await.expect("status");
     assert!(matches!(reply, Response::Status(_)));
 }

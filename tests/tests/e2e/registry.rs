@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use memobuild_tests::registry::{ManifestFormat, TestRegistry, free_port};
-use memobuildd::cache::{Cas, Digest};
 use memobuildd::layout::Layout;
 use memobuildd::registry::{
     DOCKER_MANIFEST, OCI_MANIFEST, Platform, PushEvent, PushImage, Reference, Registry,
     RegistryError, RegistryOptions,
 };
+use memobuildd::store::{Cas, Digest, Store, StoreOptions};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
@@ -29,7 +29,9 @@ async fn bounded<T>(work: impl Future<Output = T>) -> T {
 }
 
 fn cas(dir: &Path) -> Cas {
-    Cas::open(&Layout::new(dir.join("root"))).expect("open CAS")
+    Store::open(&Layout::new(dir.join("root")), StoreOptions::default())
+        .expect("open the store")
+        .cas()
 }
 
 /// A client whose Docker config is `config` (by default one that does not exist, so that
@@ -95,12 +97,12 @@ async fn pull_stores_verified_blobs_and_a_second_pull_downloads_nothing() {
         pulled.layers[0].media_type,
         "application/vnd.oci.image.layer.v1.tar+gzip"
     );
-    for digest in [&pulled.manifest.digest, &pulled.config.digest]
+    for blob in [&pulled.manifest, &pulled.config]
         .into_iter()
-        .chain(pulled.layers.iter().map(|l| &l.blob.digest))
+        .chain(pulled.layers.iter().map(|l| &l.blob))
     {
-        cas.verify(digest)
-            .unwrap_or_else(|err| panic!("{digest}: {err}"));
+        cas.verify(blob)
+            .unwrap_or_else(|err| panic!("{}: {err}", blob.digest));
     }
     let config: serde_json::Value =
         serde_json::from_slice(&pulled.config_bytes).expect("config JSON");

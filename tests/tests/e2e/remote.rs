@@ -17,7 +17,8 @@ use memobuildd::cache::remote::{
     Auth, L3, LayerSource, RemoteEvent, RemoteMode, RemoteOptions, RemoteSettings, Secret,
 };
 use memobuildd::cache::tier::suite;
-use memobuildd::cache::{Digest, L1, Tier, Tiered};
+use memobuildd::cache::{L1, Tier, Tiered};
+use memobuildd::store::Digest;
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 

@@ -14,7 +14,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use super::RemoteError;
-use crate::cache::{Blob, Digest};
+use crate::store::{Blob, Digest};
 
 /// Bytes per chunk read from a local file (and per ByteStream message).
 pub const CHUNK: usize = 1 << 20;

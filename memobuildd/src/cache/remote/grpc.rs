@@ -24,7 +24,7 @@ use super::reapi::content_addressable_storage_client::ContentAddressableStorageC
 use super::reapi::{self, batch_update_blobs_request, digest_function};
 use super::settings::{Auth, Endpoint};
 use super::{Capabilities, Chunks, RemoteCache, RemoteError, Sink};
-use crate::cache::Blob;
+use crate::store::Blob;
 
 /// Batches are capped here even when a server allows more: gRPC's usual message limit.
 const MAX_BATCH: u64 = 4 << 20;

@@ -15,7 +15,7 @@ use reqwest::{Method, StatusCode};
 
 use super::settings::{Auth, Endpoint};
 use super::{Capabilities, Chunks, RemoteCache, RemoteError, Sink, reapi};
-use crate::cache::{Blob, Digest};
+use crate::store::{Blob, Digest};
 
 /// HEAD requests in flight at once for one find_missing.
 const PARALLEL_HEADS: usize = 8;

@@ -20,8 +20,8 @@ use super::signing::Signer;
 use super::uploads::{Enqueued, FlushReport, QueueLimits, Uploads};
 use super::{Capabilities, Chunks, RemoteCache, RemoteError, Sink};
 use crate::cache::tier::{Tier, TierError};
-use crate::cache::{Blob, Digest};
 use crate::context::Hash;
+use crate::store::{Blob, Digest};
 
 /// Where uploads read layers from: the uncompressed tar of a layer, opened on a blocking
 /// thread. The store implements it; uploads never hold a layer in memory.

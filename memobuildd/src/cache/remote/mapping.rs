@@ -21,8 +21,8 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use serde::{Deserialize, Serialize};
 
 use super::signing::{Signer, TAG_LEN};
-use crate::cache::{Blob, Digest};
 use crate::context::Hash;
+use crate::store::{Blob, Digest};
 
 const ACTION_DOMAIN: &[u8] = b"memobuild/l3/action/v1\0";
 const MAGIC: &[u8] = b"memobuild-result";

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{Capabilities, Chunks, RemoteCache, RemoteError, Sink, reapi};
-use crate::cache::{Blob, Digest};
+use crate::store::{Blob, Digest};
 
 #[derive(Debug, Default)]
 pub(super) struct MemoryCache {

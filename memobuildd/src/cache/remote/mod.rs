@@ -32,7 +32,7 @@ pub use l3::{L3, LayerSource, RemoteEvent, RemoteOptions, RemoteStatus};
 pub use mapping::{RemoteLayer, RemoteResult};
 pub use settings::{Auth, Endpoint, Protocol, RemoteMode, RemoteSettings, Secret};
 
-use crate::cache::{Blob, Digest};
+use crate::store::{Blob, Digest};
 
 /// What a server says it can do.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
 use super::settings::Secret;
-use crate::cache::Blob;
+use crate::store::Blob;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -62,7 +62,7 @@ impl Signer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Digest;
+    use crate::store::Digest;
 
     fn action(text: &[u8]) -> Blob {
         Blob {
