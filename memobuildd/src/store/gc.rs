@@ -241,6 +241,12 @@ fn automatic(shared: &Shared, trigger: Trigger) {
         }
         _ => {}
     }
+    tracing::debug!(
+        trigger = trigger.as_str(),
+        total,
+        budget = options.keep_bytes,
+        "garbage collection starts"
+    );
     match pass(shared, &options, trigger) {
         Ok(report) => tracing::info!(
             trigger = trigger.as_str(),
