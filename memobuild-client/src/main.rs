@@ -11,9 +11,9 @@ use memobuild_client::{
     daemon_place, launch, render,
 };
 use memobuild_protocol::{
-    BuildRequest, DockerfileSource, DumpDockerfileRequest, GcRequest, GraphRequest, NetworkMode,
-    NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION, PROTOCOL_VERSION, PushRequest, Request,
-    Response, UnwatchRequest, WatchRequest,
+    BuildRequest, DockerfileSource, DumpDockerfileRequest, GcRequest, GraphRequest,
+    LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION,
+    PROTOCOL_VERSION, PushRequest, Request, Response, UnwatchRequest, WatchRequest,
 };
 use serde_json::json;
 
@@ -573,7 +573,10 @@ fn parse_output(text: &str) -> Result<OutputSpec, String> {
         to_client: false,
         name: None,
         push: false,
+        compression: None,
+        force_compression: false,
     };
+    let mut level = None;
     for field in text.split(',') {
         let (key, value) = field
             .split_once('=')
@@ -593,10 +596,42 @@ fn parse_output(text: &str) -> Result<OutputSpec, String> {
             "dest" => spec.dest = Some(absolute(Path::new(value))),
             "name" => spec.name = Some(value.to_owned()),
             "push" => spec.push = value == "true",
+            "compression" => {
+                spec.compression = Some(match value {
+                    "uncompressed" => LayerCompression::Uncompressed,
+                    "gzip" => LayerCompression::Gzip,
+                    "zstd" => LayerCompression::Zstd { level: None },
+                    other => {
+                        return Err(format!(
+                            "compression={other}: this builder makes uncompressed, gzip or zstd layers"
+                        ));
+                    }
+                });
+            }
+            "compression-level" => {
+                level = Some(
+                    value
+                        .parse::<i32>()
+                        .map_err(|_| format!("compression-level={value} is not a number"))?,
+                );
+            }
+            "force-compression" => spec.force_compression = value == "true",
             other => return Err(format!("unknown output field {other:?}")),
         }
     }
+    match (&mut spec.compression, level) {
+        (Some(LayerCompression::Zstd { level: wanted }), Some(n)) => *wanted = Some(n),
+        (_, Some(_)) => {
+            return Err(
+                "compression-level= applies to compression=zstd only (gzip is level 1 here)".into(),
+            );
+        }
+        _ => {}
+    }
     spec.kind = kind.ok_or("the output needs type=…")?;
+    if spec.compression.is_some() && !matches!(spec.kind, OutputKind::Oci | OutputKind::Image) {
+        return Err("compression= applies to type=oci and type=image outputs".into());
+    }
     let needs_dest = !matches!(spec.kind, OutputKind::Image);
     if needs_dest && spec.dest.is_none() && !spec.to_client {
         return Err("this output type needs dest=PATH (or dest=- for stdout)".into());

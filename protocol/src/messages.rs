@@ -209,6 +209,22 @@ pub struct OutputSpec {
     pub to_client: bool,
     pub name: Option<String>,
     pub push: bool,
+    /// How layers are compressed in an OCI output or a push (gzip when `None`).
+    pub compression: Option<LayerCompression>,
+    /// Recompress layers already compressed in another format (buildx's
+    /// `force-compression=true`).
+    pub force_compression: bool,
+}
+
+/// A layer compression an output asks for (buildx's `compression=`, `compression-level=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerCompression {
+    Uncompressed,
+    Gzip,
+    /// `None`: zstd's default level.
+    Zstd {
+        level: Option<i32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -38,9 +38,9 @@ use crate::cache::L1;
 use crate::context::Hash;
 use crate::exec::{Executor, LogStream, Network};
 use crate::frontend::{self, Diagnostic};
-use crate::image::ImageError;
 use crate::image::export::ImageParts;
 use crate::image::oci::{ImageConfig, MediaTypes, Platform, manifest_json};
+use crate::image::{Compression, ImageError};
 use crate::layout::Layout;
 use crate::plan::{self, BuildGraph, NodeIndex, NodeKind, PlanError, PlanOptions};
 use crate::registry::{Reference, Registry, RegistryError};
@@ -155,6 +155,41 @@ pub enum PushError {
     Registry(Box<RegistryError>),
     #[error("store: {0}")]
     Store(String),
+}
+
+/// How an export or a push sends an image: its layers' compression (`force`: also converting
+/// layers already compressed otherwise, as buildx's `force-compression`) and the manifest's
+/// media-type family.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageForm {
+    pub compression: Compression,
+    pub force: bool,
+    pub media: MediaTypes,
+}
+
+/// `image` (as stored: layers MemoBuild wrote are plain tars) in `form`: each layer's form
+/// from the store (made once, then kept; several at a time), a manifest naming them.
+/// Blocks: call it from a blocking thread.
+pub fn image_as(
+    lease: &Lease,
+    image: &ImageParts,
+    form: &ImageForm,
+) -> Result<ImageParts, crate::store::StoreError> {
+    use rayon::prelude::*;
+    let layers = image
+        .layers
+        .par_iter()
+        .map(|layer| lease.layer_as(layer, form.compression, form.force))
+        .collect::<Result<Vec<_>, _>>()?;
+    let manifest = lease
+        .cas()
+        .put(&manifest_json(form.media, &image.config, &layers))?;
+    Ok(ImageParts {
+        manifest,
+        config: image.config.clone(),
+        layers,
+        media: form.media,
+    })
 }
 
 /// `app` → `app:latest`, as Docker names images.
@@ -316,6 +351,7 @@ impl Engine {
         &self,
         name: &str,
         destination: Option<&str>,
+        compression: Compression,
         progress: &(dyn Fn(crate::registry::PushEvent) + Send + Sync),
     ) -> Result<crate::registry::PushReport, PushError> {
         let stored = normalize_tag(name);
@@ -323,7 +359,8 @@ impl Engine {
             .map_err(|e| PushError::Reference(e.to_string()))?;
         // The push holds what it uploads: an `rmi` and a GC meanwhile take nothing from it.
         let lease = self.store.lease();
-        let (manifest_bytes, manifest) = {
+        // The image as pushed: its layers compressed (once per layer and form, then kept).
+        let image = {
             let (store, lease) = (self.store.clone(), lease.clone());
             blocking(move || {
                 let record = store
@@ -332,22 +369,23 @@ impl Engine {
                     .into_iter()
                     .find(|image| image.name == stored)
                     .ok_or_else(|| PushError::NoSuchImage(stored.clone()))?;
-                let cas = lease.cas();
-                let manifest_bytes = cas
-                    .read(&record.manifest.digest)
+                let parts = ImageParts::read(&lease.cas(), &record.manifest)
                     .map_err(|e| PushError::Store(e.to_string()))?;
-                let manifest = crate::image::oci::Manifest::parse(&manifest_bytes)
-                    .map_err(|e| PushError::Store(e.to_string()))?;
-                for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
-                    cas.contains(&blob.digest);
-                }
-                Ok::<_, PushError>((manifest_bytes, manifest))
+                let form = ImageForm {
+                    compression,
+                    force: false,
+                    media: MediaTypes::Oci,
+                };
+                image_as(&lease, &parts, &form).map_err(|e| PushError::Store(e.to_string()))
             })
             .await?
         };
-        let blob = |d: &crate::image::oci::Descriptor| crate::store::Blob {
-            digest: d.digest.clone(),
-            size: d.size,
+        let manifest_bytes = {
+            let lease = lease.clone();
+            let digest = image.manifest.digest.clone();
+            blocking(move || lease.cas().read(&digest))
+                .await
+                .map_err(|e| PushError::Store(e.to_string()))?
         };
         let mount_from = self
             .known_repos
@@ -361,9 +399,9 @@ impl Engine {
             .collect();
         let image = crate::registry::PushImage {
             manifest_bytes,
-            manifest_media_type: manifest.media_type.clone(),
-            config: blob(&manifest.config),
-            layers: manifest.layers.iter().map(blob).collect(),
+            manifest_media_type: MediaTypes::Oci.manifest().to_owned(),
+            config: image.config,
+            layers: image.layers.into_iter().map(|l| l.blob).collect(),
             mount_from,
         };
         let report = self

@@ -11,8 +11,8 @@ use serde_json::json;
 
 use super::ImageError;
 use super::entry::{Entry, Kind, Links, TarSink, Whiteout, read_entry, whiteout};
-use super::layer::{Compressor, Layer, LayerOptions, path_bytes};
-use super::oci::{ImageConfig, MediaTypes, canonical_json, index_json};
+use super::layer::{Layer, LayerOptions, path_bytes};
+use super::oci::{ImageConfig, Manifest, MediaTypes, canonical_json, index_json};
 use super::unpack::{UnpackStats, Whiteouts, decompress, unpack};
 use crate::store::{Blob, Cas};
 
@@ -25,6 +25,54 @@ pub struct ImageParts {
     pub layers: Vec<Layer>,
     /// The family the manifest was written in.
     pub media: MediaTypes,
+}
+
+impl ImageParts {
+    /// An image in the store, by its manifest: the manifest and config read (verified), its
+    /// layers named by digest and diff-id.
+    pub fn read(cas: &Cas, manifest: &Blob) -> Result<Self, ImageError> {
+        let parsed = Manifest::parse(&cas.read(&manifest.digest)?)?;
+        let config = ImageConfig::parse(&cas.read(&parsed.config.digest)?)?;
+        if config.diff_ids.len() != parsed.layers.len() {
+            return Err(ImageError::Invalid {
+                what: "image",
+                reason: format!(
+                    "{} lists {} layers but its config {} diff ids",
+                    manifest.digest,
+                    parsed.layers.len(),
+                    config.diff_ids.len()
+                ),
+            });
+        }
+        let layers = parsed
+            .layers
+            .iter()
+            .zip(config.diff_ids)
+            .map(|(descriptor, diff_id)| Layer {
+                blob: Blob {
+                    digest: descriptor.digest.clone(),
+                    size: descriptor.size,
+                },
+                content_id: super::layer::content_id_of_diff_id(&diff_id),
+                diff_id,
+                media_type: descriptor.media_type.clone(),
+            })
+            .collect();
+        let media = if parsed.media_type == MediaTypes::Docker.manifest() {
+            MediaTypes::Docker
+        } else {
+            MediaTypes::Oci
+        };
+        Ok(Self {
+            manifest: manifest.clone(),
+            config: Blob {
+                digest: parsed.config.digest,
+                size: parsed.config.size,
+            },
+            layers,
+            media,
+        })
+    }
 }
 
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
@@ -156,8 +204,7 @@ pub fn write_rootfs_dir(
 
 /// Merges `layers` (bottom first) into one root-filesystem tar, whiteouts applied, entries
 /// sorted by path, ownership and modes from the layers — no root needed, nothing chowned.
-/// `opts` apply as to a layer: compression (`Compression::None` for a plain tar), mtime
-/// clamp, skipped paths, ownership overrides.
+/// `opts` apply as to a layer: mtime clamp, skipped paths, ownership overrides.
 ///
 /// Each layer is decompressed once into an anonymous temp file (in `$TMPDIR`) and indexed;
 /// the surviving entries are then copied from those files in path order.
@@ -182,7 +229,7 @@ pub fn write_rootfs_tar(
         tars.push(tar);
     }
 
-    let mut sink = TarSink::new(Compressor::new(out, opts.compression), opts);
+    let mut sink = TarSink::new(out, opts);
     let mut links = Links::new();
     for node in tree.nodes.into_values() {
         let Some(data) = node.data else {
@@ -201,8 +248,7 @@ pub fn write_rootfs_tar(
             .map_err(ImageError::Read)?;
         sink.append(&entry, tar.take(entry.size))?;
     }
-    let compressed = sink.finish().map_err(ImageError::Write)?;
-    compressed.finish().map_err(ImageError::Write)?;
+    sink.finish().map_err(ImageError::Write)?;
     Ok(())
 }
 
@@ -331,7 +377,7 @@ mod tests {
     use tar::EntryType::{Directory as D, Regular as F};
 
     use super::*;
-    use crate::image::layer::{Compression, write_layer};
+    use crate::image::layer::write_layer;
     use crate::image::oci::{Platform, manifest_json};
     use crate::image::testutil::{
         Listing, list_dir, list_tar, raw_tar, require_tool, sample_tree, store,
@@ -394,12 +440,9 @@ mod tests {
     }
 
     fn rootfs_tar(cas: &Cas, image: &ImageParts) -> Vec<u8> {
-        let opts = LayerOptions {
-            compression: Compression::None,
-            ..LayerOptions::default()
-        };
         let mut out = Vec::new();
-        write_rootfs_tar(cas, &blobs(image), &opts, &mut out).expect("rootfs tar");
+        write_rootfs_tar(cas, &blobs(image), &LayerOptions::default(), &mut out)
+            .expect("rootfs tar");
         out
     }
 

@@ -17,6 +17,7 @@
 //! The `snapshot` and `exec` stages hand this module directories; the `engine` assembles the
 //! config and manifest from what it returns and the `server` streams the exports to clients.
 
+pub mod compress;
 mod entry;
 pub mod export;
 pub mod layer;
@@ -30,11 +31,12 @@ use std::path::PathBuf;
 
 use crate::store::{CasError, Digest};
 
+pub use compress::Compression;
 pub use export::{
     ImageParts, open_blob, write_docker_archive, write_oci_archive, write_rootfs_dir,
     write_rootfs_tar,
 };
-pub use layer::{Compression, Layer, LayerOptions, Owner, write_layer};
+pub use layer::{Layer, LayerOptions, Owner, write_layer};
 pub use oci::{
     Descriptor, Healthcheck, History, ImageConfig, Index, Manifest, MediaTypes, Platform,
     RuntimeConfig, index_json, manifest_json,

@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use memobuild_protocol::{
     BuildEvent, BuildEventKind, BuildRequest, BuildResult, ErrorCode, FrameError, ImageSummary,
-    LogStream, OutputKind, OutputSpec, PushProgress, PushState, Response, write_frame,
+    LayerCompression, LogStream, OutputKind, OutputSpec, PushProgress, PushState, Response,
+    write_frame,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
@@ -22,15 +23,17 @@ use super::Shared;
 use super::access::Peer;
 use super::requests::DockerfileText;
 use crate::engine::{
-    BuildError, BuildSpec, Built, Engine, Progress, PushError, Reporter, normalize_tag,
+    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter, image_as,
+    normalize_tag,
 };
 use crate::exec::{self, Network};
-use crate::image::export::ImageParts;
+use crate::image::Compression;
+use crate::image::compress::ZSTD_DEFAULT_LEVEL;
 use crate::image::export::{
     write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
 };
-use crate::image::layer::{Compression, LayerOptions};
-use crate::image::oci::{MediaTypes, manifest_json};
+use crate::image::layer::LayerOptions;
+use crate::image::oci::MediaTypes;
 use crate::registry::{PushEvent, RegistryError};
 use crate::store::{ImageRecord, Store, blocking};
 
@@ -375,6 +378,8 @@ async fn write_outputs(
             to_client: false,
             name: None,
             push: request.push,
+            compression: None,
+            force_compression: false,
         }]
     } else {
         request.outputs.clone()
@@ -397,7 +402,7 @@ async fn write_outputs(
                     .chain(output.name.as_deref());
                 for name in names {
                     engine
-                        .push(name, None, &|_| {})
+                        .push(name, None, compression(&output), &|_| {})
                         .await
                         .map_err(|e| format!("pushing {name}: {e}"))?;
                 }
@@ -416,8 +421,13 @@ async fn write_outputs(
             (None, false) => return Err("an output without a destination".into()),
         };
         let target = dest.clone();
+        let form = ImageForm {
+            compression: compression(&output),
+            force: output.force_compression,
+            media: MediaTypes::Oci,
+        };
         let kind = output.kind;
-        tokio::task::spawn_blocking(move || export(&built_for_task, kind, &tags, &target))
+        tokio::task::spawn_blocking(move || export(&built_for_task, kind, form, &tags, &target))
             .await
             .map_err(|e| e.to_string())??;
         if output.to_client {
@@ -452,7 +462,24 @@ fn tag(engine: &Engine, built: &Built, names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn export(built: &Built, kind: OutputKind, tags: &[String], dest: &Path) -> Result<(), String> {
+/// The layer compression an output asks for (gzip by default, as Docker and buildx).
+fn compression(output: &OutputSpec) -> Compression {
+    match output.compression {
+        None | Some(LayerCompression::Gzip) => Compression::Gzip,
+        Some(LayerCompression::Uncompressed) => Compression::Uncompressed,
+        Some(LayerCompression::Zstd { level }) => Compression::Zstd {
+            level: level.unwrap_or(ZSTD_DEFAULT_LEVEL),
+        },
+    }
+}
+
+fn export(
+    built: &Built,
+    kind: OutputKind,
+    form: ImageForm,
+    tags: &[String],
+    dest: &Path,
+) -> Result<(), String> {
     let cas = &built.lease.cas();
     let blobs: Vec<crate::store::Blob> =
         built.image.layers.iter().map(|l| l.blob.clone()).collect();
@@ -465,37 +492,29 @@ fn export(built: &Built, kind: OutputKind, tags: &[String], dest: &Path) -> Resu
         |mut out: BufWriter<File>| out.flush().map_err(|e| format!("{}: {e}", dest.display()));
     match kind {
         OutputKind::Oci => {
+            let image = image_as(&built.lease, &built.image, &form).map_err(|e| e.to_string())?;
             let mut out = create()?;
-            write_oci_archive(
-                cas,
-                &built.image,
-                tags.first().map(String::as_str),
-                &mut out,
-            )
-            .map_err(|e| e.to_string())?;
+            write_oci_archive(cas, &image, tags.first().map(String::as_str), &mut out)
+                .map_err(|e| e.to_string())?;
             finish(out)
         }
         OutputKind::Docker => {
-            let mut out = create()?;
             let tags: Vec<String> = tags.iter().map(|t| normalize_tag(t)).collect();
-            // Docker's own media types, as `docker save` writes them.
-            let manifest =
-                manifest_json(MediaTypes::Docker, &built.image.config, &built.image.layers);
-            let docker = ImageParts {
-                manifest: cas.put(&manifest).map_err(|e| e.to_string())?,
+            // Docker's own media types, as `docker save` writes them, and gzip layers.
+            let docker = ImageForm {
+                compression: Compression::Gzip,
+                force: false,
                 media: MediaTypes::Docker,
-                ..built.image.clone()
             };
-            write_docker_archive(cas, &docker, &tags, &mut out).map_err(|e| e.to_string())?;
+            let image = image_as(&built.lease, &built.image, &docker).map_err(|e| e.to_string())?;
+            let mut out = create()?;
+            write_docker_archive(cas, &image, &tags, &mut out).map_err(|e| e.to_string())?;
             finish(out)
         }
         OutputKind::Tar => {
             let mut out = create()?;
-            let plain = LayerOptions {
-                compression: Compression::None,
-                ..LayerOptions::default()
-            };
-            write_rootfs_tar(cas, &blobs, &plain, &mut out).map_err(|e| e.to_string())?;
+            write_rootfs_tar(cas, &blobs, &LayerOptions::default(), &mut out)
+                .map_err(|e| e.to_string())?;
             finish(out)
         }
         OutputKind::Local => {
@@ -592,7 +611,12 @@ pub(crate) async fn push(
                 let _ = events.send(event);
             };
             engine
-                .push(&request.image, request.destination.as_deref(), &report)
+                .push(
+                    &request.image,
+                    request.destination.as_deref(),
+                    Compression::Gzip,
+                    &report,
+                )
                 .await
         }
     });

@@ -275,6 +275,16 @@ impl Closure {
         self.blobs.extend(other.blobs.iter().cloned());
         self.layers.extend(other.layers.iter().cloned());
     }
+
+    /// Adds the compressed forms made of its layers (`store::forms`): they live as long as
+    /// their layer.
+    fn with_forms(mut self, forms: &HashMap<Digest, Vec<Digest>>) -> Self {
+        for diff_id in &self.layers {
+            self.blobs
+                .extend(forms.get(diff_id).into_iter().flatten().cloned());
+        }
+        self
+    }
 }
 
 /// An image's blobs and layers, read from its manifest and config (content-addressed, so
@@ -477,6 +487,7 @@ fn plan(shared: &Shared, snapshot: &Snapshot, options: &GcOptions, before: u64) 
             closure.blobs.insert(digest.clone());
             closure.layers.insert(diff_id.clone());
         }
+        let closure = closure.with_forms(&snapshot.forms);
         if snapshot.tagged_actions.contains(key) || leases.holds_action(key) {
             pinned.extend(&closure);
             continue;
@@ -489,7 +500,7 @@ fn plan(shared: &Shared, snapshot: &Snapshot, options: &GcOptions, before: u64) 
         });
     }
     for (manifest, last_used) in &snapshot.bases {
-        let closure = image_closure(&cas, manifest, &mut cache);
+        let closure = image_closure(&cas, manifest, &mut cache).with_forms(&snapshot.forms);
         if leases.holds_base(manifest) {
             pinned.extend(&closure);
             continue;
@@ -502,6 +513,7 @@ fn plan(shared: &Shared, snapshot: &Snapshot, options: &GcOptions, before: u64) 
         });
     }
     drop(leases);
+    let pinned = pinned.with_forms(&snapshot.forms);
     candidates.sort_by_key(|c| c.last_used);
 
     let mut blob_refs: HashMap<&Digest, u32> = HashMap::new();
@@ -581,7 +593,9 @@ fn sweep(
         .action_layers
         .values()
         .flatten()
-        .map(|(digest, _)| digest)
+        .flat_map(|(digest, diff_id)| {
+            std::iter::once(digest).chain(snapshot.forms.get(diff_id).into_iter().flatten())
+        })
         .collect();
     let referenced_layers: HashSet<&Digest> = snapshot
         .action_layers
@@ -649,12 +663,17 @@ fn sweep(
             for (manifest, _) in &snapshot.bases {
                 pinned.extend(&image_closure(&cas, manifest, &mut cache));
             }
+            let pinned = pinned.with_forms(&snapshot.forms);
             let unchanged = shared.refs_epoch.load(Ordering::Acquire) == epoch;
             let mut gone_blobs = Vec::new();
             for digest in &blobs[range(blobs.len())] {
                 let keep = leases.holds_blob(digest)
                     || pinned.blobs.contains(digest)
-                    || (!unchanged && shared.ix(|index| index.layer_referenced(digest, false))?);
+                    || (!unchanged
+                        && shared.ix(|index| {
+                            Ok(index.layer_referenced(digest, false)?
+                                || index.form_referenced(digest)?)
+                        })?);
                 if !keep {
                     gone_blobs.push(digest.clone());
                 } else if !snapshot.blobs.contains_key(digest) {

@@ -111,6 +111,8 @@ pub(super) struct Snapshot {
     pub(super) tagged_actions: HashSet<ActionKey>,
     pub(super) blobs: HashMap<Digest, u64>,
     pub(super) unpacked: HashMap<Digest, u64>,
+    /// The compressed forms made of each layer (by diff-id): blobs that live as long as it.
+    pub(super) forms: HashMap<Digest, Vec<Digest>>,
 }
 
 /// Counts kept in memory by the store, as they are when it opens.
@@ -176,6 +178,12 @@ impl Index {
              CREATE TABLE IF NOT EXISTS unpacked (
                  diff_id TEXT PRIMARY KEY NOT NULL, disk INTEGER NOT NULL
              ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS forms (
+                 diff_id TEXT NOT NULL, form TEXT NOT NULL,
+                 digest TEXT NOT NULL, size INTEGER NOT NULL,
+                 PRIMARY KEY (diff_id, form)
+             ) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS forms_by_digest ON forms (digest);
              CREATE INDEX IF NOT EXISTS action_layers_by_digest ON action_layers (layer_digest);
              CREATE INDEX IF NOT EXISTS action_layers_by_diff_id ON action_layers (diff_id);
              CREATE INDEX IF NOT EXISTS actions_by_last_use ON actions (last_used);
@@ -519,7 +527,54 @@ impl Index {
 
     /// Removes blob rows; returns the bytes on disk of those that were there.
     pub(super) fn remove_blobs(&self, digests: &[Digest]) -> Result<(u64, u64), IndexError> {
-        self.remove_rows("blobs", "digest", digests)
+        let removed = self.remove_rows("blobs", "digest", digests)?;
+        self.with(|conn| {
+            let mut statement = conn.prepare_cached("DELETE FROM forms WHERE digest = ?1")?;
+            for digest in digests {
+                statement.execute(params![digest.as_str()])?;
+            }
+            Ok(())
+        })?;
+        Ok(removed)
+    }
+
+    /// The blob holding the layer `diff_id` in `form` (`image::compress::Compression::form`),
+    /// if one was made.
+    pub(super) fn form(&self, diff_id: &Digest, form: &str) -> Result<Option<Blob>, IndexError> {
+        self.with(|conn| {
+            let row = conn
+                .prepare_cached("SELECT digest, size FROM forms WHERE diff_id = ?1 AND form = ?2")?
+                .query_row(params![diff_id.as_str(), form], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .optional()?;
+            Ok(row.and_then(|(digest, size)| {
+                Some(Blob {
+                    digest: Digest::parse(&digest).ok()?,
+                    size: size as u64,
+                })
+            }))
+        })
+    }
+
+    pub(super) fn record_form(
+        &self,
+        diff_id: &Digest,
+        form: &str,
+        blob: &Blob,
+    ) -> Result<(), IndexError> {
+        self.with(|conn| {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO forms (diff_id, form, digest, size) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                diff_id.as_str(),
+                form,
+                blob.digest.as_str(),
+                blob.size as i64
+            ])
+            .map(drop)
+        })
     }
 
     /// Removes unpacked-layer rows; returns (rows, bytes on disk) of those that were there.
@@ -587,6 +642,19 @@ impl Index {
                 .query_row(params![digest.as_str()], |_| Ok(()))
                 .optional()
                 .map(|found| found.is_some())
+        })
+    }
+
+    /// Whether `digest` is a form of a layer an action names.
+    pub(super) fn form_referenced(&self, digest: &Digest) -> Result<bool, IndexError> {
+        self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT 1 FROM forms JOIN action_layers ON action_layers.diff_id = forms.diff_id
+                 WHERE forms.digest = ?1 LIMIT 1",
+            )?
+            .query_row(params![digest.as_str()], |_| Ok(()))
+            .optional()
+            .map(|found| found.is_some())
         })
     }
 
@@ -669,6 +737,18 @@ impl Index {
                     let (manifest, used) = row?;
                     if let Ok(manifest) = Digest::parse(&manifest) {
                         snapshot.bases.push((manifest, used));
+                    }
+                }
+                let mut statement = tx.prepare("SELECT diff_id, digest FROM forms")?;
+                let rows = statement.query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (diff_id, digest) = row?;
+                    if let (Ok(diff_id), Ok(digest)) =
+                        (Digest::parse(&diff_id), Digest::parse(&digest))
+                    {
+                        snapshot.forms.entry(diff_id).or_default().push(digest);
                     }
                 }
                 snapshot.tags = read_images(&tx)?;

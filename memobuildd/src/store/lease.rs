@@ -102,6 +102,10 @@ impl Lease {
         }))
     }
 
+    pub(super) fn shared(&self) -> &Shared {
+        &self.0.shared
+    }
+
     fn with_held(&self, change: impl FnOnce(&mut Held)) {
         let mut leases = self
             .0

@@ -32,6 +32,7 @@
 //! `engine` and `server` use it; `snapshot` mounts its unpacked layers.
 
 mod blobs;
+mod forms;
 mod gc;
 mod index;
 mod layers;
