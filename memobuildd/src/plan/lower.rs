@@ -304,6 +304,21 @@ impl Lowering<'_> {
 
     fn stage(&mut self, i: usize, stage: &Stage, resolved: ResolvedBase) -> Result<(), Diagnostic> {
         let lines = Some((stage.span.start_line, stage.span.end_line));
+        let host = platform_args()
+            .into_iter()
+            .find_map(|(name, value)| (name == "BUILDPLATFORM").then_some(value))
+            .unwrap_or_default();
+        if let Some(message) = resolved
+            .platform
+            .as_deref()
+            .and_then(|p| super::support::platform_unsupported(p, &host))
+        {
+            let mut diagnostic =
+                self.df
+                    .error(stage.span, "FROM", DiagnosticKind::Unsupported, message);
+            diagnostic.point_at_flag("platform");
+            return Err(diagnostic);
+        }
         let (mut parent, env, triggers) = match &resolved.base {
             Base::Stage(j) => {
                 let j = *j as usize;
@@ -599,6 +614,16 @@ fn check_semantics(
             message,
         )
     };
+    if let Some((flag, message)) = super::support::unsupported(expanded) {
+        let mut diagnostic = df.error(
+            instruction.span,
+            expanded.keyword(),
+            DiagnosticKind::Unsupported,
+            message,
+        );
+        diagnostic.point_at_flag(flag);
+        return Err(diagnostic);
+    }
     match expanded {
         InstructionKind::Expose(ports) => match ports.iter().find(|p| !is_port_spec(p)) {
             Some(bad) => Err(error(format!("invalid port specification: {bad:?}"))),
@@ -612,35 +637,10 @@ fn check_semantics(
                 expanded.keyword()
             )))
         }
-        InstructionKind::Run(run) => match run.mounts.iter().find_map(|m| mount_problem(m)) {
-            Some(problem) => Err(error(format!("--mount: {problem}"))),
-            None => Ok(()),
-        },
         InstructionKind::Workdir(dir) if dir.is_empty() => {
             Err(error("WORKDIR cannot be empty".to_owned()))
         }
         _ => Ok(()),
-    }
-}
-
-/// What BuildKit would refuse in a `--mount` spec (`type=cache,target=/root/.cache`), if anything.
-fn mount_problem(spec: &str) -> Option<String> {
-    let mut kind = "bind";
-    let mut has_target = false;
-    for field in spec.split(',') {
-        let (key, value) = field.split_once('=').unwrap_or((field, ""));
-        match key.trim().to_ascii_lowercase().as_str() {
-            "type" => kind = value,
-            "target" | "dst" | "destination" => has_target = !value.is_empty(),
-            "from" | "source" | "src" | "readonly" | "ro" | "readwrite" | "rw" | "id"
-            | "sharing" | "mode" | "uid" | "gid" | "required" | "size" | "env" => {}
-            other => return Some(format!("unexpected key '{other}' in '{field}'")),
-        }
-    }
-    match kind {
-        "bind" | "cache" | "tmpfs" if !has_target => Some(format!("a {kind} mount needs a target")),
-        "bind" | "cache" | "tmpfs" | "secret" | "ssh" => None,
-        other => Some(format!("unsupported mount type {other:?}")),
     }
 }
 

@@ -18,6 +18,7 @@ mod canonical;
 mod expand;
 mod lower;
 pub(crate) mod scope;
+mod support;
 
 use petgraph::graph::DiGraph;
 
