@@ -213,9 +213,10 @@ enum CacheAction {
     },
     /// Remove build cache no tag and no running build holds: all of it, or as filtered
     Prune {
-        /// `until=DURATION`: only what was unused for longer (e.g. until=24h)
+        /// `until=DURATION`: only what was unused for longer (e.g. until=24h);
+        /// `type=exec.cachemount`: only RUN --mount=type=cache directories
         #[arg(long, value_name = "FILTER", value_parser = parse_prune_filter)]
-        filter: Vec<u64>,
+        filter: Vec<PruneFilter>,
         /// Keep this much, removing the least recently used first (e.g. 10GB)
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         keep_storage: Option<u64>,
@@ -408,6 +409,7 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
                 dry_run,
                 keep_duration_secs: keep_duration,
                 all,
+                cache_mounts_only: false,
             };
             gc(place, request, json).await
         }
@@ -437,7 +439,13 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
         } => {
             // As `buildx prune`: without a filter or a size, everything unused goes; with
             // `until`, only what is older, whatever the size.
-            let until = filter.into_iter().min();
+            let until = filter
+                .iter()
+                .filter_map(|f| match f {
+                    PruneFilter::Until(secs) => Some(*secs),
+                    PruneFilter::CacheMounts => None,
+                })
+                .min();
             let request = GcRequest {
                 keep_bytes: Some(keep_storage.unwrap_or(if until.is_some() {
                     u64::MAX
@@ -447,6 +455,7 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
                 dry_run,
                 keep_duration_secs: until,
                 all: until.is_none() && keep_storage.is_none(),
+                cache_mounts_only: filter.contains(&PruneFilter::CacheMounts),
             };
             gc(place, request, json).await
         }
@@ -654,12 +663,21 @@ fn parse_duration(text: &str) -> Result<u64, String> {
     memobuild_protocol::units::parse_duration(text).map_err(|e| e.to_string())
 }
 
-/// buildx's `--filter`: `until=24h` is the one that applies to this cache.
-fn parse_prune_filter(text: &str) -> Result<u64, String> {
+/// The buildx `--filter`s that apply to this cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PruneFilter {
+    /// `until=24h`, in seconds.
+    Until(u64),
+    /// `type=exec.cachemount`.
+    CacheMounts,
+}
+
+fn parse_prune_filter(text: &str) -> Result<PruneFilter, String> {
     match text.split_once('=') {
-        Some(("until", value)) => parse_duration(value),
+        Some(("until", value)) => parse_duration(value).map(PruneFilter::Until),
+        Some(("type", "exec.cachemount")) => Ok(PruneFilter::CacheMounts),
         _ => Err(format!(
-            "unsupported filter {text:?}; this cache takes until=DURATION"
+            "unsupported filter {text:?}; this cache takes until=DURATION and type=exec.cachemount"
         )),
     }
 }

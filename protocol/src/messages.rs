@@ -251,6 +251,8 @@ pub struct GcRequest {
     pub keep_duration_secs: Option<u64>,
     /// Remove every cached step and base image that no tag and no running build holds.
     pub all: bool,
+    /// Only cache mounts (`cache prune --filter type=exec.cachemount`).
+    pub cache_mounts_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,6 +428,9 @@ pub struct CacheStats {
     pub last_gc: Option<GcSummary>,
     /// A pass runs, or what it removed is still being deleted.
     pub gc_running: bool,
+    /// `RUN --mount=type=cache` directories kept across builds, and their bytes on disk.
+    pub cache_mounts: u64,
+    pub cache_mount_bytes: u64,
 }
 
 /// The last GC pass.
@@ -505,6 +510,7 @@ pub struct GcReport {
     /// `false`: the pass stopped at its time limit; the next one goes on.
     pub complete: bool,
     pub duration_ms: u64,
+    pub removed_cache_mounts: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

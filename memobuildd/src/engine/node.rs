@@ -24,11 +24,11 @@ use super::user;
 use super::view::RootView;
 use super::{BuildError, BuildSpec, Engine, Progress, Reporter};
 use crate::context::{Hash, IgnoreRules};
-use crate::exec::{LogStream, Network, RunRequest};
-use crate::frontend::{Command, FileCopy, InstructionKind, Run};
+use crate::exec::{LogStream, MountSource, Network, RunRequest, StepMount};
+use crate::frontend::{self, Command, FileCopy, InstructionKind, MountKind, Run, parse_mounts};
 use crate::image::layer::{Layer, LayerOptions, write_layer};
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
-use crate::store::{ActionResult, LayerRecord, Lease, blocking};
+use crate::store::{ActionResult, CacheMount, CacheOwner, LayerRecord, Lease, Sharing, blocking};
 
 /// Mount points the runtime creates when the image lacks them and that BuildKit removes
 /// again when they stayed empty. (It keeps /proc, /sys and /dev, and /etc/hostname is no
@@ -618,11 +618,13 @@ impl BuildRun {
         let cwd = crate::context::dockerignore::clean(&parent.workdir());
         // Docker creates a missing WORKDIR for RUN; so does the layer, as it does there.
         let _ = std::fs::create_dir_all(active.rootfs().join(cwd.trim_start_matches('/')));
-        let absent_mounts: Vec<String> = MOUNT_POINTS
+        // Held until the step ends: a locked cache mount is this step's alone meanwhile.
+        let (mounts, _held) = self.step_mounts(run, work)?;
+        let targets = MOUNT_POINTS
             .iter()
-            .filter(|p| view.lookup(&Path::new("/").join(p)).is_none())
-            .map(|p| (*p).to_owned())
-            .collect();
+            .map(|p| format!("/{p}"))
+            .chain(mounts.iter().map(|m| m.target.clone()));
+        let absent_mounts = absent_paths(&view, targets);
         let request = RunRequest {
             id: self.engine.next_run_id(),
             bundle: scratch.join("bundle"),
@@ -636,6 +638,7 @@ impl BuildRun {
                 Some("host") => Network::Host,
                 _ => self.spec.network,
             },
+            mounts,
         };
         let tail = Mutex::new(VecDeque::with_capacity(FAILURE_TAIL));
         let mut logs = |stream: LogStream, line: &[u8]| {
@@ -665,6 +668,58 @@ impl BuildRun {
         }
         remove_mount_points(&upper, &absent_mounts);
         self.finish_layer(&upper)
+    }
+
+    /// What a RUN's `--mount`s put in its container, and the cache mounts it holds. The
+    /// planner refused every mount type not handled here.
+    fn step_mounts(
+        &self,
+        run: &Run,
+        work: &Work,
+    ) -> Result<(Vec<StepMount>, Vec<CacheMount>), BuildError> {
+        let parsed = parse_mounts(&run.mounts)
+            .map_err(|(_, err)| BuildError::Store(format!("--mount: {err}")))?;
+        let (mut mounts, mut held) = (Vec::new(), Vec::new());
+        for mount in parsed {
+            let source = match mount.kind {
+                MountKind::Cache => {
+                    let owner = CacheOwner {
+                        uid: mount.uid.unwrap_or(0),
+                        gid: mount.gid.unwrap_or(0),
+                        mode: mount.mode.unwrap_or(0o755),
+                    };
+                    let sharing = match mount.sharing {
+                        frontend::Sharing::Shared => Sharing::Shared,
+                        frontend::Sharing::Private => Sharing::Private,
+                        frontend::Sharing::Locked => Sharing::Locked,
+                    };
+                    let cache = self
+                        .engine
+                        .store
+                        .cache_mount(&mount.id, sharing, owner, work.cancel_flag())
+                        .map_err(store)?
+                        .ok_or(BuildError::Cancelled)?;
+                    let path = cache.path().to_owned();
+                    held.push(cache);
+                    MountSource::Bind {
+                        path,
+                        readonly: mount.readonly,
+                    }
+                }
+                MountKind::Tmpfs => MountSource::Tmpfs { size: mount.size },
+                other => {
+                    return Err(BuildError::Store(format!(
+                        "--mount=type={} is not supported",
+                        other.as_str()
+                    )));
+                }
+            };
+            mounts.push(StepMount {
+                target: mount.target,
+                source,
+            });
+        }
+        Ok((mounts, held))
     }
 
     fn copy_step(
@@ -956,8 +1011,27 @@ fn run_argv(run: &Run, parent: &State) -> Vec<String> {
     parent.argv(&run.command)
 }
 
-/// Drops what the runtime created only to mount over: empty mount-point files and dirs
-/// (and `etc` if it exists only because of them).
+/// The mount targets the image lacks, with their missing parents, relative to the root and
+/// deepest first: what the runtime creates only to mount over.
+fn absent_paths(view: &RootView, targets: impl Iterator<Item = String>) -> Vec<String> {
+    let mut absent: Vec<String> = Vec::new();
+    for target in targets {
+        let mut path = PathBuf::from(crate::context::dockerignore::clean(&target));
+        while path.parent().is_some() && view.lookup(&path).is_none() {
+            if let Ok(relative) = path.strip_prefix("/") {
+                absent.push(relative.to_string_lossy().into_owned());
+            }
+            path.pop();
+        }
+    }
+    absent.sort();
+    absent.dedup();
+    absent.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    absent
+}
+
+/// Drops what the runtime created only to mount over: the mount-point files and dirs of
+/// `absent` (deepest first) that stayed empty.
 fn remove_mount_points(upper: &Path, absent: &[String]) {
     for path in absent {
         let host = upper.join(path);
@@ -976,9 +1050,6 @@ fn remove_mount_points(upper: &Path, absent: &[String]) {
                 std::fs::remove_file(&host)
             };
         }
-    }
-    if absent.iter().any(|p| p.starts_with("etc/")) {
-        let _ = std::fs::remove_dir(upper.join("etc"));
     }
 }
 

@@ -39,8 +39,8 @@ fn mount_unsupported(mount: &RunMount) -> Option<String> {
         MountKind::Cache if mount.from.is_some() || mount.source.is_some() => Some(format!(
             "--mount=type={kind}: from= and source= (seeding a cache from a stage) are not supported yet"
         )),
-        MountKind::Cache => None,
-        MountKind::Bind | MountKind::Tmpfs | MountKind::Secret | MountKind::Ssh => {
+        MountKind::Cache | MountKind::Tmpfs => None,
+        MountKind::Bind | MountKind::Secret | MountKind::Ssh => {
             Some(format!("--mount=type={kind} is not supported yet"))
         }
     }

@@ -1,0 +1,240 @@
+//! `RUN --mount`: cache mounts kept by the daemon across builds and restarts, out of every
+//! layer, shared or taken in turns, counted and pruned; tmpfs mounts; and flags MemoBuild
+//! does not implement refused at their line.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use memobuild_tests::bench::{Bench, executed, tail};
+use memobuild_tests::{privileged, texts};
+
+/// Builds `ctx` into a local directory (`-o type=local`) and returns it.
+fn build_local(bench: &Bench, ctx: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let dest = bench.daemon.dir.path().join(name);
+    let output = format!("type=local,dest={}", dest.display());
+    let mut all = vec!["-o", output.as_str()];
+    all.extend_from_slice(args);
+    bench.build_ok(ctx, &all);
+    dest
+}
+
+fn cache_stats(bench: &Bench) -> serde_json::Value {
+    let output = bench.daemon.run_client(&["cache", "stats", "--json"]);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stderr}");
+    serde_json::from_str(&stdout).expect("cache stats JSON")
+}
+
+/// What the cache mount held when the build with `N=n` ran; checks that neither the
+/// cache's content nor its mount point reached the image.
+fn seen(bench: &Bench, ctx: &Path, n: u32) -> Vec<String> {
+    let root = build_local(
+        bench,
+        ctx,
+        &format!("out-{n}"),
+        &["--build-arg", &format!("N={n}")],
+    );
+    assert!(
+        !root.join("var/cache/app").exists(),
+        "the mount point leaked into a layer"
+    );
+    let seen = std::fs::read_to_string(root.join("seen")).expect("/seen");
+    seen.split_whitespace().map(str::to_owned).collect()
+}
+
+const CACHE: &str = "\
+FROM BASE
+ARG N
+RUN --mount=type=cache,target=/var/cache/app \\
+    ls /var/cache/app > /seen && echo $N > /var/cache/app/run-$N
+";
+
+#[test]
+fn a_cache_mount_persists_across_builds_and_restarts_stays_out_of_layers_and_is_pruned() {
+    if !privileged(
+        "a_cache_mount_persists_across_builds_and_restarts_stays_out_of_layers_and_is_pruned",
+    ) {
+        return;
+    }
+    let mut bench = Bench::start();
+    let ctx = bench.context("cache", &[("Dockerfile", CACHE)]);
+    assert_eq!(
+        seen(&bench, &ctx, 1),
+        Vec::<String>::new(),
+        "a new cache is empty"
+    );
+    assert_eq!(
+        seen(&bench, &ctx, 2),
+        ["run-1"],
+        "the second build sees the first one's file"
+    );
+
+    bench.daemon.terminate();
+    bench.daemon.launch(|_| {}).expect("restart");
+    assert_eq!(
+        seen(&bench, &ctx, 3),
+        ["run-1", "run-2"],
+        "the cache survives a restart"
+    );
+
+    let stats = cache_stats(&bench);
+    assert_eq!(stats["cache_mounts"], 1, "{stats}");
+    let bytes = stats["cache_mount_bytes"].as_u64().expect("bytes");
+    assert!(bytes >= 3 * 4096, "three files on disk: {stats}");
+    assert!(stats["total_bytes"].as_u64().expect("total") >= bytes);
+
+    // A step that hits the cache sees nothing of the mount: nothing reruns.
+    let again = bench.build_ok(&ctx, &["--build-arg", "N=3"]);
+    assert_eq!(executed(&again), 0, "{again}");
+
+    let output = bench.daemon.run_client(&[
+        "cache",
+        "prune",
+        "--filter",
+        "type=exec.cachemount",
+        "--json",
+    ]);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("report");
+    assert_eq!(report["removed_cache_mounts"], 1, "{report}");
+    assert_eq!(
+        report["removed_actions"], 0,
+        "only cache mounts go: {report}"
+    );
+    assert_eq!(cache_stats(&bench)["cache_mounts"], 0);
+    assert_eq!(
+        seen(&bench, &ctx, 4),
+        Vec::<String>::new(),
+        "a pruned cache starts empty"
+    );
+    assert!(
+        executed(&bench.build_ok(&ctx, &["--build-arg", "N=2"])) == 0,
+        "pruning cache mounts keeps cached steps"
+    );
+}
+
+/// Two builds that differ only in their name, each writing its start and end time (the
+/// host's uptime, which containers share) into one cache mount, sleeping in between.
+fn turns(bench: &Bench, sharing: &str) -> Vec<(String, f64, f64)> {
+    let contexts: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let dockerfile = format!(
+                "FROM BASE\nRUN --mount=type=cache,id=turns-{sharing},target=/c,sharing={sharing} \
+                 echo {name} $(cut -d' ' -f1 /proc/uptime) >> /c/log && sleep 3 \
+                 && echo {name} $(cut -d' ' -f1 /proc/uptime) >> /c/log\n"
+            );
+            bench.context(&format!("{sharing}-{name}"), &[("Dockerfile", &dockerfile)])
+        })
+        .collect();
+    let started = Instant::now();
+    let builds: Vec<_> = contexts
+        .iter()
+        .map(|ctx| {
+            let mut command = bench.daemon.client();
+            command.args(["build", "--progress", "plain"]).arg(ctx);
+            command
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("client")
+        })
+        .collect();
+    for build in builds {
+        let output = build.wait_with_output().expect("build");
+        assert!(
+            output.status.success(),
+            "{:?}\n{}",
+            texts(&output),
+            tail(&bench.daemon.log_text())
+        );
+    }
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    let reader = bench.context(
+        &format!("{sharing}-read"),
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM BASE\nRUN --mount=type=cache,id=turns-{sharing},target=/c cp /c/log /log\n"
+            ),
+        )],
+    );
+    let root = build_local(bench, &reader, &format!("{sharing}-out"), &[]);
+    let log = std::fs::read_to_string(root.join("log")).expect("log");
+    let mut spans: Vec<(String, f64, f64)> = Vec::new();
+    for line in log.lines() {
+        let (name, time) = line.split_once(' ').expect("name time");
+        let time: f64 = time.parse().expect("seconds");
+        match spans.iter_mut().find(|(n, _, _)| n == name) {
+            Some(span) => span.2 = time,
+            None => spans.push((name.to_owned(), time, 0.0)),
+        }
+    }
+    spans.sort_by(|a, b| a.1.total_cmp(&b.1));
+    assert_eq!(spans.len(), 2, "{log}");
+    spans
+}
+
+#[test]
+fn locked_cache_mounts_make_concurrent_builds_take_turns() {
+    if !privileged("locked_cache_mounts_make_concurrent_builds_take_turns") {
+        return;
+    }
+    let bench = Bench::start();
+    // Shared: the two steps run at once (which shows the two builds do overlap here)...
+    let shared = turns(&bench, "shared");
+    assert!(
+        shared[1].1 < shared[0].2,
+        "shared steps overlap: {shared:?}"
+    );
+    // ...locked: the second starts only when the first let go.
+    let locked = turns(&bench, "locked");
+    assert!(
+        locked[1].1 >= locked[0].2,
+        "locked steps take turns: {locked:?}"
+    );
+}
+
+#[test]
+fn a_tmpfs_mount_is_a_fresh_tmpfs_and_stays_out_of_the_layer() {
+    if !privileged("a_tmpfs_mount_is_a_fresh_tmpfs_and_stays_out_of_the_layer") {
+        return;
+    }
+    let bench = Bench::start();
+    let ctx = bench.context(
+        "tmpfs",
+        &[(
+            "Dockerfile",
+            "FROM BASE\nRUN --mount=type=tmpfs,target=/scratch/t,size=1m \
+             grep ' /scratch/t tmpfs ' /proc/mounts > /mounts && echo x > /scratch/t/f \
+             && ! dd if=/dev/zero of=/scratch/t/big bs=1M count=2 2>/dev/null\n",
+        )],
+    );
+    let root = build_local(&bench, &ctx, "out", &[]);
+    let mounts = std::fs::read_to_string(root.join("mounts")).expect("/mounts");
+    assert!(mounts.contains("size=1024k"), "{mounts}");
+    assert!(
+        !root.join("scratch").exists(),
+        "the mount point and its parent stay out"
+    );
+}
+
+#[test]
+fn an_unsupported_flag_fails_the_build_at_its_line_and_names_it() {
+    let bench = Bench::start();
+    let ctx = bench.context(
+        "unsupported",
+        &[(
+            "Dockerfile",
+            "FROM BASE\nRUN true\nRUN --security=insecure true\n",
+        )],
+    );
+    let output = bench.build(&ctx, &[]);
+    let (stdout, stderr) = texts(&output);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(
+        stderr.contains(":3:5: --security=insecure is not supported"),
+        "{stderr}"
+    );
+}
