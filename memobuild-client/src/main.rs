@@ -11,9 +11,9 @@ use memobuild_client::{
     daemon_place, launch, render,
 };
 use memobuild_protocol::{
-    BuildRequest, DockerfileSource, DumpDockerfileRequest, GcRequest, GraphRequest,
+    BuildRequest, BuildSecret, DockerfileSource, DumpDockerfileRequest, GcRequest, GraphRequest,
     LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION,
-    PROTOCOL_VERSION, PushRequest, Request, Response, UnwatchRequest, WatchRequest,
+    PROTOCOL_VERSION, PushRequest, Request, Response, SshAgent, UnwatchRequest, WatchRequest,
 };
 use serde_json::json;
 
@@ -189,6 +189,14 @@ struct BuildArgs {
     /// Push the image to its registry after building
     #[arg(long)]
     push: bool,
+    /// A secret for RUN --mount=type=secret: id=ID[,src=FILE|,env=VAR] (repeatable); read
+    /// here, never stored by the daemon
+    #[arg(long = "secret", value_name = "SPEC", value_parser = parse_secret)]
+    secrets: Vec<BuildSecret>,
+    /// An SSH agent for RUN --mount=type=ssh: `default` ($SSH_AUTH_SOCK) or ID=SOCKET
+    /// (repeatable)
+    #[arg(long = "ssh", value_name = "SPEC", value_parser = parse_ssh)]
+    ssh: Vec<SshAgent>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -529,6 +537,8 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
         outputs: args.outputs,
         push: args.push,
         source_date_epoch: args.source_date_epoch,
+        secrets: args.secrets,
+        ssh: args.ssh,
     });
     let mut conn = connect_or_start(place).await?;
     conn.send(&request).await?;
@@ -679,6 +689,74 @@ fn parse_prune_filter(text: &str) -> Result<PruneFilter, String> {
         _ => Err(format!(
             "unsupported filter {text:?}; this cache takes until=DURATION and type=exec.cachemount"
         )),
+    }
+}
+
+/// buildx's `--secret`: `id=ID,src=FILE` (also `source=`, `type=file`), `id=ID,env=VAR`
+/// (`type=env`), or `id=ID` alone: the variable ID if set, else the file ID.
+fn parse_secret(text: &str) -> Result<BuildSecret, String> {
+    let (mut id, mut src, mut env, mut kind) = (None, None, None, None);
+    for field in text.split(',') {
+        match field.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_owned()),
+            Some(("src" | "source", v)) => src = Some(v.to_owned()),
+            Some(("env", v)) => env = Some(v.to_owned()),
+            Some(("type", v @ ("file" | "env"))) => kind = Some(v.to_owned()),
+            _ => {
+                return Err(format!(
+                    "unexpected {field:?}; expected id=, src=, env= or type="
+                ));
+            }
+        }
+    }
+    let id = id
+        .filter(|id| !id.is_empty())
+        .ok_or("a secret needs id=ID")?;
+    let from_env = |var: &str| {
+        std::env::var_os(var)
+            .map(|v| v.into_encoded_bytes())
+            .ok_or_else(|| format!("secret {id}: {var} is not set in the environment"))
+    };
+    let from_file = |path: &str| {
+        std::fs::read(path).map_err(|err| format!("secret {id}: reading {path}: {err}"))
+    };
+    let value = match (src, env, kind.as_deref()) {
+        (Some(path), None, None | Some("file")) => from_file(&path)?,
+        (None, Some(var), None | Some("env")) => from_env(&var)?,
+        (Some(var), None, Some("env")) => from_env(&var)?,
+        (None, None, Some("env")) => from_env(&id)?,
+        (None, None, Some("file")) => from_file(&id)?,
+        (None, None, _) if std::env::var_os(&id).is_some() => from_env(&id)?,
+        (None, None, _) => from_file(&id)?,
+        _ => return Err(format!("secret {id}: give src= or env=, not both")),
+    };
+    Ok(BuildSecret { id, value })
+}
+
+/// buildx's `--ssh`: `default` or `ID` (the agent at `$SSH_AUTH_SOCK`), or `ID=SOCKET`. Key
+/// files are not loaded here: start an agent and `ssh-add` them.
+fn parse_ssh(text: &str) -> Result<SshAgent, String> {
+    let (id, path) = match text.split_once('=') {
+        Some((id, path)) if !path.contains(',') => (id, PathBuf::from(path)),
+        Some(_) => return Err("one socket per --ssh ID=SOCKET".into()),
+        None => (
+            text,
+            std::env::var_os("SSH_AUTH_SOCK")
+                .map(PathBuf::from)
+                .ok_or("--ssh: SSH_AUTH_SOCK is not set; start ssh-agent or give ID=SOCKET")?,
+        ),
+    };
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.file_type().is_socket() => Ok(SshAgent {
+            id: id.to_owned(),
+            socket: absolute(&path),
+        }),
+        Ok(_) => Err(format!(
+            "--ssh {id}: {} is not an agent socket (key files are not loaded: ssh-add them to an agent)",
+            path.display()
+        )),
+        Err(err) => Err(format!("--ssh {id}: {}: {err}", path.display())),
     }
 }
 

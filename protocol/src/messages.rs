@@ -178,6 +178,32 @@ pub struct BuildRequest {
     pub push: bool,
     /// Clamp timestamps for reproducible images (`SOURCE_DATE_EPOCH`).
     pub source_date_epoch: Option<u64>,
+    /// `--secret`: read by the client, kept by the daemon only in memory and in the tmpfs of
+    /// the steps that mount them.
+    pub secrets: Vec<BuildSecret>,
+    /// `--ssh`: SSH agent sockets `RUN --mount=type=ssh` forwards.
+    pub ssh: Vec<SshAgent>,
+}
+
+/// One `--secret id=…`: its bytes. Its `Debug` shows the id and the length only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSecret {
+    pub id: String,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for BuildSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BuildSecret({:?}, {} bytes)", self.id, self.value.len())
+    }
+}
+
+/// One `--ssh id=socket` (`default`: the client's `SSH_AUTH_SOCK`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshAgent {
+    pub id: String,
+    /// Absolute path of the agent's socket.
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,16 +19,17 @@ use super::copy::{self, CopySource, CopySpec};
 use super::explain::{self, Circumstances, Position, StepInputs};
 use super::flight::Work;
 use super::keys::{self, BaseImage, ExecContext, Input, KeyInputs};
+use super::mounts::absent_paths;
 use super::state::{self, DEFAULT_PATH, State};
 use super::user;
 use super::view::RootView;
 use super::{BuildError, BuildSpec, Engine, Progress, Reporter};
 use crate::context::{Hash, IgnoreRules};
-use crate::exec::{LogStream, MountSource, Network, RunRequest, StepMount};
-use crate::frontend::{self, Command, FileCopy, InstructionKind, MountKind, Run, parse_mounts};
+use crate::exec::{LogStream, Network, RunRequest};
+use crate::frontend::{Command, FileCopy, InstructionKind, Run};
 use crate::image::layer::{Layer, LayerOptions, write_layer};
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
-use crate::store::{ActionResult, CacheMount, CacheOwner, LayerRecord, Lease, Sharing, blocking};
+use crate::store::{ActionResult, LayerRecord, Lease, blocking};
 
 /// Mount points the runtime creates when the image lacks them and that BuildKit removes
 /// again when they stayed empty. (It keeps /proc, /sys and /dev, and /etc/hostname is no
@@ -618,16 +619,23 @@ impl BuildRun {
         let cwd = crate::context::dockerignore::clean(&parent.workdir());
         // Docker creates a missing WORKDIR for RUN; so does the layer, as it does there.
         let _ = std::fs::create_dir_all(active.rootfs().join(cwd.trim_start_matches('/')));
-        // Held until the step ends: a locked cache mount is this step's alone meanwhile.
-        let (mounts, _held) = self.step_mounts(run, work)?;
+        // Held until the step ends: a locked cache mount is this step's alone meanwhile,
+        // secrets live in a tmpfs that goes with it.
+        let mounts = self.step_mounts(run, &scratch, work)?;
         let targets = MOUNT_POINTS
             .iter()
             .map(|p| format!("/{p}"))
-            .chain(mounts.iter().map(|m| m.target.clone()));
+            .chain(mounts.mounts.iter().map(|m| m.target.clone()));
         let absent_mounts = absent_paths(&view, targets);
+        // A secret's variable replaces one of the same name, as in BuildKit.
+        for var in &mounts.env {
+            let name = var.split('=').next().unwrap_or_default();
+            env.retain(|e| e.split('=').next() != Some(name));
+            env.push(var.clone());
+        }
         let request = RunRequest {
             id: self.engine.next_run_id(),
-            bundle: scratch.join("bundle"),
+            bundle: mounts.bundle.clone(),
             rootfs: active.rootfs().to_owned(),
             args: run_argv(run, parent),
             env,
@@ -638,7 +646,7 @@ impl BuildRun {
                 Some("host") => Network::Host,
                 _ => self.spec.network,
             },
-            mounts,
+            mounts: mounts.mounts.clone(),
         };
         let tail = Mutex::new(VecDeque::with_capacity(FAILURE_TAIL));
         let mut logs = |stream: LogStream, line: &[u8]| {
@@ -668,58 +676,6 @@ impl BuildRun {
         }
         remove_mount_points(&upper, &absent_mounts);
         self.finish_layer(&upper)
-    }
-
-    /// What a RUN's `--mount`s put in its container, and the cache mounts it holds. The
-    /// planner refused every mount type not handled here.
-    fn step_mounts(
-        &self,
-        run: &Run,
-        work: &Work,
-    ) -> Result<(Vec<StepMount>, Vec<CacheMount>), BuildError> {
-        let parsed = parse_mounts(&run.mounts)
-            .map_err(|(_, err)| BuildError::Store(format!("--mount: {err}")))?;
-        let (mut mounts, mut held) = (Vec::new(), Vec::new());
-        for mount in parsed {
-            let source = match mount.kind {
-                MountKind::Cache => {
-                    let owner = CacheOwner {
-                        uid: mount.uid.unwrap_or(0),
-                        gid: mount.gid.unwrap_or(0),
-                        mode: mount.mode.unwrap_or(0o755),
-                    };
-                    let sharing = match mount.sharing {
-                        frontend::Sharing::Shared => Sharing::Shared,
-                        frontend::Sharing::Private => Sharing::Private,
-                        frontend::Sharing::Locked => Sharing::Locked,
-                    };
-                    let cache = self
-                        .engine
-                        .store
-                        .cache_mount(&mount.id, sharing, owner, work.cancel_flag())
-                        .map_err(store)?
-                        .ok_or(BuildError::Cancelled)?;
-                    let path = cache.path().to_owned();
-                    held.push(cache);
-                    MountSource::Bind {
-                        path,
-                        readonly: mount.readonly,
-                    }
-                }
-                MountKind::Tmpfs => MountSource::Tmpfs { size: mount.size },
-                other => {
-                    return Err(BuildError::Store(format!(
-                        "--mount=type={} is not supported",
-                        other.as_str()
-                    )));
-                }
-            };
-            mounts.push(StepMount {
-                target: mount.target,
-                source,
-            });
-        }
-        Ok((mounts, held))
     }
 
     fn copy_step(
@@ -1011,25 +967,6 @@ fn run_argv(run: &Run, parent: &State) -> Vec<String> {
     parent.argv(&run.command)
 }
 
-/// The mount targets the image lacks, with their missing parents, relative to the root and
-/// deepest first: what the runtime creates only to mount over.
-fn absent_paths(view: &RootView, targets: impl Iterator<Item = String>) -> Vec<String> {
-    let mut absent: Vec<String> = Vec::new();
-    for target in targets {
-        let mut path = PathBuf::from(crate::context::dockerignore::clean(&target));
-        while path.parent().is_some() && view.lookup(&path).is_none() {
-            if let Ok(relative) = path.strip_prefix("/") {
-                absent.push(relative.to_string_lossy().into_owned());
-            }
-            path.pop();
-        }
-    }
-    absent.sort();
-    absent.dedup();
-    absent.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
-    absent
-}
-
 /// Drops what the runtime created only to mount over: the mount-point files and dirs of
 /// `absent` (deepest first) that stayed empty.
 fn remove_mount_points(upper: &Path, absent: &[String]) {
@@ -1054,7 +991,7 @@ fn remove_mount_points(upper: &Path, absent: &[String]) {
 }
 
 /// An error of the store or of a step's writes; one that ran out of space says so.
-fn store(err: impl std::error::Error + 'static) -> BuildError {
+pub(super) fn store(err: impl std::error::Error + 'static) -> BuildError {
     if crate::store::is_out_of_space(&err) {
         BuildError::Full(err.to_string())
     } else {

@@ -39,10 +39,13 @@ fn mount_unsupported(mount: &RunMount) -> Option<String> {
         MountKind::Cache if mount.from.is_some() || mount.source.is_some() => Some(format!(
             "--mount=type={kind}: from= and source= (seeding a cache from a stage) are not supported yet"
         )),
-        MountKind::Cache | MountKind::Tmpfs => None,
-        MountKind::Bind | MountKind::Secret | MountKind::Ssh => {
-            Some(format!("--mount=type={kind} is not supported yet"))
+        MountKind::Ssh if mount.mode.is_some() || mount.uid.is_some() || mount.gid.is_some() => {
+            Some(format!(
+                "--mount=type={kind}: mode=, uid= and gid= are not supported yet (the agent's own socket is mounted)"
+            ))
         }
+        MountKind::Cache | MountKind::Tmpfs | MountKind::Secret | MountKind::Ssh => None,
+        MountKind::Bind => Some(format!("--mount=type={kind} is not supported yet")),
     }
 }
 

@@ -394,6 +394,8 @@ fn every_buildkit_flag_is_implemented_or_refused_by_name() {
         "FROM --platform=$TARGETPLATFORM a",
         "FROM a\nRUN --mount=type=cache,id=x,target=/c,sharing=locked,mode=0700,uid=1,gid=1,ro=false true",
         "FROM a\nRUN --mount=type=tmpfs,target=/t,size=64m true",
+        "FROM a\nRUN --mount=type=secret,id=s,target=/s,env=S,required,mode=0440,uid=1,gid=2 true",
+        "FROM a\nRUN --mount=type=ssh,id=github,target=/agent,required true",
         "FROM a\nRUN --network=default true",
         "FROM a\nRUN --network=none true",
         "FROM a\nRUN --network=host true",
@@ -425,14 +427,9 @@ fn every_buildkit_flag_is_implemented_or_refused_by_name() {
             "--mount=type=bind is not supported yet",
         ),
         (
-            "FROM a\nRUN --mount=type=secret,id=s true",
+            "FROM a\nRUN --mount=type=ssh,mode=0600 true",
             "--mount",
-            "--mount=type=secret is not supported yet",
-        ),
-        (
-            "FROM a\nRUN --mount=type=ssh true",
-            "--mount",
-            "--mount=type=ssh is not supported yet",
+            "--mount=type=ssh: mode=, uid= and gid= are not supported yet",
         ),
         (
             "FROM a\nRUN --mount=type=cache,target=/c,from=a true",

@@ -31,10 +31,7 @@ impl Peer {
     /// read, on a user's behalf, what that user may not. Checks the path's own permission bits
     /// against the peer's uid and primary gid; a missing path passes, for the read to report.
     pub(crate) fn check_readable(&self, path: &Path) -> Result<(), HandlerError> {
-        if self.uid == 0 || self.uid == passwd::effective_uid() {
-            return Ok(());
-        }
-        let Ok(meta) = std::fs::metadata(path) else {
+        let Some(meta) = self.metadata_to_check(path) else {
             return Ok(());
         };
         let mode = meta.mode();
@@ -54,6 +51,39 @@ impl Peer {
                 path: path.to_owned(),
             })
         }
+    }
+
+    /// Refuses a socket (an SSH agent's) this peer could not connect to itself: it must own
+    /// it, or have write permission on it by its group or others bits.
+    pub(crate) fn check_connectable(&self, path: &Path) -> Result<(), HandlerError> {
+        let Some(meta) = self.metadata_to_check(path) else {
+            return Ok(());
+        };
+        let mode = meta.mode();
+        let bits = if meta.uid() == self.uid {
+            mode >> 6
+        } else if meta.gid() == self.gid {
+            mode >> 3
+        } else {
+            mode
+        } & 0o7;
+        if bits & 0o2 == 0o2 {
+            Ok(())
+        } else {
+            Err(HandlerError::Unconnectable {
+                uid: self.uid,
+                path: path.to_owned(),
+            })
+        }
+    }
+
+    /// `path`'s metadata when this peer's access to it must be checked: not for root or
+    /// the daemon's own user, nor for a path that is not there (the use reports that).
+    fn metadata_to_check(&self, path: &Path) -> Option<std::fs::Metadata> {
+        if self.uid == 0 || self.uid == passwd::effective_uid() {
+            return None;
+        }
+        std::fs::metadata(path).ok()
     }
 }
 

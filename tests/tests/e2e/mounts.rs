@@ -238,3 +238,276 @@ fn an_unsupported_flag_fails_the_build_at_its_line_and_names_it() {
         "{stderr}"
     );
 }
+
+const SECRETS: &str = "\
+FROM BASE
+RUN --mount=type=secret,id=token,mode=0440,uid=7 \\
+    --mount=type=secret,id=api,env=API_KEY,target=/etc/api \\
+    --mount=type=secret,id=unset \\
+    sha256sum /run/secrets/token | cut -c1-64 > /file-hash \\
+    && printf %s \"$API_KEY\" | sha256sum | cut -c1-64 > /env-hash \\
+    && sha256sum /etc/api | cut -c1-64 > /api-file-hash \\
+    && stat -c '%a %u' /run/secrets/token > /owner \\
+    && test ! -e /run/secrets/unset
+";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every file under `dir` that holds `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                todo.push(entry.path());
+            } else if kind.is_file()
+                && std::fs::read(entry.path())
+                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn secrets_reach_run_as_files_and_variables_and_nothing_else() {
+    if !privileged("secrets_reach_run_as_files_and_variables_and_nothing_else") {
+        return;
+    }
+    let bench = Bench::start();
+    let ctx = bench.context("secrets", &[("Dockerfile", SECRETS)]);
+    let secret_file = bench.daemon.dir.path().join("token.txt");
+    let build = |token: &str, api: &str, extra: &[&str]| {
+        std::fs::write(&secret_file, token).expect("secret file");
+        let file = format!("id=token,src={}", secret_file.display());
+        let out = bench
+            .daemon
+            .dir
+            .path()
+            .join(format!("secrets-out-{}", extra.len()));
+        let _ = std::fs::remove_dir_all(&out);
+        let dest = format!("type=local,dest={}", out.display());
+        let mut command = bench.daemon.client();
+        command
+            .args(["build", "--progress", "plain", "-o", &dest])
+            .args(["--secret", &file, "--secret", "id=api,env=MB_TEST_API"])
+            .args(extra)
+            .arg(&ctx)
+            .env("MB_TEST_API", api);
+        let output = command.output().expect("client");
+        let (stdout, stderr) = texts(&output);
+        assert!(
+            output.status.success(),
+            "{stderr}\n{}",
+            tail(&bench.daemon.log_text())
+        );
+        (out, format!("{stdout}{stderr}"))
+    };
+    let (root, progress) = build("token-value-0d1e2f", "api-value-9a8b7c", &[]);
+    let read = |name: &str| std::fs::read_to_string(root.join(name)).expect(name);
+    assert_eq!(read("file-hash").trim(), sha256_hex(b"token-value-0d1e2f"));
+    assert_eq!(read("env-hash").trim(), sha256_hex(b"api-value-9a8b7c"));
+    assert_eq!(
+        read("api-file-hash").trim(),
+        sha256_hex(b"api-value-9a8b7c")
+    );
+    assert_eq!(read("owner").trim(), "440 7");
+    assert!(!root.join("run/secrets").exists() && !root.join("etc/api").exists());
+
+    // Nowhere on disk: not in a layer, the config, an index, a log; nor in the progress.
+    for secret in [&b"token-value-0d1e2f"[..], b"api-value-9a8b7c"] {
+        assert_eq!(
+            files_holding(&bench.daemon.root, secret),
+            Vec::<PathBuf>::new()
+        );
+        assert_eq!(files_holding(&root, secret), Vec::<PathBuf>::new());
+        assert!(
+            !progress
+                .as_bytes()
+                .windows(secret.len())
+                .any(|w| w == secret)
+        );
+    }
+
+    // A changed secret reruns nothing (it is in no key); --no-cache reruns with it.
+    let (root, progress) = build("token-value-changed", "api-value-changed", &[]);
+    assert!(progress.contains("CACHED"), "{progress}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("file-hash"))
+            .expect("hash")
+            .trim(),
+        sha256_hex(b"token-value-0d1e2f")
+    );
+    let (root, _) = build("token-value-changed", "api-value-changed", &["--no-cache"]);
+    assert_eq!(
+        std::fs::read_to_string(root.join("file-hash"))
+            .expect("hash")
+            .trim(),
+        sha256_hex(b"token-value-changed")
+    );
+
+    let required = bench.context(
+        "required",
+        &[(
+            "Dockerfile",
+            "FROM BASE\nRUN --mount=type=secret,id=npmrc,required true\n",
+        )],
+    );
+    let output = bench.build(&required, &[]);
+    let (_, stderr) = texts(&output);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("secret \\\"npmrc\\\" is required but the build was given none")
+            || stderr.contains("secret \"npmrc\" is required but the build was given none"),
+        "{stderr}"
+    );
+}
+
+/// `ssh-add` and the libraries it loads, at their own paths, to COPY into the busybox image.
+fn ssh_add_rootfs(ctx: &Path) {
+    let ldd = std::process::Command::new("ldd")
+        .arg("/usr/bin/ssh-add")
+        .output()
+        .expect("ldd");
+    let mut files = vec![PathBuf::from("/usr/bin/ssh-add")];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(PathBuf::from);
+        files.extend(path);
+    }
+    for file in files {
+        let dest = ctx
+            .join("rootfs")
+            .join(file.strip_prefix("/").expect("absolute"));
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(&file, &dest).expect("copy");
+    }
+}
+
+/// Kills the agent the test started.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_ssh_mount_reaches_the_agent_the_caller_forwards() {
+    if !privileged("an_ssh_mount_reaches_the_agent_the_caller_forwards") {
+        return;
+    }
+    let bench = Bench::start();
+    let dir = bench.daemon.dir.path();
+    let socket = dir.join("agent.sock");
+    let _agent = Agent(
+        std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("ssh-agent (openssh-client)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "ssh-agent did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let key = dir.join("id_ed25519");
+    let run = |program: &str, args: &[std::ffi::OsString]| {
+        let output = std::process::Command::new(program)
+            .args(args)
+            .env("SSH_AUTH_SOCK", &socket)
+            .output()
+            .expect(program);
+        assert!(output.status.success(), "{program}: {:?}", texts(&output));
+        texts(&output).0
+    };
+    let mut keygen: Vec<std::ffi::OsString> =
+        ["-q", "-t", "ed25519", "-N", "", "-C", "mb-test", "-f"]
+            .map(Into::into)
+            .to_vec();
+    keygen.push(key.clone().into());
+    run("ssh-keygen", &keygen);
+    run("ssh-add", &[key.clone().into()]);
+    let listed = run("ssh-add", &["-l".into()]);
+    assert!(listed.contains("mb-test"), "{listed}");
+
+    let ctx = bench.context(
+        "ssh",
+        &[(
+            "Dockerfile",
+            "FROM BASE\nCOPY rootfs/ /\nRUN --mount=type=ssh ssh-add -l > /keys && echo $SSH_AUTH_SOCK > /sock\n",
+        )],
+    );
+    ssh_add_rootfs(&ctx);
+    let out = dir.join("ssh-out");
+    let dest = format!("type=local,dest={}", out.display());
+    let output = bench
+        .daemon
+        .client()
+        .args([
+            "build",
+            "--progress",
+            "plain",
+            "--ssh",
+            "default",
+            "-o",
+            &dest,
+        ])
+        .arg(&ctx)
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()
+        .expect("client");
+    let (_, stderr) = texts(&output);
+    assert!(
+        output.status.success(),
+        "{stderr}\n{}",
+        tail(&bench.daemon.log_text())
+    );
+    let keys = std::fs::read_to_string(out.join("keys")).expect("/keys");
+    assert_eq!(keys, listed, "the step lists the caller's agent's keys");
+    assert_eq!(
+        std::fs::read_to_string(out.join("sock"))
+            .expect("/sock")
+            .trim(),
+        "/run/buildkit/ssh_agent.0"
+    );
+    assert!(
+        !out.join("run/buildkit").exists(),
+        "the socket's mount point stays out"
+    );
+
+    // Without --ssh, a required agent is a clear error.
+    let required = bench.context(
+        "ssh-required",
+        &[(
+            "Dockerfile",
+            "FROM BASE\nRUN --mount=type=ssh,required=true true\n",
+        )],
+    );
+    let output = bench.build(&required, &[]);
+    let (_, stderr) = texts(&output);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("is required but the build was given none"),
+        "{stderr}"
+    );
+}
