@@ -7,14 +7,20 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::BuildError;
+use super::copy::{self, CopySource, CopySpec};
 use super::flight::Work;
+use super::keys;
 use super::node::{BuildRun, store};
+use super::state::State;
 use super::view::RootView;
+use crate::context::IgnoreRules;
 use crate::exec::{MountSource, StepMount};
 use crate::frontend::{self, MountKind, Run, RunMount, parse_mounts};
-use crate::snapshot::Tmpfs;
+use crate::plan::NodeIndex;
+use crate::snapshot::{Active, Tmpfs};
 use crate::store::{CacheMount, CacheOwner, Sharing};
 
 /// The build's `--secret`s by id. Its `Debug` shows ids only, so a logged spec leaks nothing.
@@ -46,6 +52,8 @@ pub(super) struct StepMounts {
     /// (its `config.json` may hold them), else in the step's scratch directory.
     pub(super) bundle: PathBuf,
     _caches: Vec<CacheMount>,
+    /// Overlays of the stages and images bind mounts read (writes to them are discarded).
+    _binds: Vec<Active>,
     _secrets: Option<Tmpfs>,
 }
 
@@ -53,8 +61,10 @@ impl BuildRun {
     /// Prepares the `--mount`s of `run` (the planner refused the kinds not handled here).
     pub(super) fn step_mounts(
         &self,
+        node: NodeIndex,
         run: &Run,
         scratch: &Path,
+        inputs: &HashMap<NodeIndex, Arc<State>>,
         work: &Work,
     ) -> Result<StepMounts, BuildError> {
         let parsed = parse_mounts(&run.mounts)
@@ -71,6 +81,7 @@ impl BuildRun {
                 .as_ref()
                 .map_or_else(|| scratch.join("bundle"), |t| t.path().join("bundle")),
             _caches: Vec::new(),
+            _binds: Vec::new(),
             _secrets: None,
         };
         let mut ssh_sock = None;
@@ -136,9 +147,29 @@ impl BuildRun {
                     }
                 }
                 MountKind::Bind => {
-                    return Err(BuildError::Store(
-                        "--mount=type=bind is not supported".into(),
-                    ));
+                    let dir = scratch.join(format!("bind-{i}"));
+                    let path = match &mount.from {
+                        None => self.bind_context(&mount, &dir)?,
+                        Some(from) => {
+                            let state = self.bound_state(node, from, inputs)?;
+                            let ids: Vec<String> = self
+                                .lower_dirs(&state)?
+                                .iter()
+                                .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+                                .collect();
+                            std::fs::create_dir_all(&dir).map_err(store)?;
+                            let active =
+                                self.engine.snapshotter.prepare(&ids, &dir).map_err(store)?;
+                            let source = mount.source.as_deref().unwrap_or("/");
+                            let path = active.rootfs().join(source.trim_start_matches('/'));
+                            step._binds.push(active);
+                            path
+                        }
+                    };
+                    MountSource::Bind {
+                        path,
+                        readonly: mount.readonly,
+                    }
                 }
             };
             step.mounts.push(StepMount {
@@ -152,6 +183,62 @@ impl BuildRun {
         }
         step._secrets = secrets;
         Ok(step)
+    }
+
+    /// A bind mount of the context: its source copied out of the build's snapshot, as COPY
+    /// copies it (what the key's fingerprint covers, `.dockerignore` applied), into `dir`.
+    fn bind_context(&self, mount: &RunMount, dir: &Path) -> Result<PathBuf, BuildError> {
+        let tree = self
+            .context
+            .as_deref()
+            .ok_or_else(|| BuildError::Store("no build context for a bind mount".into()))?;
+        let spec = CopySpec {
+            sources: vec![crate::plan::bind_context_source(mount)],
+            dest: "/bound".into(),
+            workdir: "/".into(),
+            chown: None,
+            chmod: None,
+        };
+        let excludes = IgnoreRules::parse("", "--mount").map_err(store)?;
+        let source = CopySource::Context {
+            dir: &self.spec.context,
+            tree,
+            excludes: &excludes,
+        };
+        let empty = RootView::new(Vec::new());
+        std::fs::create_dir_all(dir).map_err(store)?;
+        copy::plan(&spec, source, &empty)
+            .and_then(|plan| plan.apply(&spec, &empty, dir, self.engine.as_root))
+            .map_err(store)?;
+        Ok(dir.join("bound"))
+    }
+
+    /// The state a bind mount's `from` names: a stage of the build, or an image, among the
+    /// inputs the planner gave `node`.
+    fn bound_state(
+        &self,
+        node: NodeIndex,
+        from: &str,
+        inputs: &HashMap<NodeIndex, Arc<State>>,
+    ) -> Result<Arc<State>, BuildError> {
+        let stage = self
+            .graph
+            .stages()
+            .iter()
+            .find(|s| {
+                s.name.as_deref() == Some(from.to_lowercase().as_str())
+                    || s.index.to_string() == from
+            })
+            .map(|s| s.node);
+        let image = || {
+            keys::other_inputs(&self.graph, node)
+                .into_iter()
+                .find(|n| self.graph.node(*n).image.as_deref() == Some(from))
+        };
+        stage
+            .or_else(image)
+            .and_then(|n| inputs.get(&n).cloned())
+            .ok_or_else(|| BuildError::Store(format!("--mount from={from}: no such input")))
     }
 
     fn cache(&self, mount: &RunMount, work: &Work) -> Result<CacheMount, BuildError> {

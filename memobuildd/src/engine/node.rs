@@ -297,7 +297,8 @@ impl BuildRun {
                     .into_iter()
                     .filter(|p| self.graph.node(*p).kind != NodeKind::ContextSource)
                     .find_map(|p| inputs.get(&p).cloned());
-                self.filesystem(node, parent, other, key_inputs).await
+                self.filesystem(node, parent, other, inputs.clone(), key_inputs)
+                    .await
             }
         }
     }
@@ -392,6 +393,7 @@ impl BuildRun {
         node: NodeIndex,
         parent: State,
         from: Option<Arc<State>>,
+        inputs: HashMap<NodeIndex, Arc<State>>,
         key_inputs: KeyInputs,
     ) -> Result<State, BuildError> {
         let spec = self.graph.node(node);
@@ -431,7 +433,7 @@ impl BuildRun {
                         id,
                         &self.cancel,
                         move |work| async move {
-                            run.execute(node, key, step, parent_for_step, from, work)
+                            run.execute(node, key, step, parent_for_step, from, inputs, work)
                                 .await
                         },
                     )
@@ -507,6 +509,7 @@ impl BuildRun {
         step: InstructionKind,
         parent: State,
         from: Option<Arc<State>>,
+        inputs: HashMap<NodeIndex, Arc<State>>,
         work: Arc<Work>,
     ) -> Result<ActionResult, BuildError> {
         let _permit = self
@@ -529,7 +532,7 @@ impl BuildRun {
             let label = run.graph.node(node).label.clone();
             let free_before = run.engine.store.free_space();
             let outcome = match &step {
-                InstructionKind::Run(spec) => run.run_step(node, spec, &parent, &work),
+                InstructionKind::Run(spec) => run.run_step(node, spec, &parent, &inputs, &work),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let is_add = matches!(step, InstructionKind::Add(_));
                     let origin = match from.as_deref() {
@@ -571,7 +574,7 @@ impl BuildRun {
     }
 
     /// Unpacks `state`'s layers (once each) and returns their directories, topmost first.
-    fn lower_dirs(&self, state: &State) -> Result<Vec<PathBuf>, BuildError> {
+    pub(super) fn lower_dirs(&self, state: &State) -> Result<Vec<PathBuf>, BuildError> {
         state
             .layers
             .iter()
@@ -585,6 +588,7 @@ impl BuildRun {
         node: NodeIndex,
         run: &Run,
         parent: &State,
+        inputs: &HashMap<NodeIndex, Arc<State>>,
         work: &Work,
     ) -> Result<ActionResult, BuildError> {
         let executor = self
@@ -621,7 +625,7 @@ impl BuildRun {
         let _ = std::fs::create_dir_all(active.rootfs().join(cwd.trim_start_matches('/')));
         // Held until the step ends: a locked cache mount is this step's alone meanwhile,
         // secrets live in a tmpfs that goes with it.
-        let mounts = self.step_mounts(run, &scratch, work)?;
+        let mounts = self.step_mounts(node, run, &scratch, inputs, work)?;
         let targets = MOUNT_POINTS
             .iter()
             .map(|p| format!("/{p}"))

@@ -10,8 +10,8 @@ use super::scope::{Args, Scope, arg_value, build_arg, platform_args};
 use super::{Base, BuildGraph, Node, NodeKind, PlanError, PlanOptions, StageInfo};
 use crate::frontend::shell::ExpandError;
 use crate::frontend::{
-    ArgDecl, Diagnostic, DiagnosticKind, Dockerfile, FileCopy, Instruction, InstructionKind, Span,
-    Stage,
+    ArgDecl, Diagnostic, DiagnosticKind, Dockerfile, FileCopy, Instruction, InstructionKind,
+    MountKind, RunMount, Span, Stage, parse_mounts,
 };
 
 /// What the planner needs from a base image's config: its ENV, and the ONBUILD triggers that
@@ -260,14 +260,23 @@ fn needed_stages(
             todo.push(j as usize);
         }
         for instruction in &df.stages[i].instructions {
-            let InstructionKind::Copy(FileCopy {
-                from: Some(from), ..
-            }) = &instruction.kind
-            else {
-                continue;
+            let froms = match &instruction.kind {
+                InstructionKind::Copy(FileCopy {
+                    from: Some(from), ..
+                }) => vec![from.clone()],
+                // Specs that do not parse yet (`$VAR` keys) are reported after expansion.
+                InstructionKind::Run(run) => parse_mounts(&run.mounts)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|m| m.kind == MountKind::Bind)
+                    .filter_map(|m| m.from)
+                    .collect(),
+                _ => continue,
             };
-            if let CopyFrom::Stage(j) = resolve_copy_from(df, i, instruction, from, globals)? {
-                todo.push(j);
+            for from in froms {
+                if let CopyFrom::Stage(j) = resolve_copy_from(df, i, instruction, &from, globals)? {
+                    todo.push(j);
+                }
             }
         }
     }
@@ -463,6 +472,14 @@ impl Lowering<'_> {
                 excludes.clone_from(&copy.exclude);
                 inputs.extend(self.copy_input(i, instruction, copy)?);
             }
+            InstructionKind::Run(run) => {
+                // Checked by `check_semantics`: the specs parse.
+                for mount in parse_mounts(&run.mounts).unwrap_or_default() {
+                    if mount.kind == MountKind::Bind {
+                        inputs.push(self.bind_input(i, instruction, &mount)?);
+                    }
+                }
+            }
             _ => {}
         }
         let kind = match expanded {
@@ -556,6 +573,42 @@ impl Lowering<'_> {
         Ok(Some(self.add(node, &[])))
     }
 
+    /// The node a `RUN --mount=type=bind` reads: the files it names in the context (keyed by
+    /// their fingerprint, as COPY's), or the stage or image of its `from`.
+    fn bind_input(
+        &mut self,
+        i: usize,
+        instruction: &Instruction,
+        mount: &RunMount,
+    ) -> Result<NodeIndex, Diagnostic> {
+        let df = self.df;
+        match &mount.from {
+            Some(from) => Ok(
+                match resolve_copy_from(df, i, instruction, from, &self.globals)? {
+                    CopyFrom::Stage(j) => {
+                        self.stage_ends[j].expect("needed stages are lowered in order")
+                    }
+                    CopyFrom::Image(image) => self.image(image),
+                },
+            ),
+            None => {
+                let pattern = bind_context_source(mount);
+                let span = instruction.span;
+                let node = Node {
+                    sources: vec![pattern.clone()],
+                    lines: Some((span.start_line, span.end_line)),
+                    ..Node::bare(
+                        NodeKind::ContextSource,
+                        Some(i as u32),
+                        format!("context {pattern}"),
+                        format!("CONTEXT {} --exclude=[]", json(&[&pattern])),
+                    )
+                };
+                Ok(self.add(node, &[]))
+            }
+        }
+    }
+
     fn image(&mut self, image: String) -> NodeIndex {
         if let Some(&node) = self.images.get(&image) {
             return node;
@@ -590,6 +643,21 @@ impl Node {
             parent: None,
             image: None,
         }
+    }
+}
+
+/// The context pattern a bind mount without `from` reads: its `source`, the whole context
+/// by default.
+pub fn bind_context_source(mount: &RunMount) -> String {
+    let source = mount
+        .source
+        .as_deref()
+        .unwrap_or("")
+        .trim_start_matches('/');
+    if source.is_empty() {
+        ".".to_owned()
+    } else {
+        source.to_owned()
     }
 }
 

@@ -44,8 +44,11 @@ fn mount_unsupported(mount: &RunMount) -> Option<String> {
                 "--mount=type={kind}: mode=, uid= and gid= are not supported yet (the agent's own socket is mounted)"
             ))
         }
-        MountKind::Cache | MountKind::Tmpfs | MountKind::Secret | MountKind::Ssh => None,
-        MountKind::Bind => Some(format!("--mount=type={kind} is not supported yet")),
+        MountKind::Cache
+        | MountKind::Tmpfs
+        | MountKind::Secret
+        | MountKind::Ssh
+        | MountKind::Bind => None,
     }
 }
 

@@ -396,6 +396,8 @@ fn every_buildkit_flag_is_implemented_or_refused_by_name() {
         "FROM a\nRUN --mount=type=tmpfs,target=/t,size=64m true",
         "FROM a\nRUN --mount=type=secret,id=s,target=/s,env=S,required,mode=0440,uid=1,gid=2 true",
         "FROM a\nRUN --mount=type=ssh,id=github,target=/agent,required true",
+        "FROM a\nRUN --mount=type=bind,source=go.sum,target=/src/go.sum,rw true",
+        "FROM b AS s\nFROM a\nRUN --mount=from=s,source=/out,target=/in --mount=from=img:1,target=/i true",
         "FROM a\nRUN --network=default true",
         "FROM a\nRUN --network=none true",
         "FROM a\nRUN --network=host true",
@@ -420,11 +422,6 @@ fn every_buildkit_flag_is_implemented_or_refused_by_name() {
             "FROM a\nRUN --security=insecure true",
             "--security",
             "--security=insecure is not supported",
-        ),
-        (
-            "FROM a\nRUN --mount=type=bind,target=/src true",
-            "--mount",
-            "--mount=type=bind is not supported yet",
         ),
         (
             "FROM a\nRUN --mount=type=ssh,mode=0600 true",
@@ -526,4 +523,33 @@ fn onbuild_triggers_run_first_in_a_child_stage_or_image() {
         .map(|(_, n)| n.label.as_str())
         .collect();
     assert_eq!(steps, ["COPY . /app", "RUN own"]);
+}
+
+#[test]
+fn bind_mounts_are_inputs_of_their_run_as_copies_are() {
+    let g = graph(
+        "FROM a AS deps\nRUN make\nFROM b AS unused\nFROM c\nRUN --mount=source=go.sum,target=/s/go.sum --mount=from=deps,target=/d --mount=from=img:1,target=/i true\n",
+    );
+    let (run, _) = find(&g, "RUN true");
+    let inputs: Vec<&Node> = g
+        .graph()
+        .neighbors_directed(run, petgraph::Direction::Incoming)
+        .map(|n| g.node(n))
+        .collect();
+    assert!(
+        inputs
+            .iter()
+            .any(|n| n.kind == NodeKind::ContextSource && n.sources == ["go.sum"])
+    );
+    assert!(
+        inputs
+            .iter()
+            .any(|n| n.kind == NodeKind::Stage && n.stage == Some(0))
+    );
+    assert!(inputs.iter().any(|n| n.image.as_deref() == Some("img:1")));
+    assert_eq!(
+        g.stages().len(),
+        2,
+        "the bound stage is needed, the other is not"
+    );
 }

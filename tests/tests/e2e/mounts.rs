@@ -511,3 +511,56 @@ fn an_ssh_mount_reaches_the_agent_the_caller_forwards() {
         "{stderr}"
     );
 }
+
+const BIND: &str = "\
+FROM BASE AS builder
+RUN mkdir /out && echo built > /out/artifact
+
+FROM BASE
+RUN --mount=type=bind,source=src,target=/src \\
+    --mount=from=builder,source=/out,target=/in,rw \\
+    cat /src/a.txt /in/artifact > /result && echo scribble > /in/new && ! touch /src/x
+";
+
+#[test]
+fn bind_mounts_read_the_context_and_stages_key_on_what_they_read_and_keep_no_writes() {
+    if !privileged(
+        "bind_mounts_read_the_context_and_stages_key_on_what_they_read_and_keep_no_writes",
+    ) {
+        return;
+    }
+    let bench = Bench::start();
+    let ctx = bench.context(
+        "bind",
+        &[
+            ("Dockerfile", BIND),
+            ("src/a.txt", "a\n"),
+            ("other.txt", "unrelated\n"),
+        ],
+    );
+    let root = build_local(&bench, &ctx, "bind-1", &[]);
+    assert_eq!(
+        std::fs::read_to_string(root.join("result")).expect("/result"),
+        "a\nbuilt\n"
+    );
+    assert!(!root.join("src").exists() && !root.join("in").exists());
+
+    std::fs::write(ctx.join("other.txt"), "changed\n").expect("edit");
+    assert_eq!(
+        executed(&bench.build_ok(&ctx, &[])),
+        0,
+        "a file no mount reads"
+    );
+    std::fs::write(ctx.join("src/a.txt"), "a2\n").expect("edit");
+    let root = build_local(&bench, &ctx, "bind-2", &[]);
+    assert_eq!(
+        std::fs::read_to_string(root.join("result")).expect("/result"),
+        "a2\nbuilt\n",
+        "a file the bind mount reads reruns the step"
+    );
+
+    // The rw mount's writes went nowhere: the stage it read is as it was.
+    let builder = build_local(&bench, &ctx, "bind-builder", &["--target", "builder"]);
+    assert!(builder.join("out/artifact").is_file());
+    assert!(!builder.join("out/new").exists());
+}
