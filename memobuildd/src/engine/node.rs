@@ -292,12 +292,7 @@ impl BuildRun {
             NodeKind::Filesystem => {
                 let parent = parent_state();
                 let key_inputs = self.key_inputs(node, &parent, inputs).await?;
-                // `COPY --from`: the other input that is a stage or an image, not the context.
-                let other = keys::other_inputs(&self.graph, node)
-                    .into_iter()
-                    .filter(|p| self.graph.node(*p).kind != NodeKind::ContextSource)
-                    .find_map(|p| inputs.get(&p).cloned());
-                self.filesystem(node, parent, other, inputs.clone(), key_inputs)
+                self.filesystem(node, parent, inputs.clone(), key_inputs)
                     .await
             }
         }
@@ -392,7 +387,6 @@ impl BuildRun {
         self: &Arc<Self>,
         node: NodeIndex,
         parent: State,
-        from: Option<Arc<State>>,
         inputs: HashMap<NodeIndex, Arc<State>>,
         key_inputs: KeyInputs,
     ) -> Result<State, BuildError> {
@@ -433,7 +427,7 @@ impl BuildRun {
                         id,
                         &self.cancel,
                         move |work| async move {
-                            run.execute(node, key, step, parent_for_step, from, inputs, work)
+                            run.execute(node, key, step, parent_for_step, inputs, work)
                                 .await
                         },
                     )
@@ -508,10 +502,14 @@ impl BuildRun {
         key: Hash,
         step: InstructionKind,
         parent: State,
-        from: Option<Arc<State>>,
         inputs: HashMap<NodeIndex, Arc<State>>,
         work: Arc<Work>,
     ) -> Result<ActionResult, BuildError> {
+        // `COPY --from`: the other input that is a stage or an image, not the context.
+        let from = keys::other_inputs(&self.graph, node)
+            .into_iter()
+            .filter(|p| self.graph.node(*p).kind != NodeKind::ContextSource)
+            .find_map(|p| inputs.get(&p).cloned());
         let _permit = self
             .engine
             .permits
