@@ -758,7 +758,7 @@ impl BuildRun {
             let source = match (from, tree) {
                 (Some(state), _) => {
                     from_view = RootView::new(self.lower_dirs(state)?);
-                    CopySource::Image(&from_view)
+                    CopySource::Image(&from_view, &excludes)
                 }
                 (None, Some(tree)) => CopySource::Context {
                     dir: &self.spec.context,
@@ -786,7 +786,12 @@ impl BuildRun {
             };
             let view = RootView::new(vec![dir]);
             plans.push(
-                copy::plan(&docs_spec, CopySource::Image(&view), &parent_view).map_err(store)?,
+                copy::plan(
+                    &docs_spec,
+                    CopySource::Image(&view, &IgnoreRules::default()),
+                    &parent_view,
+                )
+                .map_err(store)?,
             );
             Some(cleanup)
         };

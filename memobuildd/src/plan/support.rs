@@ -59,12 +59,6 @@ fn copy_unsupported(keyword: &str, copy: &FileCopy) -> Option<(&'static str, Str
             format!("{keyword} --parents is not supported yet"),
         ));
     }
-    if copy.from.is_some() && !copy.exclude.is_empty() {
-        return Some((
-            "exclude",
-            format!("{keyword} --exclude with --from is not supported yet (only from the context)"),
-        ));
-    }
     if copy.keep_git_dir {
         return Some((
             "keep-git-dir",
