@@ -11,9 +11,10 @@ use memobuild_client::{
     daemon_place, launch, render,
 };
 use memobuild_protocol::{
-    BuildRequest, BuildSecret, DockerfileSource, DumpDockerfileRequest, GcRequest, GraphRequest,
-    LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION,
-    PROTOCOL_VERSION, PushRequest, Request, Response, SshAgent, UnwatchRequest, WatchRequest,
+    BuildRequest, BuildResult, BuildSecret, DockerfileSource, DumpDockerfileRequest, GcRequest,
+    GraphRequest, LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec,
+    PACKAGE_VERSION, PROTOCOL_VERSION, PushRequest, Request, Response, SshAgent, UnwatchRequest,
+    WatchRequest,
 };
 use serde_json::json;
 
@@ -197,6 +198,18 @@ struct BuildArgs {
     /// (repeatable)
     #[arg(long = "ssh", value_name = "SPEC", value_parser = parse_ssh)]
     ssh: Vec<SshAgent>,
+    /// Write the image id (its config digest) to this file
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Write buildx's build metadata (containerimage.digest, image.name, ...) as JSON here
+    #[arg(long, value_name = "FILE")]
+    metadata_file: Option<PathBuf>,
+    /// No progress; print the image id on stdout when done
+    #[arg(short, long)]
+    quiet: bool,
+    /// Target platform; only the host's can be built (no emulation yet)
+    #[arg(long, value_name = "PLATFORM", value_parser = parse_platform)]
+    platform: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -525,7 +538,7 @@ async fn gc(place: &DaemonPlace, request: GcRequest, json: bool) -> Result<Exit,
 async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError> {
     let request = Request::Build(BuildRequest {
         source: args.source.resolve(),
-        tags: args.tags,
+        tags: args.tags.clone(),
         build_args: args.build_args,
         target: args.target,
         no_cache: args.no_cache,
@@ -542,7 +555,11 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
     });
     let mut conn = connect_or_start(place).await?;
     conn.send(&request).await?;
-    let mode = args.progress.resolve(std::io::stderr().is_terminal());
+    let mode = if args.quiet {
+        ProgressMode::Quiet
+    } else {
+        args.progress.resolve(std::io::stderr().is_terminal())
+    };
     let mut progress = Progress::new(mode, std::io::stderr());
     let mut stdout = std::io::stdout();
     loop {
@@ -570,10 +587,69 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
                 if args.explain {
                     eprint!("{}", progress.explanation());
                 }
+                write_build_files(&args.iidfile, &args.metadata_file, &args.tags, &result)?;
+                if let (true, Some(id)) = (args.quiet, &result.config_digest) {
+                    println!("{id}");
+                }
                 return Ok(Exit::Success);
             }
             _ => return Err(unexpected("build")),
         }
+    }
+}
+
+/// `--iidfile` (the image id, as `docker build` writes it) and `--metadata-file` (buildx's
+/// keys).
+fn write_build_files(
+    iidfile: &Option<PathBuf>,
+    metadata_file: &Option<PathBuf>,
+    tags: &[String],
+    result: &BuildResult,
+) -> Result<(), ClientError> {
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).map_err(|source| ClientError::Write {
+            path: path.clone(),
+            source,
+        })
+    };
+    if let Some(path) = iidfile {
+        write(path, result.config_digest.clone().unwrap_or_default())?;
+    }
+    if let Some(path) = metadata_file {
+        let mut metadata = serde_json::Map::new();
+        if let Some(digest) = &result.image_digest {
+            metadata.insert("containerimage.digest".into(), json!(digest));
+        }
+        if let Some(config) = &result.config_digest {
+            metadata.insert("containerimage.config.digest".into(), json!(config));
+        }
+        if !tags.is_empty() {
+            metadata.insert("image.name".into(), json!(tags.join(",")));
+        }
+        let text = serde_json::to_string_pretty(&metadata).unwrap_or_default();
+        write(path, text + "\n")?;
+    }
+    Ok(())
+}
+
+/// `--platform`: the host's platform (`linux/amd64`, also with its variant), or `local`.
+fn parse_platform(text: &str) -> Result<String, String> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    let host = format!("{}/{arch}", std::env::consts::OS);
+    let wanted: Vec<&str> = text.split(',').map(str::trim).collect();
+    let is_host = |p: &&str| {
+        *p == "local" || *p == host || p.strip_prefix(&*host).is_some_and(|v| v.starts_with('/'))
+    };
+    match wanted.iter().find(|p| !is_host(p)) {
+        None => Ok(host),
+        Some(other) => Err(format!(
+            "{other}: only the host platform ({host}) can be built; other platforms need emulation, which is not supported yet"
+        )),
     }
 }
 

@@ -514,6 +514,8 @@ pub struct BuildResult {
     pub cached: u64,
     pub executed: u64,
     pub duration_ms: u64,
+    /// Config digest of the built image: its image id, as Docker names images.
+    pub config_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

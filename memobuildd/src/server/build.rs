@@ -300,6 +300,7 @@ async fn finish(
         cached: built.cached,
         executed: built.executed,
         duration_ms: built.duration.as_millis() as u64,
+        config_digest: Some(built.image.config.digest.to_string()),
     };
     // A build leaves freed memory in the allocator's per-thread arenas; a resident daemon
     // gives it back, once outputs are written too. After executed steps it does so before
