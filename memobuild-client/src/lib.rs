@@ -45,6 +45,12 @@ pub enum ClientError {
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Request(#[from] RequestError),
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("signalling memobuildd (pid {pid}): {source}")]
     Signal {
         pid: u32,
@@ -71,6 +77,7 @@ impl ClientError {
                 _ => Exit::Failure,
             },
             Self::Request(_) | Self::Signal { .. } => Exit::Unavailable,
+            Self::Write { .. } => Exit::Failure,
         }
     }
 

@@ -11,9 +11,10 @@ use memobuild_client::{
     daemon_place, launch, render,
 };
 use memobuild_protocol::{
-    BuildRequest, DockerfileSource, DumpDockerfileRequest, GcRequest, GraphRequest,
-    LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION,
-    PROTOCOL_VERSION, PushRequest, Request, Response, UnwatchRequest, WatchRequest,
+    BuildRequest, BuildResult, BuildSecret, DockerfileSource, DumpDockerfileRequest, GcRequest,
+    GraphRequest, LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec,
+    PACKAGE_VERSION, PROTOCOL_VERSION, PushRequest, Request, Response, SshAgent, UnwatchRequest,
+    WatchRequest,
 };
 use serde_json::json;
 
@@ -189,6 +190,26 @@ struct BuildArgs {
     /// Push the image to its registry after building
     #[arg(long)]
     push: bool,
+    /// A secret for RUN --mount=type=secret: id=ID[,src=FILE|,env=VAR] (repeatable); read
+    /// here, never stored by the daemon
+    #[arg(long = "secret", value_name = "SPEC", value_parser = parse_secret)]
+    secrets: Vec<BuildSecret>,
+    /// An SSH agent for RUN --mount=type=ssh: `default` ($SSH_AUTH_SOCK) or ID=SOCKET
+    /// (repeatable)
+    #[arg(long = "ssh", value_name = "SPEC", value_parser = parse_ssh)]
+    ssh: Vec<SshAgent>,
+    /// Write the image id (its config digest) to this file
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Write buildx's build metadata (containerimage.digest, image.name, ...) as JSON here
+    #[arg(long, value_name = "FILE")]
+    metadata_file: Option<PathBuf>,
+    /// No progress; print the image id on stdout when done
+    #[arg(short, long)]
+    quiet: bool,
+    /// Target platform; only the host's can be built (no emulation yet)
+    #[arg(long, value_name = "PLATFORM", value_parser = parse_platform)]
+    platform: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -213,9 +234,10 @@ enum CacheAction {
     },
     /// Remove build cache no tag and no running build holds: all of it, or as filtered
     Prune {
-        /// `until=DURATION`: only what was unused for longer (e.g. until=24h)
+        /// `until=DURATION`: only what was unused for longer (e.g. until=24h);
+        /// `type=exec.cachemount`: only RUN --mount=type=cache directories
         #[arg(long, value_name = "FILTER", value_parser = parse_prune_filter)]
-        filter: Vec<u64>,
+        filter: Vec<PruneFilter>,
         /// Keep this much, removing the least recently used first (e.g. 10GB)
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         keep_storage: Option<u64>,
@@ -408,6 +430,7 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
                 dry_run,
                 keep_duration_secs: keep_duration,
                 all,
+                cache_mounts_only: false,
             };
             gc(place, request, json).await
         }
@@ -437,7 +460,13 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
         } => {
             // As `buildx prune`: without a filter or a size, everything unused goes; with
             // `until`, only what is older, whatever the size.
-            let until = filter.into_iter().min();
+            let until = filter
+                .iter()
+                .filter_map(|f| match f {
+                    PruneFilter::Until(secs) => Some(*secs),
+                    PruneFilter::CacheMounts => None,
+                })
+                .min();
             let request = GcRequest {
                 keep_bytes: Some(keep_storage.unwrap_or(if until.is_some() {
                     u64::MAX
@@ -447,6 +476,7 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
                 dry_run,
                 keep_duration_secs: until,
                 all: until.is_none() && keep_storage.is_none(),
+                cache_mounts_only: filter.contains(&PruneFilter::CacheMounts),
             };
             gc(place, request, json).await
         }
@@ -508,7 +538,7 @@ async fn gc(place: &DaemonPlace, request: GcRequest, json: bool) -> Result<Exit,
 async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError> {
     let request = Request::Build(BuildRequest {
         source: args.source.resolve(),
-        tags: args.tags,
+        tags: args.tags.clone(),
         build_args: args.build_args,
         target: args.target,
         no_cache: args.no_cache,
@@ -520,10 +550,16 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
         outputs: args.outputs,
         push: args.push,
         source_date_epoch: args.source_date_epoch,
+        secrets: args.secrets,
+        ssh: args.ssh,
     });
     let mut conn = connect_or_start(place).await?;
     conn.send(&request).await?;
-    let mode = args.progress.resolve(std::io::stderr().is_terminal());
+    let mode = if args.quiet {
+        ProgressMode::Quiet
+    } else {
+        args.progress.resolve(std::io::stderr().is_terminal())
+    };
     let mut progress = Progress::new(mode, std::io::stderr());
     let mut stdout = std::io::stdout();
     loop {
@@ -551,10 +587,69 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
                 if args.explain {
                     eprint!("{}", progress.explanation());
                 }
+                write_build_files(&args.iidfile, &args.metadata_file, &args.tags, &result)?;
+                if let (true, Some(id)) = (args.quiet, &result.config_digest) {
+                    println!("{id}");
+                }
                 return Ok(Exit::Success);
             }
             _ => return Err(unexpected("build")),
         }
+    }
+}
+
+/// `--iidfile` (the image id, as `docker build` writes it) and `--metadata-file` (buildx's
+/// keys).
+fn write_build_files(
+    iidfile: &Option<PathBuf>,
+    metadata_file: &Option<PathBuf>,
+    tags: &[String],
+    result: &BuildResult,
+) -> Result<(), ClientError> {
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).map_err(|source| ClientError::Write {
+            path: path.clone(),
+            source,
+        })
+    };
+    if let Some(path) = iidfile {
+        write(path, result.config_digest.clone().unwrap_or_default())?;
+    }
+    if let Some(path) = metadata_file {
+        let mut metadata = serde_json::Map::new();
+        if let Some(digest) = &result.image_digest {
+            metadata.insert("containerimage.digest".into(), json!(digest));
+        }
+        if let Some(config) = &result.config_digest {
+            metadata.insert("containerimage.config.digest".into(), json!(config));
+        }
+        if !tags.is_empty() {
+            metadata.insert("image.name".into(), json!(tags.join(",")));
+        }
+        let text = serde_json::to_string_pretty(&metadata).unwrap_or_default();
+        write(path, text + "\n")?;
+    }
+    Ok(())
+}
+
+/// `--platform`: the host's platform (`linux/amd64`, also with its variant), or `local`.
+fn parse_platform(text: &str) -> Result<String, String> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    let host = format!("{}/{arch}", std::env::consts::OS);
+    let wanted: Vec<&str> = text.split(',').map(str::trim).collect();
+    let is_host = |p: &&str| {
+        *p == "local" || *p == host || p.strip_prefix(&*host).is_some_and(|v| v.starts_with('/'))
+    };
+    match wanted.iter().find(|p| !is_host(p)) {
+        None => Ok(host),
+        Some(other) => Err(format!(
+            "{other}: only the host platform ({host}) can be built; other platforms need emulation, which is not supported yet"
+        )),
     }
 }
 
@@ -654,13 +749,90 @@ fn parse_duration(text: &str) -> Result<u64, String> {
     memobuild_protocol::units::parse_duration(text).map_err(|e| e.to_string())
 }
 
-/// buildx's `--filter`: `until=24h` is the one that applies to this cache.
-fn parse_prune_filter(text: &str) -> Result<u64, String> {
+/// The buildx `--filter`s that apply to this cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PruneFilter {
+    /// `until=24h`, in seconds.
+    Until(u64),
+    /// `type=exec.cachemount`.
+    CacheMounts,
+}
+
+fn parse_prune_filter(text: &str) -> Result<PruneFilter, String> {
     match text.split_once('=') {
-        Some(("until", value)) => parse_duration(value),
+        Some(("until", value)) => parse_duration(value).map(PruneFilter::Until),
+        Some(("type", "exec.cachemount")) => Ok(PruneFilter::CacheMounts),
         _ => Err(format!(
-            "unsupported filter {text:?}; this cache takes until=DURATION"
+            "unsupported filter {text:?}; this cache takes until=DURATION and type=exec.cachemount"
         )),
+    }
+}
+
+/// buildx's `--secret`: `id=ID,src=FILE` (also `source=`, `type=file`), `id=ID,env=VAR`
+/// (`type=env`), or `id=ID` alone: the variable ID if set, else the file ID.
+fn parse_secret(text: &str) -> Result<BuildSecret, String> {
+    let (mut id, mut src, mut env, mut kind) = (None, None, None, None);
+    for field in text.split(',') {
+        match field.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_owned()),
+            Some(("src" | "source", v)) => src = Some(v.to_owned()),
+            Some(("env", v)) => env = Some(v.to_owned()),
+            Some(("type", v @ ("file" | "env"))) => kind = Some(v.to_owned()),
+            _ => {
+                return Err(format!(
+                    "unexpected {field:?}; expected id=, src=, env= or type="
+                ));
+            }
+        }
+    }
+    let id = id
+        .filter(|id| !id.is_empty())
+        .ok_or("a secret needs id=ID")?;
+    let from_env = |var: &str| {
+        std::env::var_os(var)
+            .map(|v| v.into_encoded_bytes())
+            .ok_or_else(|| format!("secret {id}: {var} is not set in the environment"))
+    };
+    let from_file = |path: &str| {
+        std::fs::read(path).map_err(|err| format!("secret {id}: reading {path}: {err}"))
+    };
+    let value = match (src, env, kind.as_deref()) {
+        (Some(path), None, None | Some("file")) => from_file(&path)?,
+        (None, Some(var), None | Some("env")) => from_env(&var)?,
+        (Some(var), None, Some("env")) => from_env(&var)?,
+        (None, None, Some("env")) => from_env(&id)?,
+        (None, None, Some("file")) => from_file(&id)?,
+        (None, None, _) if std::env::var_os(&id).is_some() => from_env(&id)?,
+        (None, None, _) => from_file(&id)?,
+        _ => return Err(format!("secret {id}: give src= or env=, not both")),
+    };
+    Ok(BuildSecret { id, value })
+}
+
+/// buildx's `--ssh`: `default` or `ID` (the agent at `$SSH_AUTH_SOCK`), or `ID=SOCKET`. Key
+/// files are not loaded here: start an agent and `ssh-add` them.
+fn parse_ssh(text: &str) -> Result<SshAgent, String> {
+    let (id, path) = match text.split_once('=') {
+        Some((id, path)) if !path.contains(',') => (id, PathBuf::from(path)),
+        Some(_) => return Err("one socket per --ssh ID=SOCKET".into()),
+        None => (
+            text,
+            std::env::var_os("SSH_AUTH_SOCK")
+                .map(PathBuf::from)
+                .ok_or("--ssh: SSH_AUTH_SOCK is not set; start ssh-agent or give ID=SOCKET")?,
+        ),
+    };
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.file_type().is_socket() => Ok(SshAgent {
+            id: id.to_owned(),
+            socket: absolute(&path),
+        }),
+        Ok(_) => Err(format!(
+            "--ssh {id}: {} is not an agent socket (key files are not loaded: ssh-add them to an agent)",
+            path.display()
+        )),
+        Err(err) => Err(format!("--ssh {id}: {}: {err}", path.display())),
     }
 }
 

@@ -270,6 +270,7 @@ mod tests {
             steps: 1,
             cached: 0,
             executed: 1,
+            config_digest: None,
         });
         let screen = term.contents();
         assert!(screen.contains("(1/1) FINISHED"), "{screen}");

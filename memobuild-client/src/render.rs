@@ -88,6 +88,11 @@ pub fn cache_stats(stats: &CacheStats) -> String {
         Some(stats.unpacked_layers),
         Some(stats.unpacked_bytes),
     );
+    row(
+        "cache mounts",
+        Some(stats.cache_mounts),
+        Some(stats.cache_mount_bytes),
+    );
     row("actions", Some(stats.action_entries), None);
     row("tags", Some(stats.tags), None);
     row("index", None, Some(stats.index_bytes));
@@ -145,7 +150,7 @@ pub fn cache_stats(stats: &CacheStats) -> String {
 /// What a GC pass freed (or, dry, would free).
 pub fn gc_report(report: &GcReport) -> String {
     format!(
-        "{} {} ({} cached steps, {} base images, {} blobs, {} unpacked layers); {} kept{}, in {}\n",
+        "{} {} ({} cached steps, {} base images, {} blobs, {} unpacked layers, {} cache mounts); {} kept{}, in {}\n",
         if report.dry_run {
             "would free"
         } else {
@@ -156,6 +161,7 @@ pub fn gc_report(report: &GcReport) -> String {
         report.removed_bases,
         report.removed_blobs,
         report.removed_layers,
+        report.removed_cache_mounts,
         bytes(report.kept_bytes),
         if report.complete {
             ""

@@ -31,6 +31,7 @@ fn main() {
                 keep_bytes: 0,
                 keep_duration: None,
                 all: true,
+                cache_mounts_only: false,
                 dry_run: false,
                 time_limit: None,
             })

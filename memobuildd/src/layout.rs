@@ -10,6 +10,7 @@
 //!   index-v1.sqlite          actions, tags, resolutions, base images, blob and layer rows (store)
 //!   index-v1.sqlite.damaged  the last index found damaged, kept aside when it was rebuilt (store)
 //!   layers-v1/<id>/          unpacked layers by diff-id, the lowerdirs of RUN mounts (store)
+//!   cachemounts-v1/<id>/     RUN --mount=type=cache directories by id, with their use (store)
 //!   tmp/                     blobs being written, step scratch, GC's trash; emptied at start
 //!   run/                     mounts, bundles and upper dirs of running steps; emptied at start
 //!   cookies/                 files a build writes to sync with the watcher (watch::Cookies)
@@ -49,6 +50,10 @@ impl Layout {
 
     pub fn layers_dir(&self) -> PathBuf {
         self.root.join("layers-v1")
+    }
+
+    pub fn cache_mounts_dir(&self) -> PathBuf {
+        self.root.join("cachemounts-v1")
     }
 
     pub fn tmp_dir(&self) -> PathBuf {

@@ -178,6 +178,32 @@ pub struct BuildRequest {
     pub push: bool,
     /// Clamp timestamps for reproducible images (`SOURCE_DATE_EPOCH`).
     pub source_date_epoch: Option<u64>,
+    /// `--secret`: read by the client, kept by the daemon only in memory and in the tmpfs of
+    /// the steps that mount them.
+    pub secrets: Vec<BuildSecret>,
+    /// `--ssh`: SSH agent sockets `RUN --mount=type=ssh` forwards.
+    pub ssh: Vec<SshAgent>,
+}
+
+/// One `--secret id=…`: its bytes. Its `Debug` shows the id and the length only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSecret {
+    pub id: String,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for BuildSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BuildSecret({:?}, {} bytes)", self.id, self.value.len())
+    }
+}
+
+/// One `--ssh id=socket` (`default`: the client's `SSH_AUTH_SOCK`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshAgent {
+    pub id: String,
+    /// Absolute path of the agent's socket.
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +277,8 @@ pub struct GcRequest {
     pub keep_duration_secs: Option<u64>,
     /// Remove every cached step and base image that no tag and no running build holds.
     pub all: bool,
+    /// Only cache mounts (`cache prune --filter type=exec.cachemount`).
+    pub cache_mounts_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,6 +454,9 @@ pub struct CacheStats {
     pub last_gc: Option<GcSummary>,
     /// A pass runs, or what it removed is still being deleted.
     pub gc_running: bool,
+    /// `RUN --mount=type=cache` directories kept across builds, and their bytes on disk.
+    pub cache_mounts: u64,
+    pub cache_mount_bytes: u64,
 }
 
 /// The last GC pass.
@@ -483,6 +514,8 @@ pub struct BuildResult {
     pub cached: u64,
     pub executed: u64,
     pub duration_ms: u64,
+    /// Config digest of the built image: its image id, as Docker names images.
+    pub config_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -505,6 +538,7 @@ pub struct GcReport {
     /// `false`: the pass stopped at its time limit; the next one goes on.
     pub complete: bool,
     pub duration_ms: u64,
+    pub removed_cache_mounts: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -364,7 +364,10 @@ impl Placement<'_> {
         std::fs::set_permissions(empty.path(), std::fs::Permissions::from_mode(0o755))
             .map_err(io("setting the mode of", empty.path()))?;
         let view = RootView::new(vec![empty.path().to_owned()]);
-        self.copy(vec![".".into()], CopySource::Image(&view))?;
+        self.copy(
+            vec![".".into()],
+            CopySource::Image(&view, &IgnoreRules::default()),
+        )?;
         let absolute = if self.dest.starts_with('/') {
             self.dest.clone()
         } else {
@@ -394,7 +397,10 @@ impl Placement<'_> {
             });
         }
         let view = RootView::new(vec![download.path().to_owned()]);
-        self.copy(vec![literal(&name)], CopySource::Image(&view))
+        self.copy(
+            vec![literal(&name)],
+            CopySource::Image(&view, &IgnoreRules::default()),
+        )
     }
 }
 

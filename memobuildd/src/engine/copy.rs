@@ -69,8 +69,10 @@ pub enum CopySource<'a> {
         tree: &'a FileTree,
         excludes: &'a IgnoreRules,
     },
-    /// Another stage or an image (`--from`).
-    Image(&'a RootView),
+    /// Another stage or an image (`--from`), without what its `--exclude` rules match. As
+    /// BuildKit's, they match paths relative to the source being copied: below a directory
+    /// source, its contents; for a wildcard, the names it matched.
+    Image(&'a RootView, &'a IgnoreRules),
 }
 
 /// One source path.
@@ -193,7 +195,7 @@ pub fn plan(spec: &CopySpec, source: CopySource<'_>, parent: &RootView) -> Resul
         if roots.is_empty() && !pattern.is_wildcard() {
             return Err(match source {
                 CopySource::Context { .. } => CopyError::NotInContext(pattern.as_str().into()),
-                CopySource::Image(_) => CopyError::NotInImage(pattern.as_str().into()),
+                CopySource::Image(..) => CopyError::NotInImage(pattern.as_str().into()),
             });
         }
         for root in roots {
@@ -545,7 +547,8 @@ const SOURCE_ID_VERSION: &[u8] = b"memobuild-copy-sources-v1\0";
 /// target, hard-link group and content — never its mtime. Two images that agree on these
 /// give the same id, so a source stage that changed elsewhere does not rerun the COPY.
 pub fn source_id(sources: &[String], view: &RootView) -> Result<Hash, CopyError> {
-    let source = CopySource::Image(view);
+    let everything = IgnoreRules::default();
+    let source = CopySource::Image(view, &everything);
     let mut hasher = blake3::Hasher::new();
     hasher.update(SOURCE_ID_VERSION);
     let mut first_link: HashMap<(u64, u64), usize> = HashMap::new();
@@ -627,7 +630,10 @@ impl CopySource<'_> {
                     Ok(context_item(dir, &target, entry).named_as(path))
                 })
                 .collect(),
-            CopySource::Image(view) => Ok(image_roots(view, pattern)),
+            CopySource::Image(view, excludes) => Ok(image_roots(view, pattern)
+                .into_iter()
+                .filter(|item| !(pattern.is_wildcard() && excludes.is_excluded(item.name())))
+                .collect()),
         }
     }
 
@@ -651,9 +657,13 @@ impl CopySource<'_> {
                     .map(|(path, entry)| context_item(dir, path, entry))
                     .collect()
             }
-            CopySource::Image(view) => {
+            CopySource::Image(view, excludes) => {
                 let mut out = Vec::new();
                 walk_image(view, &root.rel, &mut out);
+                out.retain(|item| {
+                    let below = item.rel[root.rel.len()..].trim_start_matches('/');
+                    !excludes.is_excluded(below)
+                });
                 out
             }
         }

@@ -18,6 +18,7 @@ pub mod copy;
 pub mod explain;
 mod flight;
 pub mod keys;
+mod mounts;
 mod node;
 pub mod state;
 #[cfg(test)]
@@ -47,6 +48,8 @@ use crate::registry::{Reference, Registry, RegistryError};
 use crate::snapshot::Snapshotter;
 use crate::store::{Lease, Store, blocking};
 use crate::watch::{Baseline, BuildSnapshot, Hub, SourceSet, WatchError};
+
+pub use mounts::Secrets;
 use state::State;
 
 /// What happened to a node, as the client's progress display needs it.
@@ -223,6 +226,10 @@ pub struct BuildSpec {
     pub pull: bool,
     pub network: Network,
     pub source_date_epoch: Option<i64>,
+    /// `--secret`s, for RUN steps to mount; never in a key, a layer or a log.
+    pub secrets: Secrets,
+    /// `--ssh` agents by id: sockets RUN steps mount.
+    pub ssh: Vec<(String, PathBuf)>,
 }
 
 /// A finished build: the image in the store, and what it took. Its lease keeps the image

@@ -19,6 +19,7 @@ use super::copy::{self, CopySource, CopySpec};
 use super::explain::{self, Circumstances, Position, StepInputs};
 use super::flight::Work;
 use super::keys::{self, BaseImage, ExecContext, Input, KeyInputs};
+use super::mounts::absent_paths;
 use super::state::{self, DEFAULT_PATH, State};
 use super::user;
 use super::view::RootView;
@@ -291,12 +292,8 @@ impl BuildRun {
             NodeKind::Filesystem => {
                 let parent = parent_state();
                 let key_inputs = self.key_inputs(node, &parent, inputs).await?;
-                // `COPY --from`: the other input that is a stage or an image, not the context.
-                let other = keys::other_inputs(&self.graph, node)
-                    .into_iter()
-                    .filter(|p| self.graph.node(*p).kind != NodeKind::ContextSource)
-                    .find_map(|p| inputs.get(&p).cloned());
-                self.filesystem(node, parent, other, key_inputs).await
+                self.filesystem(node, parent, inputs.clone(), key_inputs)
+                    .await
             }
         }
     }
@@ -390,7 +387,7 @@ impl BuildRun {
         self: &Arc<Self>,
         node: NodeIndex,
         parent: State,
-        from: Option<Arc<State>>,
+        inputs: HashMap<NodeIndex, Arc<State>>,
         key_inputs: KeyInputs,
     ) -> Result<State, BuildError> {
         let spec = self.graph.node(node);
@@ -430,7 +427,7 @@ impl BuildRun {
                         id,
                         &self.cancel,
                         move |work| async move {
-                            run.execute(node, key, step, parent_for_step, from, work)
+                            run.execute(node, key, step, parent_for_step, inputs, work)
                                 .await
                         },
                     )
@@ -505,9 +502,14 @@ impl BuildRun {
         key: Hash,
         step: InstructionKind,
         parent: State,
-        from: Option<Arc<State>>,
+        inputs: HashMap<NodeIndex, Arc<State>>,
         work: Arc<Work>,
     ) -> Result<ActionResult, BuildError> {
+        // `COPY --from`: the other input that is a stage or an image, not the context.
+        let from = keys::other_inputs(&self.graph, node)
+            .into_iter()
+            .filter(|p| self.graph.node(*p).kind != NodeKind::ContextSource)
+            .find_map(|p| inputs.get(&p).cloned());
         let _permit = self
             .engine
             .permits
@@ -528,7 +530,7 @@ impl BuildRun {
             let label = run.graph.node(node).label.clone();
             let free_before = run.engine.store.free_space();
             let outcome = match &step {
-                InstructionKind::Run(spec) => run.run_step(node, spec, &parent, &work),
+                InstructionKind::Run(spec) => run.run_step(node, spec, &parent, &inputs, &work),
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let is_add = matches!(step, InstructionKind::Add(_));
                     let origin = match from.as_deref() {
@@ -570,7 +572,7 @@ impl BuildRun {
     }
 
     /// Unpacks `state`'s layers (once each) and returns their directories, topmost first.
-    fn lower_dirs(&self, state: &State) -> Result<Vec<PathBuf>, BuildError> {
+    pub(super) fn lower_dirs(&self, state: &State) -> Result<Vec<PathBuf>, BuildError> {
         state
             .layers
             .iter()
@@ -584,6 +586,7 @@ impl BuildRun {
         node: NodeIndex,
         run: &Run,
         parent: &State,
+        inputs: &HashMap<NodeIndex, Arc<State>>,
         work: &Work,
     ) -> Result<ActionResult, BuildError> {
         let executor = self
@@ -618,14 +621,23 @@ impl BuildRun {
         let cwd = crate::context::dockerignore::clean(&parent.workdir());
         // Docker creates a missing WORKDIR for RUN; so does the layer, as it does there.
         let _ = std::fs::create_dir_all(active.rootfs().join(cwd.trim_start_matches('/')));
-        let absent_mounts: Vec<String> = MOUNT_POINTS
+        // Held until the step ends: a locked cache mount is this step's alone meanwhile,
+        // secrets live in a tmpfs that goes with it.
+        let mounts = self.step_mounts(node, run, &scratch, inputs, work)?;
+        let targets = MOUNT_POINTS
             .iter()
-            .filter(|p| view.lookup(&Path::new("/").join(p)).is_none())
-            .map(|p| (*p).to_owned())
-            .collect();
+            .map(|p| format!("/{p}"))
+            .chain(mounts.mounts.iter().map(|m| m.target.clone()));
+        let absent_mounts = absent_paths(&view, targets);
+        // A secret's variable replaces one of the same name, as in BuildKit.
+        for var in &mounts.env {
+            let name = var.split('=').next().unwrap_or_default();
+            env.retain(|e| e.split('=').next() != Some(name));
+            env.push(var.clone());
+        }
         let request = RunRequest {
             id: self.engine.next_run_id(),
-            bundle: scratch.join("bundle"),
+            bundle: mounts.bundle.clone(),
             rootfs: active.rootfs().to_owned(),
             args: run_argv(run, parent),
             env,
@@ -636,6 +648,7 @@ impl BuildRun {
                 Some("host") => Network::Host,
                 _ => self.spec.network,
             },
+            mounts: mounts.mounts.clone(),
         };
         let tail = Mutex::new(VecDeque::with_capacity(FAILURE_TAIL));
         let mut logs = |stream: LogStream, line: &[u8]| {
@@ -745,7 +758,7 @@ impl BuildRun {
             let source = match (from, tree) {
                 (Some(state), _) => {
                     from_view = RootView::new(self.lower_dirs(state)?);
-                    CopySource::Image(&from_view)
+                    CopySource::Image(&from_view, &excludes)
                 }
                 (None, Some(tree)) => CopySource::Context {
                     dir: &self.spec.context,
@@ -773,7 +786,12 @@ impl BuildRun {
             };
             let view = RootView::new(vec![dir]);
             plans.push(
-                copy::plan(&docs_spec, CopySource::Image(&view), &parent_view).map_err(store)?,
+                copy::plan(
+                    &docs_spec,
+                    CopySource::Image(&view, &IgnoreRules::default()),
+                    &parent_view,
+                )
+                .map_err(store)?,
             );
             Some(cleanup)
         };
@@ -956,8 +974,8 @@ fn run_argv(run: &Run, parent: &State) -> Vec<String> {
     parent.argv(&run.command)
 }
 
-/// Drops what the runtime created only to mount over: empty mount-point files and dirs
-/// (and `etc` if it exists only because of them).
+/// Drops what the runtime created only to mount over: the mount-point files and dirs of
+/// `absent` (deepest first) that stayed empty.
 fn remove_mount_points(upper: &Path, absent: &[String]) {
     for path in absent {
         let host = upper.join(path);
@@ -977,13 +995,10 @@ fn remove_mount_points(upper: &Path, absent: &[String]) {
             };
         }
     }
-    if absent.iter().any(|p| p.starts_with("etc/")) {
-        let _ = std::fs::remove_dir(upper.join("etc"));
-    }
 }
 
 /// An error of the store or of a step's writes; one that ran out of space says so.
-fn store(err: impl std::error::Error + 'static) -> BuildError {
+pub(super) fn store(err: impl std::error::Error + 'static) -> BuildError {
     if crate::store::is_out_of_space(&err) {
         BuildError::Full(err.to_string())
     } else {

@@ -29,6 +29,24 @@ pub enum Network {
     None,
 }
 
+/// Something a step sees at `target` besides its root filesystem (`RUN --mount`). The
+/// runtime creates a missing target in the root filesystem; the engine removes what it
+/// created there, so mounts never shape the layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepMount {
+    /// Absolute path inside the container.
+    pub target: String,
+    pub source: MountSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSource {
+    /// A host directory or file, bound (a cache mount's directory, a secret's file).
+    Bind { path: PathBuf, readonly: bool },
+    /// A fresh, empty tmpfs, at most `size` bytes when given.
+    Tmpfs { size: Option<u64> },
+}
+
 /// Everything one run needs.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
@@ -43,6 +61,8 @@ pub struct RunRequest {
     pub cwd: String,
     pub user: ProcessUser,
     pub network: Network,
+    /// In order: a later mount may sit inside an earlier one.
+    pub mounts: Vec<StepMount>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

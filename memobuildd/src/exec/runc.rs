@@ -21,7 +21,7 @@ use oci_spec::runtime::{
     ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
-use super::{ExecError, Executor, LogSink, LogStream, Network, RunRequest};
+use super::{ExecError, Executor, LogSink, LogStream, MountSource, Network, RunRequest};
 
 const HOSTNAME: &str = "memobuild";
 /// Longest chunk of a line without a newline that is sent as one log record.
@@ -302,6 +302,26 @@ fn spec(request: &RunRequest, netns: Option<&Path>) -> Result<Spec, oci_spec::Oc
                 .options(vec!["rbind".to_owned(), "ro".to_owned()])
                 .build()?,
         );
+    }
+    for mount in &request.mounts {
+        let builder = MountBuilder::default().destination(PathBuf::from(&mount.target));
+        let built = match &mount.source {
+            MountSource::Bind { path, readonly } => {
+                builder.typ("bind").source(path.clone()).options(vec![
+                    "rbind".to_owned(),
+                    if *readonly { "ro" } else { "rw" }.to_owned(),
+                ])
+            }
+            MountSource::Tmpfs { size } => {
+                let mut options = vec!["nosuid".to_owned(), "nodev".to_owned()];
+                options.extend(size.map(|bytes| format!("size={bytes}")));
+                builder
+                    .typ("tmpfs")
+                    .source(PathBuf::from("tmpfs"))
+                    .options(options)
+            }
+        };
+        mounts.push(built.build()?);
     }
     spec.set_mounts(Some(mounts));
     if let Some(linux) = spec.linux_mut() {

@@ -19,6 +19,9 @@ pub enum DiagnosticKind {
     StageReference,
     /// Any other rule about what an instruction may say (stage names, HEALTHCHECK, ONBUILD, ...).
     Semantic,
+    /// A flag, mount option or value BuildKit implements and MemoBuild does not yet: refused
+    /// rather than ignored.
+    Unsupported,
 }
 
 /// A frontend or planner error at a position of a Dockerfile.
@@ -61,6 +64,18 @@ impl Diagnostic {
             kind,
             message: message.into(),
             source_line,
+        }
+    }
+}
+
+impl Diagnostic {
+    /// Moves the column to flag `--name` when the source line shows it.
+    pub(crate) fn point_at_flag(&mut self, name: &str) {
+        if name.is_empty() {
+            return;
+        }
+        if let Some(at) = self.source_line.find(&format!("--{name}")) {
+            self.column = self.source_line[..at].chars().count() as u32 + 1;
         }
     }
 }

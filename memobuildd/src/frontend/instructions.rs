@@ -291,9 +291,7 @@ impl Cx<'_> {
     /// An error about flag `--name`, pointing at it when it is on the instruction's first line.
     fn flag_error(&self, kind: DiagnosticKind, name: &str, message: String) -> Diagnostic {
         let mut diagnostic = self.error(kind, message);
-        if let Some(at) = diagnostic.source_line.find(&format!("--{name}")) {
-            diagnostic.column = diagnostic.source_line[..at].chars().count() as u32 + 1;
-        }
+        diagnostic.point_at_flag(name);
         diagnostic
     }
 

@@ -14,6 +14,7 @@
 mod diagnostic;
 mod dump;
 mod instructions;
+mod mount;
 pub mod shell;
 mod syntax;
 
@@ -22,6 +23,7 @@ pub use instructions::{
     ArgDecl, Command, Dockerfile, FileCopy, Healthcheck, Instruction, InstructionKind, Run, Span,
     Stage,
 };
+pub use mount::{MountError, MountKind, RunMount, Sharing, parse_mounts};
 pub use syntax::{Directive, Heredoc};
 
 /// Parses and validates a Dockerfile; `file` only names it in diagnostics.

@@ -10,8 +10,8 @@ use super::scope::{Args, Scope, arg_value, build_arg, platform_args};
 use super::{Base, BuildGraph, Node, NodeKind, PlanError, PlanOptions, StageInfo};
 use crate::frontend::shell::ExpandError;
 use crate::frontend::{
-    ArgDecl, Diagnostic, DiagnosticKind, Dockerfile, FileCopy, Instruction, InstructionKind, Span,
-    Stage,
+    ArgDecl, Diagnostic, DiagnosticKind, Dockerfile, FileCopy, Instruction, InstructionKind,
+    MountKind, RunMount, Span, Stage, parse_mounts,
 };
 
 /// What the planner needs from a base image's config: its ENV, and the ONBUILD triggers that
@@ -260,14 +260,23 @@ fn needed_stages(
             todo.push(j as usize);
         }
         for instruction in &df.stages[i].instructions {
-            let InstructionKind::Copy(FileCopy {
-                from: Some(from), ..
-            }) = &instruction.kind
-            else {
-                continue;
+            let froms = match &instruction.kind {
+                InstructionKind::Copy(FileCopy {
+                    from: Some(from), ..
+                }) => vec![from.clone()],
+                // Specs that do not parse yet (`$VAR` keys) are reported after expansion.
+                InstructionKind::Run(run) => parse_mounts(&run.mounts)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|m| m.kind == MountKind::Bind)
+                    .filter_map(|m| m.from)
+                    .collect(),
+                _ => continue,
             };
-            if let CopyFrom::Stage(j) = resolve_copy_from(df, i, instruction, from, globals)? {
-                todo.push(j);
+            for from in froms {
+                if let CopyFrom::Stage(j) = resolve_copy_from(df, i, instruction, &from, globals)? {
+                    todo.push(j);
+                }
             }
         }
     }
@@ -304,6 +313,21 @@ impl Lowering<'_> {
 
     fn stage(&mut self, i: usize, stage: &Stage, resolved: ResolvedBase) -> Result<(), Diagnostic> {
         let lines = Some((stage.span.start_line, stage.span.end_line));
+        let host = platform_args()
+            .into_iter()
+            .find_map(|(name, value)| (name == "BUILDPLATFORM").then_some(value))
+            .unwrap_or_default();
+        if let Some(message) = resolved
+            .platform
+            .as_deref()
+            .and_then(|p| super::support::platform_unsupported(p, &host))
+        {
+            let mut diagnostic =
+                self.df
+                    .error(stage.span, "FROM", DiagnosticKind::Unsupported, message);
+            diagnostic.point_at_flag("platform");
+            return Err(diagnostic);
+        }
         let (mut parent, env, triggers) = match &resolved.base {
             Base::Stage(j) => {
                 let j = *j as usize;
@@ -448,6 +472,14 @@ impl Lowering<'_> {
                 excludes.clone_from(&copy.exclude);
                 inputs.extend(self.copy_input(i, instruction, copy)?);
             }
+            InstructionKind::Run(run) => {
+                // Checked by `check_semantics`: the specs parse.
+                for mount in parse_mounts(&run.mounts).unwrap_or_default() {
+                    if mount.kind == MountKind::Bind {
+                        inputs.push(self.bind_input(i, instruction, &mount)?);
+                    }
+                }
+            }
             _ => {}
         }
         let kind = match expanded {
@@ -541,6 +573,42 @@ impl Lowering<'_> {
         Ok(Some(self.add(node, &[])))
     }
 
+    /// The node a `RUN --mount=type=bind` reads: the files it names in the context (keyed by
+    /// their fingerprint, as COPY's), or the stage or image of its `from`.
+    fn bind_input(
+        &mut self,
+        i: usize,
+        instruction: &Instruction,
+        mount: &RunMount,
+    ) -> Result<NodeIndex, Diagnostic> {
+        let df = self.df;
+        match &mount.from {
+            Some(from) => Ok(
+                match resolve_copy_from(df, i, instruction, from, &self.globals)? {
+                    CopyFrom::Stage(j) => {
+                        self.stage_ends[j].expect("needed stages are lowered in order")
+                    }
+                    CopyFrom::Image(image) => self.image(image),
+                },
+            ),
+            None => {
+                let pattern = bind_context_source(mount);
+                let span = instruction.span;
+                let node = Node {
+                    sources: vec![pattern.clone()],
+                    lines: Some((span.start_line, span.end_line)),
+                    ..Node::bare(
+                        NodeKind::ContextSource,
+                        Some(i as u32),
+                        format!("context {pattern}"),
+                        format!("CONTEXT {} --exclude=[]", json(&[&pattern])),
+                    )
+                };
+                Ok(self.add(node, &[]))
+            }
+        }
+    }
+
     fn image(&mut self, image: String) -> NodeIndex {
         if let Some(&node) = self.images.get(&image) {
             return node;
@@ -578,6 +646,21 @@ impl Node {
     }
 }
 
+/// The context pattern a bind mount without `from` reads: its `source`, the whole context
+/// by default.
+pub fn bind_context_source(mount: &RunMount) -> String {
+    let source = mount
+        .source
+        .as_deref()
+        .unwrap_or("")
+        .trim_start_matches('/');
+    if source.is_empty() {
+        ".".to_owned()
+    } else {
+        source.to_owned()
+    }
+}
+
 /// ADD sources fetched from the network rather than read from the context.
 fn is_remote(source: &str) -> bool {
     ["http://", "https://", "git://", "git@", "ssh://"]
@@ -599,6 +682,16 @@ fn check_semantics(
             message,
         )
     };
+    if let Some((flag, message)) = super::support::unsupported(expanded) {
+        let mut diagnostic = df.error(
+            instruction.span,
+            expanded.keyword(),
+            DiagnosticKind::Unsupported,
+            message,
+        );
+        diagnostic.point_at_flag(flag);
+        return Err(diagnostic);
+    }
     match expanded {
         InstructionKind::Expose(ports) => match ports.iter().find(|p| !is_port_spec(p)) {
             Some(bad) => Err(error(format!("invalid port specification: {bad:?}"))),
@@ -612,35 +705,10 @@ fn check_semantics(
                 expanded.keyword()
             )))
         }
-        InstructionKind::Run(run) => match run.mounts.iter().find_map(|m| mount_problem(m)) {
-            Some(problem) => Err(error(format!("--mount: {problem}"))),
-            None => Ok(()),
-        },
         InstructionKind::Workdir(dir) if dir.is_empty() => {
             Err(error("WORKDIR cannot be empty".to_owned()))
         }
         _ => Ok(()),
-    }
-}
-
-/// What BuildKit would refuse in a `--mount` spec (`type=cache,target=/root/.cache`), if anything.
-fn mount_problem(spec: &str) -> Option<String> {
-    let mut kind = "bind";
-    let mut has_target = false;
-    for field in spec.split(',') {
-        let (key, value) = field.split_once('=').unwrap_or((field, ""));
-        match key.trim().to_ascii_lowercase().as_str() {
-            "type" => kind = value,
-            "target" | "dst" | "destination" => has_target = !value.is_empty(),
-            "from" | "source" | "src" | "readonly" | "ro" | "readwrite" | "rw" | "id"
-            | "sharing" | "mode" | "uid" | "gid" | "required" | "size" | "env" => {}
-            other => return Some(format!("unexpected key '{other}' in '{field}'")),
-        }
-    }
-    match kind {
-        "bind" | "cache" | "tmpfs" if !has_target => Some(format!("a {kind} mount needs a target")),
-        "bind" | "cache" | "tmpfs" | "secret" | "ssh" => None,
-        other => Some(format!("unsupported mount type {other:?}")),
     }
 }
 

@@ -18,12 +18,13 @@ mod canonical;
 mod expand;
 mod lower;
 pub(crate) mod scope;
+mod support;
 
 use petgraph::graph::DiGraph;
 
 use crate::frontend::{Diagnostic, InstructionKind};
 
-pub use lower::{BaseEnv, BaseInfo, lower, lower_with_base_env};
+pub use lower::{BaseEnv, BaseInfo, bind_context_source, lower, lower_with_base_env};
 /// Node handles, re-exported so callers need not depend on petgraph to hold one.
 pub use petgraph::graph::NodeIndex;
 

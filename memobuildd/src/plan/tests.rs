@@ -349,22 +349,137 @@ fn base_image_env_feeds_expansion_when_known() {
 
 #[test]
 fn run_mounts_are_checked_after_expansion() {
-    let ok = "FROM a\nARG C=/root/.cache\nRUN --mount=type=cache,target=$C --mount=type=secret,id=s make\n";
+    let ok = "FROM a\nARG C=/root/.cache\nRUN --mount=type=cache,target=$C make\n";
     let g = graph(ok);
     let Some(InstructionKind::Run(run)) = &find(&g, "RUN").1.step else {
         panic!("a RUN step")
     };
     assert_eq!(run.mounts[0], "type=cache,target=/root/.cache");
-    for bad in [
-        "FROM a\nRUN --mount=type=nfs,target=/x true\n",
-        "FROM a\nRUN --mount=type=cache true\n",
-        "FROM a\nRUN --mount=target=/x,colour=red true\n",
+    for (bad, message) in [
+        (
+            "FROM a\nRUN --mount=type=nfs,target=/x true\n",
+            "--mount: unknown mount type \"nfs\" (bind, cache, tmpfs, secret or ssh)",
+        ),
+        (
+            "FROM a\nRUN --mount=type=cache true\n",
+            "--mount: a cache mount needs a target",
+        ),
+        (
+            "FROM a\nRUN --mount=target=/x,colour=red true\n",
+            "--mount: unknown key \"colour\"",
+        ),
+        (
+            "FROM a\nARG K=size\nRUN --mount=type=cache,target=/x,$K=1 true\n",
+            "--mount: key \"size\" does not apply to a cache mount",
+        ),
     ] {
         let err = stage_error(bad, None);
+        assert_eq!(err.kind, DiagnosticKind::Unsupported, "{bad:?}");
         assert_eq!(
-            (err.kind, err.line),
-            (DiagnosticKind::Semantic, 2),
+            (err.line as usize, err.column),
+            (bad.lines().count(), 5),
             "{bad:?}"
+        );
+        assert_eq!(err.message, message);
+    }
+}
+
+/// BuildKit's documented flags, instruction by instruction (Dockerfile reference, 1.x
+/// syntax): each one either plans (and the engine does what BuildKit does with it) or is
+/// refused at its line, pointing at the flag, with a message naming it. Nothing in between.
+#[test]
+fn every_buildkit_flag_is_implemented_or_refused_by_name() {
+    let implemented = [
+        "FROM --platform=$BUILDPLATFORM a",
+        "FROM --platform=$TARGETPLATFORM a",
+        "FROM a\nRUN --mount=type=cache,id=x,target=/c,sharing=locked,mode=0700,uid=1,gid=1,ro=false true",
+        "FROM a\nRUN --mount=type=tmpfs,target=/t,size=64m true",
+        "FROM a\nRUN --mount=type=secret,id=s,target=/s,env=S,required,mode=0440,uid=1,gid=2 true",
+        "FROM a\nRUN --mount=type=ssh,id=github,target=/agent,required true",
+        "FROM a\nRUN --mount=type=bind,source=go.sum,target=/src/go.sum,rw true",
+        "FROM b AS s\nFROM a\nRUN --mount=from=s,source=/out,target=/in --mount=from=img:1,target=/i true",
+        "FROM a\nRUN --network=default true",
+        "FROM a\nRUN --network=none true",
+        "FROM a\nRUN --network=host true",
+        "FROM a\nRUN --security=sandbox true",
+        "FROM b AS s\nFROM a\nCOPY --from=s --chown=1:1 --chmod=0644 --link x /y",
+        "FROM a\nCOPY --exclude=*.log --exclude=tmp x /y",
+        "FROM b AS s\nFROM a\nCOPY --from=s --exclude=*.md x /y",
+        "FROM a\nADD --chown=1 --chmod=644 --link --exclude=*.md x /y",
+        "FROM a\nADD --checksum=sha256:0000000000000000000000000000000000000000000000000000000000000000 https://h/f /y",
+        "FROM a\nHEALTHCHECK --interval=5s --timeout=3s --start-period=1s --start-interval=1s --retries=3 CMD true",
+    ];
+    for text in implemented {
+        plan(&format!("{text}\n"), None, &[]).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    }
+    // (Dockerfile, the flag the caret points at, the message).
+    let refused = [
+        (
+            "FROM --platform=linux/s390x a",
+            "--platform",
+            "--platform=linux/s390x: only the host platform",
+        ),
+        (
+            "FROM a\nRUN --security=insecure true",
+            "--security",
+            "--security=insecure is not supported",
+        ),
+        (
+            "FROM a\nRUN --mount=type=ssh,mode=0600 true",
+            "--mount",
+            "--mount=type=ssh: mode=, uid= and gid= are not supported yet",
+        ),
+        (
+            "FROM a\nRUN --mount=type=cache,target=/c,from=a true",
+            "--mount",
+            "--mount=type=cache: from= and source= (seeding a cache from a stage) are not supported yet",
+        ),
+        (
+            "FROM a\nCOPY --parents a/b /d/",
+            "--parents",
+            "COPY --parents is not supported yet",
+        ),
+        (
+            "FROM a\nADD --keep-git-dir https://h/r.git /src",
+            "--keep-git-dir",
+            "ADD --keep-git-dir: ADD of a git repository is not supported yet",
+        ),
+        (
+            "FROM a\nADD https://h/r.git#v1 /src",
+            "ADD",
+            "ADD of a git repository (https://h/r.git#v1) is not supported yet",
+        ),
+        (
+            "FROM a\nADD git@github.com:o/r.git /src",
+            "ADD",
+            "ADD of a git repository (git@github.com:o/r.git) is not supported yet",
+        ),
+    ];
+    for (text, at, message) in refused {
+        let err = stage_error(&format!("{text}\n"), None);
+        let last = text.lines().last().unwrap_or_default();
+        assert_eq!(err.kind, DiagnosticKind::Unsupported, "{text:?}");
+        assert_eq!(err.line as usize, text.lines().count(), "{text:?}");
+        assert_eq!(err.column as usize, last.find(at).unwrap() + 1, "{text:?}");
+        assert!(
+            err.message.starts_with(message),
+            "{text:?}: {}",
+            err.message
+        );
+    }
+    // Flags BuildKit has and the typed layer does not know: refused while parsing.
+    for (text, flag) in [
+        ("FROM a\nRUN --device=/dev/fuse true", "--device"),
+        ("FROM a\nADD --unpack=true x.tar /y", "--unpack"),
+        ("FROM a\nCOPY --checksum=sha256:00 x /y", "--checksum"),
+        ("FROM a\nADD --from=s x /y", "--from"),
+        ("FROM a\nWORKDIR --parents /x", "--parents"),
+    ] {
+        let err = frontend::parse(&format!("{text}\n"), "Dockerfile").unwrap_err();
+        assert_eq!(err.kind, DiagnosticKind::UnknownFlag, "{text:?}");
+        assert_eq!(
+            (err.line, err.message.clone()),
+            (2, format!("unknown flag: {flag}"))
         );
     }
 }
@@ -404,4 +519,33 @@ fn onbuild_triggers_run_first_in_a_child_stage_or_image() {
         .map(|(_, n)| n.label.as_str())
         .collect();
     assert_eq!(steps, ["COPY . /app", "RUN own"]);
+}
+
+#[test]
+fn bind_mounts_are_inputs_of_their_run_as_copies_are() {
+    let g = graph(
+        "FROM a AS deps\nRUN make\nFROM b AS unused\nFROM c\nRUN --mount=source=go.sum,target=/s/go.sum --mount=from=deps,target=/d --mount=from=img:1,target=/i true\n",
+    );
+    let (run, _) = find(&g, "RUN true");
+    let inputs: Vec<&Node> = g
+        .graph()
+        .neighbors_directed(run, petgraph::Direction::Incoming)
+        .map(|n| g.node(n))
+        .collect();
+    assert!(
+        inputs
+            .iter()
+            .any(|n| n.kind == NodeKind::ContextSource && n.sources == ["go.sum"])
+    );
+    assert!(
+        inputs
+            .iter()
+            .any(|n| n.kind == NodeKind::Stage && n.stage == Some(0))
+    );
+    assert!(inputs.iter().any(|n| n.image.as_deref() == Some("img:1")));
+    assert_eq!(
+        g.stages().len(),
+        2,
+        "the bound stage is needed, the other is not"
+    );
 }

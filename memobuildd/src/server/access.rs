@@ -31,11 +31,39 @@ impl Peer {
     /// read, on a user's behalf, what that user may not. Checks the path's own permission bits
     /// against the peer's uid and primary gid; a missing path passes, for the read to report.
     pub(crate) fn check_readable(&self, path: &Path) -> Result<(), HandlerError> {
+        let needed = |meta: &std::fs::Metadata| if meta.is_dir() { 0o5 } else { 0o4 };
+        if self.may(path, needed) {
+            Ok(())
+        } else {
+            Err(HandlerError::Unreadable {
+                uid: self.uid,
+                path: path.to_owned(),
+            })
+        }
+    }
+
+    /// Refuses a socket (an SSH agent's) this peer could not connect to itself: connecting
+    /// needs write permission on it.
+    pub(crate) fn check_connectable(&self, path: &Path) -> Result<(), HandlerError> {
+        if self.may(path, |_| 0o2) {
+            Ok(())
+        } else {
+            Err(HandlerError::Unconnectable {
+                uid: self.uid,
+                path: path.to_owned(),
+            })
+        }
+    }
+
+    /// Whether the permission bits of `path` that apply to this peer (owner, group or
+    /// others) hold the `needed` ones. Root and the daemon's own user may do anything; a
+    /// missing path passes, for its use to report.
+    fn may(&self, path: &Path, needed: impl Fn(&std::fs::Metadata) -> u32) -> bool {
         if self.uid == 0 || self.uid == passwd::effective_uid() {
-            return Ok(());
+            return true;
         }
         let Ok(meta) = std::fs::metadata(path) else {
-            return Ok(());
+            return true;
         };
         let mode = meta.mode();
         let bits = if meta.uid() == self.uid {
@@ -45,15 +73,8 @@ impl Peer {
         } else {
             mode
         } & 0o7;
-        let needed = if meta.is_dir() { 0o5 } else { 0o4 };
-        if bits & needed == needed {
-            Ok(())
-        } else {
-            Err(HandlerError::Unreadable {
-                uid: self.uid,
-                path: path.to_owned(),
-            })
-        }
+        let needed = needed(&meta);
+        bits & needed == needed
     }
 }
 
@@ -162,5 +183,21 @@ mod tests {
         assert!(policy.check(peer(4242, 77)).is_ok(), "running with the gid");
         let refusal = policy.check(peer(1002, 1002)).expect_err("not a member");
         assert!(refusal.contains("group builders"), "{refusal}");
+    }
+
+    #[test]
+    fn a_peer_may_connect_only_to_a_socket_it_could_write() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).expect("mode");
+        let owner = std::fs::metadata(&socket).expect("meta").uid();
+        // A uid that is neither root, the daemon's user nor the socket's owner.
+        let stranger = peer(owner.max(1) + 4242, 4242);
+        assert!(stranger.check_connectable(&socket).is_err());
+        assert!(peer(0, 0).check_connectable(&socket).is_ok());
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("mode");
+        assert!(stranger.check_connectable(&socket).is_ok());
     }
 }

@@ -167,7 +167,25 @@ pub(crate) async fn serve(
             memobuild_protocol::NetworkMode::None => Network::None,
         },
         source_date_epoch: request.source_date_epoch.map(|s| s as i64),
+        secrets: crate::engine::Secrets::new(
+            request
+                .secrets
+                .iter()
+                .map(|s| (s.id.clone(), s.value.clone())),
+        ),
+        ssh: request
+            .ssh
+            .iter()
+            .map(|a| (a.id.clone(), a.socket.clone()))
+            .collect(),
     };
+    if let Some(denied) = request
+        .ssh
+        .iter()
+        .find_map(|a| peer.check_connectable(&a.socket).err())
+    {
+        return write_frame(stream, &denied.into_response()).await;
+    }
     // Every change made before this request must be in the fingerprints it uses.
     hub.sync(&dockerfile.context).await;
     let was_watched = hub.is_watched(&dockerfile.context);
@@ -282,6 +300,7 @@ async fn finish(
         cached: built.cached,
         executed: built.executed,
         duration_ms: built.duration.as_millis() as u64,
+        config_digest: Some(built.image.config.digest.to_string()),
     };
     // A build leaves freed memory in the allocator's per-thread arenas; a resident daemon
     // gives it back, once outputs are written too. After executed steps it does so before

@@ -20,6 +20,7 @@ pub(crate) async fn gc(engine: &Engine, request: GcRequest) -> Response {
             .map(Duration::from_secs)
             .or(policy.keep_duration),
         all: request.all,
+        cache_mounts_only: request.cache_mounts_only,
         dry_run: request.dry_run,
         time_limit: None,
     };
@@ -39,6 +40,7 @@ fn report_message(report: &GcReport) -> memobuild_protocol::GcReport {
         removed_layers: report.removed_layers,
         dry_run: report.dry_run,
         complete: report.complete,
+        removed_cache_mounts: report.removed_cache_mounts,
         duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
     }
 }
@@ -70,5 +72,7 @@ pub(crate) fn cache_stats(engine: &Engine) -> CacheStats {
             report: report_message(&last.report),
         }),
         gc_running: store.gc_running,
+        cache_mounts: store.cache_mounts,
+        cache_mount_bytes: store.cache_mount_bytes,
     }
 }

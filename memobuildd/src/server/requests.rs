@@ -35,6 +35,8 @@ pub(crate) enum HandlerError {
     },
     #[error("uid {uid} may not read {}", path.display())]
     Unreadable { uid: u32, path: PathBuf },
+    #[error("uid {uid} may not connect to {}", path.display())]
+    Unconnectable { uid: u32, path: PathBuf },
     #[error("{0}")]
     Invalid(String),
 }
@@ -48,7 +50,7 @@ impl HandlerError {
             }
             Self::Context(ContextError::Database { .. }) => ErrorCode::Internal,
             Self::Context(_) => ErrorCode::InvalidInput,
-            Self::Unreadable { .. } => ErrorCode::PermissionDenied,
+            Self::Unreadable { .. } | Self::Unconnectable { .. } => ErrorCode::PermissionDenied,
             Self::Watch(err) => watch_code(err),
         }
     }

@@ -24,6 +24,8 @@ pub enum SnapshotError {
     },
     #[error("mounting overlayfs at {}: {message}", target.display())]
     Mount { target: PathBuf, message: String },
+    #[error("mounting a tmpfs at {}: {message}", target.display())]
+    Tmpfs { target: PathBuf, message: String },
     #[error("{lowers} layers exceed overlayfs's limit of {MAX_LOWERS}; squash the base image")]
     TooDeep { lowers: usize },
 }
@@ -141,6 +143,54 @@ impl Drop for Active {
             && let Err(err) = unmount(&self.rootfs)
         {
             tracing::warn!(%err, "leaving a mount behind");
+        }
+    }
+}
+
+/// A private tmpfs (mode 0700) for what must never reach the disk: the secrets a RUN step
+/// mounts and the bundle naming them. Dropping it unmounts, and the contents are gone.
+#[derive(Debug)]
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a fresh tmpfs on `path` (created if missing).
+    pub fn mount(path: &Path) -> Result<Self, SnapshotError> {
+        std::fs::create_dir_all(path).map_err(|source| SnapshotError::Io {
+            what: "creating",
+            path: path.to_owned(),
+            source,
+        })?;
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "mode=0700,size=64m", "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|source| SnapshotError::Io {
+                what: "running mount for",
+                path: path.to_owned(),
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(SnapshotError::Tmpfs {
+                target: path.to_owned(),
+                message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Err(err) = unmount(&self.path) {
+            tracing::warn!(%err, "leaving a tmpfs behind");
         }
     }
 }

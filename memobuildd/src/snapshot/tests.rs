@@ -7,10 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::exec::{Executor, LogStream, Network, ProcessUser, RunRequest, Runc};
+use crate::exec::{
+    Executor, LogStream, MountSource, Network, ProcessUser, RunRequest, Runc, StepMount,
+};
 use crate::testing::privileged;
 
-const APPLETS: &[&str] = &["sh", "echo", "ls", "cat", "rm", "sleep", "id", "mkdir"];
+const APPLETS: &[&str] = &[
+    "sh", "echo", "ls", "cat", "rm", "sleep", "id", "mkdir", "df", "grep",
+];
 
 /// A layer store holding one busybox layer, `busybox`.
 fn store_with_busybox() -> (tempfile::TempDir, Overlay) {
@@ -39,6 +43,7 @@ fn request(dir: &Path, rootfs: &Path, id: &str, script: &str, network: Network) 
             additional_gids: vec![],
         },
         network,
+        mounts: Vec::new(),
     }
 }
 
@@ -103,6 +108,63 @@ fn a_run_writes_only_its_changes_to_the_upper_dir() {
     assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
     assert!(!mounted(&scratch.join("rootfs")));
     assert!(std::fs::read_dir(runc.state_root()).map_or(true, |mut d| d.next().is_none()));
+}
+
+#[test]
+fn bind_and_tmpfs_mounts_reach_the_step_and_not_its_upper_dir() {
+    if !privileged("bind_and_tmpfs_mounts_reach_the_step_and_not_its_upper_dir") {
+        return;
+    }
+    let (dir, _scratch, active, runc) = mounted_busybox();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).expect("cache");
+    std::fs::write(cache.join("old"), "from before\n").expect("old");
+    let mut req = request(
+        dir.path(),
+        active.rootfs(),
+        "mb-test-mounts",
+        "cat /c/old && echo new > /c/new && echo t > /t/x && df /t | grep tmpfs \
+         && ! echo no > /ro/x",
+        Network::Host,
+    );
+    let readonly = dir.path().join("readonly");
+    std::fs::create_dir(&readonly).expect("readonly");
+    req.mounts = vec![
+        StepMount {
+            target: "/c".into(),
+            source: MountSource::Bind {
+                path: cache.clone(),
+                readonly: false,
+            },
+        },
+        StepMount {
+            target: "/t".into(),
+            source: MountSource::Tmpfs {
+                size: Some(1 << 20),
+            },
+        },
+        StepMount {
+            target: "/ro".into(),
+            source: MountSource::Bind {
+                path: readonly.clone(),
+                readonly: true,
+            },
+        },
+    ];
+    let (code, logs) = run(&runc, &req, &AtomicBool::new(false));
+    assert_eq!(code.expect("ran"), 0, "{logs}");
+    assert!(logs.contains("from before"), "{logs}");
+    let upper = active.unmount().expect("unmount");
+    assert_eq!(
+        std::fs::read_to_string(cache.join("new")).expect("new"),
+        "new\n"
+    );
+    assert!(!readonly.join("x").exists());
+    // What reached the upper dir: only the mount points the runtime made.
+    for target in ["c", "t", "ro"] {
+        let entries = std::fs::read_dir(upper.join(target)).map(|d| d.count());
+        assert_eq!(entries.unwrap_or(0), 0, "{target}");
+    }
 }
 
 #[test]

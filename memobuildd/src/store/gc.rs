@@ -66,8 +66,10 @@ pub struct GcOptions {
     pub keep_bytes: u64,
     /// Remove what was unused for longer than this, whatever the size.
     pub keep_duration: Option<Duration>,
-    /// Remove every action and base image no tag and no lease holds.
+    /// Remove every action, base image and cache mount no tag, lease or step holds.
     pub all: bool,
+    /// Consider cache mounts only (`cache prune --filter type=exec.cachemount`).
+    pub cache_mounts_only: bool,
     /// Plan only: say what would go.
     pub dry_run: bool,
     /// Stop after this long; the next pass goes on.
@@ -80,6 +82,7 @@ pub struct GcReport {
     pub removed_bases: u64,
     pub removed_blobs: u64,
     pub removed_layers: u64,
+    pub removed_cache_mounts: u64,
     pub freed_bytes: u64,
     /// What GC manages after the pass.
     pub kept_bytes: u64,
@@ -134,7 +137,7 @@ impl Control {
     }
 
     /// Counts bytes renamed into the trash: still on disk until [`Control::discard`]ed.
-    fn trashed(&self, bytes: u64) {
+    pub(super) fn trashed(&self, bytes: u64) {
         self.trash_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -224,6 +227,7 @@ fn automatic(shared: &Shared, trigger: Trigger) {
         keep_bytes: shared.keep_bytes,
         keep_duration: shared.keep_duration,
         all: false,
+        cache_mounts_only: false,
         dry_run: false,
         time_limit: Some(shared.pass_limit),
     };
@@ -392,7 +396,17 @@ pub(super) fn pass(
     shared.flush_touched()?;
     let before = shared.total_bytes();
     let snapshot = shared.ix(|index| index.snapshot())?;
-    let plan = plan(shared, &snapshot, options, before);
+    let plan = if options.cache_mounts_only {
+        Plan {
+            actions: Vec::new(),
+            bases: Vec::new(),
+            freed: 0,
+            blobs: 0,
+            layers: 0,
+        }
+    } else {
+        plan(shared, &snapshot, options, before)
+    };
     let mut report = GcReport {
         dry_run: options.dry_run,
         complete: true,
@@ -403,8 +417,10 @@ pub(super) fn pass(
         report.removed_bases = plan.bases.len() as u64;
         report.removed_blobs = plan.blobs;
         report.removed_layers = plan.layers;
-        report.freed_bytes = plan.freed;
-        report.kept_bytes = before.saturating_sub(plan.freed);
+        let mounts = cache_mounts(shared, options, before.saturating_sub(plan.freed));
+        report.removed_cache_mounts = mounts.mounts;
+        report.freed_bytes = plan.freed + mounts.bytes;
+        report.kept_bytes = before.saturating_sub(report.freed_bytes);
         report.duration = started.elapsed();
         return Ok(report);
     }
@@ -442,8 +458,14 @@ pub(super) fn pass(
         drop(leases);
         report.removed_bases = shared.ix(|index| index.forget_bases(&bases))?;
     }
-    if report.complete {
+    if report.complete && !options.cache_mounts_only {
         report.complete = sweep(shared, &mut report, &out_of_time)?;
+    }
+    if report.complete {
+        let now = shared.total_bytes().saturating_sub(shared.gc.trash_bytes());
+        let mounts = cache_mounts(shared, options, now);
+        report.removed_cache_mounts = mounts.mounts;
+        report.freed_bytes += mounts.bytes;
     }
     let _ = shared.ix(|index| index.checkpoint());
     // What the store keeps: what the trash thread is still unlinking is freed already.
@@ -460,6 +482,30 @@ pub(super) fn pass(
         finished_unix: now_unix().max(0) as u64,
     });
     Ok(report)
+}
+
+/// Removes the cache mounts no step uses that the pass's options pick: all, the expired,
+/// then the least recently used while the store (`total` bytes now) is over its budget.
+fn cache_mounts(
+    shared: &Shared,
+    options: &GcOptions,
+    mut total: u64,
+) -> super::cachemounts::Removed {
+    let expired_before = options
+        .keep_duration
+        .map(|keep| now_unix() - i64::try_from(keep.as_secs()).unwrap_or(i64::MAX));
+    let chosen = |last_used: i64, bytes: u64| {
+        let go = options.all
+            || expired_before.is_some_and(|t| last_used < t)
+            || total > options.keep_bytes;
+        if go {
+            total = total.saturating_sub(bytes);
+        }
+        go
+    };
+    shared
+        .cache_mounts
+        .remove_unused(shared, chosen, options.dry_run)
 }
 
 struct ClearOnDrop<'a>(&'a AtomicBool);

@@ -7,6 +7,7 @@
 //!   index-v1.sqlite          actions, tags, resolutions, base images, blob and layer rows (index)
 //!   index-v1.sqlite.damaged  the last index found damaged, moved aside when it was rebuilt
 //!   layers-v1/<id>/          unpacked layers by diff-id, the lowerdirs of RUN mounts (layers)
+//!   cachemounts-v1/<id>/     RUN --mount=type=cache directories, kept across builds (cachemounts)
 //!   tmp/                     blobs being written, step scratch, GC's trash; emptied at start
 //! ```
 //!
@@ -32,6 +33,7 @@
 //! `engine` and `server` use it; `snapshot` mounts its unpacked layers.
 
 mod blobs;
+mod cachemounts;
 mod forms;
 mod gc;
 mod index;
@@ -46,6 +48,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 pub use blobs::{Blob, BlobWriter, Cas, CasError, Damaged, Digest, Verified};
+pub use cachemounts::{CacheMount, CacheOwner, Sharing};
 pub use gc::{GcOptions, GcRecord, GcReport, Trigger};
 pub use index::{ActionKey, ActionResult, ImageRecord, IndexError, LayerRecord};
 pub use layers::layer_id;
@@ -183,6 +186,9 @@ pub struct StoreStats {
     pub actions: u64,
     pub tags: u64,
     pub leases: u64,
+    /// `RUN --mount=type=cache` directories, and their bytes on disk.
+    pub cache_mounts: u64,
+    pub cache_mount_bytes: u64,
     /// Everything under the root that GC manages.
     pub total_bytes: u64,
     pub keep_bytes: u64,
@@ -215,6 +221,7 @@ pub(crate) struct Shared {
     /// of references is still complete.
     refs_epoch: AtomicU64,
     touched: Mutex<Touched>,
+    cache_mounts: cachemounts::CacheMounts,
     keep_bytes: u64,
     keep_duration: Option<Duration>,
     pass_limit: Duration,
@@ -263,6 +270,7 @@ impl Store {
             }
             Err(err) => return Err(err.into()),
         };
+        let cache_mounts = cachemounts::CacheMounts::load(&layout.cache_mounts_dir())?;
         let keep_bytes = options
             .keep_bytes
             .unwrap_or_else(|| default_keep_bytes(layout.root()));
@@ -275,6 +283,7 @@ impl Store {
             refs: RwLock::new(()),
             refs_epoch: AtomicU64::new(0),
             touched: Mutex::new(Touched::default()),
+            cache_mounts,
             keep_bytes,
             keep_duration: options.keep_duration,
             pass_limit: options.pass_limit,
@@ -399,6 +408,7 @@ impl Store {
             load(&c.layer_bytes),
             load(&c.dir_bytes),
         );
+        let (cache_mounts, cache_mount_bytes) = self.shared.cache_mounts.totals();
         StoreStats {
             blobs: load(&c.blobs),
             blob_bytes,
@@ -414,7 +424,9 @@ impl Store {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .count() as u64,
-            total_bytes: blob_bytes + layer_bytes + index_bytes + other_bytes,
+            cache_mounts,
+            cache_mount_bytes,
+            total_bytes: blob_bytes + layer_bytes + index_bytes + other_bytes + cache_mount_bytes,
             keep_bytes: self.shared.keep_bytes,
             keep_duration: self.shared.keep_duration,
             last_gc: self.shared.gc.last(),
@@ -428,9 +440,22 @@ impl Store {
             keep_bytes: self.shared.keep_bytes,
             keep_duration: self.shared.keep_duration,
             all: false,
+            cache_mounts_only: false,
             dry_run: false,
             time_limit: None,
         }
+    }
+
+    /// Takes cache mount `id` for one RUN step (see [`CacheMount`]); `Ok(None)`: `cancel`
+    /// was set while a locked mount was busy.
+    pub fn cache_mount(
+        &self,
+        id: &str,
+        sharing: Sharing,
+        owner: CacheOwner,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<Option<CacheMount>, StoreError> {
+        self.shared.cache_mount(id, sharing, owner, cancel)
     }
 
     /// Runs one GC pass now, on this thread (after any pass already running).
@@ -551,6 +576,7 @@ impl Shared {
             + c.dir_bytes.load(Ordering::Relaxed)
             + self.gc.trash_bytes()
             + self.index_bytes()
+            + self.cache_mounts.totals().1
     }
 
     fn use_base(&self, manifest: &Digest) -> Result<(), StoreError> {

@@ -76,6 +76,7 @@ fn options(keep_bytes: u64) -> GcOptions {
         keep_bytes,
         keep_duration: None,
         all: false,
+        cache_mounts_only: false,
         dry_run: false,
         time_limit: None,
     }

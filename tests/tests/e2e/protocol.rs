@@ -189,6 +189,7 @@ async fn gc_and_cache_stats_answer_and_the_connection_stays_usable() {
         dry_run: true,
         keep_duration_secs: None,
         all: true,
+        cache_mounts_only: false,
     });
     match conn.call(&gc).await.expect("gc") {
         Response::Gc(report) => assert!(report.dry_run && report.complete, "{report:?}"),

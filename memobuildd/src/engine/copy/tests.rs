@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::context::{StatCache, scan};
+use crate::context::{IgnoreRules, StatCache, scan};
 use crate::engine::testutil::listing;
 
 struct Fixture {
@@ -352,7 +352,12 @@ fn small_ambiguous_or_unknown_copies_stay_one_layer() {
     assert!(twice.chunks(4 << 10).is_none(), "a path named twice");
     // From an image, contents are not known before copying.
     let image = RootView::new(vec![dir.path().join("ctx")]);
-    let from_image = plan(&to_app(&["src"]), CopySource::Image(&image), &parent).expect("plan");
+    let from_image = plan(
+        &to_app(&["src"]),
+        CopySource::Image(&image, &IgnoreRules::default()),
+        &parent,
+    )
+    .expect("plan");
     assert!(from_image.bytes() >= 2 * CHUNK);
     assert!(from_image.chunks(CHUNK).is_none(), "--from");
 }
