@@ -587,6 +587,7 @@ mod tests {
                 diff_id: Digest::of(bytes),
                 size: bytes.len() as u64,
                 media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                content_id: *blake3::hash(bytes).as_bytes(),
             };
             self.0
                 .lock()
