@@ -13,7 +13,8 @@ use memobuild_client::{
 use memobuild_protocol::{
     BuildRequest, DockerfileSource, DumpDockerfileRequest, GcRequest, GraphRequest,
     LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec, PACKAGE_VERSION,
-    PROTOCOL_VERSION, PushRequest, Request, Response, UnwatchRequest, WatchRequest,
+    PROTOCOL_VERSION, PushRequest, RemoteCacheMode, Request, Response, UnwatchRequest,
+    WatchRequest,
 };
 use serde_json::json;
 
@@ -189,6 +190,17 @@ struct BuildArgs {
     /// Push the image to its registry after building
     #[arg(long)]
     push: bool,
+    /// This build's use of the daemon's remote cache: off, read-only, or read-write (the
+    /// daemon's mode, which a build can only narrow)
+    #[arg(long, value_enum, value_name = "MODE")]
+    remote_cache: Option<RemoteCacheArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RemoteCacheArg {
+    Off,
+    ReadOnly,
+    ReadWrite,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -520,6 +532,11 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
         outputs: args.outputs,
         push: args.push,
         source_date_epoch: args.source_date_epoch,
+        remote_cache: args.remote_cache.map(|mode| match mode {
+            RemoteCacheArg::Off => RemoteCacheMode::Off,
+            RemoteCacheArg::ReadOnly => RemoteCacheMode::ReadOnly,
+            RemoteCacheArg::ReadWrite => RemoteCacheMode::ReadWrite,
+        }),
     });
     let mut conn = connect_or_start(place).await?;
     conn.send(&request).await?;

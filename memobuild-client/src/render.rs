@@ -5,7 +5,8 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use memobuild_protocol::{
-    CacheStats, GcReport, GraphNodeView, GraphView, StatusReport, WorkspaceStatus,
+    CacheStats, GcReport, GraphNodeView, GraphView, RemoteCacheMode, RemoteCacheStatus,
+    StatusReport, WorkspaceStatus,
 };
 
 pub fn status(report: &StatusReport) -> String {
@@ -45,6 +46,11 @@ pub fn status(report: &StatusReport) -> String {
         );
     }
     let _ = writeln!(out, "cache:        {}", cache(&report.cache));
+    let _ = writeln!(
+        out,
+        "remote:       {}",
+        report.remote.as_ref().map_or("none".to_owned(), remote)
+    );
     if report.workspaces.is_empty() {
         let _ = writeln!(out, "workspaces:   none watched");
     } else {
@@ -54,6 +60,44 @@ pub fn status(report: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// The L3 line: where, how it is doing, what it served and what waits to go up.
+fn remote(status: &RemoteCacheStatus) -> String {
+    let mode = match status.mode {
+        RemoteCacheMode::ReadWrite => "read-write",
+        RemoteCacheMode::ReadOnly => "read-only",
+        RemoteCacheMode::Off => "off",
+    };
+    let health = if status.healthy {
+        "healthy".to_owned()
+    } else {
+        format!(
+            "UNAVAILABLE ({}), builds are local-only",
+            status.last_error.as_deref().unwrap_or("failing")
+        )
+    };
+    let mut line = format!(
+        "{} ({mode}), {health}; {} hits, {} misses; {} down, {} up; upload queue {} ({}), {} uploaded, {} failed, {} dropped",
+        status.endpoint,
+        status.hits,
+        status.misses,
+        bytes(status.bytes_down),
+        bytes(status.bytes_up),
+        status.upload_queue,
+        bytes(status.upload_queue_bytes),
+        status.uploads_done,
+        status.uploads_failed,
+        status.uploads_dropped
+    );
+    if status.bad_signatures + status.corrupt_blobs > 0 {
+        let _ = write!(
+            line,
+            "; ignored: {} badly signed entries, {} corrupt blobs",
+            status.bad_signatures, status.corrupt_blobs
+        );
+    }
+    line
 }
 
 fn cache(stats: &CacheStats) -> String {

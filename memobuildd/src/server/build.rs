@@ -120,7 +120,10 @@ impl RunningBuilds {
                     build.current = None;
                 }
             }
-            Progress::Log { .. } | Progress::Failed { .. } | Progress::Reason { .. } => {}
+            Progress::Log { .. }
+            | Progress::Failed { .. }
+            | Progress::Reason { .. }
+            | Progress::Warning { .. } => {}
         }
     }
 
@@ -167,6 +170,7 @@ pub(crate) async fn serve(
             memobuild_protocol::NetworkMode::None => Network::None,
         },
         source_date_epoch: request.source_date_epoch.map(|s| s as i64),
+        remote_cache: request.remote_cache.map(super::remote_mode),
     };
     // Every change made before this request must be in the fingerprints it uses.
     hub.sync(&dockerfile.context).await;
@@ -333,6 +337,7 @@ fn event_frame(event: Progress) -> BuildEvent {
         ),
         Progress::Failed { node, message } => (node, BuildEventKind::Failed { message }),
         Progress::Reason { node, reason } => (node, BuildEventKind::Reason { reason }),
+        Progress::Warning { message } => (0, BuildEventKind::Warning { message }),
     };
     BuildEvent { node, kind }
 }
