@@ -383,4 +383,36 @@ mod tests {
         assert_eq!(duration(Duration::from_secs(245)), "4m05s");
         assert_eq!(duration(Duration::from_secs(7800)), "2h10m");
     }
+
+    #[test]
+    fn the_remote_line_says_health_traffic_and_queue() {
+        let mut status = RemoteCacheStatus {
+            endpoint: "grpc://cache:8980/team".into(),
+            mode: RemoteCacheMode::ReadWrite,
+            healthy: true,
+            last_error: None,
+            hits: 7,
+            misses: 2,
+            bad_signatures: 0,
+            corrupt_blobs: 0,
+            errors: 0,
+            bytes_down: 3 << 20,
+            bytes_up: 0,
+            upload_queue: 1,
+            upload_queue_bytes: 2048,
+            uploads_done: 4,
+            uploads_failed: 0,
+            uploads_dropped: 0,
+        };
+        let line = remote(&status);
+        assert!(line.starts_with("grpc://cache:8980/team (read-write), healthy; 7 hits, 2 misses"));
+        assert!(line.contains("upload queue 1"), "{line}");
+        assert!(!line.contains("ignored"), "{line}");
+        status.healthy = false;
+        status.last_error = Some("connection refused".into());
+        status.bad_signatures = 3;
+        let line = remote(&status);
+        assert!(line.contains("UNAVAILABLE (connection refused)"), "{line}");
+        assert!(line.contains("3 badly signed entries"), "{line}");
+    }
 }

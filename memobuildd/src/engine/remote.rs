@@ -20,13 +20,11 @@ impl Engine {
         lease: &Lease,
     ) -> (Tiered<ActionResult>, Option<RemoteTier>) {
         let remote = self.remote.as_ref().and_then(|l3| {
-            let mode = narrowed(l3.status().mode, build);
+            let mode = narrowed(l3.mode(), build);
             (mode != RemoteMode::Off).then(|| RemoteTier::new(l3.clone(), lease.clone(), mode))
         });
-        let mut tiers: Vec<Arc<dyn Tier<ActionResult>>> = vec![
-            Arc::new(self.l1.clone()),
-            Arc::new(L2::new(lease.clone())),
-        ];
+        let mut tiers: Vec<Arc<dyn Tier<ActionResult>>> =
+            vec![Arc::new(self.l1.clone()), Arc::new(L2::new(lease.clone()))];
         if let Some(remote) = &remote {
             tiers.push(Arc::new(remote.clone()));
         }
@@ -118,12 +116,12 @@ fn message(event: &RemoteEvent) -> String {
     match event {
         RemoteEvent::Unavailable { endpoint, error } => unavailable(endpoint, error),
         RemoteEvent::Recovered { endpoint } => format!("remote cache {endpoint} reachable again"),
-        RemoteEvent::BadSignature { action } => format!(
-            "remote cache entry {action} ignored: not signed with this daemon's secret"
-        ),
-        RemoteEvent::CorruptBlob { blob, actual } => format!(
-            "remote cache blob {blob} arrived as {actual}: not used, the step runs here"
-        ),
+        RemoteEvent::BadSignature { action } => {
+            format!("remote cache entry {action} ignored: not signed with this daemon's secret")
+        }
+        RemoteEvent::CorruptBlob { blob, actual } => {
+            format!("remote cache blob {blob} arrived as {actual}: not used, the step runs here")
+        }
     }
 }
 

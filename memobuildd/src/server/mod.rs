@@ -28,9 +28,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::cache::remote::{
-    L3, RemoteError, RemoteMode, RemoteOptions, RemoteStatus, StoreLayers,
-};
+use crate::cache::remote::{L3, RemoteError, RemoteMode, RemoteOptions, RemoteStatus, StoreLayers};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions, EngineParts};
 use crate::exec::{Executor, Runc};

@@ -205,6 +205,11 @@ impl L3 {
         }
     }
 
+    /// As configured: read-write or read-only (an off remote is no `L3` at all).
+    pub fn mode(&self) -> RemoteMode {
+        self.shared.mode
+    }
+
     /// The transport, for tests and tools that speak to the remote directly.
     pub fn remote(&self) -> &Arc<dyn RemoteCache> {
         &self.shared.remote
