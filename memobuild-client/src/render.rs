@@ -49,7 +49,7 @@ pub fn status(report: &StatusReport) -> String {
     let _ = writeln!(
         out,
         "remote:       {}",
-        report.remote.as_ref().map_or("none".to_owned(), remote)
+        report.remote.as_deref().map_or("none".to_owned(), remote)
     );
     if report.workspaces.is_empty() {
         let _ = writeln!(out, "workspaces:   none watched");

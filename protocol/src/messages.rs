@@ -365,7 +365,7 @@ pub struct StatusReport {
     /// The builds running now, oldest first.
     pub builds: Vec<RunningBuild>,
     /// The shared remote cache (L3), when one is configured.
-    pub remote: Option<RemoteCacheStatus>,
+    pub remote: Option<Box<RemoteCacheStatus>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -130,7 +130,10 @@ impl Shared {
                 .collect(),
             cache: gc::cache_stats(&self.engine),
             builds,
-            remote: self.engine.remote().map(|l3| remote_status(&l3.status())),
+            remote: self
+                .engine
+                .remote()
+                .map(|l3| Box::new(remote_status(&l3.status()))),
         }
     }
 }
