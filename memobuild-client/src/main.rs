@@ -13,8 +13,8 @@ use memobuild_client::{
 use memobuild_protocol::{
     BuildRequest, BuildResult, BuildSecret, DockerfileSource, DumpDockerfileRequest, GcRequest,
     GraphRequest, LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec,
-    PACKAGE_VERSION, PROTOCOL_VERSION, PushRequest, Request, Response, SshAgent, UnwatchRequest,
-    WatchRequest,
+    PACKAGE_VERSION, PROTOCOL_VERSION, PushRequest, RemoteCacheMode, Request, Response, SshAgent,
+    UnwatchRequest, WatchRequest,
 };
 use serde_json::json;
 
@@ -210,6 +210,17 @@ struct BuildArgs {
     /// Target platform; only the host's can be built (no emulation yet)
     #[arg(long, value_name = "PLATFORM", value_parser = parse_platform)]
     platform: Option<String>,
+    /// This build's use of the daemon's remote cache: off, read-only, or read-write (the
+    /// daemon's mode, which a build can only narrow)
+    #[arg(long, value_enum, value_name = "MODE")]
+    remote_cache: Option<RemoteCacheArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RemoteCacheArg {
+    Off,
+    ReadOnly,
+    ReadWrite,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -552,6 +563,11 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
         source_date_epoch: args.source_date_epoch,
         secrets: args.secrets,
         ssh: args.ssh,
+        remote_cache: args.remote_cache.map(|mode| match mode {
+            RemoteCacheArg::Off => RemoteCacheMode::Off,
+            RemoteCacheArg::ReadOnly => RemoteCacheMode::ReadOnly,
+            RemoteCacheArg::ReadWrite => RemoteCacheMode::ReadWrite,
+        }),
     });
     let mut conn = connect_or_start(place).await?;
     conn.send(&request).await?;

@@ -125,6 +125,7 @@ impl<W: Write> Progress<W> {
             BuildEventKind::Failed { message } => {
                 format!("#{n} ERROR: {}", message.lines().next().unwrap_or(message))
             }
+            BuildEventKind::Warning { message } => format!("WARNING: {message}"),
         };
         let _ = writeln!(self.out, "{line}");
     }
@@ -192,6 +193,9 @@ fn json_event(event: &BuildEvent) -> serde_json::Value {
         }
         BuildEventKind::Reason { reason } => {
             json!({"node": node, "event": "reason", "reason": reason})
+        }
+        BuildEventKind::Warning { message } => {
+            json!({"node": node, "event": "warning", "message": message})
         }
     }
 }

@@ -5,7 +5,8 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use memobuild_protocol::{
-    CacheStats, GcReport, GraphNodeView, GraphView, StatusReport, WorkspaceStatus,
+    CacheStats, GcReport, GraphNodeView, GraphView, RemoteCacheMode, RemoteCacheStatus,
+    StatusReport, WorkspaceStatus,
 };
 
 pub fn status(report: &StatusReport) -> String {
@@ -45,6 +46,11 @@ pub fn status(report: &StatusReport) -> String {
         );
     }
     let _ = writeln!(out, "cache:        {}", cache(&report.cache));
+    let _ = writeln!(
+        out,
+        "remote:       {}",
+        report.remote.as_deref().map_or("none".to_owned(), remote)
+    );
     if report.workspaces.is_empty() {
         let _ = writeln!(out, "workspaces:   none watched");
     } else {
@@ -54,6 +60,44 @@ pub fn status(report: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// The L3 line: where, how it is doing, what it served and what waits to go up.
+fn remote(status: &RemoteCacheStatus) -> String {
+    let mode = match status.mode {
+        RemoteCacheMode::ReadWrite => "read-write",
+        RemoteCacheMode::ReadOnly => "read-only",
+        RemoteCacheMode::Off => "off",
+    };
+    let health = if status.healthy {
+        "healthy".to_owned()
+    } else {
+        format!(
+            "UNAVAILABLE ({}), builds are local-only",
+            status.last_error.as_deref().unwrap_or("failing")
+        )
+    };
+    let mut line = format!(
+        "{} ({mode}), {health}; {} hits, {} misses; {} down, {} up; upload queue {} ({}), {} uploaded, {} failed, {} dropped",
+        status.endpoint,
+        status.hits,
+        status.misses,
+        bytes(status.bytes_down),
+        bytes(status.bytes_up),
+        status.upload_queue,
+        bytes(status.upload_queue_bytes),
+        status.uploads_done,
+        status.uploads_failed,
+        status.uploads_dropped
+    );
+    if status.bad_signatures + status.corrupt_blobs > 0 {
+        let _ = write!(
+            line,
+            "; ignored: {} badly signed entries, {} corrupt blobs",
+            status.bad_signatures, status.corrupt_blobs
+        );
+    }
+    line
 }
 
 fn cache(stats: &CacheStats) -> String {
@@ -344,5 +388,37 @@ mod tests {
         assert_eq!(duration(Duration::from_millis(12_340)), "12.3s");
         assert_eq!(duration(Duration::from_secs(245)), "4m05s");
         assert_eq!(duration(Duration::from_secs(7800)), "2h10m");
+    }
+
+    #[test]
+    fn the_remote_line_says_health_traffic_and_queue() {
+        let mut status = RemoteCacheStatus {
+            endpoint: "grpc://cache:8980/team".into(),
+            mode: RemoteCacheMode::ReadWrite,
+            healthy: true,
+            last_error: None,
+            hits: 7,
+            misses: 2,
+            bad_signatures: 0,
+            corrupt_blobs: 0,
+            errors: 0,
+            bytes_down: 3 << 20,
+            bytes_up: 0,
+            upload_queue: 1,
+            upload_queue_bytes: 2048,
+            uploads_done: 4,
+            uploads_failed: 0,
+            uploads_dropped: 0,
+        };
+        let line = remote(&status);
+        assert!(line.starts_with("grpc://cache:8980/team (read-write), healthy; 7 hits, 2 misses"));
+        assert!(line.contains("upload queue 1"), "{line}");
+        assert!(!line.contains("ignored"), "{line}");
+        status.healthy = false;
+        status.last_error = Some("connection refused".into());
+        status.bad_signatures = 3;
+        let line = remote(&status);
+        assert!(line.contains("UNAVAILABLE (connection refused)"), "{line}");
+        assert!(line.contains("3 badly signed entries"), "{line}");
     }
 }

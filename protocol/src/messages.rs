@@ -183,6 +183,9 @@ pub struct BuildRequest {
     pub secrets: Vec<BuildSecret>,
     /// `--ssh`: SSH agent sockets `RUN --mount=type=ssh` forwards.
     pub ssh: Vec<SshAgent>,
+    /// This build's use of the daemon's remote cache; `None`: the daemon's mode. A build can
+    /// only narrow it (a read-only daemon never uploads).
+    pub remote_cache: Option<RemoteCacheMode>,
 }
 
 /// One `--secret id=…`: its bytes. Its `Debug` shows the id and the length only.
@@ -204,6 +207,13 @@ pub struct SshAgent {
     pub id: String,
     /// Absolute path of the agent's socket.
     pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteCacheMode {
+    ReadWrite,
+    ReadOnly,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -382,6 +392,33 @@ pub struct StatusReport {
     pub cache: CacheStats,
     /// The builds running now, oldest first.
     pub builds: Vec<RunningBuild>,
+    /// The shared remote cache (L3), when one is configured.
+    pub remote: Option<Box<RemoteCacheStatus>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteCacheStatus {
+    /// The URL without credentials.
+    pub endpoint: String,
+    pub mode: RemoteCacheMode,
+    /// `false` while repeated failures keep it skipped (builds are local-only meanwhile).
+    pub healthy: bool,
+    pub last_error: Option<String>,
+    pub hits: u64,
+    pub misses: u64,
+    /// Entries ignored for a missing or wrong signature.
+    pub bad_signatures: u64,
+    /// Blobs that did not match their digest.
+    pub corrupt_blobs: u64,
+    pub errors: u64,
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+    /// Uploads waiting or running, and their bytes.
+    pub upload_queue: u64,
+    pub upload_queue_bytes: u64,
+    pub uploads_done: u64,
+    pub uploads_failed: u64,
+    pub uploads_dropped: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -497,6 +534,11 @@ pub enum BuildEventKind {
     /// same workspace and target (`src/main.js changed`, `build-arg V changed`, `--no-cache`).
     Reason {
         reason: String,
+    },
+    /// Something the user should know that does not fail the build (node 0: the build's,
+    /// e.g. the remote cache is unreachable and the build goes on local-only).
+    Warning {
+        message: String,
     },
 }
 

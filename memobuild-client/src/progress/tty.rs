@@ -93,6 +93,9 @@ impl TtyView {
             }
             // The screen has no room for it; `--explain` prints it after the build.
             BuildEventKind::Reason { .. } => {}
+            BuildEventKind::Warning { message } => {
+                let _ = self.multi.println(format!("WARNING: {message}"));
+            }
         }
         self.update_header("");
     }

@@ -5,9 +5,10 @@
 //! pull base images (`registry`, remembering tag → digest for a TTL so a rebuild stays
 //! offline), fingerprint context sources from the hot workspace (`watch`/`context`), compute
 //! keys ([`keys`]), then run one task per node: a node waits for its parents, looks its key
-//! up (L2 action cache), and on a miss executes — COPY/ADD/WORKDIR without a container
-//! ([`copy`]), RUN in the OCI runtime over an overlay snapshot (`snapshot`, `exec`) — and
-//! records the layer. Metadata steps only change the config ([`state`]). The export node's
+//! up through the cache tiers (L1 memory → L2 store → L3 remote, `cache::Tiered`; a remote
+//! hit brings its layers into the store), and on a miss executes — COPY/ADD/WORKDIR without a
+//! container ([`copy`]), RUN in the OCI runtime over an overlay snapshot (`snapshot`, `exec`)
+//! — records the layer, and queues its upload to L3 (background, never waited for). Metadata steps only change the config ([`state`]). The export node's
 //! state becomes the image (`image`). Progress goes to a [`Reporter`]; only the client draws.
 //!
 //! Invariants: keys never include paths, roots, hostnames or times; a node whose key hits
@@ -20,6 +21,7 @@ mod flight;
 pub mod keys;
 mod mounts;
 mod node;
+mod remote;
 pub mod state;
 #[cfg(test)]
 mod testutil;
@@ -36,6 +38,7 @@ use tokio::sync::Semaphore;
 use tracing::{Instrument, info_span};
 
 use crate::cache::L1;
+use crate::cache::remote::{L3, RemoteMode};
 use crate::context::Hash;
 use crate::exec::{Executor, LogStream, Network};
 use crate::frontend::{self, Diagnostic};
@@ -81,6 +84,10 @@ pub enum Progress {
     },
     Failed {
         node: u32,
+        message: String,
+    },
+    /// About the build, not one step (the remote cache failing, an entry ignored).
+    Warning {
         message: String,
     },
 }
@@ -230,6 +237,8 @@ pub struct BuildSpec {
     pub secrets: Secrets,
     /// `--ssh` agents by id: sockets RUN steps mount.
     pub ssh: Vec<(String, PathBuf)>,
+    /// This build's use of L3 (`None`: the daemon's mode); it can only narrow the daemon's.
+    pub remote_cache: Option<RemoteMode>,
 }
 
 /// A finished build: the image in the store, and what it took. Its lease keeps the image
@@ -277,6 +286,8 @@ pub struct Engine {
     layout: Layout,
     store: Store,
     l1: L1,
+    /// The shared remote cache, when configured and not off.
+    remote: Option<L3>,
     hits: AtomicU64,
     misses: AtomicU64,
     snapshotter: Arc<dyn Snapshotter>,
@@ -322,6 +333,7 @@ pub struct EngineParts {
     pub registry: Registry,
     pub hub: Arc<Hub>,
     pub options: EngineOptions,
+    pub remote: Option<L3>,
 }
 
 impl Engine {
@@ -331,6 +343,7 @@ impl Engine {
             layout: parts.layout,
             store: parts.store,
             l1: L1::new(parts.options.l1_bytes),
+            remote: parts.remote,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             snapshotter: parts.snapshotter,
@@ -351,6 +364,11 @@ impl Engine {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The remote cache tier, if this daemon has one.
+    pub fn remote(&self) -> Option<&L3> {
+        self.remote.as_ref()
     }
 
     /// Pushes the stored image `name` to `destination` (default: its own name), its layers in
@@ -509,8 +527,14 @@ impl Engine {
             spec.dockerfile.clone(),
             spec.target.clone(),
         );
+        let (tiers, remote) = self.tiers(spec.remote_cache, &lease);
+        let warnings = remote
+            .as_ref()
+            .map(|tier| remote::Warnings::start(tier.l3(), Arc::clone(&reporter)));
         let run = Arc::new(node::BuildRun {
             engine: Arc::clone(self),
+            tiers,
+            remote,
             contexts: keys::exec_contexts(&graph, &bases),
             fingerprints,
             keyed: Mutex::new(HashMap::new()),
@@ -527,7 +551,11 @@ impl Engine {
             cached: AtomicU64::new(0),
             executed: AtomicU64::new(0),
         });
-        let final_state = run.execute_all().await?;
+        let final_state = run.execute_all().await;
+        if let Some(warnings) = warnings {
+            warnings.finish().await;
+        }
+        let final_state = final_state?;
         self.history.record(target, run.step_inputs());
         let image = {
             let (engine, lease, state) = (Arc::clone(self), lease.clone(), final_state.clone());

@@ -24,6 +24,8 @@ use super::state::{self, DEFAULT_PATH, State};
 use super::user;
 use super::view::RootView;
 use super::{BuildError, BuildSpec, Engine, Progress, Reporter};
+use crate::cache::remote::RemoteTier;
+use crate::cache::{Tier as _, Tiered};
 use crate::context::{Hash, IgnoreRules};
 use crate::exec::{LogStream, Network, RunRequest};
 use crate::frontend::{Command, FileCopy, InstructionKind, Run};
@@ -46,6 +48,10 @@ type Outcome = Option<Result<Arc<State>, Arc<BuildError>>>;
 
 pub(super) struct BuildRun {
     pub(super) engine: Arc<Engine>,
+    /// Where keys are looked up: L1 → L2 → L3 (`Engine::tiers`).
+    pub(super) tiers: Tiered<ActionResult>,
+    /// L3 for this build, which uploads what it executes (`None`: no remote, or off).
+    pub(super) remote: Option<RemoteTier>,
     pub(super) spec: BuildSpec,
     pub(super) graph: Arc<BuildGraph>,
     /// USER, WORKDIR and SHELL in effect at each node (by index).
@@ -397,11 +403,11 @@ impl BuildRun {
             .step
             .clone()
             .ok_or_else(|| BuildError::Store("a step without an instruction".into()))?;
+        // `--no-cache` reads no tier, the remote one included.
         let cached = if self.spec.no_cache {
             None
         } else {
-            let run = Arc::clone(self);
-            blocking(move || run.lookup(&key)).await?
+            self.find(key).await?
         };
         let result = match cached {
             Some(result) => {
@@ -435,6 +441,10 @@ impl BuildRun {
                 let result = joined.outcome.map_err(unshare)?;
                 if joined.started_here {
                     self.executed.fetch_add(1, Ordering::Relaxed);
+                    if let Some(remote) = &self.remote {
+                        // Queued, not waited for: the upload never delays the build.
+                        remote.put(&key, &result).await.map_err(store)?;
+                    }
                     self.reporter.report(Progress::Done {
                         node: id,
                         duration: started.elapsed(),
@@ -468,8 +478,19 @@ impl BuildRun {
         Ok(state)
     }
 
-    /// An L1 or L2 hit whose blobs are really there, held by this build's lease (a missing
-    /// or damaged blob makes it a miss, and the record is dropped from both tiers). Blocking.
+    /// A hit from the tiers (a remote one already promoted into L2 with its blobs), checked
+    /// as [`Self::usable`] checks it.
+    async fn find(self: &Arc<Self>, key: Hash) -> Result<Option<ActionResult>, BuildError> {
+        let found = self.tiers.find(&key).await.map_err(store)?;
+        if let Some(found) = &found {
+            tracing::debug!(tier = found.tier, key = %hex::encode(key), "cache hit");
+        }
+        let run = Arc::clone(self);
+        Ok(blocking(move || run.usable(&key, found.map(|found| found.value))).await)
+    }
+
+    /// An L1 or L2 hit, for a chunk of a large COPY (chunks are shared through L3 as part of
+    /// their step's result, not one by one). Blocking.
     fn lookup(&self, key: &Hash) -> Result<Option<ActionResult>, BuildError> {
         let engine = &self.engine;
         let found = match engine.l1.get(key) {
@@ -482,6 +503,13 @@ impl BuildRun {
                 l2
             }
         };
+        Ok(self.usable(key, found))
+    }
+
+    /// `found` if its blobs are really there, held by this build's lease (a missing or
+    /// damaged blob makes it a miss, and the record is dropped from L1 and L2). Blocking.
+    fn usable(&self, key: &Hash, found: Option<ActionResult>) -> Option<ActionResult> {
+        let engine = &self.engine;
         let usable = found.filter(|result| self.lease.claim(key, result));
         match &usable {
             Some(_) => engine.hits.fetch_add(1, Ordering::Relaxed),
@@ -491,7 +519,7 @@ impl BuildRun {
                 engine.misses.fetch_add(1, Ordering::Relaxed)
             }
         };
-        Ok(usable)
+        usable
     }
 
     /// Runs a step as shared work (`flight`): stopped by `work`'s flag, logging to every

@@ -120,7 +120,10 @@ impl RunningBuilds {
                     build.current = None;
                 }
             }
-            Progress::Log { .. } | Progress::Failed { .. } | Progress::Reason { .. } => {}
+            Progress::Log { .. }
+            | Progress::Failed { .. }
+            | Progress::Reason { .. }
+            | Progress::Warning { .. } => {}
         }
     }
 
@@ -178,6 +181,7 @@ pub(crate) async fn serve(
             .iter()
             .map(|a| (a.id.clone(), a.socket.clone()))
             .collect(),
+        remote_cache: request.remote_cache.map(super::remote_mode),
     };
     if let Some(denied) = request
         .ssh
@@ -352,6 +356,7 @@ fn event_frame(event: Progress) -> BuildEvent {
         ),
         Progress::Failed { node, message } => (node, BuildEventKind::Failed { message }),
         Progress::Reason { node, reason } => (node, BuildEventKind::Reason { reason }),
+        Progress::Warning { message } => (0, BuildEventKind::Warning { message }),
     };
     BuildEvent { node, kind }
 }

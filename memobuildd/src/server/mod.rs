@@ -20,12 +20,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use memobuild_protocol::{PACKAGE_VERSION, PROTOCOL_VERSION, StatusReport};
+use memobuild_protocol::{
+    PACKAGE_VERSION, PROTOCOL_VERSION, RemoteCacheMode, RemoteCacheStatus, StatusReport,
+};
 use tokio::net::UnixStream;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::cache::remote::{L3, RemoteError, RemoteMode, RemoteOptions, RemoteStatus, StoreLayers};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions, EngineParts};
 use crate::exec::{Executor, Runc};
@@ -63,6 +66,12 @@ pub enum ServerError {
     Activation(#[source] std::io::Error),
     #[error("socket group {0:?} does not exist in /etc/group")]
     UnknownGroup(String),
+    #[error("remote cache {endpoint}: {source}")]
+    RemoteCache {
+        endpoint: String,
+        #[source]
+        source: RemoteError,
+    },
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
@@ -121,7 +130,46 @@ impl Shared {
                 .collect(),
             cache: gc::cache_stats(&self.engine),
             builds,
+            remote: self
+                .engine
+                .remote()
+                .map(|l3| Box::new(remote_status(&l3.status()))),
         }
+    }
+}
+
+/// The remote cache's figures as `status` shows them.
+fn remote_status(status: &RemoteStatus) -> RemoteCacheStatus {
+    RemoteCacheStatus {
+        endpoint: status.endpoint.clone(),
+        mode: match status.mode {
+            RemoteMode::ReadWrite => RemoteCacheMode::ReadWrite,
+            RemoteMode::ReadOnly => RemoteCacheMode::ReadOnly,
+            RemoteMode::Off => RemoteCacheMode::Off,
+        },
+        healthy: status.healthy,
+        last_error: status.last_error.clone(),
+        hits: status.hits,
+        misses: status.misses,
+        bad_signatures: status.bad_signatures,
+        corrupt_blobs: status.corrupt_blobs,
+        errors: status.errors,
+        bytes_down: status.bytes_down,
+        bytes_up: status.bytes_up,
+        upload_queue: status.upload_queue,
+        upload_queue_bytes: status.upload_queue_bytes,
+        uploads_done: status.uploads_done,
+        uploads_failed: status.uploads_failed,
+        uploads_dropped: status.uploads_dropped,
+    }
+}
+
+/// A build's `--remote-cache` as the engine takes it.
+fn remote_mode(mode: RemoteCacheMode) -> RemoteMode {
+    match mode {
+        RemoteCacheMode::ReadWrite => RemoteMode::ReadWrite,
+        RemoteCacheMode::ReadOnly => RemoteMode::ReadOnly,
+        RemoteCacheMode::Off => RemoteMode::Off,
     }
 }
 
@@ -226,6 +274,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         );
         connections.shutdown().await;
     }
+    // Results built before the stop still reach the shared cache, within the grace.
+    if let Some(l3) = shared.engine.remote() {
+        let pending = l3.status().upload_queue;
+        if pending > 0 {
+            info!(pending, "uploading to the remote cache before stopping");
+        }
+        l3.flush(grace).await;
+    }
     drop(root_lock);
     info!("stopped");
     // Dropped last: the requesters of the shutdown see end-of-stream only now.
@@ -263,6 +319,21 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
         docker_config: None,
     })
     .map_err(|e| store(e.to_string()))?;
+    let remote = match &config.remote_cache {
+        Some(settings) => L3::connect(
+            settings,
+            RemoteOptions::default(),
+            Arc::new(StoreLayers(opened.clone())),
+        )
+        .map_err(|source| ServerError::RemoteCache {
+            endpoint: settings.endpoint.display(),
+            source,
+        })?,
+        None => None,
+    };
+    if let Some(l3) = &remote {
+        info!(remote = %l3.status().endpoint, mode = ?l3.status().mode, "remote cache");
+    }
     Ok(Engine::new(EngineParts {
         layout: layout.clone(),
         snapshotter: Arc::new(Overlay::new(opened.layers_dir())),
@@ -275,6 +346,7 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
             copy_chunk_bytes: config.copy_chunk_bytes,
             ..EngineOptions::default()
         },
+        remote,
     }))
 }
 

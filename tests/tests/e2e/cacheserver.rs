@@ -1099,6 +1099,7 @@ impl DirLayers {
             diff_id,
             size: bytes.len() as u64,
             media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            content_id: [7; 32],
         }
     }
 }

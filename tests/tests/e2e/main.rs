@@ -18,4 +18,5 @@ mod protocol;
 mod registry;
 mod remote;
 mod service_units;
+mod shared_cache;
 mod watch;

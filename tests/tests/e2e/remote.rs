@@ -45,6 +45,7 @@ impl DirLayers {
             diff_id,
             size: bytes.len() as u64,
             media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            content_id: [7; 32],
         }
     }
 
@@ -76,6 +77,7 @@ impl DirLayers {
             diff_id,
             size,
             media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            content_id: [8; 32],
         }
     }
 }

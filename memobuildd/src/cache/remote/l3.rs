@@ -205,6 +205,11 @@ impl L3 {
         }
     }
 
+    /// As configured: read-write or read-only (an off remote is no `L3` at all).
+    pub fn mode(&self) -> RemoteMode {
+        self.shared.mode
+    }
+
     /// The transport, for tests and tools that speak to the remote directly.
     pub fn remote(&self) -> &Arc<dyn RemoteCache> {
         &self.shared.remote
@@ -587,6 +592,7 @@ mod tests {
                 diff_id: Digest::of(bytes),
                 size: bytes.len() as u64,
                 media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                content_id: *blake3::hash(bytes).as_bytes(),
             };
             self.0
                 .lock()

@@ -10,7 +10,8 @@
 //!   No compression on the wire: BuildGrid advertises none, and loopback or LAN bandwidth is
 //!   the case that matters.
 //! - **Result blob** ([`encode`]/[`decode`]): our own versioned serialization of the layers in
-//!   order (diff-id, size, media type) and the signature (`signing`):
+//!   order (diff-id, size, media type, content id — what the next step's key needs, so a hit
+//!   is usable without reading its layers) and the signature (`signing`):
 //!   `MAGIC ∥ version ∥ signed (0|1) ∥ [tag] ∥ postcard([layer])`.
 //! - **ActionResult**: the REAPI entry under the action digest names the result blob as the
 //!   output file [`RESULT_PATH`] and each layer blob as `memobuild/layers/NNN`, so servers that
@@ -26,7 +27,8 @@ use crate::store::{Blob, Digest};
 
 const ACTION_DOMAIN: &[u8] = b"memobuild/l3/action/v1\0";
 const MAGIC: &[u8] = b"memobuild-result";
-const VERSION: u8 = 1;
+/// 2: layers carry their content id.
+const VERSION: u8 = 2;
 /// The output file of an ActionResult that holds the result blob.
 pub const RESULT_PATH: &str = "memobuild/result";
 /// A result blob is a few hundred bytes; anything much bigger is not ours.
@@ -41,6 +43,8 @@ pub struct RemoteLayer {
     pub size: u64,
     /// The image layer's media type as the producing machine had it.
     pub media_type: String,
+    /// What cache keys see of the layer (`image::layer::Layer::content_id`).
+    pub content_id: [u8; 32],
 }
 
 impl RemoteLayer {
@@ -94,10 +98,11 @@ impl MappingError {
 }
 
 #[derive(Serialize, Deserialize)]
-struct LayerV1 {
+struct LayerV2 {
     diff_id: [u8; 32],
     size: u64,
     media_type: String,
+    content_id: [u8; 32],
 }
 
 /// The digest a node key is looked up under: the blob `ACTION_DOMAIN ∥ key`.
@@ -111,13 +116,14 @@ pub fn action_digest(key: &Hash) -> Blob {
 
 /// The entry to upload for `result` under `action`, signed when a signer is given.
 pub fn encode(action: &Blob, result: &RemoteResult, signer: Option<&Signer>) -> Entry {
-    let layers: Vec<LayerV1> = result
+    let layers: Vec<LayerV2> = result
         .layers
         .iter()
-        .map(|layer| LayerV1 {
+        .map(|layer| LayerV2 {
             diff_id: raw(&layer.diff_id),
             size: layer.size,
             media_type: layer.media_type.clone(),
+            content_id: layer.content_id,
         })
         .collect();
     let body = postcard::to_stdvec(&layers).expect("serializing to memory cannot fail");
@@ -198,7 +204,7 @@ pub fn decode(
             return Err(MappingError::BadSignature);
         }
     }
-    let (layers, trailing) = postcard::take_from_bytes::<Vec<LayerV1>>(body)
+    let (layers, trailing) = postcard::take_from_bytes::<Vec<LayerV2>>(body)
         .map_err(|_| MappingError::Malformed("layer list"))?;
     if !trailing.is_empty() {
         return Err(MappingError::Malformed("bytes after the layer list"));
@@ -210,6 +216,7 @@ pub fn decode(
                 .expect("32 bytes are a sha256 digest"),
             size: layer.size,
             media_type: layer.media_type,
+            content_id: layer.content_id,
         })
         .collect();
     Ok(RemoteResult { layers })
@@ -253,11 +260,13 @@ mod tests {
                     diff_id: Digest::of(b"tar one"),
                     size: 7,
                     media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                    content_id: [1; 32],
                 },
                 RemoteLayer {
                     diff_id: Digest::of(b"tar two"),
                     size: 7,
                     media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                    content_id: [2; 32],
                 },
             ],
         }
@@ -369,10 +378,10 @@ mod tests {
         assert_eq!(decode(&action, b"{}", None), Err(MappingError::BadMagic));
         let good = encode(&action, &result(), None).result_bytes.to_vec();
         let mut future = good.clone();
-        future[MAGIC.len()] = 2;
+        future[MAGIC.len()] = 3;
         assert_eq!(
             decode(&action, &future, None),
-            Err(MappingError::Version(2))
+            Err(MappingError::Version(3))
         );
         let mut trailing = good.clone();
         trailing.push(0);

@@ -7,8 +7,8 @@
 //! every remote failure into a miss behind a circuit breaker ([`breaker`]), so a dead or slow
 //! remote makes builds local, never failed. [`mapping`] is the pure translation between a
 //! step's result and REAPI's entries; [`signing`] the HMAC; [`settings`] the URL and
-//! credentials; [`chunks`] the streaming plumbing. The tier composition is `cache::tier`; the
-//! engine consumes its hits.
+//! credentials; [`chunks`] the streaming plumbing; [`promote`] the tier the engine composes
+//! after L1 and L2 (`cache::tier`), which brings a hit's layers into the store.
 
 pub mod breaker;
 pub mod chunks;
@@ -18,6 +18,7 @@ mod l3;
 pub mod mapping;
 #[cfg(test)]
 mod memory;
+pub mod promote;
 pub mod settings;
 pub mod signing;
 pub mod uploads;
@@ -30,6 +31,7 @@ pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 pub use chunks::{Chunks, Opener, Sink};
 pub use l3::{L3, LayerSource, RemoteEvent, RemoteOptions, RemoteStatus};
 pub use mapping::{RemoteLayer, RemoteResult};
+pub use promote::{RemoteTier, StoreLayers};
 pub use settings::{Auth, Endpoint, Protocol, RemoteMode, RemoteSettings, Secret};
 
 use crate::store::{Blob, Digest};
