@@ -194,19 +194,19 @@ pub enum OutputKind {
     Docker,
     /// The final root filesystem as one tar.
     Tar,
-    /// The final root filesystem unpacked into a directory.
+    /// The final root filesystem unpacked into a directory (streamed as a tar the client
+    /// unpacks).
     Local,
     /// The daemon's image store, optionally pushed.
     Image,
 }
 
+/// What an output is made of. Where it goes is the client's business: every output but
+/// `Image` streams back as [`Response::OutputChunk`]s ended by [`Response::OutputEnd`], in the
+/// order of [`BuildRequest::outputs`], and the client writes it (`Local`: a tar it unpacks).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputSpec {
     pub kind: OutputKind,
-    /// Absolute destination path; `None` with `to_client` streams the bytes back as
-    /// [`Response::OutputChunk`] (`dest=-`).
-    pub dest: Option<PathBuf>,
-    pub to_client: bool,
     pub name: Option<String>,
     pub push: bool,
     /// How layers are compressed in an OCI output or a push (gzip when `None`).
@@ -297,6 +297,12 @@ pub enum Response {
     ImageRemoved,
     /// Non-terminal: one blob of a push moved on.
     PushProgress(PushProgress),
+    /// Non-terminal: the output being streamed is complete, `bytes` long; the next chunks
+    /// belong to the next streamed output.
+    OutputEnd { bytes: u64 },
+    /// Non-terminal: forget every output streamed so far; they all come again (the daemon
+    /// found a damaged blob mid-output, repaired the store and builds again).
+    OutputRestart,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,7 +329,11 @@ impl Response {
     pub fn is_terminal(&self) -> bool {
         !matches!(
             self,
-            Self::Event(_) | Self::OutputChunk(_) | Self::PushProgress(_)
+            Self::Event(_)
+                | Self::OutputChunk(_)
+                | Self::PushProgress(_)
+                | Self::OutputEnd { .. }
+                | Self::OutputRestart
         )
     }
 
@@ -569,6 +579,8 @@ mod tests {
     #[test]
     fn only_events_and_chunks_are_non_terminal() {
         assert!(!Response::OutputChunk(vec![1]).is_terminal());
+        assert!(!Response::OutputEnd { bytes: 1 }.is_terminal());
+        assert!(!Response::OutputRestart.is_terminal());
         assert!(
             !Response::Event(BuildEvent {
                 node: 1,
