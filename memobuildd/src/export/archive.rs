@@ -126,7 +126,7 @@ mod tests {
     use crate::export::tests::sample_image;
     use crate::image::testutil::store;
 
-    pub(super) fn archive_paths(archive: &[u8]) -> Vec<String> {
+    fn archive_paths(archive: &[u8]) -> Vec<String> {
         let mut tar = tar::Archive::new(archive);
         let entries = tar.entries().expect("entries");
         entries

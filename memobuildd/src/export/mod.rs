@@ -185,7 +185,7 @@ pub(crate) mod tests {
             let once = export(&lease, &image, format);
             assert_eq!(export(&lease, &image, format), once, "{format:?}");
 
-            let (sender, mut receiver) = tokio::sync::mpsc::channel(2);
+            let (sender, mut receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
             let reader = std::thread::spawn(move || {
                 let mut got = Vec::new();
                 while let Some(chunk) = receiver.blocking_recv() {

@@ -182,7 +182,7 @@ impl Tree {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::export::tests::{blobs, sample_image};
     use crate::image::testutil::{Listing, list_dir, list_tar, store};
