@@ -281,8 +281,8 @@ pub enum Response {
     Status(StatusReport),
     /// Non-terminal: progress of a build.
     Event(BuildEvent),
-    /// Non-terminal: bytes of an output streamed to the client (`dest=-`).
-    OutputChunk(Vec<u8>),
+    /// Non-terminal: bytes of the output being streamed.
+    OutputChunk(#[serde(with = "byte_string")] Vec<u8>),
     BuildDone(BuildResult),
     Watched(WorkspaceStatus),
     Unwatched,
@@ -303,6 +303,39 @@ pub enum Response {
     /// Non-terminal: forget every output streamed so far; they all come again (the daemon
     /// found a damaged blob mid-output, repaired the store and builds again).
     OutputRestart,
+}
+
+/// Output bytes as one byte string: the same wire form as a sequence of `u8` (a length, then
+/// the bytes), encoded and decoded as one copy instead of byte by byte, which is what lets an
+/// output of gigabytes cross the socket at disk speed.
+mod byte_string {
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_byte_buf(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> de::Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(bytes.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, bytes: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(bytes)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -574,6 +607,16 @@ mod tests {
         })
         .expect("encode");
         assert_eq!(bytes, b"MBLD\x01\x050.1.0");
+    }
+
+    /// Output chunks are byte strings: a length and the bytes, as a `Vec<u8>` always was.
+    #[test]
+    fn output_chunks_are_a_length_and_the_bytes() {
+        let chunk = Response::OutputChunk(vec![7; 200]);
+        let bytes = postcard::to_stdvec(&chunk).expect("encode");
+        let as_sequence = postcard::to_stdvec(&(3u8, vec![7u8; 200])).expect("encode");
+        assert_eq!(bytes, as_sequence);
+        assert_eq!(postcard::from_bytes::<Response>(&bytes).expect("decode"), chunk);
     }
 
     #[test]
