@@ -346,12 +346,14 @@ impl Engine {
         &self.store
     }
 
-    /// Pushes the stored image `name` to `destination` (default: its own name).
+    /// Pushes the stored image `name` to `destination` (default: its own name), its layers in
+    /// `compression` (a base image's layers keep theirs unless `force_compression`).
     pub async fn push(
         &self,
         name: &str,
         destination: Option<&str>,
         compression: Compression,
+        force_compression: bool,
         progress: &(dyn Fn(crate::registry::PushEvent) + Send + Sync),
     ) -> Result<crate::registry::PushReport, PushError> {
         let stored = normalize_tag(name);
@@ -373,7 +375,7 @@ impl Engine {
                     .map_err(|e| PushError::Store(e.to_string()))?;
                 let form = ImageForm {
                     compression,
-                    force: false,
+                    force: force_compression,
                     media: MediaTypes::Oci,
                 };
                 image_as(&lease, &parts, &form).map_err(|e| PushError::Store(e.to_string()))

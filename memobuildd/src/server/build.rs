@@ -401,7 +401,13 @@ async fn write_outputs(
                         .chain(output.name.as_deref());
                     for name in names {
                         engine
-                            .push(name, None, compression(&output), &|_| {})
+                            .push(
+                                name,
+                                None,
+                                compression(&output),
+                                output.force_compression,
+                                &|_| {},
+                            )
                             .await
                             .map_err(|e| format!("pushing {name}: {e}"))?;
                     }
@@ -541,6 +547,7 @@ pub(crate) async fn push(
                     &request.image,
                     request.destination.as_deref(),
                     Compression::Gzip,
+                    false,
                     &report,
                 )
                 .await

@@ -16,9 +16,10 @@ use crate::image::oci::MediaTypes;
 use crate::image::unpack::decompress;
 
 impl Lease {
-    /// `layer` in `compression`: as it is when it already is in that format (a base image's
-    /// gzip layer stays what the registry gave) unless `force`, else the form made earlier,
-    /// else made now from the layer's blob. Held by this lease either way.
+    /// `layer` in `compression`. A layer that arrived compressed (a base image's) stays as
+    /// the registry gave it unless `force` asks for another format, as BuildKit's
+    /// `force-compression`; a layer MemoBuild wrote (a plain tar) gets the form made
+    /// earlier, or one made now from its blob. Held by this lease either way.
     pub fn layer_as(
         &self,
         layer: &Layer,
@@ -26,8 +27,12 @@ impl Lease {
         force: bool,
     ) -> Result<Layer, StoreError> {
         let cas = self.cas();
-        let as_is = compression.matches(&layer.media_type)
-            && !(force && matches!(compression, Compression::Zstd { .. }));
+        let plain = Compression::Uncompressed.matches(&layer.media_type);
+        let as_is = if plain {
+            compression == Compression::Uncompressed
+        } else {
+            !force || compression.matches(&layer.media_type)
+        };
         if as_is {
             self.hold_blob(&layer.blob.digest);
             return Ok(layer.clone());
@@ -146,13 +151,19 @@ mod tests {
             .layer_as(&other_plain, Compression::Gzip, false)
             .expect("gzip");
         assert_eq!(other_gzip.blob, gzip.blob);
-        // A gzip layer asked for as gzip stays as it is; forced to zstd it is converted.
-        assert_eq!(
-            lease
-                .layer_as(&gzip, Compression::Gzip, false)
-                .expect("as is"),
-            gzip
-        );
+        // A compressed layer keeps its format unless forced; forced to zstd it is converted.
+        for (wanted, force) in [
+            (Compression::Gzip, false),
+            (Compression::Gzip, true),
+            (Compression::Zstd { level: 3 }, false),
+            (Compression::Uncompressed, false),
+        ] {
+            assert_eq!(
+                lease.layer_as(&gzip, wanted, force).expect("as is"),
+                gzip,
+                "{wanted:?} force={force}"
+            );
+        }
         let forced = lease
             .layer_as(&gzip, Compression::Zstd { level: 3 }, true)
             .expect("forced");

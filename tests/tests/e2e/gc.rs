@@ -149,6 +149,20 @@ fn du(path: &Path) -> u64 {
 }
 
 /// The content of `/data.bin` in an exported root filesystem tar.
+/// Regular files under `dir` and their total size, as `find` sees them.
+fn files_and_bytes(dir: &Path) -> (u64, u64) {
+    let output = Command::new("find")
+        .arg(dir)
+        .args(["-type", "f", "-printf", "%s\\n"])
+        .output()
+        .expect("find");
+    let sizes = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|size| size.parse::<u64>().expect("find prints sizes"))
+        .collect::<Vec<_>>();
+    (sizes.len() as u64, sizes.iter().sum())
+}
+
 fn data_in_rootfs(daemon: &TestDaemon, ctx: &Path, args: &[&str]) -> (serde_json::Value, Vec<u8>) {
     let out = daemon
         .dir
@@ -230,6 +244,16 @@ fn rmi_then_gc_frees_the_bytes_and_status_shows_the_store() {
     assert!(number(cache, "l2_bytes") >= 2 << 20, "{cache}");
     assert!(number(cache, "action_entries") >= 2, "{cache}");
     assert!(number(cache, "l2_budget_bytes") >= 2 << 30, "{cache}");
+    let (files, bytes) = files_and_bytes(&daemon.root.join("cas-v1"));
+    for (said, counted, what) in [
+        (number(cache, "l2_blobs"), files, "blobs"),
+        (number(cache, "l2_bytes"), bytes, "bytes"),
+    ] {
+        assert!(
+            said.abs_diff(counted) * 20 <= counted,
+            "status says {said} {what}, the CAS on disk holds {counted}"
+        );
+    }
     let text = texts(&daemon.run_client(&["status"])).0;
     assert!(text.contains("budget") && text.contains("blobs"), "{text}");
 

@@ -4,6 +4,7 @@ mod access;
 mod add;
 mod build;
 mod cacheserver;
+mod compression;
 mod conformance;
 mod cutoff;
 mod frontend;
