@@ -246,12 +246,12 @@ fn a_client_or_daemon_killed_mid_export_leaves_nothing_under_the_destination() {
     let ctx = daemon.dir.path().join("big");
     std::fs::create_dir(&ctx).expect("ctx");
     std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY big /\n").expect("Dockerfile");
-    // 96 MiB: an export that takes a while.
+    // 48 MiB: an export that takes a while.
     let block: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let mut big = std::fs::File::create(ctx.join("big")).expect("big");
-    for i in 0..96u8 {
+    for i in 0..48u8 {
         let mut block = block.clone();
         block[0] = i;
         std::io::Write::write_all(&mut big, &block).expect("write");
