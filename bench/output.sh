@@ -14,7 +14,7 @@ command -v hyperfine >/dev/null || bash .ci/install-deps
 
 size_mb=${SIZE_MB:-1024}
 runs=${RUNS:-5}
-cargo build --release --workspace --bins --quiet
+cargo build --release -p memobuildd -p memobuild-client --quiet
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/mb-output-bench.XXXXXX")
 pids=()
 cleanup() {

@@ -50,7 +50,9 @@ pub enum OutputError {
     Length { dest: PathBuf, got: u64, sent: u64 },
     #[error("writing the output to stdout: {0}")]
     Stdout(#[source] io::Error),
-    #[error("the output on stdout was interrupted (the daemon rebuilt a damaged step); run the build again")]
+    #[error(
+        "the output on stdout was interrupted (the daemon rebuilt a damaged step); run the build again"
+    )]
     StdoutRestart,
     #[error("the daemon sent {what} that this build did not ask for")]
     Unexpected { what: &'static str },
@@ -144,7 +146,10 @@ impl Outputs {
 }
 
 fn open_all(dests: &[Dest]) -> Result<Vec<Option<Writer>>, OutputError> {
-    dests.iter().map(|dest| Writer::open(dest).map(Some)).collect()
+    dests
+        .iter()
+        .map(|dest| Writer::open(dest).map(Some))
+        .collect()
 }
 
 /// Chunks in flight between the socket and a writer thread.
@@ -193,7 +198,9 @@ impl Writer {
         let (chunks, received) = sync_channel(QUEUED_CHUNKS);
         let (temp, thread) = if dir {
             match fs::symlink_metadata(path) {
-                Ok(meta) if !meta.is_dir() || fs::read_dir(path).map_err(io_err)?.next().is_some() => {
+                Ok(meta)
+                    if !meta.is_dir() || fs::read_dir(path).map_err(io_err)?.next().is_some() =>
+                {
                     return Err(OutputError::NotEmpty { path: path.clone() });
                 }
                 _ => {}
@@ -327,6 +334,13 @@ fn is_root() -> bool {
     paths::effective_uid() == 0
 }
 
+#[cfg_attr(
+    target_os = "linux",
+    expect(
+        clippy::useless_conversion,
+        reason = "mode_t is u32 here, u16 on macOS"
+    )
+)]
 fn umask() -> u32 {
     // SAFETY: umask cannot fail; it is read by setting it and put back at once.
     #[expect(unsafe_code, reason = "libc has the only way to read the umask")]
@@ -445,7 +459,11 @@ fn make_special<R: Read>(
         ));
     }
     if owners {
-        std::os::unix::fs::lchown(&path, Some(header.uid()? as u32), Some(header.gid()? as u32))?;
+        std::os::unix::fs::lchown(
+            &path,
+            Some(header.uid()? as u32),
+            Some(header.gid()? as u32),
+        )?;
         // mknod applied the umask; root keeps the archive's mode whole.
         fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
     }
@@ -597,10 +615,20 @@ mod tests {
         outputs.finish().expect("finish");
 
         let file = fs::metadata(dest.join("ro/file")).expect("file");
-        assert!(fs::symlink_metadata(dest.join("pipe")).expect("pipe").file_type().is_fifo());
+        assert!(
+            fs::symlink_metadata(dest.join("pipe"))
+                .expect("pipe")
+                .file_type()
+                .is_fifo()
+        );
         if is_root() {
             assert_eq!((file.uid(), file.mode() & 0o7777), (1234, 0o4755));
-            assert!(fs::symlink_metadata(dest.join("null")).expect("null").file_type().is_char_device());
+            assert!(
+                fs::symlink_metadata(dest.join("null"))
+                    .expect("null")
+                    .file_type()
+                    .is_char_device()
+            );
         } else {
             assert_eq!(file.uid(), paths::effective_uid());
             assert_eq!(file.mode() & 0o7777, 0o755 & !umask());

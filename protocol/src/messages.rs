@@ -299,7 +299,9 @@ pub enum Response {
     PushProgress(PushProgress),
     /// Non-terminal: the output being streamed is complete, `bytes` long; the next chunks
     /// belong to the next streamed output.
-    OutputEnd { bytes: u64 },
+    OutputEnd {
+        bytes: u64,
+    },
     /// Non-terminal: forget every output streamed so far; they all come again (the daemon
     /// found a damaged blob mid-output, repaired the store and builds again).
     OutputRestart,
@@ -315,7 +317,9 @@ mod byte_string {
         serializer.serialize_bytes(bytes)
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<u8>, D::Error> {
         deserializer.deserialize_byte_buf(Bytes)
     }
 
@@ -616,7 +620,10 @@ mod tests {
         let bytes = postcard::to_stdvec(&chunk).expect("encode");
         let as_sequence = postcard::to_stdvec(&(3u8, vec![7u8; 200])).expect("encode");
         assert_eq!(bytes, as_sequence);
-        assert_eq!(postcard::from_bytes::<Response>(&bytes).expect("decode"), chunk);
+        assert_eq!(
+            postcard::from_bytes::<Response>(&bytes).expect("decode"),
+            chunk
+        );
     }
 
     #[test]

@@ -158,7 +158,15 @@ pub(crate) mod tests {
     fn export(lease: &Lease, image: &ImageParts, format: Format) -> Vec<u8> {
         let scratch = tempfile::tempdir().expect("scratch");
         let mut out = Vec::new();
-        write(lease, image, format, &["app".into()], scratch.path(), &mut out).expect("export");
+        write(
+            lease,
+            image,
+            format,
+            &["app".into()],
+            scratch.path(),
+            &mut out,
+        )
+        .expect("export");
         assert_eq!(
             std::fs::read_dir(scratch.path()).expect("scratch").count(),
             0,
@@ -196,8 +204,15 @@ pub(crate) mod tests {
             });
             let scratch = tempfile::tempdir().expect("scratch");
             let mut chunks = Chunks::new(sender);
-            write(&lease, &image, format, &["app".into()], scratch.path(), &mut chunks)
-                .expect("export through chunks");
+            write(
+                &lease,
+                &image,
+                format,
+                &["app".into()],
+                scratch.path(),
+                &mut chunks,
+            )
+            .expect("export through chunks");
             drop(chunks);
             assert!(reader.join().expect("reader") == once, "{format:?}");
         }

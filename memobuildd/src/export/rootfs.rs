@@ -191,8 +191,14 @@ pub(crate) mod tests {
     pub(crate) fn rootfs_tar(cas: &Cas, layers: &[Blob]) -> Vec<u8> {
         let mut out = Vec::new();
         let scratch = tempfile::tempdir().expect("scratch");
-        write_rootfs_tar(cas, layers, &LayerOptions::default(), scratch.path(), &mut out)
-            .expect("rootfs tar");
+        write_rootfs_tar(
+            cas,
+            layers,
+            &LayerOptions::default(),
+            scratch.path(),
+            &mut out,
+        )
+        .expect("rootfs tar");
         out
     }
 
@@ -226,7 +232,12 @@ pub(crate) mod tests {
         // The same tree as the layers applied one by one, as a runtime would.
         let dest = tempfile::tempdir().expect("dest");
         for blob in blobs(&image) {
-            unpack(cas.open(&blob).expect("open"), dest.path(), Whiteouts::Apply).expect("unpack");
+            unpack(
+                cas.open(&blob).expect("open"),
+                dest.path(),
+                Whiteouts::Apply,
+            )
+            .expect("unpack");
         }
         let as_root = sys::is_root();
         assert_eq!(

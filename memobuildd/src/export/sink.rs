@@ -31,9 +31,9 @@ impl Chunks {
         let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
         // The receiver goes when the client does: the export stops as a write to a closed
         // pipe would.
-        self.to.blocking_send(full).map_err(|_| {
-            io::Error::new(io::ErrorKind::BrokenPipe, "the client stopped receiving")
-        })
+        self.to
+            .blocking_send(full)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client stopped receiving"))
     }
 }
 

@@ -33,11 +33,11 @@ use crate::store::{CasError, Digest};
 
 pub use compress::Compression;
 pub use layer::{Layer, LayerOptions, Owner, write_layer};
-pub use parts::ImageParts;
 pub use oci::{
     Descriptor, Healthcheck, History, ImageConfig, Index, Manifest, MediaTypes, Platform,
     RuntimeConfig, index_json, manifest_json,
 };
+pub use parts::ImageParts;
 pub use unpack::{UnpackStats, Whiteouts, unpack};
 
 /// What can go wrong with an image's bytes; each variant names what it is about.

@@ -21,12 +21,11 @@ use super::Shared;
 use super::access::Peer;
 use super::requests::DockerfileText;
 use crate::engine::{
-    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter,
-    normalize_tag,
+    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter, normalize_tag,
 };
 use crate::exec::{self, Network};
-use crate::image::Compression;
 use crate::export::{self, Chunks, Format};
+use crate::image::Compression;
 use crate::image::compress::ZSTD_DEFAULT_LEVEL;
 use crate::image::oci::MediaTypes;
 use crate::registry::{PushEvent, RegistryError};
@@ -452,7 +451,9 @@ async fn stream_output(
         }
     }
     drop(received);
-    let exported = exporter.await.map_err(|e| format!("output task failed: {e}"))?;
+    let exported = exporter
+        .await
+        .map_err(|e| format!("output task failed: {e}"))?;
     sent.map_err(|e| format!("sending the output: {e}"))?;
     exported.map_err(|e| e.to_string())?;
     write_frame(stream, &Response::OutputEnd { bytes })

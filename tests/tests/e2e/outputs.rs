@@ -40,7 +40,13 @@ fn as_member(daemon: &TestDaemon, cwd: &Path, args: &[&str]) -> Output {
     Command::new("setpriv")
         .arg(format!("--reuid={MEMBER_UID}"))
         .arg(format!("--regid={}", users_gid()))
-        .args(["--clear-groups", "--", "sh", "-c", "umask 027 && exec \"$0\" \"$@\""])
+        .args([
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            "umask 027 && exec \"$0\" \"$@\"",
+        ])
         .arg(bin("memobuild"))
         .arg("--socket")
         .arg(&daemon.socket)
@@ -103,7 +109,10 @@ fn outputs_where_the_caller_cannot_write_fail_with_its_own_permission_denied() {
         (format!("type=local,dest=/root/mb-out-{stamp}"), "/root"),
         (format!("type=tar,dest=/etc/mb-out-{stamp}.tar"), "/etc"),
         (format!("type=oci,dest=/etc/mb-out-{stamp}.oci"), "/etc"),
-        (format!("type=oci,tar=false,dest=/etc/mb-out-{stamp}.d"), "/etc"),
+        (
+            format!("type=oci,tar=false,dest=/etc/mb-out-{stamp}.d"),
+            "/etc",
+        ),
     ] {
         let before = names(Path::new(place));
         let output = as_member(&daemon, daemon.dir.path(), &["build", ctx, "-o", &spec]);
@@ -201,7 +210,14 @@ fn nothing_at(dir: &Path, dest: &str, temp_allowed: bool) {
 fn start_export(daemon: &TestDaemon, ctx: &Path, dir: &Path, spec: &str) -> KillOnDrop {
     let child = daemon
         .client()
-        .args(["build", ctx.to_str().expect("utf-8"), "--progress", "quiet", "-o", spec])
+        .args([
+            "build",
+            ctx.to_str().expect("utf-8"),
+            "--progress",
+            "quiet",
+            "-o",
+            spec,
+        ])
         .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -277,7 +293,10 @@ fn a_client_or_daemon_killed_mid_export_leaves_nothing_under_the_destination() {
             let mut child = start_export(&daemon, &ctx, &out, spec);
             signal(child.0.id(), sig);
             let status = wait_bounded(&mut child.0, Duration::from_secs(30));
-            assert!(!status.success(), "round {round}, {spec}: the client finished");
+            assert!(
+                !status.success(),
+                "round {round}, {spec}: the client finished"
+            );
             // SIGTERM lets the client remove its temp; SIGKILL cannot.
             nothing_at(&out, dest, sig == libc::SIGKILL);
         }
@@ -293,7 +312,10 @@ fn a_client_or_daemon_killed_mid_export_leaves_nothing_under_the_destination() {
 
 /// sha256 of a file, through the system tool.
 fn sha256(path: &Path) -> String {
-    let output = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
     ok(&output, "sha256sum");
     texts(&output).0.split(' ').next().expect("sum").to_owned()
 }
@@ -332,14 +354,21 @@ fn every_output_type_arrives_whole_and_other_tools_read_it() {
         for spec in &specs {
             client.args(["-o", spec]);
         }
-        ok(&client.output().expect("memobuild"), "build with five outputs");
+        ok(
+            &client.output().expect("memobuild"),
+            "build with five outputs",
+        );
     };
     build("");
     // The same build exported again gives the same bytes, so the same digests.
     build("-again");
     for file in ["image.tar", "docker.tar", "rootfs.tar"] {
         let again = file.replace(".tar", "-again.tar");
-        assert_eq!(sha256(&work.join(file)), sha256(&work.join(again)), "{file}");
+        assert_eq!(
+            sha256(&work.join(file)),
+            sha256(&work.join(again)),
+            "{file}"
+        );
     }
 
     let path = |name: &str| work.join(name).display().to_string();
@@ -374,6 +403,14 @@ fn every_output_type_arrives_whole_and_other_tools_read_it() {
     };
     let tar = without_pipe(tar_listing(&work.join("rootfs.tar")));
     assert!(tar["owned"].contains(" 7:8 "), "{:?}", tar["owned"]);
-    assert_eq!(without_pipe(dir_listing(&rootfs)), tar, "type=local as root");
-    assert_eq!(without_pipe(dir_listing(&bundle.join("rootfs"))), tar, "umoci");
+    assert_eq!(
+        without_pipe(dir_listing(&rootfs)),
+        tar,
+        "type=local as root"
+    );
+    assert_eq!(
+        without_pipe(dir_listing(&bundle.join("rootfs"))),
+        tar,
+        "umoci"
+    );
 }
