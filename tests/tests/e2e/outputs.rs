@@ -8,22 +8,12 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use memobuild_tests::bench::{dir_listing, tar_listing};
-use memobuild_tests::{KillOnDrop, TestDaemon, bin, privileged, signal, texts, wait_bounded};
+use memobuild_tests::{
+    KillOnDrop, TestDaemon, bin, privileged, signal, texts, users_gid, wait_bounded,
+};
 
 /// A member of the socket group that is not root.
 const MEMBER_UID: u32 = 4343;
-
-/// The `users` group exists on every Debian system; it is the socket group here.
-fn users_gid() -> u32 {
-    let groups = std::fs::read_to_string("/etc/group").expect("/etc/group");
-    groups
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split(':');
-            (fields.next() == Some("users")).then(|| fields.nth(1)?.parse().ok())?
-        })
-        .expect("group `users` in /etc/group")
-}
 
 /// A root daemon serving the `users` group, its directory open to others.
 fn group_daemon() -> TestDaemon {
