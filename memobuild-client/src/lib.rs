@@ -3,10 +3,12 @@
 //!
 //! - [`connection`]: a handshaken connection and request/response calls;
 //! - [`launch`]: starting `memobuildd` and waiting for its readiness message;
+//! - [`output`]: writing the outputs the daemon streams back (`-o`);
 //! - [`render`]: human output (JSON output is the protocol types through serde_json).
 
 pub mod connection;
 pub mod launch;
+pub mod output;
 pub mod progress;
 pub mod render;
 
@@ -16,6 +18,7 @@ use memobuild_protocol::{ErrorCode, paths};
 
 pub use connection::{ConnectError, Connection, RequestError};
 pub use launch::{DaemonPlace, LaunchError};
+pub use output::OutputError;
 
 /// Exit codes of `memobuild`, documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +54,8 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Output(#[from] OutputError),
     #[error("signalling memobuildd (pid {pid}): {source}")]
     Signal {
         pid: u32,
@@ -76,6 +81,8 @@ impl ClientError {
                 ErrorCode::Cancelled => Exit::Cancelled,
                 _ => Exit::Failure,
             },
+            Self::Output(err) if err.is_permission_denied() => Exit::PermissionDenied,
+            Self::Output(_) => Exit::Failure,
             Self::Request(_) | Self::Signal { .. } => Exit::Unavailable,
             Self::Write { .. } => Exit::Failure,
         }

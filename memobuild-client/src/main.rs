@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use memobuild_client::output::{Dest, Outputs};
 use memobuild_client::progress::{Progress, ProgressMode};
 use memobuild_client::{
     ClientError, ConnectError, Connection, DaemonPlace, Exit, RequestError, connect_or_start,
@@ -17,6 +18,7 @@ use memobuild_protocol::{
     UnwatchRequest, WatchRequest,
 };
 use serde_json::json;
+use tokio::signal::unix::SignalKind;
 
 /// Incremental container image builds, served by a resident daemon.
 #[derive(Debug, Parser)]
@@ -180,10 +182,11 @@ struct BuildArgs {
     /// After the build, print each step's outcome: cached, or why it ran
     #[arg(long)]
     explain: bool,
-    /// Output: type=oci|docker|tar|local|image,dest=PATH (`dest=-` for stdout); `PATH` alone is
-    /// type=local, `-` alone a tar on stdout
+    /// Output: type=oci|docker|tar|local|image,dest=PATH (`dest=-` for stdout; `tar=false`: an
+    /// OCI or Docker layout as a directory); `PATH` alone is type=local, `-` alone a tar on
+    /// stdout. This process writes it, as you, relative to the working directory
     #[arg(short = 'o', long = "output", value_name = "SPEC", value_parser = parse_output)]
-    outputs: Vec<OutputSpec>,
+    outputs: Vec<OutputArg>,
     /// Clamp timestamps for reproducible images [env: SOURCE_DATE_EPOCH]
     #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
     source_date_epoch: Option<u64>,
@@ -547,6 +550,10 @@ async fn gc(place: &DaemonPlace, request: GcRequest, json: bool) -> Result<Exit,
 }
 
 async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError> {
+    // Every destination is opened before the build starts: one the caller cannot write
+    // fails now, and creates nothing.
+    let dests = args.outputs.iter().filter_map(|o| o.dest.clone()).collect();
+    let mut outputs = Outputs::open(dests)?;
     let request = Request::Build(BuildRequest {
         source: args.source.resolve(),
         tags: args.tags.clone(),
@@ -558,7 +565,7 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
             NetworkArg::Host => NetworkMode::Host,
             NetworkArg::None => NetworkMode::None,
         },
-        outputs: args.outputs,
+        outputs: args.outputs.into_iter().map(|o| o.spec).collect(),
         push: args.push,
         source_date_epoch: args.source_date_epoch,
         secrets: args.secrets,
@@ -577,28 +584,29 @@ async fn build(args: BuildArgs, place: &DaemonPlace) -> Result<Exit, ClientError
         args.progress.resolve(std::io::stderr().is_terminal())
     };
     let mut progress = Progress::new(mode, std::io::stderr());
-    let mut stdout = std::io::stdout();
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     loop {
         let frame = tokio::select! {
             frame = conn.next() => frame?,
             // Dropping the connection is the cancel request: the daemon stops the build.
+            // Outputs not yet whole are removed as `outputs` goes.
             _ = tokio::signal::ctrl_c() => {
                 // The TTY view lets go of the screen first, so the notice is not drawn over.
                 drop(progress);
                 eprintln!("memobuild: cancelling the build");
                 return Ok(Exit::Cancelled);
             }
+            _ = terminate.recv() => return Ok(Exit::Cancelled),
+            _ = hangup.recv() => return Ok(Exit::Cancelled),
         };
         match frame {
             Response::Event(event) => progress.event(&event),
-            Response::OutputChunk(bytes) => {
-                if let Err(err) = std::io::Write::write_all(&mut stdout, &bytes) {
-                    eprintln!("memobuild: writing the output: {err}");
-                    return Ok(Exit::Failure);
-                }
-            }
+            Response::OutputChunk(bytes) => outputs.chunk(bytes)?,
+            Response::OutputEnd { bytes } => outputs.end(bytes)?,
+            Response::OutputRestart => outputs.restart()?,
             Response::BuildDone(result) => {
-                let _ = std::io::Write::flush(&mut stdout);
+                outputs.finish()?;
                 progress.finished(&result);
                 if args.explain {
                     eprint!("{}", progress.explanation());
@@ -669,8 +677,24 @@ fn parse_platform(text: &str) -> Result<String, String> {
     }
 }
 
+/// One `-o`: what the daemon makes, and where this process puts it (`None`: the image store).
+#[derive(Debug, Clone)]
+struct OutputArg {
+    spec: OutputSpec,
+    dest: Option<Dest>,
+}
+
+fn signal(kind: SignalKind) -> Result<tokio::signal::unix::Signal, ClientError> {
+    tokio::signal::unix::signal(kind).map_err(|source| {
+        ClientError::Output(memobuild_client::OutputError::Io {
+            path: "-".into(),
+            source,
+        })
+    })
+}
+
 /// buildx's `-o` syntax.
-fn parse_output(text: &str) -> Result<OutputSpec, String> {
+fn parse_output(text: &str) -> Result<OutputArg, String> {
     if text == "-" {
         return parse_output("type=tar,dest=-");
     }
@@ -680,13 +704,12 @@ fn parse_output(text: &str) -> Result<OutputSpec, String> {
     let mut kind = None;
     let mut spec = OutputSpec {
         kind: OutputKind::Local,
-        dest: None,
-        to_client: false,
         name: None,
         push: false,
         compression: None,
         force_compression: false,
     };
+    let (mut dest, mut tar) = (None, None);
     let mut level = None;
     for field in text.split(',') {
         let (key, value) = field
@@ -703,8 +726,8 @@ fn parse_output(text: &str) -> Result<OutputSpec, String> {
                     other => return Err(format!("unknown output type {other:?}")),
                 });
             }
-            "dest" if value == "-" => spec.to_client = true,
-            "dest" => spec.dest = Some(absolute(Path::new(value))),
+            "dest" => dest = Some(value.to_owned()),
+            "tar" => tar = Some(value != "false"),
             "name" => spec.name = Some(value.to_owned()),
             "push" => spec.push = value == "true",
             "compression" => {
@@ -743,14 +766,21 @@ fn parse_output(text: &str) -> Result<OutputSpec, String> {
     if spec.compression.is_some() && !matches!(spec.kind, OutputKind::Oci | OutputKind::Image) {
         return Err("compression= applies to type=oci and type=image outputs".into());
     }
-    let needs_dest = !matches!(spec.kind, OutputKind::Image);
-    if needs_dest && spec.dest.is_none() && !spec.to_client {
-        return Err("this output type needs dest=PATH (or dest=- for stdout)".into());
+    if tar.is_some() && !matches!(spec.kind, OutputKind::Oci | OutputKind::Docker) {
+        return Err("tar= applies to type=oci and type=docker outputs".into());
     }
-    if spec.kind == OutputKind::Local && spec.to_client {
-        return Err("type=local writes a directory; use type=tar,dest=- for stdout".into());
-    }
-    Ok(spec)
+    let as_dir = spec.kind == OutputKind::Local || tar == Some(false);
+    let dest = match (spec.kind, dest.as_deref()) {
+        (OutputKind::Image, _) => None,
+        (_, None) => return Err("this output type needs dest=PATH (or dest=- for stdout)".into()),
+        (_, Some("-")) if as_dir => {
+            return Err("this output is a directory; use type=tar (or tar=true) for stdout".into());
+        }
+        (_, Some("-")) => Some(Dest::Stdout),
+        (_, Some(path)) if as_dir => Some(Dest::Dir(absolute(Path::new(path)))),
+        (_, Some(path)) => Some(Dest::File(absolute(Path::new(path)))),
+    };
+    Ok(OutputArg { spec, dest })
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod context;
 pub mod engine;
 pub mod exec;
+pub mod export;
 pub mod frontend;
 pub mod image;
 pub mod layout;

@@ -230,19 +230,19 @@ pub enum OutputKind {
     Docker,
     /// The final root filesystem as one tar.
     Tar,
-    /// The final root filesystem unpacked into a directory.
+    /// The final root filesystem unpacked into a directory (streamed as a tar the client
+    /// unpacks).
     Local,
     /// The daemon's image store, optionally pushed.
     Image,
 }
 
+/// What an output is made of. Where it goes is the client's business: every output but
+/// `Image` streams back as [`Response::OutputChunk`]s ended by [`Response::OutputEnd`], in the
+/// order of [`BuildRequest::outputs`], and the client writes it (`Local`: a tar it unpacks).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputSpec {
     pub kind: OutputKind,
-    /// Absolute destination path; `None` with `to_client` streams the bytes back as
-    /// [`Response::OutputChunk`] (`dest=-`).
-    pub dest: Option<PathBuf>,
-    pub to_client: bool,
     pub name: Option<String>,
     pub push: bool,
     /// How layers are compressed in an OCI output or a push (gzip when `None`).
@@ -319,8 +319,8 @@ pub enum Response {
     Status(StatusReport),
     /// Non-terminal: progress of a build.
     Event(BuildEvent),
-    /// Non-terminal: bytes of an output streamed to the client (`dest=-`).
-    OutputChunk(Vec<u8>),
+    /// Non-terminal: bytes of the output being streamed.
+    OutputChunk(#[serde(with = "byte_string")] Vec<u8>),
     BuildDone(BuildResult),
     Watched(WorkspaceStatus),
     Unwatched,
@@ -335,6 +335,49 @@ pub enum Response {
     ImageRemoved,
     /// Non-terminal: one blob of a push moved on.
     PushProgress(PushProgress),
+    /// Non-terminal: the output being streamed is complete, `bytes` long; the next chunks
+    /// belong to the next streamed output.
+    OutputEnd {
+        bytes: u64,
+    },
+    /// Non-terminal: forget every output streamed so far; they all come again (the daemon
+    /// found a damaged blob mid-output, repaired the store and builds again).
+    OutputRestart,
+}
+
+/// Output bytes as one byte string: the same wire form as a sequence of `u8` (a length, then
+/// the bytes), encoded and decoded as one copy instead of byte by byte, which is what lets an
+/// output of gigabytes cross the socket at disk speed.
+mod byte_string {
+    use serde::{Deserializer, Serializer, de};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_byte_buf(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> de::Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(bytes.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, bytes: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(bytes)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,7 +404,11 @@ impl Response {
     pub fn is_terminal(&self) -> bool {
         !matches!(
             self,
-            Self::Event(_) | Self::OutputChunk(_) | Self::PushProgress(_)
+            Self::Event(_)
+                | Self::OutputChunk(_)
+                | Self::PushProgress(_)
+                | Self::OutputEnd { .. }
+                | Self::OutputRestart
         )
     }
 
@@ -642,9 +689,24 @@ mod tests {
         assert_eq!(bytes, b"MBLD\x01\x050.1.0");
     }
 
+    /// Output chunks are byte strings: a length and the bytes, as a `Vec<u8>` always was.
+    #[test]
+    fn output_chunks_are_a_length_and_the_bytes() {
+        let chunk = Response::OutputChunk(vec![7; 200]);
+        let bytes = postcard::to_stdvec(&chunk).expect("encode");
+        let as_sequence = postcard::to_stdvec(&(3u8, vec![7u8; 200])).expect("encode");
+        assert_eq!(bytes, as_sequence);
+        assert_eq!(
+            postcard::from_bytes::<Response>(&bytes).expect("decode"),
+            chunk
+        );
+    }
+
     #[test]
     fn only_events_and_chunks_are_non_terminal() {
         assert!(!Response::OutputChunk(vec![1]).is_terminal());
+        assert!(!Response::OutputEnd { bytes: 1 }.is_terminal());
+        assert!(!Response::OutputRestart.is_terminal());
         assert!(
             !Response::Event(BuildEvent {
                 node: 1,

@@ -200,6 +200,19 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The gid of the `users` group, which exists on every Debian system: the socket group of
+/// tests that run the client as another user.
+pub fn users_gid() -> u32 {
+    let groups = std::fs::read_to_string("/etc/group").expect("/etc/group");
+    groups
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next() == Some("users")).then(|| fields.nth(1)?.parse().ok())?
+        })
+        .expect("group `users` in /etc/group")
+}
+
 /// Sends `sig` to `pid`.
 pub fn signal(pid: u32, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits");

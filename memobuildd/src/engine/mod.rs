@@ -42,7 +42,7 @@ use crate::cache::remote::{L3, RemoteMode};
 use crate::context::Hash;
 use crate::exec::{Executor, LogStream, Network};
 use crate::frontend::{self, Diagnostic};
-use crate::image::export::ImageParts;
+use crate::image::ImageParts;
 use crate::image::oci::{ImageConfig, MediaTypes, Platform, manifest_json};
 use crate::image::{Compression, ImageError};
 use crate::layout::Layout;

@@ -1,4 +1,4 @@
-//! Images: the OCI model, layer tars, unpacking, and exporters.
+//! Images: the OCI model, layer tars, compression and unpacking.
 //!
 //! This stage owns everything about the bytes of an image and nothing about how a build got
 //! there:
@@ -11,17 +11,17 @@
 //! - [`mod@unpack`]: [`unpack()`] extracts a layer into a directory, either as an overlayfs lowerdir
 //!   ([`Whiteouts::Overlay`]) or merged into a root filesystem ([`Whiteouts::Apply`]), never
 //!   writing outside it.
-//! - [`export`]: [`ImageParts`] to an OCI archive, a `docker load` archive, or a root-filesystem
-//!   tar or directory.
+//! - [`parts`]: [`ImageParts`], an image in the store by its blobs.
 //!
 //! The `snapshot` and `exec` stages hand this module directories; the `engine` assembles the
-//! config and manifest from what it returns and the `server` streams the exports to clients.
+//! config and manifest from what it returns, and `export` writes images out in the formats
+//! clients ask for.
 
 pub mod compress;
-mod entry;
-pub mod export;
+pub(crate) mod entry;
 pub mod layer;
 pub mod oci;
+pub mod parts;
 pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -32,15 +32,12 @@ use std::path::PathBuf;
 use crate::store::{CasError, Digest};
 
 pub use compress::Compression;
-pub use export::{
-    ImageParts, open_blob, write_docker_archive, write_oci_archive, write_rootfs_dir,
-    write_rootfs_tar,
-};
 pub use layer::{Layer, LayerOptions, Owner, write_layer};
 pub use oci::{
     Descriptor, Healthcheck, History, ImageConfig, Index, Manifest, MediaTypes, Platform,
     RuntimeConfig, index_json, manifest_json,
 };
+pub use parts::ImageParts;
 pub use unpack::{UnpackStats, Whiteouts, unpack};
 
 /// What can go wrong with an image's bytes; each variant names what it is about.
@@ -84,7 +81,7 @@ pub enum ImageError {
 }
 
 impl ImageError {
-    fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { path, source }
     }
@@ -96,7 +93,7 @@ impl ImageError {
         }
     }
 
-    fn entry(entry: &std::path::Path, reason: impl Into<String>) -> Self {
+    pub(crate) fn entry(entry: &std::path::Path, reason: impl Into<String>) -> Self {
         Self::Entry {
             entry: entry.display().to_string(),
             reason: reason.into(),

@@ -15,9 +15,9 @@ use crate::layout::Layout;
 use crate::store::{Cas, Store, StoreOptions};
 
 /// One line per path: type, mode, uid, gid, size, content hash, link target.
-pub(super) type Listing = BTreeMap<String, String>;
+pub(crate) type Listing = BTreeMap<String, String>;
 
-pub(super) fn store() -> (tempfile::TempDir, Cas) {
+pub(crate) fn store() -> (tempfile::TempDir, Cas) {
     let dir = tempfile::tempdir().expect("tempdir");
     let cas = Store::open(&Layout::new(dir.path()), StoreOptions::default())
         .expect("store")
@@ -30,7 +30,7 @@ fn sha(bytes: &[u8]) -> String {
 }
 
 /// The tree under `root` (not `root` itself); hard links show as the files they are.
-pub(super) fn list_dir(root: &Path) -> Listing {
+pub(crate) fn list_dir(root: &Path) -> Listing {
     let mut out = Listing::new();
     let mut todo = vec![root.to_owned()];
     while let Some(dir) = todo.pop() {
@@ -86,7 +86,7 @@ pub(super) fn list_dir(root: &Path) -> Listing {
 }
 
 /// The same listing for a tar (compressed or not); hard links show as their targets.
-pub(super) fn list_tar(reader: impl Read) -> Listing {
+pub(crate) fn list_tar(reader: impl Read) -> Listing {
     let mut out = Listing::new();
     let mut archive = tar::Archive::new(decompress(reader).expect("decompress"));
     for item in archive.entries().expect("entries") {
@@ -143,11 +143,11 @@ fn require(what: &str, test: &str, present: bool) -> bool {
     false
 }
 
-pub(super) fn require_root(test: &str) -> bool {
+pub(crate) fn require_root(test: &str) -> bool {
     require("root", test, super::sys::is_root())
 }
 
-pub(super) fn require_tool(tool: &str, test: &str) -> bool {
+pub(crate) fn require_tool(tool: &str, test: &str) -> bool {
     let found = std::process::Command::new(tool)
         .arg("--version")
         .output()
@@ -155,13 +155,13 @@ pub(super) fn require_tool(tool: &str, test: &str) -> bool {
     require(tool, test, found)
 }
 
-pub(super) const LONG_NAME: &str =
+pub(crate) const LONG_NAME: &str =
     "a-directory-name-long-enough-that-the-whole-path-cannot-fit-a-ustar-name-field";
 
 /// A tree with what layers must carry: setuid/setgid/sticky modes, an empty directory,
 /// relative and absolute symlinks, a hard link, a fifo, names and link targets too long for
 /// ustar. Every mtime is `mtime`.
-pub(super) fn sample_tree(root: &Path, mtime: i64) {
+pub(crate) fn sample_tree(root: &Path, mtime: i64) {
     use std::os::unix::fs::{PermissionsExt, symlink};
     let write = |rel: &str, data: &[u8], mode: u32| {
         let path = root.join(rel);
@@ -205,7 +205,7 @@ pub(super) fn sample_tree(root: &Path, mtime: i64) {
 }
 
 /// Sets every mtime under `root` (symlinks' own included) to `mtime`.
-pub(super) fn set_mtimes(root: &Path, mtime: i64) {
+pub(crate) fn set_mtimes(root: &Path, mtime: i64) {
     let mut todo = vec![root.to_owned()];
     while let Some(dir) = todo.pop() {
         for item in fs::read_dir(&dir).expect("read_dir") {
@@ -218,7 +218,7 @@ pub(super) fn set_mtimes(root: &Path, mtime: i64) {
     }
 }
 
-pub(super) fn mtime(path: &Path) -> i64 {
+pub(crate) fn mtime(path: &Path) -> i64 {
     fs::symlink_metadata(path).expect("lstat").mtime()
 }
 

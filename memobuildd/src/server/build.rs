@@ -1,10 +1,8 @@
 //! The `Build` request: run the engine, stream its progress to the client as it happens,
-//! write the outputs, answer with the result. A client that goes away cancels its build
+//! stream the outputs for the client to write, answer with the result. A client that goes away cancels its build
 //! (containers killed, mounts and scratch directories removed by the engine's guards).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,22 +21,15 @@ use super::Shared;
 use super::access::Peer;
 use super::requests::DockerfileText;
 use crate::engine::{
-    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter, image_as,
-    normalize_tag,
+    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter, normalize_tag,
 };
 use crate::exec::{self, Network};
+use crate::export::{self, Chunks, Format};
 use crate::image::Compression;
 use crate::image::compress::ZSTD_DEFAULT_LEVEL;
-use crate::image::export::{
-    write_docker_archive, write_oci_archive, write_rootfs_dir, write_rootfs_tar,
-};
-use crate::image::layer::LayerOptions;
 use crate::image::oci::MediaTypes;
 use crate::registry::{PushEvent, RegistryError};
 use crate::store::{ImageRecord, Store, blocking};
-
-/// Largest output chunk streamed to the client (`dest=-`).
-const CHUNK: usize = 1 << 20;
 
 struct ChannelReporter(mpsc::UnboundedSender<Progress>);
 
@@ -221,13 +212,15 @@ pub(crate) async fn serve(
             );
             let _ = tokio::task::spawn_blocking(move || hub.mark_built(&context, &baseline)).await;
         }
-        match write_outputs(engine, &built, &request, peer, stream).await {
+        match write_outputs(engine, &built, &request, stream).await {
             Ok(()) => {}
             // The store found a blob of this image damaged while writing an output, and
             // repaired it (removed it and the steps that made it): building again makes it
-            // anew. Once: a second failure is not damage that a rebuild mends.
+            // anew, and the client drops what it received of the outputs. Once: a second
+            // failure is not damage that a rebuild mends.
             Err(message) if attempts == 1 && built.lease.saw_damage() => {
                 tracing::warn!(%message, "an output found a damaged blob; building again");
+                write_frame(stream, &Response::OutputRestart).await?;
                 continue;
             }
             Err(message) => {
@@ -392,14 +385,11 @@ async fn write_outputs(
     engine: &Arc<Engine>,
     built: &Built,
     request: &BuildRequest,
-    peer: Peer,
     stream: &mut UnixStream,
 ) -> Result<(), String> {
     let outputs: Vec<OutputSpec> = if request.outputs.is_empty() {
         vec![OutputSpec {
             kind: OutputKind::Image,
-            dest: None,
-            to_client: false,
             name: None,
             push: request.push,
             compression: None,
@@ -409,65 +399,90 @@ async fn write_outputs(
         request.outputs.clone()
     };
     for output in outputs {
-        if output.kind == OutputKind::Image {
-            let names: Vec<String> = request
-                .tags
-                .iter()
-                .cloned()
-                .chain(output.name.clone())
-                .collect();
-            let (engine_for_tag, built_for_tag) = (Arc::clone(engine), built.clone());
-            blocking(move || tag(&engine_for_tag, &built_for_tag, &names)).await?;
-            if output.push {
-                let names = request
+        let format = match output.kind {
+            OutputKind::Oci => Format::Oci(ImageForm {
+                compression: compression(&output),
+                force: output.force_compression,
+                media: MediaTypes::Oci,
+            }),
+            OutputKind::Docker => Format::Docker,
+            OutputKind::Tar | OutputKind::Local => Format::RootfsTar,
+            OutputKind::Image => {
+                let names: Vec<String> = request
                     .tags
                     .iter()
-                    .map(String::as_str)
-                    .chain(output.name.as_deref());
-                for name in names {
-                    engine
-                        .push(
-                            name,
-                            None,
-                            compression(&output),
-                            output.force_compression,
-                            &|_| {},
-                        )
-                        .await
-                        .map_err(|e| format!("pushing {name}: {e}"))?;
+                    .cloned()
+                    .chain(output.name.clone())
+                    .collect();
+                let (engine_for_tag, built_for_tag) = (Arc::clone(engine), built.clone());
+                blocking(move || tag(&engine_for_tag, &built_for_tag, &names)).await?;
+                if output.push {
+                    let names = request
+                        .tags
+                        .iter()
+                        .map(String::as_str)
+                        .chain(output.name.as_deref());
+                    for name in names {
+                        engine
+                            .push(
+                                name,
+                                None,
+                                compression(&output),
+                                output.force_compression,
+                                &|_| {},
+                            )
+                            .await
+                            .map_err(|e| format!("pushing {name}: {e}"))?;
+                    }
                 }
+                continue;
             }
-            continue;
-        }
-        let built_for_task = built.clone();
-        let tags = request.tags.clone();
-        let dest = match (&output.dest, output.to_client) {
-            (_, true) => {
-                let scratch = tempfile::NamedTempFile::new_in(engine.store().tmp_dir())
-                    .map_err(|e| format!("output: {e}"))?;
-                scratch.path().to_owned()
-            }
-            (Some(dest), false) => dest.clone(),
-            (None, false) => return Err("an output without a destination".into()),
         };
-        let target = dest.clone();
-        let form = ImageForm {
-            compression: compression(&output),
-            force: output.force_compression,
-            media: MediaTypes::Oci,
-        };
-        let kind = output.kind;
-        tokio::task::spawn_blocking(move || export(&built_for_task, kind, form, &tags, &target))
-            .await
-            .map_err(|e| e.to_string())??;
-        if output.to_client {
-            stream_file(stream, &dest).await?;
-            let _ = std::fs::remove_file(&dest);
-        } else {
-            give_to(&dest, peer);
-        }
+        stream_output(stream, engine, built, format, &request.tags).await?;
     }
     Ok(())
+}
+
+/// Streams one output to the client while the exporter writes it (on a blocking thread,
+/// a few chunks ahead), then says where it ends. The client writes it; the daemon keeps
+/// nothing of it. A client that goes away stops the exporter at its next chunk.
+async fn stream_output(
+    stream: &mut UnixStream,
+    engine: &Engine,
+    built: &Built,
+    format: Format,
+    tags: &[String],
+) -> Result<(), String> {
+    let (chunks, mut received) = mpsc::channel(4);
+    let (built, tags, scratch) = (built.clone(), tags.to_vec(), engine.store().tmp_dir());
+    let exporter = tokio::task::spawn_blocking(move || {
+        export::write(
+            &built.lease,
+            &built.image,
+            format,
+            &tags,
+            &scratch,
+            Chunks::new(chunks),
+        )
+    });
+    let mut bytes = 0u64;
+    let mut sent = Ok(());
+    while let Some(chunk) = received.recv().await {
+        bytes += chunk.len() as u64;
+        sent = write_frame(stream, &Response::OutputChunk(chunk)).await;
+        if sent.is_err() {
+            break;
+        }
+    }
+    drop(received);
+    let exported = exporter
+        .await
+        .map_err(|e| format!("output task failed: {e}"))?;
+    sent.map_err(|e| format!("sending the output: {e}"))?;
+    exported.map_err(|e| e.to_string())?;
+    write_frame(stream, &Response::OutputEnd { bytes })
+        .await
+        .map_err(|e| format!("sending the output: {e}"))
 }
 
 /// Tags the image under every name; each tag pins what the build used. Blocking.
@@ -500,94 +515,6 @@ fn compression(output: &OutputSpec) -> Compression {
         Some(LayerCompression::Zstd { level }) => Compression::Zstd {
             level: level.unwrap_or(ZSTD_DEFAULT_LEVEL),
         },
-    }
-}
-
-fn export(
-    built: &Built,
-    kind: OutputKind,
-    form: ImageForm,
-    tags: &[String],
-    dest: &Path,
-) -> Result<(), String> {
-    let cas = &built.lease.cas();
-    let blobs: Vec<crate::store::Blob> =
-        built.image.layers.iter().map(|l| l.blob.clone()).collect();
-    let create = || -> Result<BufWriter<File>, String> {
-        File::create(dest)
-            .map(|f| BufWriter::with_capacity(1 << 20, f))
-            .map_err(|e| format!("{}: {e}", dest.display()))
-    };
-    let finish =
-        |mut out: BufWriter<File>| out.flush().map_err(|e| format!("{}: {e}", dest.display()));
-    match kind {
-        OutputKind::Oci => {
-            let image = image_as(&built.lease, &built.image, &form).map_err(|e| e.to_string())?;
-            let mut out = create()?;
-            write_oci_archive(cas, &image, tags.first().map(String::as_str), &mut out)
-                .map_err(|e| e.to_string())?;
-            finish(out)
-        }
-        OutputKind::Docker => {
-            let tags: Vec<String> = tags.iter().map(|t| normalize_tag(t)).collect();
-            // Docker's own media types, as `docker save` writes them, and gzip layers.
-            let docker = ImageForm {
-                compression: Compression::Gzip,
-                force: false,
-                media: MediaTypes::Docker,
-            };
-            let image = image_as(&built.lease, &built.image, &docker).map_err(|e| e.to_string())?;
-            let mut out = create()?;
-            write_docker_archive(cas, &image, &tags, &mut out).map_err(|e| e.to_string())?;
-            finish(out)
-        }
-        OutputKind::Tar => {
-            let mut out = create()?;
-            write_rootfs_tar(cas, &blobs, &LayerOptions::default(), &mut out)
-                .map_err(|e| e.to_string())?;
-            finish(out)
-        }
-        OutputKind::Local => {
-            std::fs::create_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-            write_rootfs_dir(cas, &blobs, dest)
-                .map(drop)
-                .map_err(|e| e.to_string())
-        }
-        OutputKind::Image => Ok(()),
-    }
-}
-
-async fn stream_file(stream: &mut UnixStream, path: &Path) -> Result<(), String> {
-    let mut file = File::open(path).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Ok(());
-        }
-        write_frame(stream, &Response::OutputChunk(buf[..n].to_vec()))
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-}
-
-/// An output the daemon wrote for a client belongs to the client.
-fn give_to(path: &Path, peer: Peer) {
-    if crate::passwd::effective_uid() != 0 {
-        return;
-    }
-    let _ = std::os::unix::fs::lchown(path, Some(peer.uid), Some(peer.gid));
-    if path.is_dir() {
-        let mut stack = vec![path.to_owned()];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let child = entry.path();
-                let _ = std::os::unix::fs::lchown(&child, Some(peer.uid), Some(peer.gid));
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(child);
-                }
-            }
-        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use memobuild_tests::{TestDaemon, bin, privileged, texts};
+use memobuild_tests::{TestDaemon, bin, privileged, texts, users_gid};
 
 const STRANGER_UID: &str = "4242";
 
@@ -30,18 +30,6 @@ fn status_as(daemon: &TestDaemon, uid: &str, gid: &str) -> std::process::Output 
 /// Lets other uids reach the socket's directory (temp dirs are 0700).
 fn open_directory(path: &Path) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-}
-
-/// The `users` group exists on every Debian system; any existing group would do.
-fn users_gid() -> u32 {
-    let groups = std::fs::read_to_string("/etc/group").expect("/etc/group");
-    groups
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split(':');
-            (fields.next() == Some("users")).then(|| fields.nth(1)?.parse().ok())?
-        })
-        .expect("group `users` in /etc/group")
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod hotstate;
 mod images;
 mod lifecycle;
 mod mounts;
+mod outputs;
 mod protocol;
 mod registry;
 mod remote;
