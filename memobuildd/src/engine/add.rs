@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::copy::{self, CopyError, CopySource, CopySpec};
 use super::view::RootView;
+use crate::caller::ReadCheck;
 use crate::context::dockerignore::clean;
 use crate::context::{EntryKind, FileTree, IgnoreRules, SourcePattern};
 use crate::image::ImageError;
@@ -45,6 +46,8 @@ const DOWNLOAD_MODE: u32 = 0o600;
 pub enum AddError {
     #[error(transparent)]
     Copy(#[from] CopyError),
+    #[error(transparent)]
+    Access(#[from] crate::caller::AccessError),
     #[error("ADD source {url:?}: {scheme} sources are not supported yet")]
     UnsupportedRemote { url: String, scheme: String },
     #[error("--checksum={0:?} is not sha256:<64 hex digits>")]
@@ -88,6 +91,8 @@ pub struct Context<'a> {
     pub dir: &'a Path,
     pub tree: &'a FileTree,
     pub excludes: &'a IgnoreRules,
+    /// With it, every file read (archives too) must be one the caller could read.
+    pub readable: Option<&'a ReadCheck<'a>>,
 }
 
 impl<'a> Context<'a> {
@@ -96,6 +101,7 @@ impl<'a> Context<'a> {
             dir: self.dir,
             tree: self.tree,
             excludes: self.excludes,
+            readable: self.readable,
         }
     }
 }
@@ -204,6 +210,9 @@ fn split_archives(
                 continue;
             }
             let host = context.dir.join(path);
+            if let (Some(check), EntryKind::File) = (context.readable, entry.kind) {
+                check.check(&host)?;
+            }
             if entry.kind == EntryKind::File && is_archive(&host)? {
                 matched_archives.push(path.to_owned());
             } else {

@@ -43,9 +43,11 @@ use crate::image::oci::{ImageConfig, MediaTypes, Platform, manifest_json};
 use crate::image::{Compression, ImageError};
 use crate::layout::Layout;
 use crate::plan::{self, BuildGraph, NodeIndex, NodeKind, PlanError, PlanOptions};
-use crate::registry::{Reference, Registry, RegistryError};
+use crate::caller::AccessError;
+use crate::exec::ExecError;
+use crate::registry::{Reference, ReferenceError, Registry, RegistryError};
 use crate::snapshot::Snapshotter;
-use crate::store::{Lease, Store, blocking};
+use crate::store::{CasError, Lease, Store, StoreError, blocking};
 use crate::watch::{Baseline, BuildSnapshot, Hub, SourceSet, WatchError};
 use state::State;
 
@@ -105,8 +107,13 @@ pub enum BuildError {
         #[source]
         source: ImageError,
     },
-    #[error("{step}: {message}")]
-    Step { step: String, message: String },
+    /// A step failed; `step` is its label (`COPY a /b`), with its Dockerfile line.
+    #[error("{step}: {source}")]
+    Step {
+        step: String,
+        #[source]
+        source: Box<StepError>,
+    },
     #[error("{step} failed: exit code {code}\n{tail}")]
     RunFailed {
         step: String,
@@ -114,22 +121,63 @@ pub enum BuildError {
         tail: String,
     },
     #[error("RUN steps need {0}; this daemon can still build Dockerfiles without RUN")]
-    NoRuntime(String),
+    NoRuntime(Arc<ExecError>),
     #[error("{0}")]
     Context(Box<WatchError>),
+    /// The caller could not read a file the build reads.
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("build cancelled")]
     Cancelled,
-    #[error("store: {0}")]
-    Store(String),
-    /// A write into the store ran out of space (the error as it came); a step's becomes
-    /// [`BuildError::OutOfSpace`].
+    /// What a step's work failed with, before [`BuildError::Step`] names the step.
+    #[error(transparent)]
+    Failed(Box<StepError>),
+    /// A write into the store ran out of space; a step's becomes [`BuildError::OutOfSpace`].
     #[error("no space left in the store: {0}")]
-    Full(String),
+    Full(Box<StepError>),
     #[error("{step}: {source}")]
     OutOfSpace {
         step: String,
         #[source]
         source: Box<crate::store::OutOfSpace>,
+    },
+    /// A bug: something the planner guarantees was not so.
+    #[error("internal error: {0}")]
+    Invariant(&'static str),
+    #[error("build task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// The error of a step this build shared with others (`flight`).
+    #[error(transparent)]
+    Shared(Arc<BuildError>),
+}
+
+/// Why a step's work failed, by the part that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Copy(#[from] copy::CopyError),
+    #[error(transparent)]
+    Add(#[from] add::AddError),
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Ignore(#[from] crate::context::dockerignore::IgnoreError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -145,16 +193,54 @@ impl From<PlanError> for BuildError {
     }
 }
 
+impl BuildError {
+    /// A step's failure; one that ran out of disk says so.
+    pub(crate) fn failed(err: impl Into<StepError>) -> Self {
+        let err = err.into();
+        if crate::store::is_out_of_space(&err) {
+            Self::Full(Box::new(err))
+        } else {
+            Self::Failed(Box::new(err))
+        }
+    }
+}
+
+/// `?` on what a step's work fails with.
+macro_rules! step_failures {
+    ($($source:ty),*) => {$(
+        impl From<$source> for BuildError {
+            fn from(err: $source) -> Self {
+                Self::failed(err)
+            }
+        }
+    )*};
+}
+
+step_failures!(
+    copy::CopyError,
+    add::AddError,
+    user::UserError,
+    ExecError,
+    crate::snapshot::SnapshotError,
+    StoreError,
+    CasError,
+    crate::context::dockerignore::IgnoreError
+);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
     #[error("no image {0} in the store (see `memobuild images`)")]
     NoSuchImage(String),
-    #[error("{0}")]
-    Reference(String),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
     #[error(transparent)]
     Registry(Box<RegistryError>),
     #[error("store: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
+    #[error("store: {0}")]
+    Image(#[from] ImageError),
+    #[error("push task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// How an export or a push sends an image: its layers' compression (`force`: also converting
@@ -192,6 +278,31 @@ pub fn image_as(
     })
 }
 
+/// Refuses a build whose COPY/ADD sources hold a path its caller could not read. Checked
+/// before any cache look-up: a result cached by a build of someone who could read it is
+/// never handed to someone who could not. Blocking.
+fn caller_may_read(
+    caller: &crate::caller::Caller,
+    context: &std::path::Path,
+    tree: &crate::context::FileTree,
+    sources: &[SourceSet],
+) -> Result<(), BuildError> {
+    use crate::context::{IgnoreRules, SourcePattern};
+    let check = crate::caller::ReadCheck::new(caller, context);
+    for (patterns, excludes) in sources {
+        // The hub compiled these already: a bad one failed the snapshot.
+        let compiled: Vec<SourcePattern> = patterns
+            .iter()
+            .filter_map(|p| SourcePattern::new(p).ok())
+            .collect();
+        let rules = IgnoreRules::parse(&excludes.join("\n"), "--exclude").unwrap_or_default();
+        for path in tree.read_paths(&compiled, &rules) {
+            check.check(&context.join(path))?;
+        }
+    }
+    Ok(())
+}
+
 /// `app` → `app:latest`, as Docker names images.
 pub fn normalize_tag(name: &str) -> String {
     let last = name.rsplit('/').next().unwrap_or(name);
@@ -223,6 +334,8 @@ pub struct BuildSpec {
     pub pull: bool,
     pub network: Network,
     pub source_date_epoch: Option<i64>,
+    /// Whom the build reads the context for; `None`: the daemon's own user or root.
+    pub caller: Option<crate::caller::Caller>,
 }
 
 /// A finished build: the image in the store, and what it took. Its lease keeps the image
@@ -274,7 +387,7 @@ pub struct Engine {
     misses: AtomicU64,
     snapshotter: Arc<dyn Snapshotter>,
     /// `Err(why)` when this daemon cannot run containers.
-    executor: Result<Arc<dyn Executor>, String>,
+    executor: Result<Arc<dyn Executor>, Arc<ExecError>>,
     registry: Registry,
     hub: Arc<Hub>,
     platform: Platform,
@@ -311,7 +424,7 @@ pub struct EngineParts {
     pub layout: Layout,
     pub store: Store,
     pub snapshotter: Arc<dyn Snapshotter>,
-    pub executor: Result<Arc<dyn Executor>, String>,
+    pub executor: Result<Arc<dyn Executor>, Arc<ExecError>>,
     pub registry: Registry,
     pub hub: Arc<Hub>,
     pub options: EngineOptions,
@@ -355,8 +468,7 @@ impl Engine {
         progress: &(dyn Fn(crate::registry::PushEvent) + Send + Sync),
     ) -> Result<crate::registry::PushReport, PushError> {
         let stored = normalize_tag(name);
-        let target = Reference::parse(destination.unwrap_or(&stored))
-            .map_err(|e| PushError::Reference(e.to_string()))?;
+        let target = Reference::parse(destination.unwrap_or(&stored))?;
         // The push holds what it uploads: an `rmi` and a GC meanwhile take nothing from it.
         let lease = self.store.lease();
         // The image as pushed: its layers compressed (once per layer and form, then kept).
@@ -364,19 +476,17 @@ impl Engine {
             let (store, lease) = (self.store.clone(), lease.clone());
             blocking(move || {
                 let record = store
-                    .images()
-                    .map_err(|e| PushError::Store(e.to_string()))?
+                    .images()?
                     .into_iter()
                     .find(|image| image.name == stored)
                     .ok_or_else(|| PushError::NoSuchImage(stored.clone()))?;
-                let parts = ImageParts::read(&lease.cas(), &record.manifest)
-                    .map_err(|e| PushError::Store(e.to_string()))?;
+                let parts = ImageParts::read(&lease.cas(), &record.manifest)?;
                 let form = ImageForm {
                     compression,
                     force: false,
                     media: MediaTypes::Oci,
                 };
-                image_as(&lease, &parts, &form).map_err(|e| PushError::Store(e.to_string()))
+                Ok::<_, PushError>(image_as(&lease, &parts, &form)?)
             })
             .await?
         };
@@ -385,7 +495,7 @@ impl Engine {
             let digest = image.manifest.digest.clone();
             blocking(move || lease.cas().read(&digest))
                 .await
-                .map_err(|e| PushError::Store(e.to_string()))?
+                .map_err(StoreError::from)?
         };
         let mount_from = self
             .known_repos
@@ -568,10 +678,7 @@ impl Engine {
             reference: image.to_owned(),
             source: Box::new(source),
         };
-        let reference = Reference::parse(image).map_err(|err| BuildError::Step {
-            step: format!("FROM {image}"),
-            message: err.to_string(),
-        })?;
+        let reference = Reference::parse(image).map_err(|err| registry_err(err.into()))?;
         let platform = self.platform.to_string();
         let full = reference.to_string();
         // A digest pins the image; a tag resolved less than a TTL ago is trusted as is, so a
@@ -582,9 +689,7 @@ impl Engine {
             None => {
                 let (store, full, platform) = (self.store.clone(), full.clone(), platform.clone());
                 let ttl = self.options.resolve_ttl;
-                blocking(move || store.resolution(&full, &platform, ttl))
-                    .await
-                    .map_err(|e| BuildError::Store(e.to_string()))?
+                blocking(move || store.resolution(&full, &platform, ttl)).await?
             }
         };
         let present = match &remembered {
@@ -603,9 +708,7 @@ impl Engine {
                     .await
                     .map_err(registry_err)?;
                 let (store, digest) = (self.store.clone(), resolved.manifest_digest.clone());
-                blocking(move || store.remember_resolution(&full, &platform, &digest))
-                    .await
-                    .map_err(|e| BuildError::Store(e.to_string()))?;
+                blocking(move || store.remember_resolution(&full, &platform, &digest)).await?;
                 reference.with_digest(resolved.manifest_digest)
             }
         };
@@ -613,7 +716,7 @@ impl Engine {
         let manifest_digest = pinned
             .digest()
             .cloned()
-            .ok_or_else(|| BuildError::Store("a pinned reference has a digest".into()))?;
+            .ok_or(BuildError::Invariant("a pinned reference has a digest"))?;
         let read_local = || {
             let (cas, digest) = (lease.cas(), manifest_digest.clone());
             blocking(move || keys::BaseImage::from_cas(&cas, &digest))
@@ -633,9 +736,7 @@ impl Engine {
         };
         // A base image is a GC root of its own (LRU), so an offline rebuild finds it.
         let (held, layers) = (lease.clone(), base.state.layers.clone());
-        blocking(move || held.use_base(&manifest_digest, &layers))
-            .await
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+        blocking(move || held.use_base(&manifest_digest, &layers)).await?;
         Ok(base)
     }
 
@@ -660,13 +761,18 @@ impl Engine {
             return Ok(None);
         }
         let hub = Arc::clone(&self.hub);
-        let context = spec.context.clone();
-        let dockerfile = spec.dockerfile.clone();
-        let snapshot =
-            tokio::task::spawn_blocking(move || hub.snapshot(&context, &dockerfile, &sources))
-                .await
-                .map_err(|e| BuildError::Store(e.to_string()))?
+        let (context, dockerfile) = (spec.context.clone(), spec.dockerfile.clone());
+        let caller = spec.caller.clone();
+        let snapshot = blocking(move || {
+            let snapshot = hub
+                .snapshot(&context, &dockerfile, &sources)
                 .map_err(|source| BuildError::Context(Box::new(source)))?;
+            if let Some(caller) = &caller {
+                caller_may_read(caller, &context, &snapshot.tree, &sources)?;
+            }
+            Ok::<_, BuildError>(snapshot)
+        })
+        .await?;
         let fingerprints = nodes
             .into_iter()
             .zip(snapshot.fingerprints.iter().copied())
@@ -717,12 +823,10 @@ impl Engine {
                 history.created = config.created.clone();
             }
         }
-        let store = |e: crate::store::CasError| BuildError::Store(e.to_string());
-        let config_blob = cas.put(&config.to_json()).map_err(store)?;
+        let config_blob = cas.put(&config.to_json())?;
         let media = MediaTypes::Oci;
         let manifest = cas
-            .put(&manifest_json(media, &config_blob, &state.layers))
-            .map_err(store)?;
+            .put(&manifest_json(media, &config_blob, &state.layers))?;
         let parts = ImageParts {
             manifest,
             config: config_blob,

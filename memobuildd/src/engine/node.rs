@@ -22,7 +22,8 @@ use super::keys::{self, BaseImage, ExecContext, Input, KeyInputs};
 use super::state::{self, DEFAULT_PATH, State};
 use super::user;
 use super::view::RootView;
-use super::{BuildError, BuildSpec, Engine, Progress, Reporter};
+use super::{BuildError, BuildSpec, Engine, Progress, Reporter, StepError};
+use crate::caller::ReadCheck;
 use crate::context::{Hash, IgnoreRules};
 use crate::exec::{LogStream, Network, RunRequest};
 use crate::frontend::{Command, FileCopy, InstructionKind, Run};
@@ -314,7 +315,7 @@ impl BuildRun {
         for other in keys::other_inputs(&self.graph, node) {
             if self.graph.node(other).kind == NodeKind::ContextSource {
                 let id = self.fingerprints.get(&other).copied().ok_or_else(|| {
-                    BuildError::Store("a context source without a fingerprint".into())
+                    BuildError::Invariant("a context source without a fingerprint")
                 })?;
                 ids.push(Input {
                     id,
@@ -377,11 +378,11 @@ impl BuildRun {
             let view = RootView::new(run.lower_dirs(&from)?);
             copy::source_id(&sources, &view).map_err(|err| BuildError::Step {
                 step: label,
-                message: err.to_string(),
+                source: Box::new(err.into()),
             })
         })
         .await
-        .map_err(store)??;
+        .map_err(BuildError::Task)??;
         self.engine.derived.insert(memo, id);
         Ok(id)
     }
@@ -399,7 +400,7 @@ impl BuildRun {
         let step = spec
             .step
             .clone()
-            .ok_or_else(|| BuildError::Store("a step without an instruction".into()))?;
+            .ok_or(BuildError::Invariant("a step without an instruction"))?;
         let cached = if self.spec.no_cache {
             None
         } else {
@@ -538,19 +539,20 @@ impl BuildRun {
                     run.copy_step(node, spec, is_add, &parent, origin, &work)
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
-                other => Err(BuildError::Store(format!(
-                    "{} is not a filesystem step",
-                    other.keyword()
-                ))),
+                _ => Err(BuildError::Invariant("a metadata step executed as a filesystem step")),
             };
             let result = outcome.map_err(|err| match err {
-                BuildError::Store(message) => BuildError::Step {
+                BuildError::Failed(source) => BuildError::Step {
                     step: label,
-                    message,
+                    source,
                 },
                 BuildError::Full(detail) => BuildError::OutOfSpace {
                     step: label,
-                    source: Box::new(run.engine.store.out_of_space(free_before, detail)),
+                    source: Box::new(
+                        run.engine
+                            .store
+                            .out_of_space(free_before, detail.to_string()),
+                    ),
                 },
                 other => other,
             })?;
@@ -559,7 +561,7 @@ impl BuildRun {
             Ok(result)
         })
         .await
-        .map_err(store)?
+        .map_err(BuildError::Task)?
     }
 
     fn layer_options(&self) -> LayerOptions<'static> {
@@ -590,7 +592,7 @@ impl BuildRun {
             .engine
             .executor
             .as_ref()
-            .map_err(|why| BuildError::NoRuntime(why.clone()))?
+            .map_err(|why| BuildError::NoRuntime(Arc::clone(why)))?
             .clone();
         let spec = self.graph.node(node);
         let lowers = self.lower_dirs(parent)?;
@@ -652,7 +654,7 @@ impl BuildRun {
             .run(&request, &mut logs, work.cancel_flag())
             .map_err(|e| match e {
                 crate::exec::ExecError::Cancelled => BuildError::Cancelled,
-                other => BuildError::Store(other.to_string()),
+                other => store(other),
             })?;
         let upper = active.unmount().map_err(store)?;
         if code != 0 {
@@ -687,18 +689,14 @@ impl BuildRun {
             .map(|spec| user::chown(spec, &parent_view))
             .transpose()
             .map_err(store)?;
-        let chmod =
-            match copy.chmod.as_deref() {
-                Some(text) => Some(u32::from_str_radix(text, 8).map_err(|_| {
-                    BuildError::Store(format!("--chmod={text} is not an octal mode"))
-                })?),
-                None => None,
-            };
-        if !is_add && copy.sources.iter().any(|s| s.contains("://")) {
-            return Err(BuildError::Store(
-                "COPY can not fetch a URL; use ADD".into(),
-            ));
-        }
+        // The planner refused a --chmod that is not octal, at its Dockerfile line.
+        let chmod = match copy.chmod.as_deref() {
+            Some(text) => Some(
+                u32::from_str_radix(text, 8)
+                    .map_err(|_| BuildError::Invariant("--chmod checked by the planner"))?,
+            ),
+            None => None,
+        };
         let spec = CopySpec {
             sources: copy.sources.clone(),
             dest: copy.dest.clone(),
@@ -709,11 +707,13 @@ impl BuildRun {
         let excludes = IgnoreRules::parse(&copy.exclude.join("\n"), "--exclude").map_err(store)?;
         // ADD: archives are extracted and URLs downloaded (engine::add); it has no --from.
         if is_add {
-            let tree = tree.ok_or_else(|| BuildError::Store("no build context for ADD".into()))?;
+            let tree = tree.ok_or(BuildError::Invariant("an ADD without a build context"))?;
+            let readable = self.readable();
             let context = add::Context {
                 dir: &self.spec.context,
                 tree,
                 excludes: &excludes,
+                readable: readable.as_ref(),
             };
             return self.new_layer("add-", |staging| {
                 let checksum = copy.checksum.as_deref();
@@ -740,6 +740,7 @@ impl BuildRun {
             spec
         };
         let mut plans = Vec::new();
+        let readable = self.readable();
         if !copy.sources.is_empty() || copy.heredocs.is_empty() {
             let from_view;
             let source = match (from, tree) {
@@ -751,8 +752,9 @@ impl BuildRun {
                     dir: &self.spec.context,
                     tree,
                     excludes: &excludes,
+                    readable: readable.as_ref(),
                 },
-                (None, None) => return Err(BuildError::Store("no source for COPY".into())),
+                (None, None) => return Err(BuildError::Invariant("a COPY without a source")),
             };
             plans.push(copy::plan(&spec, source, &parent_view).map_err(store)?);
         }
@@ -763,9 +765,16 @@ impl BuildRun {
             let cleanup = RemoveOnDrop(dir.clone());
             for doc in &copy.heredocs {
                 let file = dir.join(&doc.name);
-                std::fs::write(&file, &doc.body).map_err(store)?;
+                let writing = |source| {
+                    store(StepError::Io {
+                        what: "writing heredoc",
+                        path: file.clone(),
+                        source,
+                    })
+                };
+                std::fs::write(&file, &doc.body).map_err(writing)?;
                 std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
-                    .map_err(store)?;
+                    .map_err(writing)?;
             }
             let docs_spec = CopySpec {
                 sources: copy.heredocs.iter().map(|d| d.name.clone()).collect(),
@@ -792,6 +801,12 @@ impl BuildRun {
         })
     }
 
+    /// What this build's caller may read of its context (nothing to check for root).
+    fn readable(&self) -> Option<ReadCheck<'_>> {
+        let caller = self.spec.caller.as_ref()?;
+        Some(ReadCheck::new(caller, &self.spec.context))
+    }
+
     /// A large COPY as one layer per chunk. Each chunk has its own key — the step's key
     /// without its sources, and the chunk's own files — so after an edit every other chunk
     /// is a cache hit and only the edited one is copied, tarred and compressed again.
@@ -810,7 +825,7 @@ impl BuildRun {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&node)
             .map(KeyInputs::key_without_context)
-            .ok_or_else(|| BuildError::Store("a chunked COPY without a key".into()))?;
+            .ok_or(BuildError::Invariant("a chunked COPY without a key"))?;
         let keyed: Vec<(Hash, &copy::Chunk)> = chunks
             .iter()
             .map(|chunk| {
@@ -983,12 +998,8 @@ fn remove_mount_points(upper: &Path, absent: &[String]) {
 }
 
 /// An error of the store or of a step's writes; one that ran out of space says so.
-fn store(err: impl std::error::Error + 'static) -> BuildError {
-    if crate::store::is_out_of_space(&err) {
-        BuildError::Full(err.to_string())
-    } else {
-        BuildError::Store(err.to_string())
-    }
+fn store(err: impl Into<StepError>) -> BuildError {
+    BuildError::failed(err)
 }
 
 fn is_step(kind: NodeKind) -> bool {
@@ -998,19 +1009,6 @@ fn is_step(kind: NodeKind) -> bool {
 fn unshare(err: Arc<BuildError>) -> BuildError {
     Arc::try_unwrap(err).unwrap_or_else(|shared| match &*shared {
         BuildError::Cancelled => BuildError::Cancelled,
-        BuildError::NoRuntime(why) => BuildError::NoRuntime(why.clone()),
-        BuildError::Step { step, message } => BuildError::Step {
-            step: step.clone(),
-            message: message.clone(),
-        },
-        BuildError::RunFailed { step, code, tail } => BuildError::RunFailed {
-            step: step.clone(),
-            code: *code,
-            tail: tail.clone(),
-        },
-        other => BuildError::Step {
-            step: "build".into(),
-            message: other.to_string(),
-        },
+        _ => BuildError::Shared(shared),
     })
 }

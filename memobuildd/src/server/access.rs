@@ -4,10 +4,8 @@
 //! for sockets whose mode was loosened (a `SocketMode=` in a unit, a hand `chmod`) and for the
 //! instant between bind and chmod.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::requests::HandlerError;
 use crate::passwd::{self, Group};
 
 #[derive(Debug, Clone)]
@@ -24,37 +22,6 @@ pub(crate) struct Peer {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pub(crate) pid: Option<i32>,
-}
-
-impl Peer {
-    /// Refuses when this peer could not read `path` itself: a daemon running as root must not
-    /// read, on a user's behalf, what that user may not. Checks the path's own permission bits
-    /// against the peer's uid and primary gid; a missing path passes, for the read to report.
-    pub(crate) fn check_readable(&self, path: &Path) -> Result<(), HandlerError> {
-        if self.uid == 0 || self.uid == passwd::effective_uid() {
-            return Ok(());
-        }
-        let Ok(meta) = std::fs::metadata(path) else {
-            return Ok(());
-        };
-        let mode = meta.mode();
-        let bits = if meta.uid() == self.uid {
-            mode >> 6
-        } else if meta.gid() == self.gid {
-            mode >> 3
-        } else {
-            mode
-        } & 0o7;
-        let needed = if meta.is_dir() { 0o5 } else { 0o4 };
-        if bits & needed == needed {
-            Ok(())
-        } else {
-            Err(HandlerError::Unreadable {
-                uid: self.uid,
-                path: path.to_owned(),
-            })
-        }
-    }
 }
 
 impl AccessPolicy {

@@ -21,10 +21,11 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::access::Peer;
+use crate::caller::Caller;
 use super::requests::DockerfileText;
 use crate::engine::{
-    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter, image_as,
-    normalize_tag,
+    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter, StepError,
+    image_as, normalize_tag,
 };
 use crate::exec::{self, Network};
 use crate::image::Compression;
@@ -147,13 +148,21 @@ pub(crate) async fn serve(
     shared: &Shared,
     request: BuildRequest,
     peer: Peer,
+    caller: &Caller,
 ) -> Result<(), FrameError> {
     let (engine, hub) = (&shared.engine, &shared.hub);
     let keep_watching = shared.config.watch_built_contexts;
-    let dockerfile = match DockerfileText::read(&request.source, peer) {
+    let dockerfile = match DockerfileText::read(&request.source, caller) {
         Ok(dockerfile) => dockerfile,
         Err(err) => return write_frame(stream, &err.into_response()).await,
     };
+    if pushes(&request).any(|names| names.is_empty()) {
+        let refusal = Response::error(
+            ErrorCode::InvalidInput,
+            "--push needs a name to push to: give -t NAME (or -o type=image,name=NAME,push=true)",
+        );
+        return write_frame(stream, &refusal).await;
+    }
     let spec = BuildSpec {
         context: dockerfile.context.clone(),
         dockerfile: dockerfile.path.clone(),
@@ -167,6 +176,7 @@ pub(crate) async fn serve(
             memobuild_protocol::NetworkMode::None => Network::None,
         },
         source_date_epoch: request.source_date_epoch.map(|s| s as i64),
+        caller: (!caller.is_unrestricted()).then(|| caller.clone()),
     };
     // Every change made before this request must be in the fingerprints it uses.
     hub.sync(&dockerfile.context).await;
@@ -200,7 +210,11 @@ pub(crate) async fn serve(
             let _ = tokio::task::spawn_blocking(move || hub.mark_built(&context, &baseline)).await;
         }
         match write_outputs(engine, &built, &request, peer, stream).await {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Err(refusal) = push_outputs(engine, &request).await {
+                    return write_frame(stream, &refusal).await;
+                }
+            }
             // The store found a blob of this image damaged while writing an output, and
             // repaired it (removed it and the steps that made it): building again makes it
             // anew. Once: a second failure is not damage that a rebuild mends.
@@ -266,7 +280,7 @@ async fn stream_build(
     }
     let outcome = build
         .await
-        .unwrap_or_else(|err| Err(BuildError::Store(format!("build task failed: {err}"))));
+        .unwrap_or_else(|err| Err(BuildError::Task(err)));
     (!client_gone).then_some(outcome)
 }
 
@@ -342,12 +356,43 @@ fn code(err: &BuildError) -> ErrorCode {
     match err {
         BuildError::Dockerfile(_) | BuildError::Plan(_) => ErrorCode::InvalidInput,
         BuildError::Registry { source, .. } => registry_code(source),
-        BuildError::BaseImage { .. } | BuildError::Store(_) => ErrorCode::Internal,
+        BuildError::BaseImage { .. } | BuildError::Invariant(_) | BuildError::Task(_) => {
+            ErrorCode::Internal
+        }
         BuildError::Full(_) | BuildError::OutOfSpace { .. } => ErrorCode::ResourceExhausted,
-        BuildError::Step { .. } | BuildError::RunFailed { .. } => ErrorCode::Failed,
+        BuildError::Step { source, .. } | BuildError::Failed(source) => step_code(source),
+        BuildError::RunFailed { .. } => ErrorCode::Failed,
         BuildError::NoRuntime(_) => ErrorCode::Unavailable,
         BuildError::Context(err) => super::requests::watch_code(err),
+        BuildError::Access(_) => ErrorCode::PermissionDenied,
         BuildError::Cancelled => ErrorCode::Cancelled,
+        BuildError::Shared(err) => code(err),
+    }
+}
+
+/// A step's failure: the user's mistake, the caller's permissions, or the step itself.
+fn step_code(err: &StepError) -> ErrorCode {
+    use crate::engine::add::AddError;
+    use crate::engine::copy::CopyError;
+    match err {
+        StepError::Copy(CopyError::Access(_)) | StepError::Add(AddError::Access(_)) => {
+            ErrorCode::PermissionDenied
+        }
+        StepError::Copy(
+            CopyError::NotInContext(_)
+            | CopyError::NotInImage(_)
+            | CopyError::DanglingLink { .. }
+            | CopyError::Pattern { .. },
+        )
+        | StepError::Add(
+            AddError::UnsupportedRemote { .. }
+            | AddError::BadChecksum(_)
+            | AddError::ChecksumForLocal(_)
+            | AddError::ChecksumMismatch { .. },
+        )
+        | StepError::User(_)
+        | StepError::Ignore(_) => ErrorCode::InvalidInput,
+        _ => ErrorCode::Failed,
     }
 }
 
@@ -394,19 +439,6 @@ async fn write_outputs(
                 .collect();
             let (engine_for_tag, built_for_tag) = (Arc::clone(engine), built.clone());
             blocking(move || tag(&engine_for_tag, &built_for_tag, &names)).await?;
-            if output.push {
-                let names = request
-                    .tags
-                    .iter()
-                    .map(String::as_str)
-                    .chain(output.name.as_deref());
-                for name in names {
-                    engine
-                        .push(name, None, compression(&output), &|_| {})
-                        .await
-                        .map_err(|e| format!("pushing {name}: {e}"))?;
-                }
-            }
             continue;
         }
         let built_for_task = built.clone();
@@ -435,6 +467,42 @@ async fn write_outputs(
             let _ = std::fs::remove_file(&dest);
         } else {
             give_to(&dest, peer);
+        }
+    }
+    Ok(())
+}
+
+/// The pushes a build request asks for (`--push`, `type=image,push=true`): for each, the
+/// names it pushes and the layer compression.
+fn pushes(request: &BuildRequest) -> impl Iterator<Item = Vec<String>> + '_ {
+    let default = request.outputs.is_empty() && request.push;
+    let asked = request
+        .outputs
+        .iter()
+        .filter(|o| o.kind == OutputKind::Image && o.push)
+        .map(|o| o.name.clone());
+    default.then_some(None).into_iter().chain(asked).map(|name| {
+        request.tags.iter().cloned().chain(name).collect()
+    })
+}
+
+/// Pushes what the request asks to push, once the image is tagged. A failure answers with
+/// its own kind: an auth failure is a permission error, an unknown registry unavailable.
+async fn push_outputs(engine: &Arc<Engine>, request: &BuildRequest) -> Result<(), Response> {
+    let compressions = request
+        .outputs
+        .iter()
+        .filter(|o| o.kind == OutputKind::Image && o.push)
+        .map(compression)
+        .chain(std::iter::repeat(Compression::Gzip));
+    for (names, compression) in pushes(request).zip(compressions) {
+        for name in names {
+            if let Err(err) = engine.push(&name, None, compression, &|_| {}).await {
+                return Err(Response::error(
+                    push_code(&err),
+                    format!("pushing {name}: {err}"),
+                ));
+            }
         }
     }
     Ok(())
@@ -625,7 +693,7 @@ pub(crate) async fn push(
     }
     let pushed = task
         .await
-        .unwrap_or_else(|err| Err(PushError::Store(format!("push task failed: {err}"))));
+        .unwrap_or_else(|err| Err(PushError::Task(err)));
     let reply = match pushed {
         Ok(report) => Response::Pushed(memobuild_protocol::PushReport {
             reference: request
@@ -665,7 +733,7 @@ fn push_code(err: &PushError) -> ErrorCode {
         PushError::NoSuchImage(_) => ErrorCode::NotFound,
         PushError::Reference(_) => ErrorCode::InvalidInput,
         PushError::Registry(source) => registry_code(source),
-        PushError::Store(_) => ErrorCode::Internal,
+        PushError::Store(_) | PushError::Image(_) | PushError::Task(_) => ErrorCode::Internal,
     }
 }
 

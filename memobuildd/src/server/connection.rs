@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
 use super::access::Peer;
+use crate::caller::{Caller, peer_groups};
 use super::requests::{self, HandlerError};
 use super::{build, gc};
 
@@ -34,6 +35,11 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
             return;
         }
     };
+    let caller = Caller {
+        uid: peer.uid,
+        gid: peer.gid,
+        groups: peer_groups(std::os::fd::AsFd::as_fd(&stream)),
+    };
     let span = info_span!("connection", id, uid = peer.uid, pid = peer.pid);
     shared.connections_total.fetch_add(1, Ordering::Relaxed);
     shared.connections_active.fetch_add(1, Ordering::Relaxed);
@@ -41,6 +47,7 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
         stream,
         shared: Arc::clone(&shared),
         peer,
+        caller,
     }
     .run()
     .instrument(span)
@@ -56,6 +63,8 @@ struct Connection {
     stream: UnixStream,
     shared: Arc<Shared>,
     peer: Peer,
+    /// Who the daemon reads for on this connection.
+    caller: Caller,
 }
 
 /// What to do with the connection after a request.
@@ -170,7 +179,8 @@ impl Connection {
                 return Ok(Next::HoldUntilExit);
             }
             Request::Build(request) => {
-                build::serve(&mut self.stream, &self.shared, request, self.peer).await?;
+                build::serve(&mut self.stream, &self.shared, request, self.peer, &self.caller)
+                    .await?;
                 return Ok(Next::Continue);
             }
             Request::Images => build::images(&self.shared.engine).await,
@@ -181,16 +191,18 @@ impl Connection {
                 return Ok(Next::Continue);
             }
             Request::RemoveImage(name) => build::remove_image(&self.shared.engine, &name).await,
-            Request::Graph(request) => respond(requests::graph(&request, self.peer)),
+            Request::Graph(request) => respond(requests::graph(&request, &self.caller)),
             Request::Watch(request) => {
-                respond(requests::watch(&self.shared.hub, request, self.peer).await)
+                respond(requests::watch(&self.shared.hub, request, &self.caller).await)
             }
             Request::Unwatch(request) => {
                 respond(requests::unwatch(&self.shared.hub, request).await)
             }
-            Request::Notify(request) => respond(requests::notify(&self.shared.hub, request).await),
+            Request::Notify(request) => {
+                respond(requests::notify(&self.shared.hub, request, &self.caller).await)
+            }
             Request::DumpDockerfile(request) => {
-                respond(requests::dump_dockerfile(&request, self.peer))
+                respond(requests::dump_dockerfile(&request, &self.caller))
             }
         };
         write_frame(&mut self.stream, &reply).await?;

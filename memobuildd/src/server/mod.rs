@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions, EngineParts};
-use crate::exec::{Executor, Runc};
+use crate::exec::{ExecError, Executor, Runc};
 use crate::layout::Layout;
 use crate::passwd;
 use crate::registry::{Registry, RegistryOptions};
@@ -67,8 +67,14 @@ pub enum ServerError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Watch(#[from] WatchError),
-    #[error("opening the build store under {root}: {message}")]
-    Store { root: PathBuf, message: String },
+    #[error("opening the build store under {root}: {source}")]
+    Store {
+        root: PathBuf,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    #[error("setting up the registry client: {0}")]
+    Registry(#[source] crate::registry::RegistryError),
 }
 
 /// State every connection sees.
@@ -234,10 +240,6 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 }
 
 fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine, ServerError> {
-    let store = |message: String| ServerError::Store {
-        root: layout.root().to_owned(),
-        message,
-    };
     let opened = Store::open(
         layout,
         StoreOptions {
@@ -246,13 +248,16 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
             ..StoreOptions::default()
         },
     )
-    .map_err(|e| store(e.to_string()))?;
-    let executor: Result<Arc<dyn Executor>, String> = if passwd::effective_uid() != 0 {
-        Err("root (overlay mounts and the OCI runtime need it): run memobuildd as root".into())
+    .map_err(|source| ServerError::Store {
+        root: layout.root().to_owned(),
+        source,
+    })?;
+    let executor: Result<Arc<dyn Executor>, Arc<ExecError>> = if passwd::effective_uid() != 0 {
+        Err(Arc::new(ExecError::NotRoot))
     } else {
         Runc::find(layout.run_dir().join("runc"))
             .map(|runc| Arc::new(runc) as Arc<dyn Executor>)
-            .map_err(|e| e.to_string())
+            .map_err(Arc::new)
     };
     if let Err(why) = &executor {
         warn!(%why, "RUN steps are unavailable");
@@ -262,7 +267,7 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
         extra_ca: config.registry_ca_file.clone(),
         docker_config: None,
     })
-    .map_err(|e| store(e.to_string()))?;
+    .map_err(ServerError::Registry)?;
     Ok(Engine::new(EngineParts {
         layout: layout.clone(),
         snapshotter: Arc::new(Overlay::new(opened.layers_dir())),

@@ -100,6 +100,7 @@ impl Fixture {
             dir: &ctx,
             tree: &self.tree,
             excludes: &excludes,
+            readable: None,
         };
         stage(&spec, checksum, context, &self.parent, &staging, false)?;
         let leftovers: Vec<_> = std::fs::read_dir(scratch.path())
@@ -135,6 +136,7 @@ fn chown_owns_the_destination_but_not_what_the_archive_holds() {
         dir: &ctx,
         tree: &fx.tree,
         excludes: &excludes,
+        readable: None,
     };
     stage(&spec, None, context, &fx.parent, &staging, true).expect("add");
     let owner = |rel: &str| {
