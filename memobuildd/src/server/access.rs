@@ -38,13 +38,14 @@ impl AccessPolicy {
         self.group.as_ref()
     }
 
-    /// `Err` carries the message the refused peer is sent.
-    pub(crate) fn check(&self, peer: Peer) -> Result<(), String> {
+    /// `Err` carries the message the refused peer is sent. `groups`: the peer's
+    /// supplementary groups as the kernel reported them.
+    pub(crate) fn check(&self, peer: Peer, groups: &[u32]) -> Result<(), String> {
         if peer.uid == 0 || peer.uid == self.daemon_uid {
             return Ok(());
         }
         if let Some(group) = &self.group
-            && self.is_member(peer, group)
+            && (groups.contains(&group.gid) || self.is_member(peer, group))
         {
             return Ok(());
         }
@@ -110,9 +111,9 @@ mod tests {
     #[test]
     fn owner_and_root_only_without_group() {
         let (_dir, policy) = policy_with_files(None);
-        assert!(policy.check(peer(1000, 1000)).is_ok());
-        assert!(policy.check(peer(0, 0)).is_ok());
-        let refusal = policy.check(peer(1001, 1001)).expect_err("stranger");
+        assert!(policy.check(peer(1000, 1000), &[]).is_ok());
+        assert!(policy.check(peer(0, 0), &[]).is_ok());
+        let refusal = policy.check(peer(1001, 1001), &[]).expect_err("stranger");
         assert!(refusal.contains("uid 1001"), "{refusal}");
     }
 
@@ -124,10 +125,14 @@ mod tests {
             members: vec![],
         };
         let (_dir, policy) = policy_with_files(Some(builders));
-        assert!(policy.check(peer(1001, 1001)).is_ok(), "listed member");
-        assert!(policy.check(peer(1003, 1003)).is_ok(), "primary group");
-        assert!(policy.check(peer(4242, 77)).is_ok(), "running with the gid");
-        let refusal = policy.check(peer(1002, 1002)).expect_err("not a member");
+        assert!(policy.check(peer(1001, 1001), &[]).is_ok(), "listed member");
+        assert!(policy.check(peer(1003, 1003), &[]).is_ok(), "primary group");
+        assert!(policy.check(peer(4242, 77), &[]).is_ok(), "running with the gid");
+        assert!(
+            policy.check(peer(4242, 4242), &[5, 77]).is_ok(),
+            "a supplementary group of the process"
+        );
+        let refusal = policy.check(peer(1002, 1002), &[]).expect_err("not a member");
         assert!(refusal.contains("group builders"), "{refusal}");
     }
 }

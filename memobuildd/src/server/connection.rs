@@ -135,7 +135,7 @@ impl Connection {
             .await;
             return false;
         }
-        if let Err(message) = self.shared.access.check(self.peer) {
+        if let Err(message) = self.shared.access.check(self.peer, &self.caller.groups) {
             warn!(uid = self.peer.uid, "refused by the socket access rule");
             self.refuse(ErrorCode::PermissionDenied, message).await;
             return false;
