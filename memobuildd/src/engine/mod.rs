@@ -408,6 +408,50 @@ pub struct Engine {
     /// Repositories this daemon pulled from or pushed to, by registry: candidates for
     /// cross-repository blob mounts, so a shared base layer is not uploaded again.
     known_repos: Mutex<HashMap<String, Vec<String>>>,
+    activity: Activity,
+}
+
+/// What the engine is doing, so that a shutdown can stop all of it and wait for its end.
+#[derive(Debug)]
+struct Activity {
+    /// Set by [`Engine::stop_builds`]: a build starting from then on is cancelled at once.
+    stopping: AtomicBool,
+    /// The cancel flags of the builds running now.
+    builds: Mutex<Vec<std::sync::Weak<AtomicBool>>>,
+    /// Builds and shared steps that have not ended (their blocking work included).
+    busy: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts as busy while it lives.
+struct Busy(tokio::sync::watch::Sender<usize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Activity {
+    fn busy(&self) -> Busy {
+        self.busy.send_modify(|n| *n += 1);
+        Busy(self.busy.clone())
+    }
+
+    /// A build starts: it is listed for [`Engine::stop_builds`] (and cancelled right away
+    /// if that already happened).
+    fn build(&self, cancel: &Arc<AtomicBool>) -> Busy {
+        let busy = self.busy();
+        let mut builds = self
+            .builds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        builds.retain(|flag| flag.strong_count() > 0);
+        builds.push(Arc::downgrade(cancel));
+        if self.stopping.load(Ordering::SeqCst) {
+            cancel.store(true, Ordering::SeqCst);
+        }
+        busy
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -452,7 +496,33 @@ impl Engine {
             run_ids: AtomicU64::new(0),
             as_root: crate::passwd::effective_uid() == 0,
             known_repos: Mutex::new(HashMap::new()),
+            activity: Activity {
+                stopping: AtomicBool::new(false),
+                builds: Mutex::new(Vec::new()),
+                busy: tokio::sync::watch::Sender::new(0),
+            },
         }
+    }
+
+    /// Cancels every running build, and every build that starts from now on: their
+    /// containers are killed, mounts and scratch directories removed. [`Engine::idle`] says
+    /// when that is done.
+    pub fn stop_builds(&self) {
+        self.activity.stopping.store(true, Ordering::SeqCst);
+        let builds = self
+            .activity
+            .builds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for flag in builds.iter().filter_map(std::sync::Weak::upgrade) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until no build and no shared step is running, blocking work included.
+    pub async fn idle(&self) {
+        let mut busy = self.activity.busy.subscribe();
+        let _ = busy.wait_for(|n| *n == 0).await;
     }
 
     pub fn store(&self) -> &Store {
@@ -570,6 +640,7 @@ impl Engine {
         cancel: Arc<AtomicBool>,
     ) -> Result<Built, BuildError> {
         let started = Instant::now();
+        let _busy = self.activity.build(&cancel);
         // Everything this build uses or makes is held until its outputs are written.
         let lease = self.store.lease();
         let dockerfile = frontend::parse(

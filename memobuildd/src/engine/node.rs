@@ -430,9 +430,15 @@ impl BuildRun {
                         Arc::clone(&self.reporter),
                         id,
                         &self.cancel,
-                        move |work| async move {
-                            run.execute(node, key, step, parent_for_step, from, work)
-                                .await
+                        move |work| {
+                            // The work outlives the build that started it: it is the
+                            // engine's activity until it ends.
+                            let busy = run.engine.activity.busy();
+                            async move {
+                                let _busy = busy;
+                                run.execute(node, key, step, parent_for_step, from, work)
+                                    .await
+                            }
                         },
                     )
                     .await;

@@ -77,6 +77,9 @@ pub enum ServerError {
     Registry(#[source] crate::registry::RegistryError),
 }
 
+/// How long a shutdown waits for cancelled builds before it says so in the log (it waits on).
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// State every connection sees.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -220,6 +223,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     {
         warn!(socket = %path.display(), %err, "could not remove socket");
     }
+    // Builds stop now (containers killed, mounts removed); other requests get the grace
+    // period to finish.
+    shared.engine.stop_builds();
     let grace = shared.config.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
@@ -231,6 +237,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             "in-flight requests did not finish within {grace:?}; cancelling them"
         );
         connections.shutdown().await;
+    }
+    // The root is not released while a step of this daemon still has a container or a
+    // mount in it: a daemon started next on it would take them for a dead one's.
+    if tokio::time::timeout(STOP_WAIT, shared.engine.idle())
+        .await
+        .is_err()
+    {
+        warn!("builds still stopping after {STOP_WAIT:?}; waiting for them");
+        shared.engine.idle().await;
     }
     drop(root_lock);
     info!("stopped");

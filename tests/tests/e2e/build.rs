@@ -454,6 +454,49 @@ fn a_daemon_killed_mid_build_recovers_at_its_next_start() {
     assert!(listing.contains_key("again"));
 }
 
+#[test]
+fn sigterm_mid_run_stops_the_step_and_releases_a_clean_root() {
+    if !privileged("sigterm_mid_run_stops_the_step_and_releases_a_clean_root") {
+        return;
+    }
+    let mut bench = Bench::start();
+    let ctx = bench.context("term", &[("Dockerfile", SLOW)]);
+    let mut client = bench
+        .daemon
+        .client()
+        .args(["build", "--progress", "plain"])
+        .arg(&ctx)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start build");
+    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    let signalled = Instant::now();
+    let status = bench.daemon.terminate();
+    let stopped_in = signalled.elapsed();
+    assert!(status.success(), "{status:?}\n{}", tail(&bench.daemon.log_text()));
+    // Well before the step's 30 s: the container was killed, not waited for.
+    assert!(stopped_in < Duration::from_secs(12), "stopped in {stopped_in:?}");
+    // Looked at once the daemon is gone, not after a wait: it cleaned up before it exited.
+    let left = leftovers(&bench.daemon.root);
+    assert!(
+        left.is_empty(),
+        "left behind: {left:?}\n{}",
+        tail(&bench.daemon.log_text())
+    );
+    let client_status = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
+    assert!(!client_status.success());
+    let before = bench.daemon.log_text().len();
+    bench.daemon.launch(|_| {}).expect("a second daemon on the root");
+    let second = bench.daemon.log_text()[before..].to_owned();
+    assert!(
+        !second.contains("previous daemon left"),
+        "the second daemon found remains: {second}"
+    );
+    let quick = bench.context("after-term", &[("Dockerfile", "FROM BASE\nRUN echo ok > /ok\n")]);
+    assert!(bench.rootfs_tar(&quick, &[]).contains_key("ok"));
+}
+
 /// Reads `stream` until a line contains `needle` (bounded), then keeps draining it.
 fn wait_for_line(stream: impl Read + Send + 'static, needle: &str) {
     use std::io::BufRead;
