@@ -20,11 +20,12 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use super::Shared;
+use super::events::{self, Events};
 use super::access::Peer;
 use crate::caller::Caller;
 use super::requests::DockerfileText;
 use crate::engine::{
-    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter, StepError,
+    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, StepError,
     image_as, normalize_tag,
 };
 use crate::exec::{self, Network};
@@ -40,15 +41,6 @@ use crate::store::{ImageRecord, Store, blocking};
 
 /// Largest output chunk streamed to the client (`dest=-`).
 const CHUNK: usize = 1 << 20;
-
-struct ChannelReporter(mpsc::UnboundedSender<Progress>);
-
-impl Reporter for ChannelReporter {
-    fn report(&self, event: Progress) {
-        // The receiver outlives the build unless the connection died; then nobody cares.
-        let _ = self.0.send(event);
-    }
-}
 
 /// The builds in progress, as `status` lists them.
 #[derive(Debug, Default)]
@@ -190,7 +182,8 @@ pub(crate) async fn serve(
         }
         let Some(outcome) = outcome else {
             tokio::task::spawn_blocking(release_freed_memory);
-            return Ok(());
+            // Gone or stalled mid-frame: nothing more can be said on this connection.
+            return Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         };
         let built = match outcome {
             Ok(built) => built,
@@ -231,36 +224,47 @@ pub(crate) async fn serve(
 }
 
 /// Runs one build, streaming its events (and listing it in `status` while it runs); `None`
-/// when the client went away (the build was cancelled).
+/// when the client went away or stopped reading (the build was cancelled).
 async fn stream_build(
     stream: &mut UnixStream,
     shared: &Shared,
     dockerfile: &DockerfileText,
     spec: BuildSpec,
 ) -> Option<Result<Built, BuildError>> {
-    let (events, mut received) = mpsc::unbounded_channel();
+    let (sender, events) = Events::new(events::LOG_BYTES);
     let cancel = Arc::new(AtomicBool::new(false));
     let listed = shared.builds.start(&dockerfile.context, &dockerfile.path);
     let build = tokio::spawn({
         let engine = Arc::clone(&shared.engine);
         let cancel = Arc::clone(&cancel);
-        async move {
-            engine
-                .build(spec, Arc::new(ChannelReporter(events)), cancel)
-                .await
-        }
+        async move { engine.build(spec, Arc::new(sender), cancel).await }
     });
 
+    let stall = shared.config.client_stall;
     let (mut reader, mut writer) = stream.split();
     let mut client_gone = false;
     let mut probe = [0u8; 1];
     loop {
         tokio::select! {
-            event = received.recv() => match event {
+            event = events.next() => match event {
                 Some(event) => {
                     shared.builds.observe(listed.id, &event);
-                    if !client_gone && write_frame(&mut writer, &Response::Event(event_frame(event))).await.is_err() {
-                        client_gone = true;
+                    if client_gone {
+                        continue;
+                    }
+                    let frame = Response::Event(event_frame(event));
+                    match tokio::time::timeout(stall, write_frame(&mut writer, &frame)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => client_gone = true,
+                        Err(_) => {
+                            tracing::warn!(
+                                "the client read none of its build's events for {stall:?}; \
+                                 disconnecting it and cancelling its build"
+                            );
+                            client_gone = true;
+                        }
+                    }
+                    if client_gone {
                         cancel.store(true, Ordering::Relaxed);
                     }
                 }

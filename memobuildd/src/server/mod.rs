@@ -11,6 +11,7 @@
 mod access;
 mod build;
 mod connection;
+mod events;
 mod gc;
 mod listener;
 mod requests;
@@ -94,6 +95,8 @@ pub(crate) struct Shared {
     hub: Arc<Hub>,
     engine: Arc<Engine>,
     builds: build::RunningBuilds,
+    /// Request bytes being received now, over all connections (`connection::RECEIVING_BYTES`).
+    receiving: tokio::sync::Semaphore,
     /// Connections that asked for the shutdown: kept open until the process exits, so their
     /// end of the socket closing means "the daemon is gone and its root is free".
     held_until_exit: Mutex<Vec<UnixStream>>,
@@ -173,6 +176,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         hub: Arc::clone(&hub),
         engine,
         builds: build::RunningBuilds::default(),
+        receiving: tokio::sync::Semaphore::new(connection::RECEIVING_BYTES),
         held_until_exit: Mutex::new(Vec::new()),
         config,
     });

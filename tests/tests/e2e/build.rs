@@ -497,6 +497,114 @@ fn sigterm_mid_run_stops_the_step_and_releases_a_clean_root() {
     assert!(bench.rootfs_tar(&quick, &[]).contains_key("ok"));
 }
 
+/// Resident memory of a process and its peak, from /proc, in bytes.
+fn rss_and_peak(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("a /proc status field")
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// One frame, read from a blocking socket.
+fn read_reply(stream: &mut std::os::unix::net::UnixStream) -> Option<memobuild_protocol::Response> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).ok()?;
+    let mut payload = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    stream.read_exact(&mut payload).ok()?;
+    memobuild_protocol::frame::decode(&payload).ok()
+}
+
+#[test]
+fn a_client_that_never_reads_holds_no_memory_and_harms_no_other_build() {
+    if !privileged("a_client_that_never_reads_holds_no_memory_and_harms_no_other_build") {
+        return;
+    }
+    use memobuild_protocol::{
+        BuildRequest, DockerfileSource, Hello, NetworkMode, PACKAGE_VERSION, Request, frame,
+    };
+    use std::io::Write;
+    let mut bench = Bench::start();
+    let config = bench.daemon.dir.path().join("memobuildd.toml");
+    std::fs::write(&config, "client_stall_secs = 20\n").expect("config");
+    bench
+        .daemon
+        .launch(|cmd| {
+            cmd.arg("--config").arg(&config);
+        })
+        .expect("restart with a short stall timeout");
+    // 100 MB of log lines, then a marker the build never reaches if it is cancelled.
+    let flood = bench.context(
+        "flood",
+        &[(
+            "Dockerfile",
+            "FROM BASE\nRUN /bin/busybox yes 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789 | /bin/busybox head -c 100000000 && echo flood-done\n",
+        )],
+    );
+    let (_, peak_before) = rss_and_peak(bench.daemon.pid());
+    let mut raw = std::os::unix::net::UnixStream::connect(&bench.daemon.socket).expect("connect");
+    raw.write_all(&frame::encode(&Hello::current(PACKAGE_VERSION)).expect("hello"))
+        .expect("send hello");
+    assert!(read_reply(&mut raw).is_none_or(|_| true));
+    let request = Request::Build(BuildRequest {
+        source: DockerfileSource {
+            context: flood.clone(),
+            dockerfile: None,
+        },
+        tags: vec![],
+        build_args: vec![],
+        target: None,
+        no_cache: false,
+        pull: false,
+        network: NetworkMode::Host,
+        outputs: vec![],
+        push: false,
+        source_date_epoch: None,
+    });
+    raw.write_all(&frame::encode(&request).expect("build")).expect("send build");
+    let sent = Instant::now();
+    // Meanwhile another client builds, and is not held up by the one that never reads.
+    let other = bench.context(
+        "other",
+        &[("Dockerfile", "FROM BASE\nRUN echo other > /other\n")],
+    );
+    assert!(bench.rootfs_tar(&other, &[]).contains_key("other"));
+    // The stalled client is disconnected after the stall timeout, its build cancelled.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut peak = 0;
+    while !bench.daemon.log_text().contains("disconnecting it and cancelling its build") {
+        assert!(Instant::now() < deadline, "{}", tail(&bench.daemon.log_text()));
+        peak = peak.max(rss_and_peak(bench.daemon.pid()).0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, peak_after) = rss_and_peak(bench.daemon.pid());
+    eprintln!(
+        "daemon RSS: peak {} MiB before the flood, {} MiB sampled during it, peak {} MiB after; stalled client dropped after {:?}",
+        peak_before >> 20,
+        peak >> 20,
+        peak_after >> 20,
+        sent.elapsed()
+    );
+    assert!(
+        peak_after < peak_before + (64 << 20),
+        "peak RSS grew from {} MiB to {} MiB",
+        peak_before >> 20,
+        peak_after >> 20
+    );
+    // What reached the socket before it filled, then the end: the connection is closed.
+    raw.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+    assert!(!String::from_utf8_lossy(&rest).contains("flood-done"));
+    let left = wait_for_clean(&bench.daemon.root);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// Reads `stream` until a line contains `needle` (bounded), then keeps draining it.
 fn wait_for_line(stream: impl Read + Send + 'static, needle: &str) {
     use std::io::BufRead;
