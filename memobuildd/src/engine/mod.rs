@@ -409,6 +409,8 @@ pub struct Engine {
     /// cross-repository blob mounts, so a shared base layer is not uploaded again.
     known_repos: Mutex<HashMap<String, Vec<String>>>,
     activity: Activity,
+    /// What each ADD URL answered last, for the next build's conditional request.
+    urls: Mutex<HashMap<String, add::Fetched>>,
 }
 
 /// What the engine is doing, so that a shutdown can stop all of it and wait for its end.
@@ -496,6 +498,7 @@ impl Engine {
             run_ids: AtomicU64::new(0),
             as_root: crate::passwd::effective_uid() == 0,
             known_repos: Mutex::new(HashMap::new()),
+            urls: Mutex::new(HashMap::new()),
             activity: Activity {
                 stopping: AtomicBool::new(false),
                 builds: Mutex::new(Vec::new()),
@@ -694,6 +697,7 @@ impl Engine {
             context: snapshot.as_ref().map(|s| Arc::clone(&s.tree)),
             reporter,
             cancel,
+            fetched: Mutex::new(HashMap::new()),
             lease: lease.clone(),
             created: state::timestamp(None),
             cached: AtomicU64::new(0),

@@ -29,7 +29,7 @@ use crate::exec::{LogStream, Network, RunRequest};
 use crate::frontend::{Command, FileCopy, InstructionKind, Run};
 use crate::image::layer::{Layer, LayerOptions, write_layer};
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
-use crate::store::{ActionResult, LayerRecord, Lease, blocking};
+use crate::store::{ActionResult, Digest, LayerRecord, Lease, blocking};
 
 /// Mount points the runtime creates when the image lacks them and that BuildKit removes
 /// again when they stayed empty. (It keeps /proc, /sys and /dev, and /etc/hostname is no
@@ -64,6 +64,8 @@ pub(super) struct BuildRun {
     pub(super) context: Option<Arc<crate::context::FileTree>>,
     pub(super) reporter: Arc<dyn Reporter>,
     pub(super) cancel: Arc<AtomicBool>,
+    /// The content of each ADD URL as this build keyed it, by URL: the step places exactly it.
+    pub(super) fetched: Mutex<HashMap<String, Digest>>,
     /// Holds everything this build uses in the store.
     pub(super) lease: Lease,
     pub(super) created: String,
@@ -339,12 +341,62 @@ impl BuildRun {
                 from_context: false,
             });
         }
+        if let Some(InstructionKind::Add(add)) = &self.graph.node(node).step {
+            for url in add.sources.iter().filter(|s| add::is_url(s)) {
+                let digest = self.url_content(url, add.checksum.as_deref()).await?;
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(b"memobuild-add-url-v1\0");
+                hasher.update(url.as_bytes());
+                hasher.update(b"\0");
+                hasher.update(digest.as_str().as_bytes());
+                ids.push(Input {
+                    id: *hasher.finalize().as_bytes(),
+                    from_context: false,
+                });
+            }
+        }
         let inputs = KeyInputs::of(&self.graph, node, &self.contexts[node.index()], parent, ids);
         self.keyed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(node, inputs.clone());
         Ok(inputs)
+    }
+
+    /// What an ADD URL holds for this build: pinned by `--checksum` (no request), or
+    /// revalidated against what it answered last (a conditional GET, or a download and a
+    /// hash). Its digest goes into the step's key, so new content reruns the step and what
+    /// follows; unchanged content keeps them cached.
+    async fn url_content(&self, url: &str, checksum: Option<&str>) -> Result<Digest, BuildError> {
+        let digest = match checksum {
+            Some(checksum) => add::checksum_digest(checksum)?,
+            None => {
+                let engine = Arc::clone(&self.engine);
+                let (cas, url) = (self.lease.cas(), url.to_owned());
+                blocking(move || {
+                    let known = engine
+                        .urls
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get(&url)
+                        .cloned()
+                        .filter(|known| cas.contains(&known.digest));
+                    let fetched = add::revalidate(&cas, &url, known.as_ref())?;
+                    engine
+                        .urls
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(url, fetched.clone());
+                    Ok::<_, BuildError>(fetched.digest)
+                })
+                .await?
+            }
+        };
+        self.fetched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(url.to_owned(), digest.clone());
+        Ok(digest)
     }
 
     /// The id of exactly the files a `COPY --from` copies out of `from`: paths, types, modes,
@@ -713,7 +765,9 @@ impl BuildRun {
         let excludes = IgnoreRules::parse(&copy.exclude.join("\n"), "--exclude").map_err(store)?;
         // ADD: archives are extracted and URLs downloaded (engine::add); it has no --from.
         if is_add {
-            let tree = tree.ok_or(BuildError::Invariant("an ADD without a build context"))?;
+            // An ADD of URLs alone reads nothing from the context.
+            let no_context = crate::context::FileTree::default();
+            let tree = tree.unwrap_or(&no_context);
             let readable = self.readable();
             let context = add::Context {
                 dir: &self.spec.context,
@@ -721,6 +775,19 @@ impl BuildRun {
                 excludes: &excludes,
                 readable: readable.as_ref(),
             };
+            let cas = self.lease.cas();
+            let mut downloads = HashMap::new();
+            for url in copy.sources.iter().filter(|s| add::is_url(s)) {
+                let digest = self
+                    .fetched
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(url)
+                    .cloned()
+                    .ok_or(BuildError::Invariant("an ADD URL without its content digest"))?;
+                add::pinned(&cas, url, &digest)?;
+                downloads.insert(url.clone(), cas.path(&digest));
+            }
             return self.new_layer("add-", |staging| {
                 let checksum = copy.checksum.as_deref();
                 add::stage(
@@ -730,6 +797,7 @@ impl BuildRun {
                     &parent_view,
                     staging,
                     self.engine.as_root,
+                    &downloads,
                 )
                 .map_err(store)
             });
