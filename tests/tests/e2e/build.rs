@@ -730,3 +730,27 @@ fn a_daemon_without_root_builds_without_run_and_says_why_it_cannot_run() {
     assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("RUN steps need root"), "{stderr}");
 }
+
+#[test]
+fn user_mistakes_in_copy_read_as_such_at_their_dockerfile_line() {
+    let daemon = TestDaemon::start();
+    let ctx = daemon.dir.path().join("mistakes");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("x"), "x").expect("x");
+    for (dockerfile, says) in [
+        ("FROM scratch\nCOPY --chmod=999 x /x\n", "--chmod=999 is not an octal mode"),
+        ("FROM scratch\n\nCOPY http://127.0.0.1:1/x /x\n", "COPY can not fetch a URL"),
+    ] {
+        std::fs::write(ctx.join("Dockerfile"), dockerfile).expect("Dockerfile");
+        let output = daemon.run_client(&["build", ctx.to_str().expect("utf-8")]);
+        let (_, stderr) = texts(&output);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        let line = if dockerfile.contains("\n\n") { 3 } else { 2 };
+        assert!(
+            stderr.contains(&format!("Dockerfile:{line}")),
+            "names the line: {stderr}"
+        );
+        assert!(!stderr.contains("internal"), "{stderr}");
+    }
+}
