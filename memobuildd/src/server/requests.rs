@@ -64,7 +64,10 @@ impl HandlerError {
 pub(crate) fn watch_code(err: &WatchError) -> ErrorCode {
     match err {
         WatchError::NotWatched(_) | WatchError::ContextGone(_) => ErrorCode::NotFound,
-        WatchError::Dockerfile(_) | WatchError::Ignore(_) | WatchError::Pattern { .. } => {
+        WatchError::Dockerfile(_)
+        | WatchError::Plan(_)
+        | WatchError::Ignore(_)
+        | WatchError::Pattern { .. } => {
             ErrorCode::InvalidInput
         }
         WatchError::Read { source, .. } => io_code(source),
