@@ -248,15 +248,22 @@ mod tests {
 
         chmod(&file, 0o644);
         chmod(&sub, 0o700);
-        let err = caller.may_read(&file).expect_err("0700 directory on the way");
+        let err = caller
+            .may_read(&file)
+            .expect_err("0700 directory on the way");
         assert!(err.to_string().contains("may not search"), "{err}");
         let err = ReadCheck::new(&caller, dir.path())
             .check(&file)
             .expect_err("the same through a ReadCheck");
-        assert!(err.to_string().contains(&sub.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&sub.display().to_string()),
+            "{err}"
+        );
 
         chmod(&sub, 0o711);
-        caller.may_read(&file).expect("search without read suffices for a file");
+        caller
+            .may_read(&file)
+            .expect("search without read suffices for a file");
         caller.may_read(&sub).expect_err("listing needs read");
     }
 
@@ -269,8 +276,12 @@ mod tests {
         chmod(&file, 0o640);
         let group = std::fs::metadata(&file).expect("meta").gid();
         if crate::passwd::effective_uid() != 4242 && group != 4242 {
-            stranger(vec![]).may_read(&file).expect_err("not in the group");
-            stranger(vec![7, group]).may_read(&file).expect("in the group");
+            stranger(vec![])
+                .may_read(&file)
+                .expect_err("not in the group");
+            stranger(vec![7, group])
+                .may_read(&file)
+                .expect("in the group");
         }
         Caller {
             uid: 0,

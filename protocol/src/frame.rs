@@ -78,7 +78,9 @@ where
 /// Reads a frame's length prefix, checked against [`MAX_FRAME_LEN`]. `Ok(None)` means the
 /// peer closed the connection cleanly between frames. With [`read_payload`], for a reader
 /// that treats the wait for a frame and the frame itself differently (timeouts, budgets).
-pub async fn read_frame_len<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<u32>, FrameError> {
+pub async fn read_frame_len<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<u32>, FrameError> {
     let mut prefix = [0u8; 4];
     let got = read_full(reader, &mut prefix).await?;
     if got == 0 {

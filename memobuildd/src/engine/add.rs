@@ -16,7 +16,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-
 use super::copy::{self, CopyError, CopySource, CopySpec};
 use super::view::RootView;
 use crate::caller::ReadCheck;
@@ -77,7 +76,7 @@ pub enum AddError {
     Store {
         url: String,
         #[source]
-        source: CasError,
+        source: Box<CasError>,
     },
     #[error("checksum mismatch for {url}: expected sha256:{expected}, got sha256:{actual}")]
     ChecksumMismatch {
@@ -628,7 +627,7 @@ fn fetch_once(
     let store = |source| Failed {
         error: AddError::Store {
             url: url.to_owned(),
-            source,
+            source: Box::new(source),
         },
         transient: false,
     };

@@ -35,7 +35,9 @@ use tokio::sync::Semaphore;
 use tracing::{Instrument, info_span};
 
 use crate::cache::L1;
+use crate::caller::AccessError;
 use crate::context::Hash;
+use crate::exec::ExecError;
 use crate::exec::{Executor, LogStream, Network};
 use crate::frontend::{self, Diagnostic};
 use crate::image::export::ImageParts;
@@ -43,8 +45,6 @@ use crate::image::oci::{ImageConfig, MediaTypes, Platform, manifest_json};
 use crate::image::{Compression, ImageError};
 use crate::layout::Layout;
 use crate::plan::{self, BuildGraph, NodeIndex, NodeKind, PlanError, PlanOptions};
-use crate::caller::AccessError;
-use crate::exec::ExecError;
 use crate::registry::{Reference, ReferenceError, Registry, RegistryError};
 use crate::snapshot::Snapshotter;
 use crate::store::{CasError, Lease, Store, StoreError, blocking};
@@ -900,8 +900,7 @@ impl Engine {
         }
         let config_blob = cas.put(&config.to_json())?;
         let media = MediaTypes::Oci;
-        let manifest = cas
-            .put(&manifest_json(media, &config_blob, &state.layers))?;
+        let manifest = cas.put(&manifest_json(media, &config_blob, &state.layers))?;
         let parts = ImageParts {
             manifest,
             config: config_blob,

@@ -597,7 +597,9 @@ impl BuildRun {
                     run.copy_step(node, spec, is_add, &parent, origin, &work)
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
-                _ => Err(BuildError::Invariant("a metadata step executed as a filesystem step")),
+                _ => Err(BuildError::Invariant(
+                    "a metadata step executed as a filesystem step",
+                )),
             };
             let result = outcome.map_err(|err| match err {
                 BuildError::Failed(source) => BuildError::Step {
@@ -784,7 +786,9 @@ impl BuildRun {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .get(url)
                     .cloned()
-                    .ok_or(BuildError::Invariant("an ADD URL without its content digest"))?;
+                    .ok_or(BuildError::Invariant(
+                        "an ADD URL without its content digest",
+                    ))?;
                 add::pinned(&cas, url, &digest)?;
                 downloads.insert(url.clone(), cas.path(&digest));
             }

@@ -629,9 +629,9 @@ fn check_semantics(
             }
             let is_copy = matches!(expanded, InstructionKind::Copy(_));
             match copy.sources.iter().find(|s| s.contains("://")) {
-                Some(url) if is_copy && copy.from.is_none() => Err(error(format!(
-                    "COPY can not fetch a URL ({url}); use ADD"
-                ))),
+                Some(url) if is_copy && copy.from.is_none() => {
+                    Err(error(format!("COPY can not fetch a URL ({url}); use ADD")))
+                }
                 _ => Ok(()),
             }
         }

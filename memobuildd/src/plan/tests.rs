@@ -135,7 +135,11 @@ fn bad_semantics_in_a_needed_stage_fail_at_their_line() {
     assert_eq!(err.message, "NOPE: is required");
     let err = stage_error("FROM a\nARG M=8\nCOPY --chmod=$M x /x\n", None);
     assert_eq!((err.kind, err.line), (DiagnosticKind::Semantic, 3));
-    assert!(err.message.contains("--chmod=8 is not an octal mode"), "{}", err.message);
+    assert!(
+        err.message.contains("--chmod=8 is not an octal mode"),
+        "{}",
+        err.message
+    );
     let err = stage_error("FROM a\n\nCOPY https://example.com/x /x\n", None);
     assert_eq!((err.kind, err.line), (DiagnosticKind::Semantic, 3));
     assert!(err.message.contains("use ADD"), "{}", err.message);

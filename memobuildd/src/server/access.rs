@@ -127,12 +127,17 @@ mod tests {
         let (_dir, policy) = policy_with_files(Some(builders));
         assert!(policy.check(peer(1001, 1001), &[]).is_ok(), "listed member");
         assert!(policy.check(peer(1003, 1003), &[]).is_ok(), "primary group");
-        assert!(policy.check(peer(4242, 77), &[]).is_ok(), "running with the gid");
+        assert!(
+            policy.check(peer(4242, 77), &[]).is_ok(),
+            "running with the gid"
+        );
         assert!(
             policy.check(peer(4242, 4242), &[5, 77]).is_ok(),
             "a supplementary group of the process"
         );
-        let refusal = policy.check(peer(1002, 1002), &[]).expect_err("not a member");
+        let refusal = policy
+            .check(peer(1002, 1002), &[])
+            .expect_err("not a member");
         assert!(refusal.contains("group builders"), "{refusal}");
     }
 }

@@ -20,13 +20,13 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use super::Shared;
-use super::events::{self, Events};
 use super::access::Peer;
-use crate::caller::Caller;
+use super::events::{self, Events};
 use super::requests::DockerfileText;
+use crate::caller::Caller;
 use crate::engine::{
-    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, StepError,
-    image_as, normalize_tag,
+    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, StepError, image_as,
+    normalize_tag,
 };
 use crate::exec::{self, Network};
 use crate::image::Compression;
@@ -282,9 +282,7 @@ async fn stream_build(
             }
         }
     }
-    let outcome = build
-        .await
-        .unwrap_or_else(|err| Err(BuildError::Task(err)));
+    let outcome = build.await.unwrap_or_else(|err| Err(BuildError::Task(err)));
     (!client_gone).then_some(outcome)
 }
 
@@ -485,9 +483,11 @@ fn pushes(request: &BuildRequest) -> impl Iterator<Item = Vec<String>> + '_ {
         .iter()
         .filter(|o| o.kind == OutputKind::Image && o.push)
         .map(|o| o.name.clone());
-    default.then_some(None).into_iter().chain(asked).map(|name| {
-        request.tags.iter().cloned().chain(name).collect()
-    })
+    default
+        .then_some(None)
+        .into_iter()
+        .chain(asked)
+        .map(|name| request.tags.iter().cloned().chain(name).collect())
 }
 
 /// Pushes what the request asks to push, once the image is tagged. A failure answers with
@@ -695,9 +695,7 @@ pub(crate) async fn push(
     while let Some(event) = received.recv().await {
         write_frame(stream, &Response::PushProgress(push_progress(event))).await?;
     }
-    let pushed = task
-        .await
-        .unwrap_or_else(|err| Err(PushError::Task(err)));
+    let pushed = task.await.unwrap_or_else(|err| Err(PushError::Task(err)));
     let reply = match pushed {
         Ok(report) => Response::Pushed(memobuild_protocol::PushReport {
             reference: request

@@ -16,9 +16,9 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
 use super::access::Peer;
-use crate::caller::{Caller, peer_groups};
 use super::requests::{self, HandlerError};
 use super::{build, gc};
+use crate::caller::{Caller, peer_groups};
 
 /// A client that connects and says nothing is dropped after this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,7 +121,10 @@ impl Connection {
     async fn read_request(&mut self, len: u32) -> Option<Request> {
         let shared = Arc::clone(&self.shared);
         let Ok(_receiving) = shared.receiving.try_acquire_many(len) else {
-            warn!(len, "too many request bytes arriving at once; refusing this one");
+            warn!(
+                len,
+                "too many request bytes arriving at once; refusing this one"
+            );
             let reply = Response::error(
                 ErrorCode::ResourceExhausted,
                 format!(
@@ -139,7 +142,10 @@ impl Connection {
                 None
             }
             Err(_) => {
-                warn!(len, "a request frame did not arrive within {FRAME_TIMEOUT:?}; closing");
+                warn!(
+                    len,
+                    "a request frame did not arrive within {FRAME_TIMEOUT:?}; closing"
+                );
                 let reply = Response::error(
                     ErrorCode::InvalidInput,
                     format!(
@@ -223,8 +229,14 @@ impl Connection {
                 return Ok(Next::HoldUntilExit);
             }
             Request::Build(request) => {
-                build::serve(&mut self.stream, &self.shared, request, self.peer, &self.caller)
-                    .await?;
+                build::serve(
+                    &mut self.stream,
+                    &self.shared,
+                    request,
+                    self.peer,
+                    &self.caller,
+                )
+                .await?;
                 return Ok(Next::Continue);
             }
             Request::Images => build::images(&self.shared.engine).await,

@@ -67,9 +67,7 @@ pub(crate) fn watch_code(err: &WatchError) -> ErrorCode {
         WatchError::Dockerfile(_)
         | WatchError::Plan(_)
         | WatchError::Ignore(_)
-        | WatchError::Pattern { .. } => {
-            ErrorCode::InvalidInput
-        }
+        | WatchError::Pattern { .. } => ErrorCode::InvalidInput,
         WatchError::Read { source, .. } => io_code(source),
         WatchError::WatchLimit => ErrorCode::ResourceExhausted,
         WatchError::Context(ContextError::Io { source, .. }) => io_code(source),

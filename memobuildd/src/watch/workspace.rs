@@ -255,7 +255,9 @@ impl Workspace {
     fn read_graph(&self) -> Result<Result<BuildGraph, String>, WatchError> {
         match read_plan(&self.dockerfile) {
             Ok(graph) => Ok(Ok(graph)),
-            Err(err @ (WatchError::Dockerfile(_) | WatchError::Plan(_))) => Ok(Err(err.to_string())),
+            Err(err @ (WatchError::Dockerfile(_) | WatchError::Plan(_))) => {
+                Ok(Err(err.to_string()))
+            }
             Err(other) => Err(other),
         }
     }
@@ -616,7 +618,6 @@ fn read_plan(dockerfile: &Path) -> Result<BuildGraph, WatchError> {
         source,
     })?;
     let name = dockerfile.display().to_string();
-    let parsed =
-        frontend::parse(&text, &name).map_err(|d| WatchError::Dockerfile(Box::new(d)))?;
+    let parsed = frontend::parse(&text, &name).map_err(|d| WatchError::Dockerfile(Box::new(d)))?;
     plan::lower(&parsed, &PlanOptions::default()).map_err(|e| WatchError::Plan(Box::new(e)))
 }

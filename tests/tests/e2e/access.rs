@@ -167,7 +167,10 @@ fn a_socket_group_member_reads_only_what_it_could_read_itself() {
     let by_root = daemon.run_client(&["build", &ctx_arg, "-f", &secret]);
     assert!(by_root.status.success(), "{:?}", texts(&by_root));
     let by_member = as_member(&daemon, &["build", &ctx_arg, "-f", &secret]);
-    refused(&by_member, &format!("may not read {}", ctx.join("secret.txt").display()));
+    refused(
+        &by_member,
+        &format!("may not read {}", ctx.join("secret.txt").display()),
+    );
     // And through a directory copy.
     let whole = df("Dockerfile.all", "FROM scratch\nCOPY . /all/\n");
     refused(
@@ -179,7 +182,10 @@ fn a_socket_group_member_reads_only_what_it_could_read_itself() {
     // A link to /etc/shadow never yields its bytes.
     std::os::unix::fs::symlink("/etc/shadow", ctx.join("shadow")).expect("symlink");
     let shadow = df("Dockerfile.shadow", "FROM scratch\nCOPY shadow /\n");
-    let out = as_member(&daemon, &["build", &ctx_arg, "-f", &shadow, "-o", "type=tar,dest=-"]);
+    let out = as_member(
+        &daemon,
+        &["build", &ctx_arg, "-f", &shadow, "-o", "type=tar,dest=-"],
+    );
     assert!(!out.status.success(), "{:?}", texts(&out));
     let first = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
     let root_line = first.lines().next().unwrap_or("root:");
@@ -203,7 +209,12 @@ fn a_socket_group_member_reads_only_what_it_could_read_itself() {
     // Another user's 0700 directory as a context, to build or to watch.
     let private = daemon.dir.path().join("private");
     dir(&private, (4243, 4243), 0o700);
-    file(&private.join("Dockerfile"), "FROM scratch\n", (4243, 4243), 0o644);
+    file(
+        &private.join("Dockerfile"),
+        "FROM scratch\n",
+        (4243, 4243),
+        0o644,
+    );
     let private_arg = private.display().to_string();
     refused(&as_member(&daemon, &["build", &private_arg]), "may not");
     refused(&as_member(&daemon, &["watch", &private_arg]), "may not");

@@ -217,18 +217,35 @@ fn add_url_is_revalidated_every_build_and_new_content_reruns_what_follows() {
         )],
     );
     let first = bench.rootfs_tar(&ctx, &[]);
-    assert_eq!(first["copy"], describe("file", 0o644, 0, 0, &content_of("one\n")));
+    assert_eq!(
+        first["copy"],
+        describe("file", 0o644, 0, 0, &content_of("one\n"))
+    );
 
     let unchanged = bench.build_ok(&ctx, &[]);
     assert_eq!(executed(&unchanged), 0, "{unchanged}");
-    assert_eq!(server.requests.load(Ordering::Relaxed), 2, "asked at every build");
+    assert_eq!(
+        server.requests.load(Ordering::Relaxed),
+        2,
+        "asked at every build"
+    );
 
     server.set(b"two\n");
     let changed = bench.build_ok(&ctx, &[]);
-    assert_eq!(executed(&changed), 2, "the ADD and the RUN after it: {changed}");
+    assert_eq!(
+        executed(&changed),
+        2,
+        "the ADD and the RUN after it: {changed}"
+    );
     let second = bench.rootfs_tar(&ctx, &[]);
-    assert_eq!(second["copy"], describe("file", 0o644, 0, 0, &content_of("two\n")));
-    assert_eq!(second["data.bin"], describe("file", 0o600, 0, 0, &content_of("two\n")));
+    assert_eq!(
+        second["copy"],
+        describe("file", 0o644, 0, 0, &content_of("two\n"))
+    );
+    assert_eq!(
+        second["data.bin"],
+        describe("file", 0o600, 0, 0, &content_of("two\n"))
+    );
 }
 
 #[test]

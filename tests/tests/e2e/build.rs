@@ -474,9 +474,16 @@ fn sigterm_mid_run_stops_the_step_and_releases_a_clean_root() {
     let signalled = Instant::now();
     let status = bench.daemon.terminate();
     let stopped_in = signalled.elapsed();
-    assert!(status.success(), "{status:?}\n{}", tail(&bench.daemon.log_text()));
+    assert!(
+        status.success(),
+        "{status:?}\n{}",
+        tail(&bench.daemon.log_text())
+    );
     // Well before the step's 30 s: the container was killed, not waited for.
-    assert!(stopped_in < Duration::from_secs(12), "stopped in {stopped_in:?}");
+    assert!(
+        stopped_in < Duration::from_secs(12),
+        "stopped in {stopped_in:?}"
+    );
     // Looked at once the daemon is gone, not after a wait: it cleaned up before it exited.
     let left = leftovers(&bench.daemon.root);
     assert!(
@@ -487,13 +494,19 @@ fn sigterm_mid_run_stops_the_step_and_releases_a_clean_root() {
     let client_status = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
     assert!(!client_status.success());
     let before = bench.daemon.log_text().len();
-    bench.daemon.launch(|_| {}).expect("a second daemon on the root");
+    bench
+        .daemon
+        .launch(|_| {})
+        .expect("a second daemon on the root");
     let second = bench.daemon.log_text()[before..].to_owned();
     assert!(
         !second.contains("previous daemon left"),
         "the second daemon found remains: {second}"
     );
-    let quick = bench.context("after-term", &[("Dockerfile", "FROM BASE\nRUN echo ok > /ok\n")]);
+    let quick = bench.context(
+        "after-term",
+        &[("Dockerfile", "FROM BASE\nRUN echo ok > /ok\n")],
+    );
     assert!(bench.rootfs_tar(&quick, &[]).contains_key("ok"));
 }
 
@@ -566,7 +579,8 @@ fn a_client_that_never_reads_holds_no_memory_and_harms_no_other_build() {
         push: false,
         source_date_epoch: None,
     });
-    raw.write_all(&frame::encode(&request).expect("build")).expect("send build");
+    raw.write_all(&frame::encode(&request).expect("build"))
+        .expect("send build");
     let sent = Instant::now();
     // Meanwhile another client builds, and is not held up by the one that never reads.
     let other = bench.context(
@@ -577,8 +591,16 @@ fn a_client_that_never_reads_holds_no_memory_and_harms_no_other_build() {
     // The stalled client is disconnected after the stall timeout, its build cancelled.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut peak = 0;
-    while !bench.daemon.log_text().contains("disconnecting it and cancelling its build") {
-        assert!(Instant::now() < deadline, "{}", tail(&bench.daemon.log_text()));
+    while !bench
+        .daemon
+        .log_text()
+        .contains("disconnecting it and cancelling its build")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            tail(&bench.daemon.log_text())
+        );
         peak = peak.max(rss_and_peak(bench.daemon.pid()).0);
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -597,7 +619,8 @@ fn a_client_that_never_reads_holds_no_memory_and_harms_no_other_build() {
         peak_after >> 20
     );
     // What reached the socket before it filled, then the end: the connection is closed.
-    raw.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    raw.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     let mut rest = Vec::new();
     let _ = raw.read_to_end(&mut rest);
     assert!(!String::from_utf8_lossy(&rest).contains("flood-done"));
@@ -738,8 +761,14 @@ fn user_mistakes_in_copy_read_as_such_at_their_dockerfile_line() {
     std::fs::create_dir_all(&ctx).expect("ctx");
     std::fs::write(ctx.join("x"), "x").expect("x");
     for (dockerfile, says) in [
-        ("FROM scratch\nCOPY --chmod=999 x /x\n", "--chmod=999 is not an octal mode"),
-        ("FROM scratch\n\nCOPY http://127.0.0.1:1/x /x\n", "COPY can not fetch a URL"),
+        (
+            "FROM scratch\nCOPY --chmod=999 x /x\n",
+            "--chmod=999 is not an octal mode",
+        ),
+        (
+            "FROM scratch\n\nCOPY http://127.0.0.1:1/x /x\n",
+            "COPY can not fetch a URL",
+        ),
     ] {
         std::fs::write(ctx.join("Dockerfile"), dockerfile).expect("Dockerfile");
         let output = daemon.run_client(&["build", ctx.to_str().expect("utf-8")]);

@@ -150,7 +150,10 @@ fn pushes_use_docker_config_credentials_and_say_clearly_when_they_are_missing() 
         "{stderr}"
     );
     // `build --push` fails the same way: a permission error, not an internal one.
-    let refused = run(&daemon, &["build", &ctx, "-t", &name, "--push", "--progress", "quiet"]);
+    let refused = run(
+        &daemon,
+        &["build", &ctx, "-t", &name, "--push", "--progress", "quiet"],
+    );
     let (_, stderr) = texts(&refused);
     assert_eq!(refused.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains(&format!("pushing {name}")), "{stderr}");

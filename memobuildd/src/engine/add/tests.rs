@@ -106,7 +106,7 @@ impl Fixture {
         };
         // The step places what the key computation stored (`revalidate`, `pinned`).
         let store = crate::store::Store::open(
-            &crate::layout::Layout::new(&self.dir.path().join("store")),
+            &crate::layout::Layout::new(self.dir.path().join("store")),
             crate::store::StoreOptions::default(),
         )
         .expect("store");
@@ -124,7 +124,13 @@ impl Fixture {
             downloads.insert((*url).to_owned(), cas.path(&digest));
         }
         stage(
-            &spec, checksum, context, &self.parent, &staging, false, &downloads,
+            &spec,
+            checksum,
+            context,
+            &self.parent,
+            &staging,
+            false,
+            &downloads,
         )?;
         let leftovers: Vec<_> = std::fs::read_dir(scratch.path())
             .expect("scratch")
@@ -406,7 +412,10 @@ fn a_checksum_mismatch_names_both_digests_and_a_404_its_status() {
 
 /// Answers `200` with an ETag and `body`, then `304` to a request that sends that ETag back;
 /// hands back each request's head.
-fn serve_with_etag(body: &'static [u8], requests: usize) -> (String, std::thread::JoinHandle<Vec<String>>) {
+fn serve_with_etag(
+    body: &'static [u8],
+    requests: usize,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = format!("http://{}", listener.local_addr().expect("addr"));
     let server = std::thread::spawn(move || {
@@ -458,6 +467,14 @@ fn a_url_is_revalidated_with_its_etag_and_a_304_keeps_the_stored_content() {
     let second = revalidate(&cas, &url, Some(&first)).expect("revalidate");
     assert_eq!(second, first);
     let heads = server.join().expect("server");
-    assert!(!heads[0].to_ascii_lowercase().contains("if-none-match"), "{heads:?}");
-    assert!(heads[1].to_ascii_lowercase().contains("if-none-match: \"v1\""), "{heads:?}");
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("if-none-match"),
+        "{heads:?}"
+    );
+    assert!(
+        heads[1]
+            .to_ascii_lowercase()
+            .contains("if-none-match: \"v1\""),
+        "{heads:?}"
+    );
 }
