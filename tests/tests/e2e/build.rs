@@ -395,6 +395,21 @@ fn wait_for_clean(root: &Path) -> Vec<String> {
 
 const SLOW: &str = "FROM BASE\nRUN echo started && /bin/busybox sleep 30\n";
 
+/// Starts a build of `ctx` (a [`SLOW`] one) and returns once its RUN step has started.
+fn start_slow_build(bench: &Bench, ctx: &Path) -> std::process::Child {
+    let mut client = bench
+        .daemon
+        .client()
+        .args(["build", "--progress", "plain"])
+        .arg(ctx)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start build");
+    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    client
+}
+
 #[test]
 fn ctrl_c_mid_run_leaves_no_mount_container_or_scratch() {
     if !privileged("ctrl_c_mid_run_leaves_no_mount_container_or_scratch") {
@@ -402,16 +417,7 @@ fn ctrl_c_mid_run_leaves_no_mount_container_or_scratch() {
     }
     let bench = Bench::start();
     let ctx = bench.context("cancel", &[("Dockerfile", SLOW)]);
-    let mut client = bench
-        .daemon
-        .client()
-        .args(["build", "--progress", "plain"])
-        .arg(&ctx)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start build");
-    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    let mut client = start_slow_build(&bench, &ctx);
     memobuild_tests::signal(client.id(), libc::SIGINT);
     let status = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
     assert_eq!(status.code(), Some(130));
@@ -430,16 +436,7 @@ fn a_daemon_killed_mid_build_recovers_at_its_next_start() {
     }
     let mut bench = Bench::start();
     let ctx = bench.context("kill", &[("Dockerfile", SLOW)]);
-    let mut client = bench
-        .daemon
-        .client()
-        .args(["build", "--progress", "plain"])
-        .arg(&ctx)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start build");
-    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    let mut client = start_slow_build(&bench, &ctx);
     bench.daemon.kill();
     let _ = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
     // The runc container survives its daemon; the next start must clean it up.
@@ -461,16 +458,7 @@ fn sigterm_mid_run_stops_the_step_and_releases_a_clean_root() {
     }
     let mut bench = Bench::start();
     let ctx = bench.context("term", &[("Dockerfile", SLOW)]);
-    let mut client = bench
-        .daemon
-        .client()
-        .args(["build", "--progress", "plain"])
-        .arg(&ctx)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start build");
-    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    let mut client = start_slow_build(&bench, &ctx);
     let signalled = Instant::now();
     let status = bench.daemon.terminate();
     let stopped_in = signalled.elapsed();
