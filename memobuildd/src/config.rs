@@ -11,6 +11,7 @@
 //! | socket group | `--socket-group` | `MEMOBUILD_SOCKET_GROUP` | `socket_group` | none: socket mode 0600; with a group: 0660 and that group may connect |
 //! | log filter | `--log` | `MEMOBUILD_LOG`, then `RUST_LOG` | `log` | `info` |
 //! | shutdown grace | | | `shutdown_grace_secs` | 10 |
+//! | a client that reads none of its build's events for this long is disconnected (its build cancelled) | | | `client_stall_secs` | 60 |
 //! | steps executing at once | | | `max_parallel_steps` | the number of CPUs |
 //! | plain-HTTP registries | `--insecure-registry` (repeatable) | | `insecure_registries` | none (loopback always is) |
 //! | extra registry CA (PEM) | | | `registry_ca_file` | none |
@@ -67,6 +68,9 @@ pub struct Config {
     pub log: String,
     /// How long in-flight requests may run after a shutdown signal before being cancelled.
     pub shutdown_grace: Duration,
+    /// A client whose build events could not be written for this long is disconnected and
+    /// its build cancelled, so it holds neither memory nor shared work.
+    pub client_stall: Duration,
     /// Filesystem steps (RUN, COPY, …) executing at once, across stages and builds.
     pub max_parallel_steps: usize,
     /// `host[:port]` of registries spoken to over plain HTTP besides loopback ones.
@@ -137,6 +141,7 @@ struct FileConfig {
     socket_group: Option<String>,
     log: Option<String>,
     shutdown_grace_secs: Option<u64>,
+    client_stall_secs: Option<u64>,
     max_parallel_steps: Option<usize>,
     insecure_registries: Option<Vec<String>>,
     registry_ca_file: Option<PathBuf>,
@@ -198,6 +203,7 @@ const REMOTE_USER_ENV: &str = "MEMOBUILD_REMOTE_USER";
 const REMOTE_PASSWORD_ENV: &str = "MEMOBUILD_REMOTE_PASSWORD";
 const CACHE_SECRET_ENV: &str = "MEMOBUILD_CACHE_SECRET";
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const DEFAULT_CLIENT_STALL: Duration = Duration::from_secs(60);
 /// Big enough that a COPY under 64 MiB stays one layer, as Docker makes it; small enough
 /// that rewriting a chunk (16–64 MiB) after an edit takes a few tenths of a second. At
 /// 64 MiB, a one-file edit in a 1 GB COPY took about 1 s next to a busy dockerd, twice the
@@ -274,6 +280,9 @@ impl Config {
             socket_group,
             log,
             shutdown_grace,
+            client_stall: file
+                .client_stall_secs
+                .map_or(DEFAULT_CLIENT_STALL, Duration::from_secs),
             max_parallel_steps: file
                 .max_parallel_steps
                 .filter(|n| *n > 0)

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod cacheserver;
+pub mod caller;
 pub mod config;
 pub mod context;
 pub mod engine;

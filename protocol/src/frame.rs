@@ -69,6 +69,18 @@ where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    match read_frame_len(reader).await? {
+        Some(len) => read_payload(reader, len).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads a frame's length prefix, checked against [`MAX_FRAME_LEN`]. `Ok(None)` means the
+/// peer closed the connection cleanly between frames. With [`read_payload`], for a reader
+/// that treats the wait for a frame and the frame itself differently (timeouts, budgets).
+pub async fn read_frame_len<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<u32>, FrameError> {
     let mut prefix = [0u8; 4];
     let got = read_full(reader, &mut prefix).await?;
     if got == 0 {
@@ -87,15 +99,38 @@ where
             max: MAX_FRAME_LEN,
         });
     }
-    let mut payload = vec![0u8; len as usize];
-    let got = read_full(reader, &mut payload).await?;
-    if got < payload.len() {
-        return Err(FrameError::Truncated {
-            expected: payload.len(),
-            got,
-        });
+    Ok(Some(len))
+}
+
+/// Reads and decodes the `len`-byte payload that follows a prefix. The buffer grows as the
+/// bytes arrive: a peer that announces a large frame and sends it slowly holds only what it
+/// has sent (twice that at most), not the announced size.
+pub async fn read_payload<R, T>(reader: &mut R, len: u32) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    const FIRST: usize = 64 * 1024;
+    let len = len as usize;
+    let mut payload = Vec::with_capacity(len.min(FIRST));
+    while payload.len() < len {
+        if payload.len() == payload.capacity() {
+            let more = payload.capacity().min(len - payload.len());
+            payload.reserve_exact(more);
+        }
+        let room = (payload.capacity() - payload.len()).min(len - payload.len());
+        let n = (&mut *reader)
+            .take(room as u64)
+            .read_buf(&mut payload)
+            .await?;
+        if n == 0 {
+            return Err(FrameError::Truncated {
+                expected: len,
+                got: payload.len(),
+            });
+        }
     }
-    decode(&payload).map(Some)
+    decode(&payload)
 }
 
 /// Decodes one frame's payload (without its length prefix). Trailing bytes are an error:
@@ -143,6 +178,31 @@ mod tests {
             .expect("read")
             .expect("a frame");
         assert!(matches!(back, Request::Status));
+    }
+
+    #[tokio::test]
+    async fn a_large_payload_arrives_whole_and_a_short_one_is_truncated() {
+        let big = Request::Notify(crate::messages::NotifyRequest {
+            paths: (0..50_000).map(|i| format!("/p/{i}").into()).collect(),
+        });
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &big).await.expect("write");
+        assert!(wire.len() > 256 * 1024, "{}", wire.len());
+        let back: Request = read_frame(&mut wire.as_slice())
+            .await
+            .expect("read")
+            .expect("a frame");
+        assert!(matches!(back, Request::Notify(n) if n.paths.len() == 50_000));
+        // Announced big, sent short: what arrived is reported, nothing more was needed.
+        let mut short = (MAX_FRAME_LEN).to_be_bytes().to_vec();
+        short.extend(vec![0u8; 100_000]);
+        let err = read_frame::<_, Request>(&mut short.as_slice())
+            .await
+            .expect_err("truncated");
+        assert!(
+            matches!(err, FrameError::Truncated { got: 100_000, .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ pub mod messages;
 pub mod paths;
 pub mod units;
 
-pub use frame::{FrameError, MAX_FRAME_LEN, read_frame, write_frame};
+pub use frame::{FrameError, MAX_FRAME_LEN, read_frame, read_frame_len, read_payload, write_frame};
 pub use messages::*;
 
 /// Bumped on every change to the wire shape of any message after the handshake.

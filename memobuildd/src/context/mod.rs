@@ -57,9 +57,7 @@ pub struct ScanReport {
 /// Reads the ignore rules for a build: `<Dockerfile>.dockerignore` next to the Dockerfile
 /// takes precedence over `<context>/.dockerignore`, as in BuildKit.
 pub fn ignore_rules(context: &Path, dockerfile: &Path) -> Result<IgnoreRules, ContextError> {
-    let mut specific = dockerfile.as_os_str().to_owned();
-    specific.push(".dockerignore");
-    for candidate in [PathBuf::from(specific), context.join(".dockerignore")] {
+    for candidate in ignore_files(context, dockerfile) {
         match std::fs::read_to_string(&candidate) {
             Ok(text) => return Ok(IgnoreRules::parse(&text, &candidate.display().to_string())?),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -72,6 +70,13 @@ pub fn ignore_rules(context: &Path, dockerfile: &Path) -> Result<IgnoreRules, Co
         }
     }
     Ok(IgnoreRules::default())
+}
+
+/// The ignore files a build may read, in precedence order.
+pub fn ignore_files(context: &Path, dockerfile: &Path) -> [PathBuf; 2] {
+    let mut specific = dockerfile.as_os_str().to_owned();
+    specific.push(".dockerignore");
+    [PathBuf::from(specific), context.join(".dockerignore")]
 }
 
 /// Scans `context` into a [`FileTree`], hashing only what `cache` cannot vouch for.

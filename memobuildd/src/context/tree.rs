@@ -328,6 +328,29 @@ impl FileTree {
         Some(resolved)
     }
 
+    /// Every path a COPY of `sources` reads: what [`Self::select`] yields, and what the
+    /// symlinks the sources name lead to (COPY follows them).
+    pub fn read_paths<'t>(
+        &'t self,
+        sources: &[SourcePattern],
+        excludes: &IgnoreRules,
+    ) -> Vec<&'t str> {
+        let mut paths = Vec::new();
+        for (path, entry) in self.select(sources, excludes) {
+            paths.push(path);
+            if entry.kind == EntryKind::Symlink
+                && sources.iter().any(|s| s.matches(path))
+                && let Some(target) = self.resolve(path)
+            {
+                let below = format!("{target}/");
+                paths.extend(self.iter().map(|(p, _)| p).filter(|p| {
+                    (*p == target || p.starts_with(&below)) && !excludes.is_excluded(p)
+                }));
+            }
+        }
+        paths
+    }
+
     /// The entries a source set reads, in path order.
     pub fn select<'t, 'q>(
         &'t self,

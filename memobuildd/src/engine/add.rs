@@ -10,20 +10,21 @@
 //! stream through a temp file outside the staging tree, are bounded in time, and are tried
 //! again after a 5xx answer or a broken connection.
 
+use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
-
 use super::copy::{self, CopyError, CopySource, CopySpec};
 use super::view::RootView;
+use crate::caller::ReadCheck;
 use crate::context::dockerignore::clean;
 use crate::context::{EntryKind, FileTree, IgnoreRules, SourcePattern};
 use crate::image::ImageError;
 use crate::image::unpack::{Whiteouts, unpack};
 use crate::registry::error::{causes, chain};
+use crate::store::{Cas, CasError, Digest};
 
 /// Schemes BuildKit fetches for ADD that MemoBuild does not (git).
 const UNSUPPORTED_REMOTES: &[&str] = &["git://", "git@", "ssh://"];
@@ -45,6 +46,8 @@ const DOWNLOAD_MODE: u32 = 0o600;
 pub enum AddError {
     #[error(transparent)]
     Copy(#[from] CopyError),
+    #[error(transparent)]
+    Access(#[from] crate::caller::AccessError),
     #[error("ADD source {url:?}: {scheme} sources are not supported yet")]
     UnsupportedRemote { url: String, scheme: String },
     #[error("--checksum={0:?} is not sha256:<64 hex digits>")]
@@ -67,6 +70,14 @@ pub enum AddError {
     Status { url: String, status: u16 },
     #[error("downloading {url}: {message}")]
     Http { url: String, message: String },
+    #[error("{0}: not downloaded before the step ran")]
+    NotFetched(String),
+    #[error("storing the download of {url}: {source}")]
+    Store {
+        url: String,
+        #[source]
+        source: Box<CasError>,
+    },
     #[error("checksum mismatch for {url}: expected sha256:{expected}, got sha256:{actual}")]
     ChecksumMismatch {
         url: String,
@@ -88,6 +99,8 @@ pub struct Context<'a> {
     pub dir: &'a Path,
     pub tree: &'a FileTree,
     pub excludes: &'a IgnoreRules,
+    /// With it, every file read (archives too) must be one the caller could read.
+    pub readable: Option<&'a ReadCheck<'a>>,
 }
 
 impl<'a> Context<'a> {
@@ -96,12 +109,15 @@ impl<'a> Context<'a> {
             dir: self.dir,
             tree: self.tree,
             excludes: self.excludes,
+            readable: self.readable,
         }
     }
 }
 
 /// Stages what the ADD adds into `staging` (an empty directory standing for the image root);
 /// `checksum` is the `--checksum` flag. Temporary files go next to `staging`.
+/// `downloads`: where the store holds each URL source's content, fetched (or revalidated)
+/// when the step's key was computed ([`revalidate`], [`pinned`]).
 pub fn stage(
     spec: &CopySpec,
     checksum: Option<&str>,
@@ -109,6 +125,7 @@ pub fn stage(
     parent: &RootView,
     staging: &Path,
     as_root: bool,
+    downloads: &HashMap<String, PathBuf>,
 ) -> Result<(), AddError> {
     let expected = checksum.map(parse_checksum).transpose()?;
     let mut urls = Vec::new();
@@ -164,12 +181,15 @@ pub fn stage(
         }
     }
     for url in urls {
-        place.url(url, expected.as_deref())?;
+        let stored = downloads
+            .get(url)
+            .ok_or_else(|| AddError::NotFetched(url.to_owned()))?;
+        place.url(url, stored)?;
     }
     Ok(())
 }
 
-fn is_url(source: &str) -> bool {
+pub fn is_url(source: &str) -> bool {
     source.starts_with("http://") || source.starts_with("https://")
 }
 
@@ -204,6 +224,9 @@ fn split_archives(
                 continue;
             }
             let host = context.dir.join(path);
+            if let (Some(check), EntryKind::File) = (context.readable, entry.kind) {
+                check.check(&host)?;
+            }
             if entry.kind == EntryKind::File && is_archive(&host)? {
                 matched_archives.push(path.to_owned());
             } else {
@@ -381,24 +404,17 @@ impl Placement<'_> {
             .join(resolved.strip_prefix("/").unwrap_or(&resolved)))
     }
 
-    /// Downloads `url` and places it with COPY's rules, as the file `<basename of the URL
-    /// path>` with mode 0600.
-    fn url(&self, url: &str, expected: Option<&str>) -> Result<(), AddError> {
+    /// Places the content of `url` (`stored`) with COPY's rules, as the file `<basename of
+    /// the URL path>` with mode 0600.
+    fn url(&self, url: &str, stored: &Path) -> Result<(), AddError> {
         let download = self.temp_dir("add-url-")?;
-        let name = url_basename(url);
-        let actual = fetch(url, &download.path().join(&name))?;
-        if let Some(expected) = expected
-            && expected != actual
-        {
-            return Err(AddError::ChecksumMismatch {
-                url: url.to_owned(),
-                expected: expected.to_owned(),
-                actual,
-            });
-        }
+        let file = download.path().join(url_basename(url));
+        std::fs::copy(stored, &file).map_err(io("copying a download to", &file))?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(DOWNLOAD_MODE))
+            .map_err(io("setting the mode of", &file))?;
         let view = RootView::new(vec![download.path().to_owned()]);
         self.copy(
-            vec![literal(&name)],
+            vec![literal(&url_basename(url))],
             CopySource::Image(&view, &IgnoreRules::default()),
         )
     }
@@ -489,9 +505,55 @@ struct Failed {
     transient: bool,
 }
 
-/// Downloads `url` into `to` (mode 0600), trying again after passing failures; returns the
-/// content's sha256 (hex).
-fn fetch(url: &str, to: &Path) -> Result<String, AddError> {
+/// What a URL answered, so that the next build can ask it whether its content changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The content, in the store.
+    pub digest: Digest,
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+/// The content of `url` as it is now, in the store. With `known` (what the URL answered
+/// last, still stored) the request is conditional (`If-None-Match`, `If-Modified-Since`) and
+/// a `304` keeps it; otherwise the content is downloaded and hashed.
+pub fn revalidate(cas: &Cas, url: &str, known: Option<&Fetched>) -> Result<Fetched, AddError> {
+    match fetch(cas, url, known, None)? {
+        Answer::Stored(fetched) => Ok(fetched),
+        Answer::NotModified => known.cloned().ok_or_else(|| AddError::Status {
+            url: url.to_owned(),
+            status: 304,
+        }),
+    }
+}
+
+/// The content of `url` pinned by `--checksum` (`digest`): from the store when it is there
+/// (no request at all), else downloaded and checked.
+pub fn pinned(cas: &Cas, url: &str, digest: &Digest) -> Result<(), AddError> {
+    if cas.contains(digest) {
+        return Ok(());
+    }
+    fetch(cas, url, None, Some(digest)).map(drop)
+}
+
+/// `--checksum=sha256:<hex>` as a store digest.
+pub fn checksum_digest(text: &str) -> Result<Digest, AddError> {
+    let hex = parse_checksum(text)?;
+    Digest::parse(&format!("sha256:{hex}")).map_err(|_| AddError::BadChecksum(text.to_owned()))
+}
+
+enum Answer {
+    Stored(Fetched),
+    NotModified,
+}
+
+/// Downloads `url` into the store, trying again after passing failures.
+fn fetch(
+    cas: &Cas,
+    url: &str,
+    known: Option<&Fetched>,
+    expected: Option<&Digest>,
+) -> Result<Answer, AddError> {
     // reqwest is built without a default crypto provider; an error means one is installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::blocking::Client::builder()
@@ -505,8 +567,8 @@ fn fetch(url: &str, to: &Path) -> Result<String, AddError> {
     let mut delay = FIRST_RETRY_DELAY;
     let mut attempt = 1;
     loop {
-        match fetch_once(&client, url, to) {
-            Ok(digest) => return Ok(digest),
+        match fetch_once(&client, cas, url, known, expected) {
+            Ok(answer) => return Ok(answer),
             Err(failed) if failed.transient && attempt < TRIES => {
                 tracing::warn!(url, error = %failed.error, try = attempt, "retrying the download");
                 std::thread::sleep(delay);
@@ -518,7 +580,13 @@ fn fetch(url: &str, to: &Path) -> Result<String, AddError> {
     }
 }
 
-fn fetch_once(client: &reqwest::blocking::Client, url: &str, to: &Path) -> Result<String, Failed> {
+fn fetch_once(
+    client: &reqwest::blocking::Client,
+    cas: &Cas,
+    url: &str,
+    known: Option<&Fetched>,
+    expected: Option<&Digest>,
+) -> Result<Answer, Failed> {
     let http = |err: &(dyn std::error::Error + 'static), transient| Failed {
         error: AddError::Http {
             url: url.to_owned(),
@@ -526,11 +594,22 @@ fn fetch_once(client: &reqwest::blocking::Client, url: &str, to: &Path) -> Resul
         },
         transient,
     };
-    let mut response = client
-        .get(url)
+    let mut request = client.get(url);
+    if let Some(known) = known {
+        if let Some(etag) = &known.etag {
+            request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+        }
+        if let Some(since) = &known.last_modified {
+            request = request.header(reqwest::header::IF_MODIFIED_SINCE, since);
+        }
+    }
+    let mut response = request
         .send()
         .map_err(|err| http(&err, err.is_timeout() || broke(&err)))?;
     let status = response.status();
+    if status == reqwest::StatusCode::NOT_MODIFIED && known.is_some() {
+        return Ok(Answer::NotModified);
+    }
     if !status.is_success() {
         return Err(Failed {
             error: AddError::Status {
@@ -540,18 +619,25 @@ fn fetch_once(client: &reqwest::blocking::Client, url: &str, to: &Path) -> Resul
             transient: status.is_server_error() || status.as_u16() == 429,
         });
     }
-    let local = |what, err| Failed {
-        error: io(what, to)(err),
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (etag, last_modified) = (
+        header(reqwest::header::ETAG),
+        header(reqwest::header::LAST_MODIFIED),
+    );
+    let store = |source| Failed {
+        error: AddError::Store {
+            url: url.to_owned(),
+            source: Box::new(source),
+        },
         transient: false,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(DOWNLOAD_MODE)
-        .open(to)
-        .map_err(|err| local("creating", err))?;
-    let mut hasher = Sha256::new();
+    let mut writer = cas.writer().map_err(store)?;
     let mut buf = vec![0u8; 256 * 1024];
     let started = std::time::Instant::now();
     loop {
@@ -570,14 +656,31 @@ fn fetch_once(client: &reqwest::blocking::Client, url: &str, to: &Path) -> Resul
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .map_err(|err| local("writing", err))?;
+        writer.write_all(&buf[..n]).map_err(|source| Failed {
+            error: AddError::Io {
+                what: "storing the download of",
+                path: PathBuf::from(url),
+                source,
+            },
+            transient: false,
+        })?;
     }
-    // The umask may have narrowed the mode at creation.
-    file.set_permissions(std::fs::Permissions::from_mode(DOWNLOAD_MODE))
-        .map_err(|err| local("setting the mode of", err))?;
-    Ok(hex::encode(hasher.finalize()))
+    let blob = writer.commit(expected).map_err(|err| match err {
+        CasError::Mismatch { expected, actual } => Failed {
+            error: AddError::ChecksumMismatch {
+                url: url.to_owned(),
+                expected: expected.hex().to_owned(),
+                actual: actual.hex().to_owned(),
+            },
+            transient: false,
+        },
+        other => store(other),
+    })?;
+    Ok(Answer::Stored(Fetched {
+        digest: blob.digest,
+        etag,
+        last_modified,
+    }))
 }
 
 /// Whether the connection was reset or closed under the request.

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use super::view::RootView;
+use crate::caller::{AccessError, ReadCheck};
 use crate::context::dockerignore::clean;
 use crate::context::{EntryKind, FileTree, Hash, IgnoreRules, SourcePattern};
 
@@ -46,6 +47,8 @@ pub enum CopyError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 /// What a COPY/ADD says, after expansion and name resolution.
@@ -64,10 +67,12 @@ pub struct CopySpec {
 pub enum CopySource<'a> {
     /// The build context, as fingerprinted: only what the tree holds (after `.dockerignore`)
     /// and `excludes` leaves is visible, and content is checked against the tree's hashes.
+    /// With `readable`, every path copied must be one the caller could read.
     Context {
         dir: &'a Path,
         tree: &'a FileTree,
         excludes: &'a IgnoreRules,
+        readable: Option<&'a ReadCheck<'a>>,
     },
     /// Another stage or an image (`--from`), without what its `--exclude` rules match. As
     /// BuildKit's, they match paths relative to the source being copied: below a directory
@@ -228,6 +233,17 @@ pub fn plan(spec: &CopySpec, source: CopySource<'_>, parent: &RootView) -> Resul
                     dest: dest.clone(),
                     item: root,
                 });
+            }
+        }
+    }
+    if let CopySource::Context {
+        readable: Some(check),
+        ..
+    } = source
+    {
+        for op in &ops {
+            if let Op::Put { item, .. } = op {
+                check.check(&item.host)?;
             }
         }
     }
@@ -406,7 +422,7 @@ impl Plan {
                     let bytes = writer.put_leaf(dest, item, buf)?;
                     let mut stats = CopyStats::default();
                     stats.add(item, bytes);
-                    Ok(stats)
+                    Ok::<_, CopyError>(stats)
                 },
             )
             .try_reduce(CopyStats::default, |a, b| {
@@ -616,6 +632,7 @@ impl CopySource<'_> {
                 dir,
                 tree,
                 excludes,
+                ..
             } => tree
                 .iter()
                 .filter(|(path, _)| pattern.matches(path) && !excludes.is_excluded(path))
@@ -644,6 +661,7 @@ impl CopySource<'_> {
                 dir,
                 tree,
                 excludes,
+                ..
             } => {
                 let prefix = if root.rel.is_empty() {
                     String::new()

@@ -39,7 +39,9 @@ use tracing::{Instrument, info_span};
 
 use crate::cache::L1;
 use crate::cache::remote::{L3, RemoteMode};
+use crate::caller::AccessError;
 use crate::context::Hash;
+use crate::exec::ExecError;
 use crate::exec::{Executor, LogStream, Network};
 use crate::frontend::{self, Diagnostic};
 use crate::image::ImageParts;
@@ -47,9 +49,9 @@ use crate::image::oci::{ImageConfig, MediaTypes, Platform, manifest_json};
 use crate::image::{Compression, ImageError};
 use crate::layout::Layout;
 use crate::plan::{self, BuildGraph, NodeIndex, NodeKind, PlanError, PlanOptions};
-use crate::registry::{Reference, Registry, RegistryError};
+use crate::registry::{Reference, ReferenceError, Registry, RegistryError};
 use crate::snapshot::Snapshotter;
-use crate::store::{Lease, Store, blocking};
+use crate::store::{CasError, Lease, Store, StoreError, blocking};
 use crate::watch::{Baseline, BuildSnapshot, Hub, SourceSet, WatchError};
 
 pub use mounts::Secrets;
@@ -115,8 +117,13 @@ pub enum BuildError {
         #[source]
         source: ImageError,
     },
-    #[error("{step}: {message}")]
-    Step { step: String, message: String },
+    /// A step failed; `step` is its label (`COPY a /b`), with its Dockerfile line.
+    #[error("{step}: {source}")]
+    Step {
+        step: String,
+        #[source]
+        source: Box<StepError>,
+    },
     #[error("{step} failed: exit code {code}\n{tail}")]
     RunFailed {
         step: String,
@@ -124,22 +131,67 @@ pub enum BuildError {
         tail: String,
     },
     #[error("RUN steps need {0}; this daemon can still build Dockerfiles without RUN")]
-    NoRuntime(String),
+    NoRuntime(Arc<ExecError>),
     #[error("{0}")]
     Context(Box<WatchError>),
+    /// The caller could not read a file the build reads.
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("build cancelled")]
     Cancelled,
-    #[error("store: {0}")]
-    Store(String),
-    /// A write into the store ran out of space (the error as it came); a step's becomes
-    /// [`BuildError::OutOfSpace`].
+    /// What a step's work failed with, before [`BuildError::Step`] names the step.
+    #[error(transparent)]
+    Failed(Box<StepError>),
+    /// A write into the store ran out of space; a step's becomes [`BuildError::OutOfSpace`].
     #[error("no space left in the store: {0}")]
-    Full(String),
+    Full(Box<StepError>),
     #[error("{step}: {source}")]
     OutOfSpace {
         step: String,
         #[source]
         source: Box<crate::store::OutOfSpace>,
+    },
+    /// A bug: something the planner guarantees was not so.
+    #[error("internal error: {0}")]
+    Invariant(&'static str),
+    #[error("build task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// The error of a step this build shared with others (`flight`).
+    #[error(transparent)]
+    Shared(Arc<BuildError>),
+}
+
+/// Why a step's work failed, by the part that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Copy(#[from] copy::CopyError),
+    #[error(transparent)]
+    Add(#[from] add::AddError),
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Ignore(#[from] crate::context::dockerignore::IgnoreError),
+    #[error(transparent)]
+    Mount(#[from] mounts::StepMountError),
+    #[error(transparent)]
+    Tier(#[from] crate::cache::TierError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -155,16 +207,54 @@ impl From<PlanError> for BuildError {
     }
 }
 
+impl BuildError {
+    /// A step's failure; one that ran out of disk says so.
+    pub(crate) fn failed(err: impl Into<StepError>) -> Self {
+        let err = err.into();
+        if crate::store::is_out_of_space(&err) {
+            Self::Full(Box::new(err))
+        } else {
+            Self::Failed(Box::new(err))
+        }
+    }
+}
+
+/// `?` on what a step's work fails with.
+macro_rules! step_failures {
+    ($($source:ty),*) => {$(
+        impl From<$source> for BuildError {
+            fn from(err: $source) -> Self {
+                Self::failed(err)
+            }
+        }
+    )*};
+}
+
+step_failures!(
+    copy::CopyError,
+    add::AddError,
+    user::UserError,
+    ExecError,
+    crate::snapshot::SnapshotError,
+    StoreError,
+    CasError,
+    crate::context::dockerignore::IgnoreError
+);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
     #[error("no image {0} in the store (see `memobuild images`)")]
     NoSuchImage(String),
-    #[error("{0}")]
-    Reference(String),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
     #[error(transparent)]
     Registry(Box<RegistryError>),
     #[error("store: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
+    #[error("store: {0}")]
+    Image(#[from] ImageError),
+    #[error("push task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// How an export or a push sends an image: its layers' compression (`force`: also converting
@@ -200,6 +290,31 @@ pub fn image_as(
         layers,
         media: form.media,
     })
+}
+
+/// Refuses a build whose COPY/ADD sources hold a path its caller could not read. Checked
+/// before any cache look-up: a result cached by a build of someone who could read it is
+/// never handed to someone who could not. Blocking.
+fn caller_may_read(
+    caller: &crate::caller::Caller,
+    context: &std::path::Path,
+    tree: &crate::context::FileTree,
+    sources: &[SourceSet],
+) -> Result<(), BuildError> {
+    use crate::context::{IgnoreRules, SourcePattern};
+    let check = crate::caller::ReadCheck::new(caller, context);
+    for (patterns, excludes) in sources {
+        // The hub compiled these already: a bad one failed the snapshot.
+        let compiled: Vec<SourcePattern> = patterns
+            .iter()
+            .filter_map(|p| SourcePattern::new(p).ok())
+            .collect();
+        let rules = IgnoreRules::parse(&excludes.join("\n"), "--exclude").unwrap_or_default();
+        for path in tree.read_paths(&compiled, &rules) {
+            check.check(&context.join(path))?;
+        }
+    }
+    Ok(())
 }
 
 /// `app` → `app:latest`, as Docker names images.
@@ -239,6 +354,8 @@ pub struct BuildSpec {
     pub ssh: Vec<(String, PathBuf)>,
     /// This build's use of L3 (`None`: the daemon's mode); it can only narrow the daemon's.
     pub remote_cache: Option<RemoteMode>,
+    /// Whom the build reads the context for; `None`: the daemon's own user or root.
+    pub caller: Option<crate::caller::Caller>,
 }
 
 /// A finished build: the image in the store, and what it took. Its lease keeps the image
@@ -292,7 +409,7 @@ pub struct Engine {
     misses: AtomicU64,
     snapshotter: Arc<dyn Snapshotter>,
     /// `Err(why)` when this daemon cannot run containers.
-    executor: Result<Arc<dyn Executor>, String>,
+    executor: Result<Arc<dyn Executor>, Arc<ExecError>>,
     registry: Registry,
     hub: Arc<Hub>,
     platform: Platform,
@@ -313,6 +430,52 @@ pub struct Engine {
     /// Repositories this daemon pulled from or pushed to, by registry: candidates for
     /// cross-repository blob mounts, so a shared base layer is not uploaded again.
     known_repos: Mutex<HashMap<String, Vec<String>>>,
+    activity: Activity,
+    /// What each ADD URL answered last, for the next build's conditional request.
+    urls: Mutex<HashMap<String, add::Fetched>>,
+}
+
+/// What the engine is doing, so that a shutdown can stop all of it and wait for its end.
+#[derive(Debug)]
+struct Activity {
+    /// Set by [`Engine::stop_builds`]: a build starting from then on is cancelled at once.
+    stopping: AtomicBool,
+    /// The cancel flags of the builds running now.
+    builds: Mutex<Vec<std::sync::Weak<AtomicBool>>>,
+    /// Builds and shared steps that have not ended (their blocking work included).
+    busy: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts as busy while it lives.
+struct Busy(tokio::sync::watch::Sender<usize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Activity {
+    fn busy(&self) -> Busy {
+        self.busy.send_modify(|n| *n += 1);
+        Busy(self.busy.clone())
+    }
+
+    /// A build starts: it is listed for [`Engine::stop_builds`] (and cancelled right away
+    /// if that already happened).
+    fn build(&self, cancel: &Arc<AtomicBool>) -> Busy {
+        let busy = self.busy();
+        let mut builds = self
+            .builds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        builds.retain(|flag| flag.strong_count() > 0);
+        builds.push(Arc::downgrade(cancel));
+        if self.stopping.load(Ordering::SeqCst) {
+            cancel.store(true, Ordering::SeqCst);
+        }
+        busy
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -329,7 +492,7 @@ pub struct EngineParts {
     pub layout: Layout,
     pub store: Store,
     pub snapshotter: Arc<dyn Snapshotter>,
-    pub executor: Result<Arc<dyn Executor>, String>,
+    pub executor: Result<Arc<dyn Executor>, Arc<ExecError>>,
     pub registry: Registry,
     pub hub: Arc<Hub>,
     pub options: EngineOptions,
@@ -359,7 +522,34 @@ impl Engine {
             run_ids: AtomicU64::new(0),
             as_root: crate::passwd::effective_uid() == 0,
             known_repos: Mutex::new(HashMap::new()),
+            urls: Mutex::new(HashMap::new()),
+            activity: Activity {
+                stopping: AtomicBool::new(false),
+                builds: Mutex::new(Vec::new()),
+                busy: tokio::sync::watch::Sender::new(0),
+            },
         }
+    }
+
+    /// Cancels every running build, and every build that starts from now on: their
+    /// containers are killed, mounts and scratch directories removed. [`Engine::idle`] says
+    /// when that is done.
+    pub fn stop_builds(&self) {
+        self.activity.stopping.store(true, Ordering::SeqCst);
+        let builds = self
+            .activity
+            .builds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for flag in builds.iter().filter_map(std::sync::Weak::upgrade) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until no build and no shared step is running, blocking work included.
+    pub async fn idle(&self) {
+        let mut busy = self.activity.busy.subscribe();
+        let _ = busy.wait_for(|n| *n == 0).await;
     }
 
     pub fn store(&self) -> &Store {
@@ -382,8 +572,7 @@ impl Engine {
         progress: &(dyn Fn(crate::registry::PushEvent) + Send + Sync),
     ) -> Result<crate::registry::PushReport, PushError> {
         let stored = normalize_tag(name);
-        let target = Reference::parse(destination.unwrap_or(&stored))
-            .map_err(|e| PushError::Reference(e.to_string()))?;
+        let target = Reference::parse(destination.unwrap_or(&stored))?;
         // The push holds what it uploads: an `rmi` and a GC meanwhile take nothing from it.
         let lease = self.store.lease();
         // The image as pushed: its layers compressed (once per layer and form, then kept).
@@ -391,19 +580,17 @@ impl Engine {
             let (store, lease) = (self.store.clone(), lease.clone());
             blocking(move || {
                 let record = store
-                    .images()
-                    .map_err(|e| PushError::Store(e.to_string()))?
+                    .images()?
                     .into_iter()
                     .find(|image| image.name == stored)
                     .ok_or_else(|| PushError::NoSuchImage(stored.clone()))?;
-                let parts = ImageParts::read(&lease.cas(), &record.manifest)
-                    .map_err(|e| PushError::Store(e.to_string()))?;
+                let parts = ImageParts::read(&lease.cas(), &record.manifest)?;
                 let form = ImageForm {
                     compression,
                     force: force_compression,
                     media: MediaTypes::Oci,
                 };
-                image_as(&lease, &parts, &form).map_err(|e| PushError::Store(e.to_string()))
+                Ok::<_, PushError>(image_as(&lease, &parts, &form)?)
             })
             .await?
         };
@@ -412,7 +599,7 @@ impl Engine {
             let digest = image.manifest.digest.clone();
             blocking(move || lease.cas().read(&digest))
                 .await
-                .map_err(|e| PushError::Store(e.to_string()))?
+                .map_err(StoreError::from)?
         };
         let mount_from = self
             .known_repos
@@ -487,6 +674,7 @@ impl Engine {
         cancel: Arc<AtomicBool>,
     ) -> Result<Built, BuildError> {
         let started = Instant::now();
+        let _busy = self.activity.build(&cancel);
         // Everything this build uses or makes is held until its outputs are written.
         let lease = self.store.lease();
         let dockerfile = frontend::parse(
@@ -546,6 +734,7 @@ impl Engine {
             context: snapshot.as_ref().map(|s| Arc::clone(&s.tree)),
             reporter,
             cancel,
+            fetched: Mutex::new(HashMap::new()),
             lease: lease.clone(),
             created: state::timestamp(None),
             cached: AtomicU64::new(0),
@@ -605,10 +794,7 @@ impl Engine {
             reference: image.to_owned(),
             source: Box::new(source),
         };
-        let reference = Reference::parse(image).map_err(|err| BuildError::Step {
-            step: format!("FROM {image}"),
-            message: err.to_string(),
-        })?;
+        let reference = Reference::parse(image).map_err(|err| registry_err(err.into()))?;
         let platform = self.platform.to_string();
         let full = reference.to_string();
         // A digest pins the image; a tag resolved less than a TTL ago is trusted as is, so a
@@ -619,9 +805,7 @@ impl Engine {
             None => {
                 let (store, full, platform) = (self.store.clone(), full.clone(), platform.clone());
                 let ttl = self.options.resolve_ttl;
-                blocking(move || store.resolution(&full, &platform, ttl))
-                    .await
-                    .map_err(|e| BuildError::Store(e.to_string()))?
+                blocking(move || store.resolution(&full, &platform, ttl)).await?
             }
         };
         let present = match &remembered {
@@ -640,9 +824,7 @@ impl Engine {
                     .await
                     .map_err(registry_err)?;
                 let (store, digest) = (self.store.clone(), resolved.manifest_digest.clone());
-                blocking(move || store.remember_resolution(&full, &platform, &digest))
-                    .await
-                    .map_err(|e| BuildError::Store(e.to_string()))?;
+                blocking(move || store.remember_resolution(&full, &platform, &digest)).await?;
                 reference.with_digest(resolved.manifest_digest)
             }
         };
@@ -650,7 +832,7 @@ impl Engine {
         let manifest_digest = pinned
             .digest()
             .cloned()
-            .ok_or_else(|| BuildError::Store("a pinned reference has a digest".into()))?;
+            .ok_or(BuildError::Invariant("a pinned reference has a digest"))?;
         let read_local = || {
             let (cas, digest) = (lease.cas(), manifest_digest.clone());
             blocking(move || keys::BaseImage::from_cas(&cas, &digest))
@@ -670,9 +852,7 @@ impl Engine {
         };
         // A base image is a GC root of its own (LRU), so an offline rebuild finds it.
         let (held, layers) = (lease.clone(), base.state.layers.clone());
-        blocking(move || held.use_base(&manifest_digest, &layers))
-            .await
-            .map_err(|e| BuildError::Store(e.to_string()))?;
+        blocking(move || held.use_base(&manifest_digest, &layers)).await?;
         Ok(base)
     }
 
@@ -697,13 +877,18 @@ impl Engine {
             return Ok(None);
         }
         let hub = Arc::clone(&self.hub);
-        let context = spec.context.clone();
-        let dockerfile = spec.dockerfile.clone();
-        let snapshot =
-            tokio::task::spawn_blocking(move || hub.snapshot(&context, &dockerfile, &sources))
-                .await
-                .map_err(|e| BuildError::Store(e.to_string()))?
+        let (context, dockerfile) = (spec.context.clone(), spec.dockerfile.clone());
+        let caller = spec.caller.clone();
+        let snapshot = blocking(move || {
+            let snapshot = hub
+                .snapshot(&context, &dockerfile, &sources)
                 .map_err(|source| BuildError::Context(Box::new(source)))?;
+            if let Some(caller) = &caller {
+                caller_may_read(caller, &context, &snapshot.tree, &sources)?;
+            }
+            Ok::<_, BuildError>(snapshot)
+        })
+        .await?;
         let fingerprints = nodes
             .into_iter()
             .zip(snapshot.fingerprints.iter().copied())
@@ -754,12 +939,9 @@ impl Engine {
                 history.created = config.created.clone();
             }
         }
-        let store = |e: crate::store::CasError| BuildError::Store(e.to_string());
-        let config_blob = cas.put(&config.to_json()).map_err(store)?;
+        let config_blob = cas.put(&config.to_json())?;
         let media = MediaTypes::Oci;
-        let manifest = cas
-            .put(&manifest_json(media, &config_blob, &state.layers))
-            .map_err(store)?;
+        let manifest = cas.put(&manifest_json(media, &config_blob, &state.layers))?;
         let parts = ImageParts {
             manifest,
             config: config_blob,

@@ -23,6 +23,33 @@ use crate::plan::NodeIndex;
 use crate::snapshot::{Active, Tmpfs};
 use crate::store::{CacheMount, CacheOwner, Sharing};
 
+/// Why a RUN's `--mount`s could not be prepared (the step fails with it).
+#[derive(Debug, thiserror::Error)]
+pub enum StepMountError {
+    #[error("--mount: {0}")]
+    Spec(#[source] frontend::MountError),
+    #[error(
+        "secret {id:?} is required but the build was given none \
+         (memobuild build --secret id={id},src=FILE)"
+    )]
+    MissingSecret { id: String },
+    #[error("secret {id:?} is not UTF-8 text: it cannot be the environment variable {name}")]
+    SecretNotText { id: String, name: String },
+    #[error(
+        "SSH agent {id:?} is required but the build was given none (memobuild build --ssh {id})"
+    )]
+    MissingSsh { id: String },
+    #[error("no build context for a bind mount")]
+    NoContext,
+    #[error("--mount from={from}: no such input")]
+    NoSuchInput { from: String },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
+    let path = path.to_owned();
+    move |source| BuildError::failed(super::StepError::Io { what, path, source })
+}
+
 /// The build's `--secret`s by id. Its `Debug` shows ids only, so a logged spec leaks nothing.
 #[derive(Clone, Default)]
 pub struct Secrets(HashMap<String, Vec<u8>>);
@@ -67,8 +94,8 @@ impl BuildRun {
         inputs: &HashMap<NodeIndex, Arc<State>>,
         work: &Work,
     ) -> Result<StepMounts, BuildError> {
-        let parsed = parse_mounts(&run.mounts)
-            .map_err(|(_, err)| BuildError::Store(format!("--mount: {err}")))?;
+        let parsed =
+            parse_mounts(&run.mounts).map_err(|(_, err)| store(StepMountError::Spec(err)))?;
         let needs_tmpfs = parsed.iter().any(|m| m.kind == MountKind::Secret);
         let secrets = needs_tmpfs
             .then(|| Tmpfs::mount(&scratch.join("private")))
@@ -100,20 +127,18 @@ impl BuildRun {
                 MountKind::Secret => {
                     let Some(value) = self.spec.secrets.get(&mount.id) else {
                         if mount.required {
-                            return Err(BuildError::Store(format!(
-                                "secret {:?} is required but the build was given none \
-                                 (memobuild build --secret id={},src=FILE)",
-                                mount.id, mount.id
-                            )));
+                            return Err(store(StepMountError::MissingSecret {
+                                id: mount.id.clone(),
+                            }));
                         }
                         continue;
                     };
                     if let Some(name) = &mount.env {
                         let text = std::str::from_utf8(value).map_err(|_| {
-                            BuildError::Store(format!(
-                                "secret {:?} is not UTF-8 text: it cannot be the environment variable {name}",
-                                mount.id
-                            ))
+                            store(StepMountError::SecretNotText {
+                                id: mount.id.clone(),
+                                name: name.clone(),
+                            })
                         })?;
                         step.env.push(format!("{name}={text}"));
                     }
@@ -122,7 +147,7 @@ impl BuildRun {
                     }
                     let dir = secrets.as_ref().expect("mounted for secrets").path();
                     let file = dir.join(format!("secret-{i}"));
-                    write_private(&file, value, &mount).map_err(store)?;
+                    write_private(&file, value, &mount).map_err(io("writing the secret", &file))?;
                     MountSource::Bind {
                         path: file,
                         readonly: true,
@@ -132,11 +157,9 @@ impl BuildRun {
                     let Some((_, socket)) = self.spec.ssh.iter().find(|(id, _)| *id == mount.id)
                     else {
                         if mount.required {
-                            return Err(BuildError::Store(format!(
-                                "SSH agent {:?} is required but the build was given none \
-                                 (memobuild build --ssh {})",
-                                mount.id, mount.id
-                            )));
+                            return Err(store(StepMountError::MissingSsh {
+                                id: mount.id.clone(),
+                            }));
                         }
                         continue;
                     };
@@ -157,7 +180,8 @@ impl BuildRun {
                                 .iter()
                                 .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
                                 .collect();
-                            std::fs::create_dir_all(&dir).map_err(store)?;
+                            std::fs::create_dir_all(&dir)
+                                .map_err(io("creating the bind mount's directory", &dir))?;
                             let active =
                                 self.engine.snapshotter.prepare(&ids, &dir).map_err(store)?;
                             let source = mount.source.as_deref().unwrap_or("/");
@@ -191,7 +215,7 @@ impl BuildRun {
         let tree = self
             .context
             .as_deref()
-            .ok_or_else(|| BuildError::Store("no build context for a bind mount".into()))?;
+            .ok_or_else(|| store(StepMountError::NoContext))?;
         let spec = CopySpec {
             sources: vec![crate::plan::bind_context_source(mount)],
             dest: "/bound".into(),
@@ -200,13 +224,15 @@ impl BuildRun {
             chmod: None,
         };
         let excludes = IgnoreRules::parse("", "--mount").map_err(store)?;
+        let readable = self.readable();
         let source = CopySource::Context {
             dir: &self.spec.context,
             tree,
             excludes: &excludes,
+            readable: readable.as_ref(),
         };
         let empty = RootView::new(Vec::new());
-        std::fs::create_dir_all(dir).map_err(store)?;
+        std::fs::create_dir_all(dir).map_err(io("creating the bind mount's directory", dir))?;
         copy::plan(&spec, source, &empty)
             .and_then(|plan| plan.apply(&spec, &empty, dir, self.engine.as_root))
             .map_err(store)?;
@@ -238,7 +264,11 @@ impl BuildRun {
         stage
             .or_else(image)
             .and_then(|n| inputs.get(&n).cloned())
-            .ok_or_else(|| BuildError::Store(format!("--mount from={from}: no such input")))
+            .ok_or_else(|| {
+                store(StepMountError::NoSuchInput {
+                    from: from.to_owned(),
+                })
+            })
     }
 
     fn cache(&self, mount: &RunMount, work: &Work) -> Result<CacheMount, BuildError> {

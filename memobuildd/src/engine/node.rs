@@ -23,15 +23,16 @@ use super::mounts::absent_paths;
 use super::state::{self, DEFAULT_PATH, State};
 use super::user;
 use super::view::RootView;
-use super::{BuildError, BuildSpec, Engine, Progress, Reporter};
+use super::{BuildError, BuildSpec, Engine, Progress, Reporter, StepError};
 use crate::cache::remote::RemoteTier;
 use crate::cache::{Tier as _, Tiered};
+use crate::caller::ReadCheck;
 use crate::context::{Hash, IgnoreRules};
 use crate::exec::{LogStream, Network, RunRequest};
 use crate::frontend::{Command, FileCopy, InstructionKind, Run};
 use crate::image::layer::{Layer, LayerOptions, write_layer};
 use crate::plan::{BuildGraph, NodeIndex, NodeKind};
-use crate::store::{ActionResult, LayerRecord, Lease, blocking};
+use crate::store::{ActionResult, Digest, LayerRecord, Lease, blocking};
 
 /// Mount points the runtime creates when the image lacks them and that BuildKit removes
 /// again when they stayed empty. (It keeps /proc, /sys and /dev, and /etc/hostname is no
@@ -70,6 +71,8 @@ pub(super) struct BuildRun {
     pub(super) context: Option<Arc<crate::context::FileTree>>,
     pub(super) reporter: Arc<dyn Reporter>,
     pub(super) cancel: Arc<AtomicBool>,
+    /// The content of each ADD URL as this build keyed it, by URL: the step places exactly it.
+    pub(super) fetched: Mutex<HashMap<String, Digest>>,
     /// Holds everything this build uses in the store.
     pub(super) lease: Lease,
     pub(super) created: String,
@@ -317,7 +320,7 @@ impl BuildRun {
         for other in keys::other_inputs(&self.graph, node) {
             if self.graph.node(other).kind == NodeKind::ContextSource {
                 let id = self.fingerprints.get(&other).copied().ok_or_else(|| {
-                    BuildError::Store("a context source without a fingerprint".into())
+                    BuildError::Invariant("a context source without a fingerprint")
                 })?;
                 ids.push(Input {
                     id,
@@ -341,12 +344,62 @@ impl BuildRun {
                 from_context: false,
             });
         }
+        if let Some(InstructionKind::Add(add)) = &self.graph.node(node).step {
+            for url in add.sources.iter().filter(|s| add::is_url(s)) {
+                let digest = self.url_content(url, add.checksum.as_deref()).await?;
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(b"memobuild-add-url-v1\0");
+                hasher.update(url.as_bytes());
+                hasher.update(b"\0");
+                hasher.update(digest.as_str().as_bytes());
+                ids.push(Input {
+                    id: *hasher.finalize().as_bytes(),
+                    from_context: false,
+                });
+            }
+        }
         let inputs = KeyInputs::of(&self.graph, node, &self.contexts[node.index()], parent, ids);
         self.keyed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(node, inputs.clone());
         Ok(inputs)
+    }
+
+    /// What an ADD URL holds for this build: pinned by `--checksum` (no request), or
+    /// revalidated against what it answered last (a conditional GET, or a download and a
+    /// hash). Its digest goes into the step's key, so new content reruns the step and what
+    /// follows; unchanged content keeps them cached.
+    async fn url_content(&self, url: &str, checksum: Option<&str>) -> Result<Digest, BuildError> {
+        let digest = match checksum {
+            Some(checksum) => add::checksum_digest(checksum)?,
+            None => {
+                let engine = Arc::clone(&self.engine);
+                let (cas, url) = (self.lease.cas(), url.to_owned());
+                blocking(move || {
+                    let known = engine
+                        .urls
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get(&url)
+                        .cloned()
+                        .filter(|known| cas.contains(&known.digest));
+                    let fetched = add::revalidate(&cas, &url, known.as_ref())?;
+                    engine
+                        .urls
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(url, fetched.clone());
+                    Ok::<_, BuildError>(fetched.digest)
+                })
+                .await?
+            }
+        };
+        self.fetched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(url.to_owned(), digest.clone());
+        Ok(digest)
     }
 
     /// The id of exactly the files a `COPY --from` copies out of `from`: paths, types, modes,
@@ -380,11 +433,11 @@ impl BuildRun {
             let view = RootView::new(run.lower_dirs(&from)?);
             copy::source_id(&sources, &view).map_err(|err| BuildError::Step {
                 step: label,
-                message: err.to_string(),
+                source: Box::new(err.into()),
             })
         })
         .await
-        .map_err(store)??;
+        .map_err(BuildError::Task)??;
         self.engine.derived.insert(memo, id);
         Ok(id)
     }
@@ -402,7 +455,7 @@ impl BuildRun {
         let step = spec
             .step
             .clone()
-            .ok_or_else(|| BuildError::Store("a step without an instruction".into()))?;
+            .ok_or(BuildError::Invariant("a step without an instruction"))?;
         // `--no-cache` reads no tier, the remote one included.
         let cached = if self.spec.no_cache {
             None
@@ -432,9 +485,15 @@ impl BuildRun {
                         Arc::clone(&self.reporter),
                         id,
                         &self.cancel,
-                        move |work| async move {
-                            run.execute(node, key, step, parent_for_step, inputs, work)
-                                .await
+                        move |work| {
+                            // The work outlives the build that started it: it is the
+                            // engine's activity until it ends.
+                            let busy = run.engine.activity.busy();
+                            async move {
+                                let _busy = busy;
+                                run.execute(node, key, step, parent_for_step, inputs, work)
+                                    .await
+                            }
                         },
                     )
                     .await;
@@ -568,19 +627,22 @@ impl BuildRun {
                     run.copy_step(node, spec, is_add, &parent, origin, &work)
                 }
                 InstructionKind::Workdir(dir) => run.workdir_step(dir, &parent),
-                other => Err(BuildError::Store(format!(
-                    "{} is not a filesystem step",
-                    other.keyword()
-                ))),
+                _ => Err(BuildError::Invariant(
+                    "a metadata step executed as a filesystem step",
+                )),
             };
             let result = outcome.map_err(|err| match err {
-                BuildError::Store(message) => BuildError::Step {
+                BuildError::Failed(source) => BuildError::Step {
                     step: label,
-                    message,
+                    source,
                 },
                 BuildError::Full(detail) => BuildError::OutOfSpace {
                     step: label,
-                    source: Box::new(run.engine.store.out_of_space(free_before, detail)),
+                    source: Box::new(
+                        run.engine
+                            .store
+                            .out_of_space(free_before, detail.to_string()),
+                    ),
                 },
                 other => other,
             })?;
@@ -589,7 +651,7 @@ impl BuildRun {
             Ok(result)
         })
         .await
-        .map_err(store)?
+        .map_err(BuildError::Task)?
     }
 
     fn layer_options(&self) -> LayerOptions<'static> {
@@ -621,7 +683,7 @@ impl BuildRun {
             .engine
             .executor
             .as_ref()
-            .map_err(|why| BuildError::NoRuntime(why.clone()))?
+            .map_err(|why| BuildError::NoRuntime(Arc::clone(why)))?
             .clone();
         let spec = self.graph.node(node);
         let lowers = self.lower_dirs(parent)?;
@@ -693,7 +755,7 @@ impl BuildRun {
             .run(&request, &mut logs, work.cancel_flag())
             .map_err(|e| match e {
                 crate::exec::ExecError::Cancelled => BuildError::Cancelled,
-                other => BuildError::Store(other.to_string()),
+                other => store(other),
             })?;
         let upper = active.unmount().map_err(store)?;
         if code != 0 {
@@ -728,18 +790,14 @@ impl BuildRun {
             .map(|spec| user::chown(spec, &parent_view))
             .transpose()
             .map_err(store)?;
-        let chmod =
-            match copy.chmod.as_deref() {
-                Some(text) => Some(u32::from_str_radix(text, 8).map_err(|_| {
-                    BuildError::Store(format!("--chmod={text} is not an octal mode"))
-                })?),
-                None => None,
-            };
-        if !is_add && copy.sources.iter().any(|s| s.contains("://")) {
-            return Err(BuildError::Store(
-                "COPY can not fetch a URL; use ADD".into(),
-            ));
-        }
+        // The planner refused a --chmod that is not octal, at its Dockerfile line.
+        let chmod = match copy.chmod.as_deref() {
+            Some(text) => Some(
+                u32::from_str_radix(text, 8)
+                    .map_err(|_| BuildError::Invariant("--chmod checked by the planner"))?,
+            ),
+            None => None,
+        };
         let spec = CopySpec {
             sources: copy.sources.clone(),
             dest: copy.dest.clone(),
@@ -750,12 +808,31 @@ impl BuildRun {
         let excludes = IgnoreRules::parse(&copy.exclude.join("\n"), "--exclude").map_err(store)?;
         // ADD: archives are extracted and URLs downloaded (engine::add); it has no --from.
         if is_add {
-            let tree = tree.ok_or_else(|| BuildError::Store("no build context for ADD".into()))?;
+            // An ADD of URLs alone reads nothing from the context.
+            let no_context = crate::context::FileTree::default();
+            let tree = tree.unwrap_or(&no_context);
+            let readable = self.readable();
             let context = add::Context {
                 dir: &self.spec.context,
                 tree,
                 excludes: &excludes,
+                readable: readable.as_ref(),
             };
+            let cas = self.lease.cas();
+            let mut downloads = HashMap::new();
+            for url in copy.sources.iter().filter(|s| add::is_url(s)) {
+                let digest = self
+                    .fetched
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(url)
+                    .cloned()
+                    .ok_or(BuildError::Invariant(
+                        "an ADD URL without its content digest",
+                    ))?;
+                add::pinned(&cas, url, &digest)?;
+                downloads.insert(url.clone(), cas.path(&digest));
+            }
             return self.new_layer("add-", |staging| {
                 let checksum = copy.checksum.as_deref();
                 add::stage(
@@ -765,6 +842,7 @@ impl BuildRun {
                     &parent_view,
                     staging,
                     self.engine.as_root,
+                    &downloads,
                 )
                 .map_err(store)
             });
@@ -781,6 +859,7 @@ impl BuildRun {
             spec
         };
         let mut plans = Vec::new();
+        let readable = self.readable();
         if !copy.sources.is_empty() || copy.heredocs.is_empty() {
             let from_view;
             let source = match (from, tree) {
@@ -792,8 +871,9 @@ impl BuildRun {
                     dir: &self.spec.context,
                     tree,
                     excludes: &excludes,
+                    readable: readable.as_ref(),
                 },
-                (None, None) => return Err(BuildError::Store("no source for COPY".into())),
+                (None, None) => return Err(BuildError::Invariant("a COPY without a source")),
             };
             plans.push(copy::plan(&spec, source, &parent_view).map_err(store)?);
         }
@@ -804,9 +884,16 @@ impl BuildRun {
             let cleanup = RemoveOnDrop(dir.clone());
             for doc in &copy.heredocs {
                 let file = dir.join(&doc.name);
-                std::fs::write(&file, &doc.body).map_err(store)?;
+                let writing = |source| {
+                    store(StepError::Io {
+                        what: "writing heredoc",
+                        path: file.clone(),
+                        source,
+                    })
+                };
+                std::fs::write(&file, &doc.body).map_err(writing)?;
                 std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
-                    .map_err(store)?;
+                    .map_err(writing)?;
             }
             let docs_spec = CopySpec {
                 sources: copy.heredocs.iter().map(|d| d.name.clone()).collect(),
@@ -838,6 +925,12 @@ impl BuildRun {
         })
     }
 
+    /// What this build's caller may read of its context (nothing to check for root).
+    pub(super) fn readable(&self) -> Option<ReadCheck<'_>> {
+        let caller = self.spec.caller.as_ref()?;
+        Some(ReadCheck::new(caller, &self.spec.context))
+    }
+
     /// A large COPY as one layer per chunk. Each chunk has its own key — the step's key
     /// without its sources, and the chunk's own files — so after an edit every other chunk
     /// is a cache hit and only the edited one is copied, tarred and compressed again.
@@ -856,7 +949,7 @@ impl BuildRun {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&node)
             .map(KeyInputs::key_without_context)
-            .ok_or_else(|| BuildError::Store("a chunked COPY without a key".into()))?;
+            .ok_or(BuildError::Invariant("a chunked COPY without a key"))?;
         let keyed: Vec<(Hash, &copy::Chunk)> = chunks
             .iter()
             .map(|chunk| {
@@ -1026,12 +1119,8 @@ fn remove_mount_points(upper: &Path, absent: &[String]) {
 }
 
 /// An error of the store or of a step's writes; one that ran out of space says so.
-pub(super) fn store(err: impl std::error::Error + 'static) -> BuildError {
-    if crate::store::is_out_of_space(&err) {
-        BuildError::Full(err.to_string())
-    } else {
-        BuildError::Store(err.to_string())
-    }
+pub(super) fn store(err: impl Into<StepError>) -> BuildError {
+    BuildError::failed(err)
 }
 
 fn is_step(kind: NodeKind) -> bool {
@@ -1041,19 +1130,6 @@ fn is_step(kind: NodeKind) -> bool {
 fn unshare(err: Arc<BuildError>) -> BuildError {
     Arc::try_unwrap(err).unwrap_or_else(|shared| match &*shared {
         BuildError::Cancelled => BuildError::Cancelled,
-        BuildError::NoRuntime(why) => BuildError::NoRuntime(why.clone()),
-        BuildError::Step { step, message } => BuildError::Step {
-            step: step.clone(),
-            message: message.clone(),
-        },
-        BuildError::RunFailed { step, code, tail } => BuildError::RunFailed {
-            step: step.clone(),
-            code: *code,
-            tail: tail.clone(),
-        },
-        other => BuildError::Step {
-            step: "build".into(),
-            message: other.to_string(),
-        },
+        _ => BuildError::Shared(shared),
     })
 }

@@ -85,7 +85,7 @@ pub enum ExecError {
         source: std::io::Error,
     },
     #[error("writing the runtime bundle: {0}")]
-    Spec(String),
+    Spec(#[source] oci_spec::OciSpecError),
     #[error("{runtime} failed before the step ran (exit {code}): {stderr}")]
     Runtime {
         runtime: String,
@@ -94,6 +94,8 @@ pub enum ExecError {
     },
     #[error("cancelled")]
     Cancelled,
+    #[error("root (overlay mounts and the OCI runtime need it): run memobuildd as root")]
+    NotRoot,
 }
 
 pub trait Executor: Send + Sync + std::fmt::Debug {

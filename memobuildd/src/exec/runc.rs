@@ -85,9 +85,9 @@ impl Runc {
         for (name, content) in &etc {
             std::fs::write(request.bundle.join(name), content).map_err(io("writing /etc files"))?;
         }
-        let spec = spec(request, netns).map_err(|err| ExecError::Spec(err.to_string()))?;
+        let spec = spec(request, netns).map_err(ExecError::Spec)?;
         spec.save(request.bundle.join("config.json"))
-            .map_err(|err| ExecError::Spec(err.to_string()))
+            .map_err(ExecError::Spec)
     }
 }
 

@@ -708,6 +708,22 @@ fn check_semantics(
         InstructionKind::Workdir(dir) if dir.is_empty() => {
             Err(error("WORKDIR cannot be empty".to_owned()))
         }
+        InstructionKind::Copy(copy) | InstructionKind::Add(copy) => {
+            if let Some(mode) = &copy.chmod
+                && u32::from_str_radix(mode, 8).map_or(true, |m| m > 0o7777)
+            {
+                return Err(error(format!(
+                    "--chmod={mode} is not an octal mode (0000 to 7777)"
+                )));
+            }
+            let is_copy = matches!(expanded, InstructionKind::Copy(_));
+            match copy.sources.iter().find(|s| s.contains("://")) {
+                Some(url) if is_copy && copy.from.is_none() => {
+                    Err(error(format!("COPY can not fetch a URL ({url}); use ADD")))
+                }
+                _ => Ok(()),
+            }
+        }
         _ => Ok(()),
     }
 }

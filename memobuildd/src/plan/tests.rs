@@ -133,6 +133,16 @@ fn bad_semantics_in_a_needed_stage_fail_at_their_line() {
     let err = stage_error("FROM a\n\nLABEL v=\"${NOPE:?is required}\"\n", None);
     assert_eq!((err.kind, err.line), (DiagnosticKind::Expansion, 3));
     assert_eq!(err.message, "NOPE: is required");
+    let err = stage_error("FROM a\nARG M=8\nCOPY --chmod=$M x /x\n", None);
+    assert_eq!((err.kind, err.line), (DiagnosticKind::Semantic, 3));
+    assert!(
+        err.message.contains("--chmod=8 is not an octal mode"),
+        "{}",
+        err.message
+    );
+    let err = stage_error("FROM a\n\nCOPY https://example.com/x /x\n", None);
+    assert_eq!((err.kind, err.line), (DiagnosticKind::Semantic, 3));
+    assert!(err.message.contains("use ADD"), "{}", err.message);
 }
 
 #[test]

@@ -4,10 +4,8 @@
 //! for sockets whose mode was loosened (a `SocketMode=` in a unit, a hand `chmod`) and for the
 //! instant between bind and chmod.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::requests::HandlerError;
 use crate::passwd::{self, Group};
 
 #[derive(Debug, Clone)]
@@ -26,58 +24,6 @@ pub(crate) struct Peer {
     pub(crate) pid: Option<i32>,
 }
 
-impl Peer {
-    /// Refuses when this peer could not read `path` itself: a daemon running as root must not
-    /// read, on a user's behalf, what that user may not. Checks the path's own permission bits
-    /// against the peer's uid and primary gid; a missing path passes, for the read to report.
-    pub(crate) fn check_readable(&self, path: &Path) -> Result<(), HandlerError> {
-        let needed = |meta: &std::fs::Metadata| if meta.is_dir() { 0o5 } else { 0o4 };
-        if self.may(path, needed) {
-            Ok(())
-        } else {
-            Err(HandlerError::Unreadable {
-                uid: self.uid,
-                path: path.to_owned(),
-            })
-        }
-    }
-
-    /// Refuses a socket (an SSH agent's) this peer could not connect to itself: connecting
-    /// needs write permission on it.
-    pub(crate) fn check_connectable(&self, path: &Path) -> Result<(), HandlerError> {
-        if self.may(path, |_| 0o2) {
-            Ok(())
-        } else {
-            Err(HandlerError::Unconnectable {
-                uid: self.uid,
-                path: path.to_owned(),
-            })
-        }
-    }
-
-    /// Whether the permission bits of `path` that apply to this peer (owner, group or
-    /// others) hold the `needed` ones. Root and the daemon's own user may do anything; a
-    /// missing path passes, for its use to report.
-    fn may(&self, path: &Path, needed: impl Fn(&std::fs::Metadata) -> u32) -> bool {
-        if self.uid == 0 || self.uid == passwd::effective_uid() {
-            return true;
-        }
-        let Ok(meta) = std::fs::metadata(path) else {
-            return true;
-        };
-        let mode = meta.mode();
-        let bits = if meta.uid() == self.uid {
-            mode >> 6
-        } else if meta.gid() == self.gid {
-            mode >> 3
-        } else {
-            mode
-        } & 0o7;
-        let needed = needed(&meta);
-        bits & needed == needed
-    }
-}
-
 impl AccessPolicy {
     pub(crate) fn new(daemon_uid: u32, group: Option<Group>) -> Self {
         Self {
@@ -92,13 +38,14 @@ impl AccessPolicy {
         self.group.as_ref()
     }
 
-    /// `Err` carries the message the refused peer is sent.
-    pub(crate) fn check(&self, peer: Peer) -> Result<(), String> {
+    /// `Err` carries the message the refused peer is sent. `groups`: the peer's
+    /// supplementary groups as the kernel reported them.
+    pub(crate) fn check(&self, peer: Peer, groups: &[u32]) -> Result<(), String> {
         if peer.uid == 0 || peer.uid == self.daemon_uid {
             return Ok(());
         }
         if let Some(group) = &self.group
-            && self.is_member(peer, group)
+            && (groups.contains(&group.gid) || self.is_member(peer, group))
         {
             return Ok(());
         }
@@ -164,9 +111,9 @@ mod tests {
     #[test]
     fn owner_and_root_only_without_group() {
         let (_dir, policy) = policy_with_files(None);
-        assert!(policy.check(peer(1000, 1000)).is_ok());
-        assert!(policy.check(peer(0, 0)).is_ok());
-        let refusal = policy.check(peer(1001, 1001)).expect_err("stranger");
+        assert!(policy.check(peer(1000, 1000), &[]).is_ok());
+        assert!(policy.check(peer(0, 0), &[]).is_ok());
+        let refusal = policy.check(peer(1001, 1001), &[]).expect_err("stranger");
         assert!(refusal.contains("uid 1001"), "{refusal}");
     }
 
@@ -178,26 +125,19 @@ mod tests {
             members: vec![],
         };
         let (_dir, policy) = policy_with_files(Some(builders));
-        assert!(policy.check(peer(1001, 1001)).is_ok(), "listed member");
-        assert!(policy.check(peer(1003, 1003)).is_ok(), "primary group");
-        assert!(policy.check(peer(4242, 77)).is_ok(), "running with the gid");
-        let refusal = policy.check(peer(1002, 1002)).expect_err("not a member");
+        assert!(policy.check(peer(1001, 1001), &[]).is_ok(), "listed member");
+        assert!(policy.check(peer(1003, 1003), &[]).is_ok(), "primary group");
+        assert!(
+            policy.check(peer(4242, 77), &[]).is_ok(),
+            "running with the gid"
+        );
+        assert!(
+            policy.check(peer(4242, 4242), &[5, 77]).is_ok(),
+            "a supplementary group of the process"
+        );
+        let refusal = policy
+            .check(peer(1002, 1002), &[])
+            .expect_err("not a member");
         assert!(refusal.contains("group builders"), "{refusal}");
-    }
-
-    #[test]
-    fn a_peer_may_connect_only_to_a_socket_it_could_write() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("agent.sock");
-        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).expect("mode");
-        let owner = std::fs::metadata(&socket).expect("meta").uid();
-        // A uid that is neither root, the daemon's user nor the socket's owner.
-        let stranger = peer(owner.max(1) + 4242, 4242);
-        assert!(stranger.check_connectable(&socket).is_err());
-        assert!(peer(0, 0).check_connectable(&socket).is_ok());
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("mode");
-        assert!(stranger.check_connectable(&socket).is_ok());
     }
 }

@@ -18,10 +18,11 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use super::Shared;
-use super::access::Peer;
+use super::events::{self, Events};
 use super::requests::DockerfileText;
+use crate::caller::Caller;
 use crate::engine::{
-    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, Reporter, normalize_tag,
+    BuildError, BuildSpec, Built, Engine, ImageForm, Progress, PushError, StepError, normalize_tag,
 };
 use crate::exec::{self, Network};
 use crate::export::{self, Chunks, Format};
@@ -30,15 +31,6 @@ use crate::image::compress::ZSTD_DEFAULT_LEVEL;
 use crate::image::oci::MediaTypes;
 use crate::registry::{PushEvent, RegistryError};
 use crate::store::{ImageRecord, Store, blocking};
-
-struct ChannelReporter(mpsc::UnboundedSender<Progress>);
-
-impl Reporter for ChannelReporter {
-    fn report(&self, event: Progress) {
-        // The receiver outlives the build unless the connection died; then nobody cares.
-        let _ = self.0.send(event);
-    }
-}
 
 /// The builds in progress, as `status` lists them.
 #[derive(Debug, Default)]
@@ -140,14 +132,21 @@ pub(crate) async fn serve(
     stream: &mut UnixStream,
     shared: &Shared,
     request: BuildRequest,
-    peer: Peer,
+    caller: &Caller,
 ) -> Result<(), FrameError> {
     let (engine, hub) = (&shared.engine, &shared.hub);
     let keep_watching = shared.config.watch_built_contexts;
-    let dockerfile = match DockerfileText::read(&request.source, peer) {
+    let dockerfile = match DockerfileText::read(&request.source, caller) {
         Ok(dockerfile) => dockerfile,
         Err(err) => return write_frame(stream, &err.into_response()).await,
     };
+    if pushes(&request).any(|names| names.is_empty()) {
+        let refusal = Response::error(
+            ErrorCode::InvalidInput,
+            "--push needs a name to push to: give -t NAME (or -o type=image,name=NAME,push=true)",
+        );
+        return write_frame(stream, &refusal).await;
+    }
     let spec = BuildSpec {
         context: dockerfile.context.clone(),
         dockerfile: dockerfile.path.clone(),
@@ -173,13 +172,18 @@ pub(crate) async fn serve(
             .map(|a| (a.id.clone(), a.socket.clone()))
             .collect(),
         remote_cache: request.remote_cache.map(super::remote_mode),
+        caller: (!caller.is_unrestricted()).then(|| caller.clone()),
     };
     if let Some(denied) = request
         .ssh
         .iter()
-        .find_map(|a| peer.check_connectable(&a.socket).err())
+        .find_map(|a| caller.may_connect(&a.socket).err())
     {
-        return write_frame(stream, &denied.into_response()).await;
+        return write_frame(
+            stream,
+            &super::requests::HandlerError::from(denied).into_response(),
+        )
+        .await;
     }
     // Every change made before this request must be in the fingerprints it uses.
     hub.sync(&dockerfile.context).await;
@@ -193,7 +197,8 @@ pub(crate) async fn serve(
         }
         let Some(outcome) = outcome else {
             tokio::task::spawn_blocking(release_freed_memory);
-            return Ok(());
+            // Gone or stalled mid-frame: nothing more can be said on this connection.
+            return Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         };
         let built = match outcome {
             Ok(built) => built,
@@ -213,7 +218,11 @@ pub(crate) async fn serve(
             let _ = tokio::task::spawn_blocking(move || hub.mark_built(&context, &baseline)).await;
         }
         match write_outputs(engine, &built, &request, stream).await {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Err(refusal) = push_outputs(engine, &request).await {
+                    return write_frame(stream, &refusal).await;
+                }
+            }
             // The store found a blob of this image damaged while writing an output, and
             // repaired it (removed it and the steps that made it): building again makes it
             // anew, and the client drops what it received of the outputs. Once: a second
@@ -232,36 +241,47 @@ pub(crate) async fn serve(
 }
 
 /// Runs one build, streaming its events (and listing it in `status` while it runs); `None`
-/// when the client went away (the build was cancelled).
+/// when the client went away or stopped reading (the build was cancelled).
 async fn stream_build(
     stream: &mut UnixStream,
     shared: &Shared,
     dockerfile: &DockerfileText,
     spec: BuildSpec,
 ) -> Option<Result<Built, BuildError>> {
-    let (events, mut received) = mpsc::unbounded_channel();
+    let (sender, events) = Events::new(events::LOG_BYTES);
     let cancel = Arc::new(AtomicBool::new(false));
     let listed = shared.builds.start(&dockerfile.context, &dockerfile.path);
     let build = tokio::spawn({
         let engine = Arc::clone(&shared.engine);
         let cancel = Arc::clone(&cancel);
-        async move {
-            engine
-                .build(spec, Arc::new(ChannelReporter(events)), cancel)
-                .await
-        }
+        async move { engine.build(spec, Arc::new(sender), cancel).await }
     });
 
+    let stall = shared.config.client_stall;
     let (mut reader, mut writer) = stream.split();
     let mut client_gone = false;
     let mut probe = [0u8; 1];
     loop {
         tokio::select! {
-            event = received.recv() => match event {
+            event = events.next() => match event {
                 Some(event) => {
                     shared.builds.observe(listed.id, &event);
-                    if !client_gone && write_frame(&mut writer, &Response::Event(event_frame(event))).await.is_err() {
-                        client_gone = true;
+                    if client_gone {
+                        continue;
+                    }
+                    let frame = Response::Event(event_frame(event));
+                    match tokio::time::timeout(stall, write_frame(&mut writer, &frame)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => client_gone = true,
+                        Err(_) => {
+                            tracing::warn!(
+                                "the client read none of its build's events for {stall:?}; \
+                                 disconnecting it and cancelling its build"
+                            );
+                            client_gone = true;
+                        }
+                    }
+                    if client_gone {
                         cancel.store(true, Ordering::Relaxed);
                     }
                 }
@@ -279,9 +299,7 @@ async fn stream_build(
             }
         }
     }
-    let outcome = build
-        .await
-        .unwrap_or_else(|err| Err(BuildError::Store(format!("build task failed: {err}"))));
+    let outcome = build.await.unwrap_or_else(|err| Err(BuildError::Task(err)));
     (!client_gone).then_some(outcome)
 }
 
@@ -359,12 +377,43 @@ fn code(err: &BuildError) -> ErrorCode {
     match err {
         BuildError::Dockerfile(_) | BuildError::Plan(_) => ErrorCode::InvalidInput,
         BuildError::Registry { source, .. } => registry_code(source),
-        BuildError::BaseImage { .. } | BuildError::Store(_) => ErrorCode::Internal,
+        BuildError::BaseImage { .. } | BuildError::Invariant(_) | BuildError::Task(_) => {
+            ErrorCode::Internal
+        }
         BuildError::Full(_) | BuildError::OutOfSpace { .. } => ErrorCode::ResourceExhausted,
-        BuildError::Step { .. } | BuildError::RunFailed { .. } => ErrorCode::Failed,
+        BuildError::Step { source, .. } | BuildError::Failed(source) => step_code(source),
+        BuildError::RunFailed { .. } => ErrorCode::Failed,
         BuildError::NoRuntime(_) => ErrorCode::Unavailable,
         BuildError::Context(err) => super::requests::watch_code(err),
+        BuildError::Access(_) => ErrorCode::PermissionDenied,
         BuildError::Cancelled => ErrorCode::Cancelled,
+        BuildError::Shared(err) => code(err),
+    }
+}
+
+/// A step's failure: the user's mistake, the caller's permissions, or the step itself.
+fn step_code(err: &StepError) -> ErrorCode {
+    use crate::engine::add::AddError;
+    use crate::engine::copy::CopyError;
+    match err {
+        StepError::Copy(CopyError::Access(_)) | StepError::Add(AddError::Access(_)) => {
+            ErrorCode::PermissionDenied
+        }
+        StepError::Copy(
+            CopyError::NotInContext(_)
+            | CopyError::NotInImage(_)
+            | CopyError::DanglingLink { .. }
+            | CopyError::Pattern { .. },
+        )
+        | StepError::Add(
+            AddError::UnsupportedRemote { .. }
+            | AddError::BadChecksum(_)
+            | AddError::ChecksumForLocal(_)
+            | AddError::ChecksumMismatch { .. },
+        )
+        | StepError::User(_)
+        | StepError::Ignore(_) => ErrorCode::InvalidInput,
+        _ => ErrorCode::Failed,
     }
 }
 
@@ -416,25 +465,6 @@ async fn write_outputs(
                     .collect();
                 let (engine_for_tag, built_for_tag) = (Arc::clone(engine), built.clone());
                 blocking(move || tag(&engine_for_tag, &built_for_tag, &names)).await?;
-                if output.push {
-                    let names = request
-                        .tags
-                        .iter()
-                        .map(String::as_str)
-                        .chain(output.name.as_deref());
-                    for name in names {
-                        engine
-                            .push(
-                                name,
-                                None,
-                                compression(&output),
-                                output.force_compression,
-                                &|_| {},
-                            )
-                            .await
-                            .map_err(|e| format!("pushing {name}: {e}"))?;
-                    }
-                }
                 continue;
             }
         };
@@ -483,6 +513,44 @@ async fn stream_output(
     write_frame(stream, &Response::OutputEnd { bytes })
         .await
         .map_err(|e| format!("sending the output: {e}"))
+}
+
+/// The pushes a build request asks for (`--push`, `type=image,push=true`): for each, the
+/// names it pushes and the layer compression.
+fn pushes(request: &BuildRequest) -> impl Iterator<Item = Vec<String>> + '_ {
+    let default = request.outputs.is_empty() && request.push;
+    let asked = request
+        .outputs
+        .iter()
+        .filter(|o| o.kind == OutputKind::Image && o.push)
+        .map(|o| o.name.clone());
+    default
+        .then_some(None)
+        .into_iter()
+        .chain(asked)
+        .map(|name| request.tags.iter().cloned().chain(name).collect())
+}
+
+/// Pushes what the request asks to push, once the image is tagged. A failure answers with
+/// its own kind: an auth failure is a permission error, an unknown registry unavailable.
+async fn push_outputs(engine: &Arc<Engine>, request: &BuildRequest) -> Result<(), Response> {
+    let compressions = request
+        .outputs
+        .iter()
+        .filter(|o| o.kind == OutputKind::Image && o.push)
+        .map(|o| (compression(o), o.force_compression))
+        .chain(std::iter::repeat((Compression::Gzip, false)));
+    for (names, (compression, force)) in pushes(request).zip(compressions) {
+        for name in names {
+            if let Err(err) = engine.push(&name, None, compression, force, &|_| {}).await {
+                return Err(Response::error(
+                    push_code(&err),
+                    format!("pushing {name}: {err}"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Tags the image under every name; each tag pins what the build used. Blocking.
@@ -581,9 +649,7 @@ pub(crate) async fn push(
     while let Some(event) = received.recv().await {
         write_frame(stream, &Response::PushProgress(push_progress(event))).await?;
     }
-    let pushed = task
-        .await
-        .unwrap_or_else(|err| Err(PushError::Store(format!("push task failed: {err}"))));
+    let pushed = task.await.unwrap_or_else(|err| Err(PushError::Task(err)));
     let reply = match pushed {
         Ok(report) => Response::Pushed(memobuild_protocol::PushReport {
             reference: request
@@ -623,7 +689,7 @@ fn push_code(err: &PushError) -> ErrorCode {
         PushError::NoSuchImage(_) => ErrorCode::NotFound,
         PushError::Reference(_) => ErrorCode::InvalidInput,
         PushError::Registry(source) => registry_code(source),
-        PushError::Store(_) => ErrorCode::Internal,
+        PushError::Store(_) | PushError::Image(_) | PushError::Task(_) => ErrorCode::Internal,
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use memobuild_protocol::{
     ErrorCode, FrameError, Hello, HelloReply, MAGIC, PROTOCOL_VERSION, Request, Response,
-    read_frame, write_frame,
+    read_frame, read_frame_len, read_payload, write_frame,
 };
 use tokio::net::UnixStream;
 use tracing::{Instrument, debug, info_span, warn};
@@ -18,9 +18,16 @@ use super::Shared;
 use super::access::Peer;
 use super::requests::{self, HandlerError};
 use super::{build, gc};
+use crate::caller::{Caller, peer_groups};
 
 /// A client that connects and says nothing is dropped after this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request frame that has started to arrive must be whole within this long: a client that
+/// trickles a large frame holds neither its buffer nor its connection longer.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request bytes all connections together may be receiving at once (each connection at most
+/// one frame of `MAX_FRAME_LEN`): twenty slow 16 MiB frames cannot pin 320 MB.
+pub(crate) const RECEIVING_BYTES: usize = 48 << 20;
 
 pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
     let peer = match stream.peer_cred() {
@@ -34,6 +41,11 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
             return;
         }
     };
+    let caller = Caller {
+        uid: peer.uid,
+        gid: peer.gid,
+        groups: peer_groups(std::os::fd::AsFd::as_fd(&stream)),
+    };
     let span = info_span!("connection", id, uid = peer.uid, pid = peer.pid);
     shared.connections_total.fetch_add(1, Ordering::Relaxed);
     shared.connections_active.fetch_add(1, Ordering::Relaxed);
@@ -41,6 +53,7 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
         stream,
         shared: Arc::clone(&shared),
         peer,
+        caller,
     }
     .run()
     .instrument(span)
@@ -56,6 +69,8 @@ struct Connection {
     stream: UnixStream,
     shared: Arc<Shared>,
     peer: Peer,
+    /// Who the daemon reads for on this connection.
+    caller: Caller,
 }
 
 /// What to do with the connection after a request.
@@ -73,14 +88,14 @@ impl Connection {
         }
         let mut shutdown = self.shared.shutdown.subscribe();
         loop {
-            let frame = tokio::select! {
+            let len = tokio::select! {
                 // Only an idle connection is closed here; a request in progress runs to its
                 // end (or to the end of the shutdown grace period).
                 _ = shutdown.wait_for(|stop| *stop) => return None,
-                frame = read_frame::<_, Request>(&mut self.stream) => frame,
+                len = read_frame_len(&mut self.stream) => len,
             };
-            let request = match frame {
-                Ok(Some(request)) => request,
+            let request = match len {
+                Ok(Some(len)) => self.read_request(len).await?,
                 Ok(None) => return None,
                 Err(err) => {
                     self.reject_frame(err).await;
@@ -96,6 +111,50 @@ impl Connection {
                     debug!(%err, "client went away mid-answer");
                     return None;
                 }
+            }
+        }
+    }
+
+    /// Reads a request whose `len`-byte frame has started to arrive: it must arrive whole
+    /// within [`FRAME_TIMEOUT`], and its bytes count against what all connections together
+    /// may be receiving ([`RECEIVING_BYTES`]). `None`: the connection is over.
+    async fn read_request(&mut self, len: u32) -> Option<Request> {
+        let shared = Arc::clone(&self.shared);
+        let Ok(_receiving) = shared.receiving.try_acquire_many(len) else {
+            warn!(
+                len,
+                "too many request bytes arriving at once; refusing this one"
+            );
+            let reply = Response::error(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "the daemon is receiving too many large requests at once ({len}-byte \
+                     frame refused); try again; closing this connection"
+                ),
+            );
+            let _ = write_frame(&mut self.stream, &reply).await;
+            return None;
+        };
+        match tokio::time::timeout(FRAME_TIMEOUT, read_payload(&mut self.stream, len)).await {
+            Ok(Ok(request)) => Some(request),
+            Ok(Err(err)) => {
+                self.reject_frame(err).await;
+                None
+            }
+            Err(_) => {
+                warn!(
+                    len,
+                    "a request frame did not arrive within {FRAME_TIMEOUT:?}; closing"
+                );
+                let reply = Response::error(
+                    ErrorCode::InvalidInput,
+                    format!(
+                        "a {len}-byte request did not arrive within {FRAME_TIMEOUT:?}; \
+                         closing this connection"
+                    ),
+                );
+                let _ = write_frame(&mut self.stream, &reply).await;
+                None
             }
         }
     }
@@ -126,7 +185,7 @@ impl Connection {
             .await;
             return false;
         }
-        if let Err(message) = self.shared.access.check(self.peer) {
+        if let Err(message) = self.shared.access.check(self.peer, &self.caller.groups) {
             warn!(uid = self.peer.uid, "refused by the socket access rule");
             self.refuse(ErrorCode::PermissionDenied, message).await;
             return false;
@@ -170,7 +229,7 @@ impl Connection {
                 return Ok(Next::HoldUntilExit);
             }
             Request::Build(request) => {
-                build::serve(&mut self.stream, &self.shared, request, self.peer).await?;
+                build::serve(&mut self.stream, &self.shared, request, &self.caller).await?;
                 return Ok(Next::Continue);
             }
             Request::Images => build::images(&self.shared.engine).await,
@@ -181,16 +240,18 @@ impl Connection {
                 return Ok(Next::Continue);
             }
             Request::RemoveImage(name) => build::remove_image(&self.shared.engine, &name).await,
-            Request::Graph(request) => respond(requests::graph(&request, self.peer)),
+            Request::Graph(request) => respond(requests::graph(&request, &self.caller)),
             Request::Watch(request) => {
-                respond(requests::watch(&self.shared.hub, request, self.peer).await)
+                respond(requests::watch(&self.shared.hub, request, &self.caller).await)
             }
             Request::Unwatch(request) => {
                 respond(requests::unwatch(&self.shared.hub, request).await)
             }
-            Request::Notify(request) => respond(requests::notify(&self.shared.hub, request).await),
+            Request::Notify(request) => {
+                respond(requests::notify(&self.shared.hub, request, &self.caller).await)
+            }
             Request::DumpDockerfile(request) => {
-                respond(requests::dump_dockerfile(&request, self.peer))
+                respond(requests::dump_dockerfile(&request, &self.caller))
             }
         };
         write_frame(&mut self.stream, &reply).await?;

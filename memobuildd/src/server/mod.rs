@@ -11,6 +11,7 @@
 mod access;
 mod build;
 mod connection;
+mod events;
 mod gc;
 mod listener;
 mod requests;
@@ -31,7 +32,7 @@ use tracing::{info, warn};
 use crate::cache::remote::{L3, RemoteError, RemoteMode, RemoteOptions, RemoteStatus, StoreLayers};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions, EngineParts};
-use crate::exec::{Executor, Runc};
+use crate::exec::{ExecError, Executor, Runc};
 use crate::layout::Layout;
 use crate::passwd;
 use crate::registry::{Registry, RegistryOptions};
@@ -76,9 +77,18 @@ pub enum ServerError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Watch(#[from] WatchError),
-    #[error("opening the build store under {root}: {message}")]
-    Store { root: PathBuf, message: String },
+    #[error("opening the build store under {root}: {source}")]
+    Store {
+        root: PathBuf,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    #[error("setting up the registry client: {0}")]
+    Registry(#[source] crate::registry::RegistryError),
 }
+
+/// How long a shutdown waits for cancelled builds before it says so in the log (it waits on).
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// State every connection sees.
 #[derive(Debug)]
@@ -94,6 +104,8 @@ pub(crate) struct Shared {
     hub: Arc<Hub>,
     engine: Arc<Engine>,
     builds: build::RunningBuilds,
+    /// Request bytes being received now, over all connections (`connection::RECEIVING_BYTES`).
+    receiving: tokio::sync::Semaphore,
     /// Connections that asked for the shutdown: kept open until the process exits, so their
     /// end of the socket closing means "the daemon is gone and its root is free".
     held_until_exit: Mutex<Vec<UnixStream>>,
@@ -212,6 +224,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         hub: Arc::clone(&hub),
         engine,
         builds: build::RunningBuilds::default(),
+        receiving: tokio::sync::Semaphore::new(connection::RECEIVING_BYTES),
         held_until_exit: Mutex::new(Vec::new()),
         config,
     });
@@ -262,6 +275,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     {
         warn!(socket = %path.display(), %err, "could not remove socket");
     }
+    // Builds stop now (containers killed, mounts removed); other requests get the grace
+    // period to finish.
+    shared.engine.stop_builds();
     let grace = shared.config.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
@@ -273,6 +289,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             "in-flight requests did not finish within {grace:?}; cancelling them"
         );
         connections.shutdown().await;
+    }
+    // The root is not released while a step of this daemon still has a container or a
+    // mount in it: a daemon started next on it would take them for a dead one's.
+    if tokio::time::timeout(STOP_WAIT, shared.engine.idle())
+        .await
+        .is_err()
+    {
+        warn!("builds still stopping after {STOP_WAIT:?}; waiting for them");
+        shared.engine.idle().await;
     }
     // Results built before the stop still reach the shared cache, within the grace.
     if let Some(l3) = shared.engine.remote() {
@@ -290,10 +315,6 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 }
 
 fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine, ServerError> {
-    let store = |message: String| ServerError::Store {
-        root: layout.root().to_owned(),
-        message,
-    };
     let opened = Store::open(
         layout,
         StoreOptions {
@@ -302,13 +323,16 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
             ..StoreOptions::default()
         },
     )
-    .map_err(|e| store(e.to_string()))?;
-    let executor: Result<Arc<dyn Executor>, String> = if passwd::effective_uid() != 0 {
-        Err("root (overlay mounts and the OCI runtime need it): run memobuildd as root".into())
+    .map_err(|source| ServerError::Store {
+        root: layout.root().to_owned(),
+        source,
+    })?;
+    let executor: Result<Arc<dyn Executor>, Arc<ExecError>> = if passwd::effective_uid() != 0 {
+        Err(Arc::new(ExecError::NotRoot))
     } else {
         Runc::find(layout.run_dir().join("runc"))
             .map(|runc| Arc::new(runc) as Arc<dyn Executor>)
-            .map_err(|e| e.to_string())
+            .map_err(Arc::new)
     };
     if let Err(why) = &executor {
         warn!(%why, "RUN steps are unavailable");
@@ -318,7 +342,7 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
         extra_ca: config.registry_ca_file.clone(),
         docker_config: None,
     })
-    .map_err(|e| store(e.to_string()))?;
+    .map_err(ServerError::Registry)?;
     let remote = match &config.remote_cache {
         Some(settings) => L3::connect(
             settings,

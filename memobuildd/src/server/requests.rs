@@ -11,7 +11,7 @@ use memobuild_protocol::{
     WorkspaceStatus,
 };
 
-use super::access::Peer;
+use crate::caller::{AccessError, Caller};
 use crate::context::ContextError;
 use crate::frontend::{self, Diagnostic};
 use crate::plan::{self, BuildGraph, PlanError, PlanOptions};
@@ -33,24 +33,25 @@ pub(crate) enum HandlerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("uid {uid} may not read {}", path.display())]
-    Unreadable { uid: u32, path: PathBuf },
-    #[error("uid {uid} may not connect to {}", path.display())]
-    Unconnectable { uid: u32, path: PathBuf },
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Unreadable(#[from] AccessError),
+    #[error("path {} must be absolute (the client resolves it)", .0.display())]
+    Relative(PathBuf),
+    #[error("internal task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl HandlerError {
     pub(crate) fn code(&self) -> ErrorCode {
         match self {
-            Self::Dockerfile(_) | Self::Plan(_) | Self::Invalid(_) => ErrorCode::InvalidInput,
+            Self::Dockerfile(_) | Self::Plan(_) | Self::Relative(_) => ErrorCode::InvalidInput,
+            Self::Task(_) => ErrorCode::Internal,
             Self::Context(ContextError::Io { source, .. }) | Self::Read { source, .. } => {
                 io_code(source)
             }
             Self::Context(ContextError::Database { .. }) => ErrorCode::Internal,
             Self::Context(_) => ErrorCode::InvalidInput,
-            Self::Unreadable { .. } | Self::Unconnectable { .. } => ErrorCode::PermissionDenied,
+            Self::Unreadable(_) => ErrorCode::PermissionDenied,
             Self::Watch(err) => watch_code(err),
         }
     }
@@ -63,9 +64,10 @@ impl HandlerError {
 pub(crate) fn watch_code(err: &WatchError) -> ErrorCode {
     match err {
         WatchError::NotWatched(_) | WatchError::ContextGone(_) => ErrorCode::NotFound,
-        WatchError::Dockerfile(_) | WatchError::Ignore(_) | WatchError::Pattern { .. } => {
-            ErrorCode::InvalidInput
-        }
+        WatchError::Dockerfile(_)
+        | WatchError::Plan(_)
+        | WatchError::Ignore(_)
+        | WatchError::Pattern { .. } => ErrorCode::InvalidInput,
         WatchError::Read { source, .. } => io_code(source),
         WatchError::WatchLimit => ErrorCode::ResourceExhausted,
         WatchError::Context(ContextError::Io { source, .. }) => io_code(source),
@@ -91,14 +93,18 @@ pub(crate) struct DockerfileText {
 }
 
 impl DockerfileText {
-    pub(crate) fn read(source: &DockerfileSource, peer: Peer) -> Result<Self, HandlerError> {
+    pub(crate) fn read(source: &DockerfileSource, caller: &Caller) -> Result<Self, HandlerError> {
         let context = absolute(&source.context)?;
         let path = match &source.dockerfile {
             Some(path) => absolute(path)?,
             None => context.join("Dockerfile"),
         };
-        peer.check_readable(&context)?;
-        let text = read_as(peer, &path)?;
+        caller.may_read(&context)?;
+        let text = read_as(caller, &path)?;
+        // The scan reads the ignore files too; they must be the caller's to read.
+        for ignore in crate::context::ignore_files(&context, &path) {
+            caller.may_read(&ignore)?;
+        }
         Ok(Self {
             context,
             path,
@@ -116,23 +122,20 @@ fn absolute(path: &Path) -> Result<PathBuf, HandlerError> {
     if path.is_absolute() {
         Ok(path.to_owned())
     } else {
-        Err(HandlerError::Invalid(format!(
-            "path {} must be absolute (the client resolves it)",
-            path.display()
-        )))
+        Err(HandlerError::Relative(path.to_owned()))
     }
 }
 
-fn read_as(peer: Peer, path: &Path) -> Result<String, HandlerError> {
-    peer.check_readable(path)?;
+fn read_as(caller: &Caller, path: &Path) -> Result<String, HandlerError> {
+    caller.may_read(path)?;
     std::fs::read_to_string(path).map_err(|source| HandlerError::Read {
         path: path.to_owned(),
         source,
     })
 }
 
-pub(crate) fn graph(request: &GraphRequest, peer: Peer) -> Result<Response, HandlerError> {
-    let dockerfile = DockerfileText::read(&request.source, peer)?;
+pub(crate) fn graph(request: &GraphRequest, caller: &Caller) -> Result<Response, HandlerError> {
+    let dockerfile = DockerfileText::read(&request.source, caller)?;
     let graph = dockerfile.plan(&PlanOptions {
         target: request.target.clone(),
         build_args: request.build_args.clone(),
@@ -142,10 +145,10 @@ pub(crate) fn graph(request: &GraphRequest, peer: Peer) -> Result<Response, Hand
 
 pub(crate) fn dump_dockerfile(
     request: &DumpDockerfileRequest,
-    peer: Peer,
+    caller: &Caller,
 ) -> Result<Response, HandlerError> {
     let path = absolute(&request.path)?;
-    let text = read_as(peer, &path)?;
+    let text = read_as(caller, &path)?;
     let dump = frontend::dump(&text).map_err(|mut diagnostic| {
         diagnostic.file = path.display().to_string();
         diagnostic
@@ -181,10 +184,10 @@ fn graph_view(graph: &BuildGraph) -> GraphView {
 pub(crate) async fn watch(
     hub: &Arc<Hub>,
     request: WatchRequest,
-    peer: Peer,
+    caller: &Caller,
 ) -> Result<Response, HandlerError> {
     // Parse first: a Dockerfile that does not plan is refused before anything is watched.
-    let dockerfile = DockerfileText::read(&request.source, peer)?;
+    let dockerfile = DockerfileText::read(&request.source, caller)?;
     dockerfile.plan(&PlanOptions::default())?;
     let hub = Arc::clone(hub);
     let report = blocking(move || hub.watch(&dockerfile.context, &dockerfile.path)).await??;
@@ -204,9 +207,17 @@ pub(crate) async fn unwatch(
 pub(crate) async fn notify(
     hub: &Arc<Hub>,
     request: NotifyRequest,
+    caller: &Caller,
 ) -> Result<Response, HandlerError> {
     for path in &request.paths {
         absolute(path)?;
+        // A path that is gone (a deleted file) is the caller's to report if its directory is.
+        let seen = if path.symlink_metadata().is_ok() {
+            path.as_path()
+        } else {
+            path.parent().unwrap_or(path)
+        };
+        caller.may_read(seen)?;
     }
     let hub = Arc::clone(hub);
     let outcome = blocking(move || hub.changed(&request.paths)).await?;
@@ -222,7 +233,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, HandlerError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|err| HandlerError::Invalid(format!("internal task failed: {err}")))
+        .map_err(HandlerError::Task)
 }
 
 pub(crate) fn workspace_status(report: &WorkspaceReport) -> WorkspaceStatus {

@@ -64,7 +64,9 @@ pub enum WatchError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Dockerfile(String),
+    Dockerfile(Box<crate::frontend::Diagnostic>),
+    #[error(transparent)]
+    Plan(Box<crate::plan::PlanError>),
     #[error(
         "the inotify watch limit is reached (fs.inotify.max_user_watches); changes will be \
          found by scanning at build time instead"

@@ -255,7 +255,9 @@ impl Workspace {
     fn read_graph(&self) -> Result<Result<BuildGraph, String>, WatchError> {
         match read_plan(&self.dockerfile) {
             Ok(graph) => Ok(Ok(graph)),
-            Err(WatchError::Dockerfile(message)) => Ok(Err(message)),
+            Err(err @ (WatchError::Dockerfile(_) | WatchError::Plan(_))) => {
+                Ok(Err(err.to_string()))
+            }
             Err(other) => Err(other),
         }
     }
@@ -562,9 +564,13 @@ impl Plan {
             let patterns = spec
                 .sources
                 .iter()
-                .map(|s| SourcePattern::new(s))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|err| WatchError::Dockerfile(format!("{}: {err}", spec.label)))?;
+                .map(|s| {
+                    SourcePattern::new(s).map_err(|source| WatchError::Pattern {
+                        pattern: s.clone(),
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let excludes = IgnoreRules::parse(&spec.excludes.join("\n"), "--exclude")?;
             let current = tree.fingerprint(&patterns, &excludes);
             sources.push(TrackedSource {
@@ -612,7 +618,6 @@ fn read_plan(dockerfile: &Path) -> Result<BuildGraph, WatchError> {
         source,
     })?;
     let name = dockerfile.display().to_string();
-    let parsed =
-        frontend::parse(&text, &name).map_err(|d| WatchError::Dockerfile(d.to_string()))?;
-    plan::lower(&parsed, &PlanOptions::default()).map_err(|e| WatchError::Dockerfile(e.to_string()))
+    let parsed = frontend::parse(&text, &name).map_err(|d| WatchError::Dockerfile(Box::new(d)))?;
+    plan::lower(&parsed, &PlanOptions::default()).map_err(|e| WatchError::Plan(Box::new(e)))
 }

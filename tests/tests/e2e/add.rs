@@ -16,18 +16,21 @@ use sha2::{Digest, Sha256};
 /// Serves one file at `/files/data.bin` on 127.0.0.1 until dropped; counts its requests.
 struct FileServer {
     port: u16,
+    body: Arc<std::sync::Mutex<Vec<u8>>>,
     requests: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl FileServer {
-    fn start(body: &'static [u8]) -> Self {
+    fn start(body: &[u8]) -> Self {
+        let body = Arc::new(std::sync::Mutex::new(body.to_vec()));
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("address").port();
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (counted, stopping) = (Arc::clone(&requests), Arc::clone(&stop));
+        let (counted, stopping, served) =
+            (Arc::clone(&requests), Arc::clone(&stop), Arc::clone(&body));
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stopping.load(Ordering::Relaxed) {
@@ -35,16 +38,23 @@ impl FileServer {
                 }
                 if let Ok(stream) = stream {
                     counted.fetch_add(1, Ordering::Relaxed);
-                    answer(stream, body);
+                    let body = served.lock().expect("body").clone();
+                    answer(stream, &body);
                 }
             }
         });
         Self {
             port,
+            body,
             requests,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// What the file holds from now on.
+    fn set(&self, body: &[u8]) {
+        *self.body.lock().expect("body") = body.to_vec();
     }
 
     fn url(&self) -> String {
@@ -177,12 +187,65 @@ fn add_extracts_archives_downloads_urls_and_rebuilds_nothing() {
     for path in ["downloads/data.bin", "d2/data.bin"] {
         assert_eq!(rootfs[path], describe("file", 0o600, 0, 0, &data), "{path}");
     }
+    // The URL without a checksum was asked once; the pinned one has the same content, so
+    // it was found in the store.
     let fetched = server.requests.load(Ordering::Relaxed);
-    assert_eq!(fetched, 2);
+    assert_eq!(fetched, 1);
 
+    // A rebuild asks the server again (the unpinned URL only) and, the content being the
+    // same, runs nothing.
     let again = bench.build_ok(&ctx, &[]);
     assert_eq!(executed(&again), 0, "{again}");
-    assert_eq!(server.requests.load(Ordering::Relaxed), fetched);
+    assert_eq!(server.requests.load(Ordering::Relaxed), fetched + 1);
+}
+
+#[test]
+fn add_url_is_revalidated_every_build_and_new_content_reruns_what_follows() {
+    if !privileged("add_url_is_revalidated_every_build_and_new_content_reruns_what_follows") {
+        return;
+    }
+    let bench = Bench::start();
+    let server = FileServer::start(b"one\n");
+    let ctx = bench.context(
+        "add-url",
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM BASE\nADD {} /data.bin\nRUN cat /data.bin > /copy\n",
+                server.url()
+            ),
+        )],
+    );
+    let first = bench.rootfs_tar(&ctx, &[]);
+    assert_eq!(
+        first["copy"],
+        describe("file", 0o644, 0, 0, &content_of("one\n"))
+    );
+
+    let unchanged = bench.build_ok(&ctx, &[]);
+    assert_eq!(executed(&unchanged), 0, "{unchanged}");
+    assert_eq!(
+        server.requests.load(Ordering::Relaxed),
+        2,
+        "asked at every build"
+    );
+
+    server.set(b"two\n");
+    let changed = bench.build_ok(&ctx, &[]);
+    assert_eq!(
+        executed(&changed),
+        2,
+        "the ADD and the RUN after it: {changed}"
+    );
+    let second = bench.rootfs_tar(&ctx, &[]);
+    assert_eq!(
+        second["copy"],
+        describe("file", 0o644, 0, 0, &content_of("two\n"))
+    );
+    assert_eq!(
+        second["data.bin"],
+        describe("file", 0o600, 0, 0, &content_of("two\n"))
+    );
 }
 
 #[test]

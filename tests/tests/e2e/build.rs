@@ -395,6 +395,21 @@ fn wait_for_clean(root: &Path) -> Vec<String> {
 
 const SLOW: &str = "FROM BASE\nRUN echo started && /bin/busybox sleep 30\n";
 
+/// Starts a build of `ctx` (a [`SLOW`] one) and returns once its RUN step has started.
+fn start_slow_build(bench: &Bench, ctx: &Path) -> std::process::Child {
+    let mut client = bench
+        .daemon
+        .client()
+        .args(["build", "--progress", "plain"])
+        .arg(ctx)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start build");
+    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    client
+}
+
 #[test]
 fn ctrl_c_mid_run_leaves_no_mount_container_or_scratch() {
     if !privileged("ctrl_c_mid_run_leaves_no_mount_container_or_scratch") {
@@ -402,16 +417,7 @@ fn ctrl_c_mid_run_leaves_no_mount_container_or_scratch() {
     }
     let bench = Bench::start();
     let ctx = bench.context("cancel", &[("Dockerfile", SLOW)]);
-    let mut client = bench
-        .daemon
-        .client()
-        .args(["build", "--progress", "plain"])
-        .arg(&ctx)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start build");
-    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    let mut client = start_slow_build(&bench, &ctx);
     memobuild_tests::signal(client.id(), libc::SIGINT);
     let status = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
     assert_eq!(status.code(), Some(130));
@@ -430,16 +436,7 @@ fn a_daemon_killed_mid_build_recovers_at_its_next_start() {
     }
     let mut bench = Bench::start();
     let ctx = bench.context("kill", &[("Dockerfile", SLOW)]);
-    let mut client = bench
-        .daemon
-        .client()
-        .args(["build", "--progress", "plain"])
-        .arg(&ctx)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start build");
-    wait_for_line(client.stderr.take().expect("stderr"), "started");
+    let mut client = start_slow_build(&bench, &ctx);
     bench.daemon.kill();
     let _ = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
     // The runc container survives its daemon; the next start must clean it up.
@@ -452,6 +449,174 @@ fn a_daemon_killed_mid_build_recovers_at_its_next_start() {
     );
     let listing = bench.rootfs_tar(&quick, &[]);
     assert!(listing.contains_key("again"));
+}
+
+#[test]
+fn sigterm_mid_run_stops_the_step_and_releases_a_clean_root() {
+    if !privileged("sigterm_mid_run_stops_the_step_and_releases_a_clean_root") {
+        return;
+    }
+    let mut bench = Bench::start();
+    let ctx = bench.context("term", &[("Dockerfile", SLOW)]);
+    let mut client = start_slow_build(&bench, &ctx);
+    let signalled = Instant::now();
+    let status = bench.daemon.terminate();
+    let stopped_in = signalled.elapsed();
+    assert!(
+        status.success(),
+        "{status:?}\n{}",
+        tail(&bench.daemon.log_text())
+    );
+    // Well before the step's 30 s: the container was killed, not waited for.
+    assert!(
+        stopped_in < Duration::from_secs(12),
+        "stopped in {stopped_in:?}"
+    );
+    // Looked at once the daemon is gone, not after a wait: it cleaned up before it exited.
+    let left = leftovers(&bench.daemon.root);
+    assert!(
+        left.is_empty(),
+        "left behind: {left:?}\n{}",
+        tail(&bench.daemon.log_text())
+    );
+    let client_status = memobuild_tests::wait_bounded(&mut client, Duration::from_secs(10));
+    assert!(!client_status.success());
+    let before = bench.daemon.log_text().len();
+    bench
+        .daemon
+        .launch(|_| {})
+        .expect("a second daemon on the root");
+    let second = bench.daemon.log_text()[before..].to_owned();
+    assert!(
+        !second.contains("previous daemon left"),
+        "the second daemon found remains: {second}"
+    );
+    let quick = bench.context(
+        "after-term",
+        &[("Dockerfile", "FROM BASE\nRUN echo ok > /ok\n")],
+    );
+    assert!(bench.rootfs_tar(&quick, &[]).contains_key("ok"));
+}
+
+/// Resident memory of a process and its peak, from /proc, in bytes.
+fn rss_and_peak(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("a /proc status field")
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// One frame, read from a blocking socket.
+fn read_reply(stream: &mut std::os::unix::net::UnixStream) -> Option<memobuild_protocol::Response> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).ok()?;
+    let mut payload = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    stream.read_exact(&mut payload).ok()?;
+    memobuild_protocol::frame::decode(&payload).ok()
+}
+
+#[test]
+fn a_client_that_never_reads_holds_no_memory_and_harms_no_other_build() {
+    if !privileged("a_client_that_never_reads_holds_no_memory_and_harms_no_other_build") {
+        return;
+    }
+    use memobuild_protocol::{
+        BuildRequest, DockerfileSource, Hello, NetworkMode, PACKAGE_VERSION, Request, frame,
+    };
+    use std::io::Write;
+    let mut bench = Bench::start();
+    let config = bench.daemon.dir.path().join("memobuildd.toml");
+    std::fs::write(&config, "client_stall_secs = 20\n").expect("config");
+    bench
+        .daemon
+        .launch(|cmd| {
+            cmd.arg("--config").arg(&config);
+        })
+        .expect("restart with a short stall timeout");
+    // 100 MB of log lines, then a marker the build never reaches if it is cancelled.
+    let flood = bench.context(
+        "flood",
+        &[(
+            "Dockerfile",
+            "FROM BASE\nRUN /bin/busybox yes 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789 | /bin/busybox head -c 100000000 && echo flood-done\n",
+        )],
+    );
+    let (_, peak_before) = rss_and_peak(bench.daemon.pid());
+    let mut raw = std::os::unix::net::UnixStream::connect(&bench.daemon.socket).expect("connect");
+    raw.write_all(&frame::encode(&Hello::current(PACKAGE_VERSION)).expect("hello"))
+        .expect("send hello");
+    assert!(read_reply(&mut raw).is_none_or(|_| true));
+    let request = Request::Build(BuildRequest {
+        source: DockerfileSource {
+            context: flood.clone(),
+            dockerfile: None,
+        },
+        tags: vec![],
+        build_args: vec![],
+        target: None,
+        no_cache: false,
+        pull: false,
+        network: NetworkMode::Host,
+        outputs: vec![],
+        push: false,
+        source_date_epoch: None,
+        secrets: vec![],
+        ssh: vec![],
+        remote_cache: None,
+    });
+    raw.write_all(&frame::encode(&request).expect("build"))
+        .expect("send build");
+    let sent = Instant::now();
+    // Meanwhile another client builds, and is not held up by the one that never reads.
+    let other = bench.context(
+        "other",
+        &[("Dockerfile", "FROM BASE\nRUN echo other > /other\n")],
+    );
+    assert!(bench.rootfs_tar(&other, &[]).contains_key("other"));
+    // The stalled client is disconnected after the stall timeout, its build cancelled.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut peak = 0;
+    while !bench
+        .daemon
+        .log_text()
+        .contains("disconnecting it and cancelling its build")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            tail(&bench.daemon.log_text())
+        );
+        peak = peak.max(rss_and_peak(bench.daemon.pid()).0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, peak_after) = rss_and_peak(bench.daemon.pid());
+    eprintln!(
+        "daemon RSS: peak {} MiB before the flood, {} MiB sampled during it, peak {} MiB after; stalled client dropped after {:?}",
+        peak_before >> 20,
+        peak >> 20,
+        peak_after >> 20,
+        sent.elapsed()
+    );
+    assert!(
+        peak_after < peak_before + (64 << 20),
+        "peak RSS grew from {} MiB to {} MiB",
+        peak_before >> 20,
+        peak_after >> 20
+    );
+    // What reached the socket before it filled, then the end: the connection is closed.
+    raw.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+    assert!(!String::from_utf8_lossy(&rest).contains("flood-done"));
+    let left = wait_for_clean(&bench.daemon.root);
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// Reads `stream` until a line contains `needle` (bounded), then keeps draining it.
@@ -578,4 +743,34 @@ fn a_daemon_without_root_builds_without_run_and_says_why_it_cannot_run() {
     let (_, stderr) = texts(&refused);
     assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("RUN steps need root"), "{stderr}");
+}
+
+#[test]
+fn user_mistakes_in_copy_read_as_such_at_their_dockerfile_line() {
+    let daemon = TestDaemon::start();
+    let ctx = daemon.dir.path().join("mistakes");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("x"), "x").expect("x");
+    for (dockerfile, says) in [
+        (
+            "FROM scratch\nCOPY --chmod=999 x /x\n",
+            "--chmod=999 is not an octal mode",
+        ),
+        (
+            "FROM scratch\n\nCOPY http://127.0.0.1:1/x /x\n",
+            "COPY can not fetch a URL",
+        ),
+    ] {
+        std::fs::write(ctx.join("Dockerfile"), dockerfile).expect("Dockerfile");
+        let output = daemon.run_client(&["build", ctx.to_str().expect("utf-8")]);
+        let (_, stderr) = texts(&output);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        let line = if dockerfile.contains("\n\n") { 3 } else { 2 };
+        assert!(
+            stderr.contains(&format!("Dockerfile:{line}")),
+            "names the line: {stderr}"
+        );
+        assert!(!stderr.contains("internal"), "{stderr}");
+    }
 }

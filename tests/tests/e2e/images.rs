@@ -169,6 +169,20 @@ fn pushes_use_docker_config_credentials_and_say_clearly_when_they_are_missing() 
         stderr.to_lowercase().contains("unauthorized") || stderr.contains("credentials"),
         "{stderr}"
     );
+    // `build --push` fails the same way: a permission error, not an internal one.
+    let refused = run(
+        &daemon,
+        &["build", &ctx, "-t", &name, "--push", "--progress", "quiet"],
+    );
+    let (_, stderr) = texts(&refused);
+    assert_eq!(refused.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains(&format!("pushing {name}")), "{stderr}");
+    // And a push with nowhere to go is refused before anything is built.
+    let nameless = run(&daemon, &["build", &ctx, "--push", "--progress", "plain"]);
+    let (_, stderr) = texts(&nameless);
+    assert_eq!(nameless.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--push needs a name"), "{stderr}");
+    assert!(!stderr.contains("COPY"), "nothing was built: {stderr}");
 
     let auth = base64("builder:s3cret");
     std::fs::write(

@@ -262,3 +262,55 @@ fn client_explains_a_version_mismatch_and_how_to_fix_it() {
     );
     assert!(stderr.contains("memobuild daemon restart"), "{stderr}");
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+#[tokio::test]
+async fn twenty_slow_16_mib_frames_pin_neither_memory_nor_connections() {
+    let daemon = TestDaemon::start();
+    let before = rss_bytes(daemon.pid());
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(handshaken(&daemon).await);
+    }
+    // Each announces a frame of the largest size, sends all of it but its last byte, and
+    // then nothing: twenty of them would pin 320 MiB in a daemon that holds them all.
+    let body = vec![0u8; MAX_FRAME_LEN as usize - 1];
+    for stream in &mut streams {
+        let _ = stream.write_all(&MAX_FRAME_LEN.to_be_bytes()).await;
+        // A refused connection is closed under the write; that is an answer too.
+        let _ = tokio::time::timeout(LIMIT, stream.write_all(&body)).await;
+    }
+    let during = rss_bytes(daemon.pid());
+    let growth = during.saturating_sub(before);
+    eprintln!(
+        "daemon RSS {} MiB before, {} MiB with twenty 16 MiB frames in flight",
+        before >> 20,
+        during >> 20
+    );
+    assert!(growth < 100 << 20, "RSS grew by {} MiB", growth >> 20);
+    // Every one of them is answered and closed: refused at once, or when its frame did not
+    // arrive in time.
+    let mut refused = 0;
+    for stream in &mut streams {
+        let replies = tokio::time::timeout(Duration::from_secs(30), replies_until_close(stream))
+            .await
+            .expect("closed");
+        match error_code(&replies) {
+            Some(ErrorCode::ResourceExhausted) => refused += 1,
+            Some(ErrorCode::InvalidInput) | None => {}
+            other => panic!("{other:?}: {replies:?}"),
+        }
+    }
+    assert!(refused >= 10, "only {refused} of 20 refused");
+    still_serves(&daemon).await;
+}

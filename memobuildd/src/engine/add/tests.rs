@@ -6,6 +6,8 @@ use std::io::{BufRead, BufReader, Write as _};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 
+use sha2::{Digest as _, Sha256};
+
 use super::*;
 use crate::context::{StatCache, scan};
 use crate::engine::testutil::listing;
@@ -100,8 +102,36 @@ impl Fixture {
             dir: &ctx,
             tree: &self.tree,
             excludes: &excludes,
+            readable: None,
         };
-        stage(&spec, checksum, context, &self.parent, &staging, false)?;
+        // The step places what the key computation stored (`revalidate`, `pinned`).
+        let store = crate::store::Store::open(
+            &crate::layout::Layout::new(self.dir.path().join("store")),
+            crate::store::StoreOptions::default(),
+        )
+        .expect("store");
+        let cas = store.cas();
+        let mut downloads = HashMap::new();
+        for url in sources.iter().filter(|s| is_url(s)) {
+            let digest = match checksum {
+                Some(checksum) => {
+                    let digest = checksum_digest(checksum)?;
+                    pinned(&cas, url, &digest)?;
+                    digest
+                }
+                None => revalidate(&cas, url, None)?.digest,
+            };
+            downloads.insert((*url).to_owned(), cas.path(&digest));
+        }
+        stage(
+            &spec,
+            checksum,
+            context,
+            &self.parent,
+            &staging,
+            false,
+            &downloads,
+        )?;
         let leftovers: Vec<_> = std::fs::read_dir(scratch.path())
             .expect("scratch")
             .flatten()
@@ -135,8 +165,18 @@ fn chown_owns_the_destination_but_not_what_the_archive_holds() {
         dir: &ctx,
         tree: &fx.tree,
         excludes: &excludes,
+        readable: None,
     };
-    stage(&spec, None, context, &fx.parent, &staging, true).expect("add");
+    stage(
+        &spec,
+        None,
+        context,
+        &fx.parent,
+        &staging,
+        true,
+        &HashMap::new(),
+    )
+    .expect("add");
     let owner = |rel: &str| {
         let meta = std::fs::symlink_metadata(staging.join(rel)).expect(rel);
         (meta.uid(), meta.gid())
@@ -368,4 +408,73 @@ fn a_checksum_mismatch_names_both_digests_and_a_404_its_status() {
     assert!(err.to_string().contains("404"), "{err}");
     assert!(err.to_string().contains(&url), "{err}");
     server.join().expect("server");
+}
+
+/// Answers `200` with an ETag and `body`, then `304` to a request that sends that ETag back;
+/// hands back each request's head.
+fn serve_with_etag(
+    body: &'static [u8],
+    requests: usize,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        for _ in 0..requests {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut head = String::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                head.push_str(&line);
+                line.clear();
+            }
+            let answer = if head.to_ascii_lowercase().contains("if-none-match: \"v1\"") {
+                "HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n".to_owned()
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+            };
+            stream.write_all(answer.as_bytes()).expect("head");
+            if answer.starts_with("HTTP/1.1 200") {
+                stream.write_all(body).expect("body");
+            }
+            heads.push(head);
+        }
+        heads
+    });
+    (address, server)
+}
+
+#[test]
+fn a_url_is_revalidated_with_its_etag_and_a_304_keeps_the_stored_content() {
+    let (address, server) = serve_with_etag(b"v1 content", 2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = crate::store::Store::open(
+        &crate::layout::Layout::new(dir.path()),
+        crate::store::StoreOptions::default(),
+    )
+    .expect("store");
+    let cas = store.cas();
+    let url = format!("{address}/f");
+    let first = revalidate(&cas, &url, None).expect("download");
+    assert_eq!(
+        std::fs::read(cas.path(&first.digest)).expect("stored"),
+        b"v1 content"
+    );
+    let second = revalidate(&cas, &url, Some(&first)).expect("revalidate");
+    assert_eq!(second, first);
+    let heads = server.join().expect("server");
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("if-none-match"),
+        "{heads:?}"
+    );
+    assert!(
+        heads[1]
+            .to_ascii_lowercase()
+            .contains("if-none-match: \"v1\""),
+        "{heads:?}"
+    );
 }

@@ -71,6 +71,7 @@ impl Fixture {
             dir: &ctx,
             tree: &self.tree,
             excludes: &excludes,
+            readable: None,
         };
         stage(&spec, source, &self.parent, staging.path(), false)?;
         Ok(listing(staging.path()))
@@ -188,6 +189,7 @@ fn symlinks_and_hard_links_inside_a_copied_directory_stay_links() {
         dir: &ctx,
         tree: &tree,
         excludes: &excludes,
+        readable: None,
     };
     let plan = plan(&spec, source, &fx.parent).expect("plan");
     assert!(plan.chunks(1).is_none(), "hard links keep one layer");
@@ -259,6 +261,7 @@ fn plan_of(root: &Path, tree: &FileTree, sources: &[&str], parent: &RootView) ->
         dir: &ctx,
         tree,
         excludes: &excludes,
+        readable: None,
     };
     let plan = plan(&spec, source, parent).expect("plan");
     (spec, plan)
@@ -388,6 +391,7 @@ fn chown_keeps_setuid_bits_and_owns_what_it_copies() {
         dir: &fx.ctx(),
         tree: &tree,
         excludes: &excludes,
+        readable: None,
     };
     let stats = stage(&spec, source, &fx.parent, staging.path(), true).expect("copy");
     assert_eq!(stats.files, 3);
