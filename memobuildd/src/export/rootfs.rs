@@ -15,9 +15,11 @@ use crate::store::{Blob, Cas};
 /// sorted by path, ownership and modes from the layers — no root needed, nothing chowned.
 /// `opts` apply as to a layer: mtime clamp, skipped paths, ownership overrides.
 ///
-/// Each layer is decompressed once into an anonymous temp file in `scratch` (the store's
-/// `tmp/`: the daemon writes nothing outside its root) and indexed; the surviving entries
-/// are then copied from those files in path order.
+/// Each layer is indexed, then the surviving entries are copied in path order. A layer the
+/// store holds as a plain tar (every layer MemoBuild wrote) is read in place, after a read
+/// that verifies its digest; a compressed one (a base image's) is decompressed once into an
+/// anonymous temp file in `scratch` (the store's `tmp/`: the daemon writes nothing outside
+/// its root), so an export needs no disk beyond the compressed layers' tars.
 pub fn write_rootfs_tar(
     cas: &Cas,
     layers: &[Blob],
@@ -28,14 +30,20 @@ pub fn write_rootfs_tar(
     let mut tars = Vec::with_capacity(layers.len());
     let mut tree = Tree::default();
     for (layer, blob) in layers.iter().enumerate() {
-        let mut tar = tempfile::tempfile_in(scratch).map_err(ImageError::io(scratch))?;
-        io::copy(&mut decompress(cas.open(blob)?)?, &mut tar).map_err(|source| {
-            ImageError::Blob {
-                digest: blob.digest.clone(),
-                source,
-            }
-        })?;
-        tar.seek(SeekFrom::Start(0)).map_err(ImageError::Read)?;
+        let blob_error = |source| ImageError::Blob {
+            digest: blob.digest.clone(),
+            source,
+        };
+        let mut stream = decompress(cas.open(blob)?)?;
+        let tar = if is_plain_tar(cas, blob)? {
+            io::copy(&mut stream, &mut io::sink()).map_err(blob_error)?;
+            File::open(cas.path(&blob.digest)).map_err(ImageError::Read)?
+        } else {
+            let mut tar = tempfile::tempfile_in(scratch).map_err(ImageError::io(scratch))?;
+            io::copy(&mut stream, &mut tar).map_err(blob_error)?;
+            tar.seek(SeekFrom::Start(0)).map_err(ImageError::Read)?;
+            tar
+        };
         tree.add_layer(layer, &tar, opts)?;
         tars.push(tar);
     }
@@ -61,6 +69,17 @@ pub fn write_rootfs_tar(
     }
     sink.finish().map_err(ImageError::Write)?;
     Ok(())
+}
+
+/// Whether `blob` is stored as an uncompressed tar (no gzip or zstd magic number).
+fn is_plain_tar(cas: &Cas, blob: &Blob) -> Result<bool, ImageError> {
+    let mut magic = [0u8; 4];
+    let mut file = File::open(cas.path(&blob.digest)).map_err(ImageError::Read)?;
+    let len = file.read(&mut magic).map_err(ImageError::Read)?;
+    Ok(!matches!(
+        magic[..len],
+        [0x1f, 0x8b, ..] | [0x28, 0xb5, 0x2f, 0xfd]
+    ))
 }
 
 /// A file's data: where it starts in which layer's tar.
