@@ -125,6 +125,9 @@ impl<W: Write> Progress<W> {
             BuildEventKind::Failed { message } => {
                 format!("#{n} ERROR: {}", message.lines().next().unwrap_or(message))
             }
+            BuildEventKind::Prebuilt { ago_ms, joined } => {
+                format!("#{n} {}", prebuilt(*ago_ms, *joined))
+            }
         };
         let _ = writeln!(self.out, "{line}");
     }
@@ -193,6 +196,19 @@ fn json_event(event: &BuildEvent) -> serde_json::Value {
         BuildEventKind::Reason { reason } => {
             json!({"node": node, "event": "reason", "reason": reason})
         }
+        BuildEventKind::Prebuilt { ago_ms, joined } => {
+            json!({"node": node, "event": "prebuilt", "ago_ms": ago_ms, "joined": joined})
+        }
+    }
+}
+
+/// How a step a prebuild made reads: when it was made, or that this build waited for it.
+pub(crate) fn prebuilt(ago_ms: u64, joined: bool) -> String {
+    if joined {
+        "PREBUILT (joined the running prebuild)".to_owned()
+    } else {
+        let ago = std::time::Duration::from_millis(ago_ms);
+        format!("PREBUILT {} ago", crate::render::duration(ago))
     }
 }
 

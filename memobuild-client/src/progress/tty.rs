@@ -93,6 +93,10 @@ impl TtyView {
             }
             // The screen has no room for it; `--explain` prints it after the build.
             BuildEventKind::Reason { .. } => {}
+            BuildEventKind::Prebuilt { ago_ms, joined } => {
+                let label = format!("{} ", super::prebuilt(*ago_ms, *joined));
+                self.step(n).finish(&label, Duration::ZERO, done_style());
+            }
         }
         self.update_header("");
     }

@@ -409,6 +409,7 @@ impl BuildRun {
         let result = match cached {
             Some(result) => {
                 self.reporter.report(Progress::Cached { node: id });
+                self.report_prebuilt(id, &key, false);
                 self.cached.fetch_add(1, Ordering::Relaxed);
                 result
             }
@@ -429,6 +430,7 @@ impl BuildRun {
                         Arc::clone(&self.reporter),
                         id,
                         &self.cancel,
+                        !self.spec.background,
                         move |work| async move {
                             run.execute(node, key, step, parent_for_step, from, work)
                                 .await
@@ -449,6 +451,7 @@ impl BuildRun {
                     blocking(move || lease.claim(&key, &claimed)).await;
                     self.cached.fetch_add(1, Ordering::Relaxed);
                     self.reporter.report(Progress::Cached { node: id });
+                    self.report_prebuilt(id, &key, true);
                 }
                 result
             }
@@ -469,6 +472,20 @@ impl BuildRun {
             .collect();
         state.push_layers(layers, &spec.label, &self.created);
         Ok(state)
+    }
+
+    /// Tells a user's build that a step it did not execute was a prebuild's work.
+    fn report_prebuilt(&self, node: u32, key: &Hash, joined: bool) {
+        if self.spec.background {
+            return;
+        }
+        if let Some(finished) = self.engine.prebuilt.get(key) {
+            self.reporter.report(Progress::Prebuilt {
+                node,
+                ago: finished.elapsed(),
+                joined,
+            });
+        }
     }
 
     /// An L1 or L2 hit whose blobs are really there, held by this build's lease (a missing
@@ -508,12 +525,13 @@ impl BuildRun {
         from: Option<Arc<State>>,
         work: Arc<Work>,
     ) -> Result<ActionResult, BuildError> {
+        let background = self.spec.background;
         let _permit = self
             .engine
             .permits
-            .acquire()
+            .acquire(|| !background || work.is_foreground())
             .await
-            .map_err(|_| BuildError::Cancelled)?;
+            .ok_or(BuildError::Cancelled)?;
         let tree = match &step {
             // The build's snapshot; a COPY of heredocs alone reads none.
             InstructionKind::Copy(c) | InstructionKind::Add(c)
@@ -556,6 +574,9 @@ impl BuildRun {
             })?;
             run.lease.record_action(&key, &result).map_err(store)?;
             run.engine.l1.insert(key, result.clone());
+            if run.spec.background {
+                run.engine.prebuilt.insert(key, Instant::now());
+            }
             Ok(result)
         })
         .await
@@ -636,6 +657,8 @@ impl BuildRun {
                 Some("host") => Network::Host,
                 _ => self.spec.network,
             },
+            // A user waiting for the step before it started makes it theirs.
+            background: self.spec.background && !work.is_foreground(),
         };
         let tail = Mutex::new(VecDeque::with_capacity(FAILURE_TAIL));
         let mut logs = |stream: LogStream, line: &[u8]| {

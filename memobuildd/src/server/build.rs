@@ -36,6 +36,7 @@ use crate::image::layer::LayerOptions;
 use crate::image::oci::MediaTypes;
 use crate::registry::{PushEvent, RegistryError};
 use crate::store::{ImageRecord, Store, blocking};
+use crate::watch::BuildRecipe;
 
 /// Largest output chunk streamed to the client (`dest=-`).
 const CHUNK: usize = 1 << 20;
@@ -120,7 +121,10 @@ impl RunningBuilds {
                     build.current = None;
                 }
             }
-            Progress::Log { .. } | Progress::Failed { .. } | Progress::Reason { .. } => {}
+            Progress::Log { .. }
+            | Progress::Failed { .. }
+            | Progress::Reason { .. }
+            | Progress::Prebuilt { .. } => {}
         }
     }
 
@@ -167,6 +171,7 @@ pub(crate) async fn serve(
             memobuild_protocol::NetworkMode::None => Network::None,
         },
         source_date_epoch: request.source_date_epoch.map(|s| s as i64),
+        background: false,
     };
     // Every change made before this request must be in the fingerprints it uses.
     hub.sync(&dockerfile.context).await;
@@ -190,15 +195,21 @@ pub(crate) async fn serve(
             }
         };
         // What this build read is the new baseline: the workspace is clean again, but for
-        // edits made after the build took its snapshot.
-        if let Some(baseline) = &built.baseline {
-            let (hub, context, baseline) = (
-                Arc::clone(hub),
-                dockerfile.context.clone(),
-                baseline.clone(),
-            );
-            let _ = tokio::task::spawn_blocking(move || hub.mark_built(&context, &baseline)).await;
-        }
+        // edits made after the build took its snapshot. The request is what a prebuild of
+        // the workspace repeats.
+        let (hub, context, baseline) = (
+            Arc::clone(hub),
+            dockerfile.context.clone(),
+            built.baseline.clone(),
+        );
+        let recipe = recipe(&request, &dockerfile.path, peer);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(baseline) = &baseline {
+                hub.mark_built(&context, baseline);
+            }
+            hub.remember_build(&context, &recipe);
+        })
+        .await;
         match write_outputs(engine, &built, &request, peer, stream).await {
             Ok(()) => {}
             // The store found a blob of this image damaged while writing an output, and
@@ -333,6 +344,13 @@ fn event_frame(event: Progress) -> BuildEvent {
         ),
         Progress::Failed { node, message } => (node, BuildEventKind::Failed { message }),
         Progress::Reason { node, reason } => (node, BuildEventKind::Reason { reason }),
+        Progress::Prebuilt { node, ago, joined } => (
+            node,
+            BuildEventKind::Prebuilt {
+                ago_ms: u64::try_from(ago.as_millis()).unwrap_or(u64::MAX),
+                joined,
+            },
+        ),
     };
     BuildEvent { node, kind }
 }
@@ -440,8 +458,22 @@ async fn write_outputs(
     Ok(())
 }
 
+/// What a prebuild of this workspace repeats: this request, without outputs and push.
+fn recipe(request: &BuildRequest, dockerfile: &Path, peer: Peer) -> BuildRecipe {
+    BuildRecipe {
+        dockerfile: dockerfile.to_owned(),
+        build_args: request.build_args.clone(),
+        target: request.target.clone(),
+        tags: request.tags.clone(),
+        host_network: request.network == memobuild_protocol::NetworkMode::Host,
+        source_date_epoch: request.source_date_epoch.map(|s| s as i64),
+        uid: peer.uid,
+        gid: peer.gid,
+    }
+}
+
 /// Tags the image under every name; each tag pins what the build used. Blocking.
-fn tag(engine: &Engine, built: &Built, names: &[String]) -> Result<(), String> {
+pub(super) fn tag(engine: &Engine, built: &Built, names: &[String]) -> Result<(), String> {
     let created_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

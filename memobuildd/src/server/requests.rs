@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use memobuild_protocol::{
     DirtyNode, DockerfileSource, DumpDockerfileRequest, ErrorCode, GraphNodeView, GraphRequest,
-    GraphView, NotifyReport, NotifyRequest, Response, StageView, UnwatchRequest, WatchRequest,
-    WorkspaceStatus,
+    GraphView, NotifyReport, NotifyRequest, PrebuildLogRequest, PrebuildStatus, Response,
+    StageView, UnwatchRequest, WatchRequest, WorkspaceStatus,
 };
 
 use super::access::Peer;
+use super::prebuild::Prebuilds;
 use crate::context::ContextError;
 use crate::frontend::{self, Diagnostic};
 use crate::plan::{self, BuildGraph, PlanError, PlanOptions};
@@ -37,6 +38,8 @@ pub(crate) enum HandlerError {
     Unreadable { uid: u32, path: PathBuf },
     #[error("{0}")]
     Invalid(String),
+    #[error("no prebuild of {} ran since the daemon started", .0.display())]
+    NoPrebuild(PathBuf),
 }
 
 impl HandlerError {
@@ -50,6 +53,7 @@ impl HandlerError {
             Self::Context(_) => ErrorCode::InvalidInput,
             Self::Unreadable { .. } => ErrorCode::PermissionDenied,
             Self::Watch(err) => watch_code(err),
+            Self::NoPrebuild(_) => ErrorCode::NotFound,
         }
     }
 
@@ -178,29 +182,48 @@ fn graph_view(graph: &BuildGraph) -> GraphView {
 
 pub(crate) async fn watch(
     hub: &Arc<Hub>,
+    prebuilds: &Arc<Prebuilds>,
     request: WatchRequest,
     peer: Peer,
 ) -> Result<Response, HandlerError> {
     // Parse first: a Dockerfile that does not plan is refused before anything is watched.
     let dockerfile = DockerfileText::read(&request.source, peer)?;
     dockerfile.plan(&PlanOptions::default())?;
-    let hub = Arc::clone(hub);
-    let report = blocking(move || hub.watch(&dockerfile.context, &dockerfile.path)).await??;
-    Ok(Response::Watched(workspace_status(&report)))
+    let context = dockerfile.context.clone();
+    let worker = Arc::clone(hub);
+    let report = blocking(move || {
+        let report = worker.watch(&dockerfile.context, &dockerfile.path)?;
+        if let Some(on) = request.prebuild {
+            worker.set_prebuild(&dockerfile.context, Some(on))?;
+        }
+        Ok::<_, WatchError>(report)
+    })
+    .await??;
+    if request.prebuild.is_some() {
+        prebuilds.setting_changed(&context, !report.dirty.is_empty());
+    }
+    Ok(Response::Watched(workspace_status(
+        &report,
+        prebuilds.status(&context),
+    )))
 }
 
 pub(crate) async fn unwatch(
     hub: &Arc<Hub>,
+    prebuilds: &Prebuilds,
     request: UnwatchRequest,
 ) -> Result<Response, HandlerError> {
     let context = absolute(&request.context)?;
     let hub = Arc::clone(hub);
+    let forgotten = context.clone();
     blocking(move || hub.unwatch(&context)).await??;
+    prebuilds.forget(&forgotten);
     Ok(Response::Unwatched)
 }
 
 pub(crate) async fn notify(
     hub: &Arc<Hub>,
+    prebuilds: &Arc<Prebuilds>,
     request: NotifyRequest,
 ) -> Result<Response, HandlerError> {
     for path in &request.paths {
@@ -208,6 +231,7 @@ pub(crate) async fn notify(
     }
     let hub = Arc::clone(hub);
     let outcome = blocking(move || hub.changed(&request.paths)).await?;
+    prebuilds.changed(&outcome.changed);
     Ok(Response::Notified(NotifyReport {
         matched: outcome.matched,
         dirtied: outcome.dirtied,
@@ -223,7 +247,24 @@ async fn blocking<T: Send + 'static>(
         .map_err(|err| HandlerError::Invalid(format!("internal task failed: {err}")))
 }
 
-pub(crate) fn workspace_status(report: &WorkspaceReport) -> WorkspaceStatus {
+/// `memobuild logs --prebuild`: for a peer who may read the context.
+pub(crate) fn prebuild_log(
+    prebuilds: &Prebuilds,
+    request: &PrebuildLogRequest,
+    peer: Peer,
+) -> Result<Response, HandlerError> {
+    let context = absolute(&request.context)?;
+    peer.check_readable(&context)?;
+    let log = prebuilds
+        .log(&context)
+        .ok_or(HandlerError::NoPrebuild(context))?;
+    Ok(Response::PrebuildLog(log))
+}
+
+pub(crate) fn workspace_status(
+    report: &WorkspaceReport,
+    prebuild: PrebuildStatus,
+) -> WorkspaceStatus {
     WorkspaceStatus {
         context: report.context.clone(),
         dockerfile: report.dockerfile.clone(),
@@ -246,5 +287,6 @@ pub(crate) fn workspace_status(report: &WorkspaceReport) -> WorkspaceStatus {
             })
             .collect(),
         error: report.error.clone(),
+        prebuild,
     }
 }
