@@ -11,6 +11,7 @@ mod gc;
 mod hotstate;
 mod images;
 mod lifecycle;
+mod prebuild;
 mod protocol;
 mod registry;
 mod remote;
