@@ -309,7 +309,7 @@ fn a_failing_prebuild_shows_in_status_with_its_log() {
         &[
             (
                 "Dockerfile",
-                "FROM BASE\nCOPY src.txt /src.txt\nRUN cat /src.txt && grep -q good /src.txt\n",
+                "FROM BASE\nCOPY src.txt /src.txt\nRUN cut -d' ' -f19 /proc/self/stat && cat /src.txt && grep -q good /src.txt\n",
             ),
             ("src.txt", "good\n"),
         ],
@@ -325,7 +325,7 @@ fn a_failing_prebuild_shows_in_status_with_its_log() {
     assert!(
         failed["step"]
             .as_str()
-            .is_some_and(|s| s.contains("RUN cat /src.txt")),
+            .is_some_and(|s| s.contains("RUN cut -d")),
         "{failed}"
     );
     assert!(
@@ -352,6 +352,8 @@ fn a_failing_prebuild_shows_in_status_with_its_log() {
     let (log, stderr) = texts(&logs);
     assert!(logs.status.success(), "{stderr}");
     assert!(log.contains("a bad line") && log.contains("ERROR"), "{log}");
+    // The prebuild's container ran at the lowest CPU priority (field 19 of stat: nice).
+    assert!(log.lines().any(|l| l.ends_with(" 19")), "{log}");
     // Fixed: the next prebuild is ready.
     std::fs::write(ctx.join("src.txt"), "good again\n").expect("fix");
     wait_for(&bench, &ctx, Duration::from_secs(60), is_ready);
