@@ -43,8 +43,8 @@ pub struct RunRequest {
     pub cwd: String,
     pub user: ProcessUser,
     pub network: Network,
-    /// A prebuild's step: the container runs at the lowest CPU priority (nice 19) and in the
-    /// idle I/O class, so it yields to everything else on the machine.
+    /// A prebuild's step: the container runs at the lowest CPU priority (nice 19) and the
+    /// lowest best-effort I/O priority, so it yields to everything else on the machine.
     pub background: bool,
 }
 
