@@ -5,8 +5,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use memobuild_protocol::{
-    CacheStats, GcReport, GraphNodeView, GraphView, PrebuildStatus, StatusReport,
-    WorkspaceStatus,
+    CacheStats, GcReport, GraphNodeView, GraphView, PrebuildStatus, StatusReport, WorkspaceStatus,
 };
 
 pub fn status(report: &StatusReport) -> String {

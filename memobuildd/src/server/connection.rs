@@ -183,20 +183,14 @@ impl Connection {
             Request::RemoveImage(name) => build::remove_image(&self.shared.engine, &name).await,
             Request::Graph(request) => respond(requests::graph(&request, self.peer)),
             Request::Watch(request) => respond(
-                requests::watch(
-                    &self.shared.hub,
-                    &self.shared.prebuilds,
-                    request,
-                    self.peer,
-                )
-                .await,
+                requests::watch(&self.shared.hub, &self.shared.prebuilds, request, self.peer).await,
             ),
-            Request::Unwatch(request) => respond(
-                requests::unwatch(&self.shared.hub, &self.shared.prebuilds, request).await,
-            ),
-            Request::Notify(request) => respond(
-                requests::notify(&self.shared.hub, &self.shared.prebuilds, request).await,
-            ),
+            Request::Unwatch(request) => {
+                respond(requests::unwatch(&self.shared.hub, &self.shared.prebuilds, request).await)
+            }
+            Request::Notify(request) => {
+                respond(requests::notify(&self.shared.hub, &self.shared.prebuilds, request).await)
+            }
             Request::PrebuildLog(request) => respond(requests::prebuild_log(
                 &self.shared.prebuilds,
                 &request,

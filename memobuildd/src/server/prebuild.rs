@@ -57,10 +57,15 @@ pub(crate) struct Prebuilds {
 /// One workspace's prebuilds: the changes its task waits on, and what status shows.
 #[derive(Debug)]
 struct Driver {
-    /// Bumped by every change and setting change; the task watches it.
+    /// Bumped by every change and setting change; the task watches it, and ends (cancelling
+    /// a running prebuild) when this is dropped with the driver.
     changes: watch::Sender<u64>,
-    state: Mutex<DriverState>,
+    state: Arc<Progressing>,
 }
+
+/// What the driver's task and its prebuilds report, and status reads.
+#[derive(Debug, Default)]
+struct Progressing(Mutex<DriverState>);
 
 #[derive(Debug, Default)]
 struct DriverState {
@@ -100,9 +105,9 @@ fn unix_ms(time: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-impl Driver {
+impl Progressing {
     fn state(&self) -> MutexGuard<'_, DriverState> {
-        lock(&self.state)
+        lock(&self.0)
     }
 
     fn set_phase(&self, phase: Phase) {
@@ -157,7 +162,7 @@ impl Driver {
 }
 
 /// Follows a prebuild's progress into its driver: the step running, the steps done, the log.
-struct DriverReporter(Arc<Driver>);
+struct DriverReporter(Arc<Progressing>);
 
 impl Reporter for DriverReporter {
     fn report(&self, event: Progress) {
@@ -277,9 +282,9 @@ impl Prebuilds {
             let (changes, seen) = watch::channel(0);
             let driver = Arc::new(Driver {
                 changes,
-                state: Mutex::new(DriverState::default()),
+                state: Arc::default(),
             });
-            let task = Arc::clone(self).drive(context.to_owned(), Arc::clone(&driver), seen);
+            let task = Arc::clone(self).drive(context.to_owned(), Arc::clone(&driver.state), seen);
             tokio::spawn(task.instrument(info_span!("prebuild", context = %context.display())));
             driver
         });
@@ -292,7 +297,7 @@ impl Prebuilds {
             return PrebuildStatus::Off;
         }
         match lock(&self.drivers).get(context) {
-            Some(driver) => driver.status(),
+            Some(driver) => driver.state.status(),
             None => PrebuildStatus::Idle,
         }
     }
@@ -300,7 +305,7 @@ impl Prebuilds {
     /// The last (or running) prebuild's log; `None` if none ran since the daemon started.
     pub(crate) fn log(&self, context: &Path) -> Option<Vec<String>> {
         let driver = lock(&self.drivers).get(context).cloned()?;
-        let state = driver.state();
+        let state = driver.state.state();
         if matches!(state.phase, Phase::Idle | Phase::Waiting) && state.log.is_empty() {
             return None;
         }
@@ -312,7 +317,7 @@ impl Prebuilds {
     async fn drive(
         self: Arc<Self>,
         context: PathBuf,
-        driver: Arc<Driver>,
+        driver: Arc<Progressing>,
         mut changes: watch::Receiver<u64>,
     ) {
         loop {
@@ -371,7 +376,7 @@ impl Prebuilds {
         self: Arc<Self>,
         context: PathBuf,
         recipe: BuildRecipe,
-        driver: Arc<Driver>,
+        driver: Arc<Progressing>,
         cancel: Arc<AtomicBool>,
     ) {
         {
@@ -431,7 +436,7 @@ impl Prebuilds {
         &self,
         context: &Path,
         recipe: &BuildRecipe,
-        driver: Arc<Driver>,
+        driver: Arc<Progressing>,
         cancel: Arc<AtomicBool>,
     ) -> Result<String, Failure> {
         let peer = Peer {

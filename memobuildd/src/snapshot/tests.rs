@@ -138,7 +138,11 @@ fn a_background_run_has_the_lowest_cpu_and_io_priority() {
         assert_eq!(logs.trim(), nice, "background={background}");
         // Best effort (class 2), level 7: the lowest that still always gets its turn.
         let lowest = (2 << 13) | 7;
-        assert_eq!(prio == lowest, background, "ioprio {prio:#x}, background={background}");
+        assert_eq!(
+            prio == lowest,
+            background,
+            "ioprio {prio:#x}, background={background}"
+        );
     }
 }
 

@@ -55,8 +55,10 @@ impl Registry {
                 .map_err(WatchError::Registry)?
                 .is_some();
             if !has {
-                conn.execute_batch(&format!("ALTER TABLE workspaces ADD COLUMN {column} {kind}"))
-                    .map_err(WatchError::Registry)?;
+                conn.execute_batch(&format!(
+                    "ALTER TABLE workspaces ADD COLUMN {column} {kind}"
+                ))
+                .map_err(WatchError::Registry)?;
             }
         }
         Ok(Self { conn })
@@ -103,7 +105,11 @@ impl Registry {
             .map_err(WatchError::Registry)
     }
 
-    pub(super) fn set_recipe(&self, context: &Path, recipe: &BuildRecipe) -> Result<(), WatchError> {
+    pub(super) fn set_recipe(
+        &self,
+        context: &Path,
+        recipe: &BuildRecipe,
+    ) -> Result<(), WatchError> {
         self.conn
             .execute(
                 "UPDATE workspaces SET recipe = ?2 WHERE context = ?1",

@@ -545,7 +545,9 @@ fn prebuild_settings_and_the_build_to_repeat_survive_a_restart_and_a_rewatch() {
     again.restore();
     assert_eq!(again.prebuild_setting(&fx.ctx()), Some(expected));
     assert!(
-        again.set_prebuild(&fx.dir.path().join("other"), Some(true)).is_err(),
+        again
+            .set_prebuild(&fx.dir.path().join("other"), Some(true))
+            .is_err(),
         "only a watched workspace prebuilds"
     );
 }

@@ -149,7 +149,11 @@ fn after_an_edit_the_prebuild_leaves_nothing_for_the_next_build_to_do() {
         .into_iter()
         .filter(|e| e["event"] == "prebuilt")
         .collect();
-    assert_eq!(prebuilt.len(), 3, "the COPY and both RUNs were prebuilt: {first_stderr}");
+    assert_eq!(
+        prebuilt.len(),
+        3,
+        "the COPY and both RUNs were prebuilt: {first_stderr}"
+    );
     assert!(prebuilt.iter().all(|e| e["joined"] == false));
     let fastest = times.iter().min().expect("times");
     assert!(
