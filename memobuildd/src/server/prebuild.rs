@@ -402,7 +402,12 @@ impl Prebuilds {
             Err(Failure::Cancelled) => return,
             Err(Failure::Build(err)) => {
                 info!(%err, "prebuild failed");
-                let (step, exit_code) = match &err {
+                // A step run through flightcontrol fails as the shared work's error.
+                let mut cause = &err;
+                while let BuildError::Shared(shared) = cause {
+                    cause = shared.as_ref();
+                }
+                let (step, exit_code) = match cause {
                     BuildError::RunFailed { step, code, .. } => (Some(step.clone()), Some(*code)),
                     BuildError::Step { step, .. } | BuildError::OutOfSpace { step, .. } => {
                         (Some(step.clone()), None)
