@@ -14,8 +14,8 @@ use memobuild_client::{
 use memobuild_protocol::{
     BuildRequest, BuildResult, BuildSecret, DockerfileSource, DumpDockerfileRequest, GcRequest,
     GraphRequest, LayerCompression, NetworkMode, NotifyRequest, OutputKind, OutputSpec,
-    PACKAGE_VERSION, PROTOCOL_VERSION, PushRequest, RemoteCacheMode, Request, Response, SshAgent,
-    UnwatchRequest, WatchRequest,
+    PACKAGE_VERSION, PROTOCOL_VERSION, PrebuildLogRequest, PushRequest, RemoteCacheMode, Request,
+    Response, SshAgent, UnwatchRequest, WatchRequest,
 };
 use serde_json::json;
 use tokio::signal::unix::SignalKind;
@@ -68,8 +68,24 @@ enum Command {
     Watch {
         #[command(flatten)]
         source: SourceArgs,
+        /// Prebuild on save: after a change settles, repeat the workspace's last build
+        /// (its Dockerfile, build args, target and tags; never outputs or a push)
+        #[arg(long, conflicts_with = "no_prebuild")]
+        prebuild: bool,
+        /// Turn prebuild off for this workspace
+        #[arg(long)]
+        no_prebuild: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Print a log kept by the daemon
+    Logs {
+        /// The last prebuild's log of the workspace
+        #[arg(long, required = true)]
+        prebuild: bool,
+        /// Build context directory
+        #[arg(default_value = ".")]
+        context: PathBuf,
     },
     /// Stop watching a workspace
     Unwatch {
@@ -351,9 +367,19 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             }
             Ok(Exit::Success)
         }
-        Command::Watch { source, json } => {
+        Command::Watch {
+            source,
+            prebuild,
+            no_prebuild,
+            json,
+        } => {
             let request = Request::Watch(WatchRequest {
                 source: source.resolve(),
+                prebuild: match (prebuild, no_prebuild) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
             });
             let mut conn = connect_or_start(place).await?;
             let Response::Watched(workspace) = conn.call(&request).await? else {
@@ -373,6 +399,22 @@ async fn run(command: Command, place: &DaemonPlace) -> Result<Exit, ClientError>
             let mut conn = connect_or_start(place).await?;
             conn.call(&request).await?;
             println!("no longer watching {}", absolute(&context).display());
+            Ok(Exit::Success)
+        }
+        Command::Logs {
+            prebuild: _,
+            context,
+        } => {
+            let request = Request::PrebuildLog(PrebuildLogRequest {
+                context: absolute(&context),
+            });
+            let mut conn = connect_or_start(place).await?;
+            let Response::PrebuildLog(lines) = conn.call(&request).await? else {
+                return Err(unexpected("logs"));
+            };
+            for line in lines {
+                println!("{line}");
+            }
             Ok(Exit::Success)
         }
         Command::Notify { paths, json } => {

@@ -126,6 +126,9 @@ impl<W: Write> Progress<W> {
                 format!("#{n} ERROR: {}", message.lines().next().unwrap_or(message))
             }
             BuildEventKind::Warning { message } => format!("WARNING: {message}"),
+            BuildEventKind::Prebuilt { ago_ms, joined } => {
+                format!("#{n} {}", prebuilt(*ago_ms, *joined))
+            }
         };
         let _ = writeln!(self.out, "{line}");
     }
@@ -197,6 +200,19 @@ fn json_event(event: &BuildEvent) -> serde_json::Value {
         BuildEventKind::Warning { message } => {
             json!({"node": node, "event": "warning", "message": message})
         }
+        BuildEventKind::Prebuilt { ago_ms, joined } => {
+            json!({"node": node, "event": "prebuilt", "ago_ms": ago_ms, "joined": joined})
+        }
+    }
+}
+
+/// How a step a prebuild made reads: when it was made, or that this build waited for it.
+pub(crate) fn prebuilt(ago_ms: u64, joined: bool) -> String {
+    if joined {
+        "PREBUILT (joined the running prebuild)".to_owned()
+    } else {
+        let ago = std::time::Duration::from_millis(ago_ms);
+        format!("PREBUILT {} ago", crate::render::duration(ago))
     }
 }
 

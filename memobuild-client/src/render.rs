@@ -5,8 +5,8 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use memobuild_protocol::{
-    CacheStats, GcReport, GraphNodeView, GraphView, RemoteCacheMode, RemoteCacheStatus,
-    StatusReport, WorkspaceStatus,
+    CacheStats, GcReport, GraphNodeView, GraphView, PrebuildStatus, RemoteCacheMode,
+    RemoteCacheStatus, StatusReport, WorkspaceStatus,
 };
 
 pub fn status(report: &StatusReport) -> String {
@@ -252,7 +252,62 @@ pub fn workspace(ws: &WorkspaceStatus) -> String {
     for dirty in &ws.dirty {
         let _ = writeln!(out, "    dirty: {}  (changed: {})", dirty.node, dirty.cause);
     }
+    out.push_str(&prebuild(&ws.prebuild));
     out
+}
+
+/// A workspace's prebuild: off, idle, waiting, running step i/n, ready, failed with its log.
+pub fn prebuild(status: &PrebuildStatus) -> String {
+    let ago = |unix_ms: u64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        duration(Duration::from_millis(now.saturating_sub(unix_ms)))
+    };
+    match status {
+        PrebuildStatus::Off => "    prebuild: off\n".to_owned(),
+        PrebuildStatus::Idle => "    prebuild: idle\n".to_owned(),
+        PrebuildStatus::Waiting => "    prebuild: waiting\n".to_owned(),
+        PrebuildStatus::Running {
+            step,
+            steps_done,
+            steps_total,
+        } => format!(
+            "    prebuild: running step {}/{steps_total}{}\n",
+            (steps_done + 1).min(*steps_total),
+            step.as_deref().map(|s| format!(" {s}")).unwrap_or_default()
+        ),
+        PrebuildStatus::Ready {
+            digest,
+            finished_unix_ms,
+        } => format!(
+            "    prebuild: ready {digest} ({} ago)\n",
+            ago(*finished_unix_ms)
+        ),
+        PrebuildStatus::Failed {
+            step,
+            exit_code,
+            message,
+            log_tail,
+            finished_unix_ms,
+        } => {
+            let mut out = match (step, exit_code) {
+                (Some(step), Some(code)) => {
+                    format!("    prebuild: failed at {step}: exit code {code}")
+                }
+                (Some(step), None) => format!("    prebuild: failed at {step}"),
+                _ => format!(
+                    "    prebuild: failed: {}",
+                    message.lines().next().unwrap_or(message)
+                ),
+            };
+            let _ = writeln!(out, " ({} ago)", ago(*finished_unix_ms));
+            for line in log_tail {
+                let _ = writeln!(out, "      | {line}");
+            }
+            out
+        }
+    }
 }
 
 /// One line per blob event of a push, as `docker push` shows them.

@@ -17,6 +17,9 @@
 //! | extra registry CA (PEM) | | | `registry_ca_file` | none |
 //! | keep built contexts watched | | | `watch_built_contexts` | true |
 //! | bytes per chunk of a large COPY's layer (0: one layer per COPY, as Docker) | | | `copy_chunk_bytes` | 32 MiB |
+//! | prebuild every watched workspace after a change (`memobuild watch --no-prebuild` turns one off) | | | `prebuild` | false |
+//! | quiet time after a change before a prebuild starts (`"300ms"`, `"2s"` or milliseconds) | | | `prebuild_debounce` | 300 ms |
+//! | prebuilds running at once, across workspaces | | | `prebuild_max` | 1 |
 //! | remote cache (L3): `grpc://host:port[/instance]`, `grpcs://host[:port][/instance]`, `http(s)://host[:port][/prefix]` | | `MEMOBUILD_REMOTE_URL` | `remote_cache` | none |
 //! | remote cache mode: `read-write`, `read-only`, `off` | | `MEMOBUILD_REMOTE_CACHE_MODE` | `remote_cache_mode` | `read-write` |
 //! | remote cache bearer token (wins over basic auth) | | `MEMOBUILD_REMOTE_TOKEN` | `remote_cache_token_file` | none |
@@ -83,6 +86,10 @@ pub struct Config {
     /// A COPY from the context of at least twice this many bytes becomes several layers of
     /// about this size, so an edit rewrites one of them (`engine::copy::Plan::chunks`).
     pub copy_chunk_bytes: u64,
+    /// Every watched workspace prebuilds unless turned off for it (`server::prebuild`).
+    pub prebuild: bool,
+    pub prebuild_debounce: Duration,
+    pub prebuild_max: usize,
     /// The shared remote cache (L3); `None` without a URL or with mode `off`.
     pub remote_cache: Option<RemoteSettings>,
     /// The store's budget; `None`: 10% of the root's filesystem, at least 2 GiB.
@@ -147,6 +154,9 @@ struct FileConfig {
     registry_ca_file: Option<PathBuf>,
     watch_built_contexts: Option<bool>,
     copy_chunk_bytes: Option<u64>,
+    prebuild: Option<bool>,
+    prebuild_debounce: Option<DurationValue>,
+    prebuild_max: Option<usize>,
     remote_cache: Option<String>,
     remote_cache_mode: Option<String>,
     remote_cache_token_file: Option<PathBuf>,
@@ -192,6 +202,42 @@ impl SizeValue {
         }
     }
 }
+
+/// A short duration in the file: milliseconds, or a string such as `"300ms"` or `"2s"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DurationValue {
+    Millis(u64),
+    Text(String),
+}
+
+impl DurationValue {
+    fn duration(self, key: &'static str, path: &Path) -> Result<Duration, ConfigError> {
+        let text = match self {
+            Self::Millis(ms) => return Ok(Duration::from_millis(ms)),
+            Self::Text(text) => text,
+        };
+        let trimmed = text.trim();
+        let (number, scale) = if let Some(ms) = trimmed.strip_suffix("ms") {
+            (ms, 1)
+        } else if let Some(s) = trimmed.strip_suffix('s') {
+            (s, 1000)
+        } else {
+            (trimmed, 1)
+        };
+        number
+            .trim()
+            .parse::<u64>()
+            .map(|n| Duration::from_millis(n.saturating_mul(scale)))
+            .map_err(|_| ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("{key}: {text:?} is not a duration (e.g. \"300ms\", \"2s\")"),
+            })
+    }
+}
+
+/// Default `prebuild_debounce`: an editor's save (temp file, rename, chmod) is one change.
+pub const DEFAULT_PREBUILD_DEBOUNCE: Duration = Duration::from_millis(300);
 
 const CONFIG_ENV: &str = "MEMOBUILD_CONFIG";
 const SOCKET_GROUP_ENV: &str = "MEMOBUILD_SOCKET_GROUP";
@@ -271,6 +317,13 @@ impl Config {
                 source,
             })?
             .map(Duration::from_secs);
+        let prebuild_debounce = match file.prebuild_debounce {
+            Some(value) => value.duration(
+                "prebuild_debounce",
+                config_file.as_deref().unwrap_or(Path::new("config")),
+            )?,
+            None => DEFAULT_PREBUILD_DEBOUNCE,
+        };
         let root = absolute("root", root)?;
         let socket = absolute("socket", socket)?;
         paths::check_socket_path(&socket)?;
@@ -297,6 +350,9 @@ impl Config {
             registry_ca_file: file.registry_ca_file,
             watch_built_contexts: file.watch_built_contexts.unwrap_or(true),
             copy_chunk_bytes: file.copy_chunk_bytes.unwrap_or(DEFAULT_COPY_CHUNK_BYTES),
+            prebuild: file.prebuild.unwrap_or(false),
+            prebuild_debounce,
+            prebuild_max: file.prebuild_max.filter(|n| *n > 0).unwrap_or(1),
             remote_cache,
             gc_keep_bytes,
             gc_keep_duration,
@@ -672,6 +728,33 @@ mod tests {
         };
         let err = Config::resolve(flags, 0, env_from(&[])).expect_err("bad duration");
         assert!(err.to_string().contains("gc_keep_duration"), "{err}");
+    }
+
+    #[test]
+    fn prebuild_settings_read_with_units_and_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let resolve = |text: &str| {
+            let flags = Overrides {
+                config: Some(write_config(dir.path(), text)),
+                ..Overrides::default()
+            };
+            Config::resolve(flags, 0, env_from(&[]))
+        };
+        let cfg = resolve("").expect("defaults");
+        assert!(!cfg.prebuild);
+        assert_eq!(cfg.prebuild_debounce, DEFAULT_PREBUILD_DEBOUNCE);
+        assert_eq!(cfg.prebuild_max, 1);
+        let cfg = resolve("prebuild = true\nprebuild_debounce = \"2s\"\nprebuild_max = 2\n")
+            .expect("set");
+        assert!(cfg.prebuild);
+        assert_eq!(cfg.prebuild_debounce, Duration::from_secs(2));
+        assert_eq!(cfg.prebuild_max, 2);
+        let cfg = resolve("prebuild_debounce = 150\n").expect("milliseconds");
+        assert_eq!(cfg.prebuild_debounce, Duration::from_millis(150));
+        let cfg = resolve("prebuild_debounce = \"80ms\"\n").expect("ms");
+        assert_eq!(cfg.prebuild_debounce, Duration::from_millis(80));
+        let err = resolve("prebuild_debounce = \"soon\"\n").expect_err("bad duration");
+        assert!(err.to_string().contains("prebuild_debounce"), "{err}");
     }
 
     #[test]

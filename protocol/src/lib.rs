@@ -20,7 +20,7 @@ pub use frame::{FrameError, MAX_FRAME_LEN, read_frame, read_frame_len, read_payl
 pub use messages::*;
 
 /// Bumped on every change to the wire shape of any message after the handshake.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// First four bytes of the handshake payload, so a daemon can tell a stray connection
 /// (or a much older/newer client) from a real one before trusting anything else.

@@ -132,6 +132,8 @@ pub enum Request {
     DumpDockerfile(DumpDockerfileRequest),
     /// Remove a tag from the image store (blobs are left to GC).
     RemoveImage(String),
+    /// The log of a workspace's last prebuild.
+    PrebuildLog(PrebuildLogRequest),
 }
 
 impl Request {
@@ -151,6 +153,7 @@ impl Request {
             Self::Graph(_) => "graph",
             Self::DumpDockerfile(_) => "dump-dockerfile",
             Self::RemoveImage(_) => "rmi",
+            Self::PrebuildLog(_) => "prebuild-log",
         }
     }
 }
@@ -266,6 +269,14 @@ pub enum LayerCompression {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchRequest {
     pub source: DockerfileSource,
+    /// Turn prebuild on (`Some(true)`) or off for this workspace; `None` leaves it as it is.
+    pub prebuild: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrebuildLogRequest {
+    /// Absolute path of the build context.
+    pub context: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +354,8 @@ pub enum Response {
     /// Non-terminal: forget every output streamed so far; they all come again (the daemon
     /// found a damaged blob mid-output, repaired the store and builds again).
     OutputRestart,
+    /// The last prebuild's log, one line each (step headers and output).
+    PrebuildLog(Vec<String>),
 }
 
 /// Output bytes as one byte string: the same wire form as a sequence of `u8` (a length, then
@@ -498,6 +511,37 @@ pub struct WorkspaceStatus {
     pub dirty: Vec<DirtyNode>,
     /// Why the Dockerfile cannot be planned right now, if it cannot.
     pub error: Option<String>,
+    pub prebuild: PrebuildStatus,
+}
+
+/// Where a workspace's prebuild stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PrebuildStatus {
+    Off,
+    /// On, nothing to do: no change since the last build, or no build to repeat yet.
+    Idle,
+    /// A change is settling (debounce), or the prebuild waits for its turn.
+    Waiting,
+    Running {
+        /// The step executing now, e.g. `[stage-0 2/3] RUN make`.
+        step: Option<String>,
+        steps_done: u64,
+        steps_total: u64,
+    },
+    Ready {
+        /// Manifest digest of the prebuilt image.
+        digest: String,
+        finished_unix_ms: u64,
+    },
+    Failed {
+        /// The step that failed, if a step did.
+        step: Option<String>,
+        exit_code: Option<i32>,
+        message: String,
+        /// The last lines of the prebuild's log.
+        log_tail: Vec<String>,
+        finished_unix_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -586,6 +630,12 @@ pub enum BuildEventKind {
     /// e.g. the remote cache is unreachable and the build goes on local-only).
     Warning {
         message: String,
+    },
+    /// The step's result came from a prebuild: finished `ago_ms` before this build needed it,
+    /// or (`joined`) still running then, and this build waited for it.
+    Prebuilt {
+        ago_ms: u64,
+        joined: bool,
     },
 }
 

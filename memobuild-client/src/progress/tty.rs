@@ -96,6 +96,10 @@ impl TtyView {
             BuildEventKind::Warning { message } => {
                 let _ = self.multi.println(format!("WARNING: {message}"));
             }
+            BuildEventKind::Prebuilt { ago_ms, joined } => {
+                let label = format!("{} ", super::prebuilt(*ago_ms, *joined));
+                self.step(n).finish(&label, Duration::ZERO, done_style());
+            }
         }
         self.update_header("");
     }

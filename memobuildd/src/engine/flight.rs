@@ -40,6 +40,8 @@ struct Flight {
 /// What running work reports to and is stopped by.
 pub(super) struct Work {
     cancel: AtomicBool,
+    /// A user's build (not only prebuilds) waits for it: it queues as theirs.
+    foreground: AtomicBool,
     waiters: Mutex<Vec<Waiter>>,
     next_waiter: AtomicU64,
 }
@@ -62,6 +64,7 @@ impl Work {
     fn new() -> Self {
         Self {
             cancel: AtomicBool::new(false),
+            foreground: AtomicBool::new(false),
             waiters: Mutex::new(Vec::new()),
             next_waiter: AtomicU64::new(0),
         }
@@ -70,6 +73,11 @@ impl Work {
     /// Set once nobody waits for the work any more: containers are killed, the step stops.
     pub(super) fn cancel_flag(&self) -> &AtomicBool {
         &self.cancel
+    }
+
+    /// Whether a user's build waits for the work (`priority`).
+    pub(super) fn is_foreground(&self) -> bool {
+        self.foreground.load(Ordering::Relaxed)
     }
 
     /// A line of the step's output, to every build waiting for it.
@@ -130,13 +138,15 @@ impl Flights {
     }
 
     /// Waits for the work of `key`, starting it with `start` unless it is running already.
-    /// `reporter` and `node` receive its log lines; `cancel` is the waiting build's own flag.
+    /// `reporter` and `node` receive its log lines; `cancel` is the waiting build's own flag;
+    /// `foreground`: the waiting build is a user's, not a prebuild.
     pub(super) async fn join<F, Fut>(
         &self,
         key: Hash,
         reporter: Arc<dyn Reporter>,
         node: u32,
         cancel: &AtomicBool,
+        foreground: bool,
         start: F,
     ) -> Joined
     where
@@ -169,6 +179,9 @@ impl Flights {
                     (flight, true)
                 }
             };
+            if foreground {
+                flight.work.foreground.store(true, Ordering::Relaxed);
+            }
             let id = flight.work.next_waiter.fetch_add(1, Ordering::Relaxed);
             flight.work.waiters().push(Waiter { id, reporter, node });
             let interest = Interest {
@@ -254,7 +267,7 @@ mod tests {
             );
             async move {
                 flights
-                    .join([1; 32], lines, 3, &cancel, slow(release))
+                    .join([1; 32], lines, 3, &cancel, true, slow(release))
                     .await
             }
         });
@@ -264,7 +277,7 @@ mod tests {
             async move {
                 let never = AtomicBool::new(false);
                 flights
-                    .join([1; 32], lines, 7, &never, |_| async {
+                    .join([1; 32], lines, 7, &never, true, |_| async {
                         panic!("the running work is joined, not started again")
                     })
                     .await
@@ -304,6 +317,7 @@ mod tests {
                         Arc::new(Lines::default()),
                         1,
                         &cancel,
+                        true,
                         move |work| {
                             *seen.lock().expect("seen") = Some(Arc::clone(&work));
                             slow(Arc::new(tokio::sync::Notify::new()))(work)
@@ -324,6 +338,7 @@ mod tests {
                 Arc::new(Lines::default()),
                 1,
                 &AtomicBool::new(false),
+                true,
                 |_| async { Ok(ActionResult { layers: vec![] }) },
             )
             .await;

@@ -21,6 +21,7 @@ mod flight;
 pub mod keys;
 mod mounts;
 mod node;
+mod priority;
 mod remote;
 pub mod state;
 #[cfg(test)]
@@ -34,7 +35,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
 use tracing::{Instrument, info_span};
 
 use crate::cache::L1;
@@ -91,6 +91,13 @@ pub enum Progress {
     /// About the build, not one step (the remote cache failing, an entry ignored).
     Warning {
         message: String,
+    },
+    /// The step's result came from a prebuild, finished `ago` before this build needed it
+    /// (`joined`: this build waited for the prebuild's running step).
+    Prebuilt {
+        node: u32,
+        ago: Duration,
+        joined: bool,
     },
 }
 
@@ -356,6 +363,9 @@ pub struct BuildSpec {
     pub remote_cache: Option<RemoteMode>,
     /// Whom the build reads the context for; `None`: the daemon's own user or root.
     pub caller: Option<crate::caller::Caller>,
+    /// A prebuild: its steps yield to users' (`priority`), its containers run at low CPU and
+    /// I/O priority, and what it executes is remembered as prebuilt.
+    pub background: bool,
 }
 
 /// A finished build: the image in the store, and what it took. Its lease keeps the image
@@ -414,7 +424,10 @@ pub struct Engine {
     hub: Arc<Hub>,
     platform: Platform,
     options: EngineOptions,
-    permits: Semaphore,
+    permits: priority::StepPermits,
+    /// Steps prebuilds executed, and when they finished: a user's build that finds one says
+    /// so. Bounded like `derived`.
+    prebuilt: moka::sync::Cache<Hash, Instant>,
     /// What `COPY --from` copies, by source state and sources (`node::copied_files_id`).
     derived: moka::sync::Cache<Hash, Hash>,
     /// The last build of each target, for "why did this step run".
@@ -502,7 +515,8 @@ pub struct EngineParts {
 impl Engine {
     pub fn new(parts: EngineParts) -> Self {
         Self {
-            permits: Semaphore::new(parts.options.max_parallel.max(1)),
+            permits: priority::StepPermits::new(parts.options.max_parallel),
+            prebuilt: moka::sync::Cache::new(DERIVED_ENTRIES),
             layout: parts.layout,
             store: parts.store,
             l1: L1::new(parts.options.l1_bytes),

@@ -465,6 +465,7 @@ impl BuildRun {
         let result = match cached {
             Some(result) => {
                 self.reporter.report(Progress::Cached { node: id });
+                self.report_prebuilt(id, &key, false);
                 self.cached.fetch_add(1, Ordering::Relaxed);
                 result
             }
@@ -485,6 +486,7 @@ impl BuildRun {
                         Arc::clone(&self.reporter),
                         id,
                         &self.cancel,
+                        !self.spec.background,
                         move |work| {
                             // The work outlives the build that started it: it is the
                             // engine's activity until it ends.
@@ -515,6 +517,7 @@ impl BuildRun {
                     blocking(move || lease.claim(&key, &claimed)).await;
                     self.cached.fetch_add(1, Ordering::Relaxed);
                     self.reporter.report(Progress::Cached { node: id });
+                    self.report_prebuilt(id, &key, true);
                 }
                 result
             }
@@ -535,6 +538,20 @@ impl BuildRun {
             .collect();
         state.push_layers(layers, &spec.label, &self.created);
         Ok(state)
+    }
+
+    /// Tells a user's build that a step it did not execute was a prebuild's work.
+    fn report_prebuilt(&self, node: u32, key: &Hash, joined: bool) {
+        if self.spec.background {
+            return;
+        }
+        if let Some(finished) = self.engine.prebuilt.get(key) {
+            self.reporter.report(Progress::Prebuilt {
+                node,
+                ago: finished.elapsed(),
+                joined,
+            });
+        }
     }
 
     /// A hit from the tiers (a remote one already promoted into L2 with its blobs), checked
@@ -597,12 +614,13 @@ impl BuildRun {
             .into_iter()
             .filter(|p| self.graph.node(*p).kind != NodeKind::ContextSource)
             .find_map(|p| inputs.get(&p).cloned());
+        let background = self.spec.background;
         let _permit = self
             .engine
             .permits
-            .acquire()
+            .acquire(|| !background || work.is_foreground())
             .await
-            .map_err(|_| BuildError::Cancelled)?;
+            .ok_or(BuildError::Cancelled)?;
         let tree = match &step {
             // The build's snapshot; a COPY of heredocs alone reads none.
             InstructionKind::Copy(c) | InstructionKind::Add(c)
@@ -648,6 +666,9 @@ impl BuildRun {
             })?;
             run.lease.record_action(&key, &result).map_err(store)?;
             run.engine.l1.insert(key, result.clone());
+            if run.spec.background {
+                run.engine.prebuilt.insert(key, Instant::now());
+            }
             Ok(result)
         })
         .await
@@ -739,6 +760,8 @@ impl BuildRun {
                 _ => self.spec.network,
             },
             mounts: mounts.mounts.clone(),
+            // A user waiting for the step before it started makes it theirs.
+            background: self.spec.background && !work.is_foreground(),
         };
         let tail = Mutex::new(VecDeque::with_capacity(FAILURE_TAIL));
         let mut logs = |stream: LogStream, line: &[u8]| {

@@ -63,6 +63,9 @@ pub struct RunRequest {
     pub network: Network,
     /// In order: a later mount may sit inside an earlier one.
     pub mounts: Vec<StepMount>,
+    /// A prebuild's step: the container runs at the lowest CPU priority (nice 19) and the
+    /// lowest best-effort I/O priority, so it yields to everything else on the machine.
+    pub background: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

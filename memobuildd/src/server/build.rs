@@ -31,6 +31,7 @@ use crate::image::compress::ZSTD_DEFAULT_LEVEL;
 use crate::image::oci::MediaTypes;
 use crate::registry::{PushEvent, RegistryError};
 use crate::store::{ImageRecord, Store, blocking};
+use crate::watch::BuildRecipe;
 
 /// The builds in progress, as `status` lists them.
 #[derive(Debug, Default)]
@@ -106,7 +107,8 @@ impl RunningBuilds {
             Progress::Log { .. }
             | Progress::Failed { .. }
             | Progress::Reason { .. }
-            | Progress::Warning { .. } => {}
+            | Progress::Warning { .. }
+            | Progress::Prebuilt { .. } => {}
         }
     }
 
@@ -173,6 +175,7 @@ pub(crate) async fn serve(
             .collect(),
         remote_cache: request.remote_cache.map(super::remote_mode),
         caller: (!caller.is_unrestricted()).then(|| caller.clone()),
+        background: false,
     };
     if let Some(denied) = request
         .ssh
@@ -208,15 +211,21 @@ pub(crate) async fn serve(
             }
         };
         // What this build read is the new baseline: the workspace is clean again, but for
-        // edits made after the build took its snapshot.
-        if let Some(baseline) = &built.baseline {
-            let (hub, context, baseline) = (
-                Arc::clone(hub),
-                dockerfile.context.clone(),
-                baseline.clone(),
-            );
-            let _ = tokio::task::spawn_blocking(move || hub.mark_built(&context, &baseline)).await;
-        }
+        // edits made after the build took its snapshot. The request is what a prebuild of
+        // the workspace repeats.
+        let (hub, context, baseline) = (
+            Arc::clone(hub),
+            dockerfile.context.clone(),
+            built.baseline.clone(),
+        );
+        let recipe = recipe(&request, &dockerfile.path, caller);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(baseline) = &baseline {
+                hub.mark_built(&context, baseline);
+            }
+            hub.remember_build(&context, &recipe);
+        })
+        .await;
         match write_outputs(engine, &built, &request, stream).await {
             Ok(()) => {
                 if let Err(refusal) = push_outputs(engine, &request).await {
@@ -368,6 +377,13 @@ fn event_frame(event: Progress) -> BuildEvent {
         Progress::Failed { node, message } => (node, BuildEventKind::Failed { message }),
         Progress::Reason { node, reason } => (node, BuildEventKind::Reason { reason }),
         Progress::Warning { message } => (0, BuildEventKind::Warning { message }),
+        Progress::Prebuilt { node, ago, joined } => (
+            node,
+            BuildEventKind::Prebuilt {
+                ago_ms: u64::try_from(ago.as_millis()).unwrap_or(u64::MAX),
+                joined,
+            },
+        ),
     };
     BuildEvent { node, kind }
 }
@@ -553,8 +569,22 @@ async fn push_outputs(engine: &Arc<Engine>, request: &BuildRequest) -> Result<()
     Ok(())
 }
 
+/// What a prebuild of this workspace repeats: this request, without outputs and push.
+fn recipe(request: &BuildRequest, dockerfile: &Path, caller: &Caller) -> BuildRecipe {
+    BuildRecipe {
+        dockerfile: dockerfile.to_owned(),
+        build_args: request.build_args.clone(),
+        target: request.target.clone(),
+        tags: request.tags.clone(),
+        host_network: request.network == memobuild_protocol::NetworkMode::Host,
+        source_date_epoch: request.source_date_epoch.map(|s| s as i64),
+        uid: caller.uid,
+        gid: caller.gid,
+    }
+}
+
 /// Tags the image under every name; each tag pins what the build used. Blocking.
-fn tag(engine: &Engine, built: &Built, names: &[String]) -> Result<(), String> {
+pub(super) fn tag(engine: &Engine, built: &Built, names: &[String]) -> Result<(), String> {
     let created_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

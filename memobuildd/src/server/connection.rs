@@ -241,15 +241,32 @@ impl Connection {
             }
             Request::RemoveImage(name) => build::remove_image(&self.shared.engine, &name).await,
             Request::Graph(request) => respond(requests::graph(&request, &self.caller)),
-            Request::Watch(request) => {
-                respond(requests::watch(&self.shared.hub, request, &self.caller).await)
-            }
+            Request::Watch(request) => respond(
+                requests::watch(
+                    &self.shared.hub,
+                    &self.shared.prebuilds,
+                    request,
+                    &self.caller,
+                )
+                .await,
+            ),
             Request::Unwatch(request) => {
-                respond(requests::unwatch(&self.shared.hub, request).await)
+                respond(requests::unwatch(&self.shared.hub, &self.shared.prebuilds, request).await)
             }
-            Request::Notify(request) => {
-                respond(requests::notify(&self.shared.hub, request, &self.caller).await)
-            }
+            Request::Notify(request) => respond(
+                requests::notify(
+                    &self.shared.hub,
+                    &self.shared.prebuilds,
+                    request,
+                    &self.caller,
+                )
+                .await,
+            ),
+            Request::PrebuildLog(request) => respond(requests::prebuild_log(
+                &self.shared.prebuilds,
+                &request,
+                &self.caller,
+            )),
             Request::DumpDockerfile(request) => {
                 respond(requests::dump_dockerfile(&request, &self.caller))
             }

@@ -14,6 +14,7 @@ mod connection;
 mod events;
 mod gc;
 mod listener;
+mod prebuild;
 mod requests;
 
 use std::path::PathBuf;
@@ -106,6 +107,7 @@ pub(crate) struct Shared {
     builds: build::RunningBuilds,
     /// Request bytes being received now, over all connections (`connection::RECEIVING_BYTES`).
     receiving: tokio::sync::Semaphore,
+    prebuilds: Arc<prebuild::Prebuilds>,
     /// Connections that asked for the shutdown: kept open until the process exits, so their
     /// end of the socket closing means "the daemon is gone and its root is free".
     held_until_exit: Mutex<Vec<UnixStream>>,
@@ -138,7 +140,9 @@ impl Shared {
                 .hub
                 .reports()
                 .iter()
-                .map(requests::workspace_status)
+                .map(|report| {
+                    requests::workspace_status(report, self.prebuilds.status(&report.context))
+                })
                 .collect(),
             cache: gc::cache_stats(&self.engine),
             builds,
@@ -212,6 +216,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     // then GC's start pass collects what it left in the store.
     engine.recover();
     engine.store().start_gc();
+    let prebuilds = Arc::new(prebuild::Prebuilds::new(
+        prebuild::PrebuildOptions {
+            default_on: config.prebuild,
+            debounce: config.prebuild_debounce,
+            max_running: config.prebuild_max,
+        },
+        Arc::clone(&engine),
+        Arc::clone(&hub),
+    ));
     let (shutdown, mut shutdown_seen) = watch::channel(false);
     let shared = Arc::new(Shared {
         access,
@@ -225,6 +238,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         engine,
         builds: build::RunningBuilds::default(),
         receiving: tokio::sync::Semaphore::new(connection::RECEIVING_BYTES),
+        prebuilds: Arc::clone(&prebuilds),
         held_until_exit: Mutex::new(Vec::new()),
         config,
     });
@@ -245,7 +259,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         warn!(%err, "could not send readiness notification");
     }
 
-    tokio::spawn(follow_changes(Arc::clone(&hub), changes_seen));
+    tokio::spawn(follow_changes(Arc::clone(&hub), prebuilds, changes_seen));
     // Workspaces watched before a restart come back in the background; status shows them as
     // they are ready.
     let restoring = Arc::clone(&hub);
@@ -374,9 +388,14 @@ fn open_engine(config: &Config, layout: &Layout, hub: Arc<Hub>) -> Result<Engine
     }))
 }
 
-/// Applies what the watchers report, as it comes. A burst that queued up while the previous
-/// batch was applied is taken in one pass, so an editor's save costs one re-hash.
-async fn follow_changes(hub: Arc<Hub>, mut changes: mpsc::UnboundedReceiver<Change>) {
+/// Applies what the watchers report, as it comes, and starts the prebuilds the changes call
+/// for. A burst that queued up while the previous batch was applied is taken in one pass, so
+/// an editor's save costs one re-hash.
+async fn follow_changes(
+    hub: Arc<Hub>,
+    prebuilds: Arc<prebuild::Prebuilds>,
+    mut changes: mpsc::UnboundedReceiver<Change>,
+) {
     while let Some(first) = changes.recv().await {
         // Kept per watcher, in order: a cookie proves only what its own watcher delivered.
         let mut batches: Vec<(WatcherId, Vec<PathBuf>)> = Vec::new();
@@ -398,25 +417,34 @@ async fn follow_changes(hub: Arc<Hub>, mut changes: mpsc::UnboundedReceiver<Chan
         let started = std::time::Instant::now();
         let applied = tokio::task::spawn_blocking(move || {
             let mut dirtied = 0;
+            let mut changed = Vec::new();
             for watcher in rescans {
-                dirtied += worker.rescan(Some(watcher)).dirtied;
+                let outcome = worker.rescan(Some(watcher));
+                dirtied += outcome.dirtied;
+                changed.extend(outcome.changed);
             }
             let all: Vec<PathBuf> = batches
                 .iter()
                 .flat_map(|(_, p)| p.iter().cloned())
                 .collect();
-            dirtied += worker.changed(&all).dirtied;
+            let outcome = worker.changed(&all);
+            dirtied += outcome.dirtied;
+            changed.extend(outcome.changed);
             // Builds waiting on a cookie of this batch may go now: all before it is applied.
             for (watcher, paths) in &batches {
                 worker.cookies().applied(*watcher, paths);
             }
-            dirtied
+            (dirtied, changed)
         })
         .await;
         tracing::debug!(paths = count, elapsed = ?started.elapsed(), "applied changes");
         match applied {
-            Ok(dirtied) if dirtied > 0 => info!(dirtied, "workspace changed"),
-            Ok(_) => {}
+            Ok((dirtied, changed)) => {
+                if dirtied > 0 {
+                    info!(dirtied, "workspace changed");
+                }
+                prebuilds.changed(&changed);
+            }
             Err(err) => warn!(%err, "applying changes failed"),
         }
     }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use memobuild_protocol::{
     DirtyNode, DockerfileSource, DumpDockerfileRequest, ErrorCode, GraphNodeView, GraphRequest,
-    GraphView, NotifyReport, NotifyRequest, Response, StageView, UnwatchRequest, WatchRequest,
-    WorkspaceStatus,
+    GraphView, NotifyReport, NotifyRequest, PrebuildLogRequest, PrebuildStatus, Response,
+    StageView, UnwatchRequest, WatchRequest, WorkspaceStatus,
 };
 
+use super::prebuild::Prebuilds;
 use crate::caller::{AccessError, Caller};
 use crate::context::ContextError;
 use crate::frontend::{self, Diagnostic};
@@ -39,6 +40,8 @@ pub(crate) enum HandlerError {
     Relative(PathBuf),
     #[error("internal task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+    #[error("no prebuild of {} ran since the daemon started", .0.display())]
+    NoPrebuild(PathBuf),
 }
 
 impl HandlerError {
@@ -53,6 +56,7 @@ impl HandlerError {
             Self::Context(_) => ErrorCode::InvalidInput,
             Self::Unreadable(_) => ErrorCode::PermissionDenied,
             Self::Watch(err) => watch_code(err),
+            Self::NoPrebuild(_) => ErrorCode::NotFound,
         }
     }
 
@@ -183,29 +187,48 @@ fn graph_view(graph: &BuildGraph) -> GraphView {
 
 pub(crate) async fn watch(
     hub: &Arc<Hub>,
+    prebuilds: &Arc<Prebuilds>,
     request: WatchRequest,
     caller: &Caller,
 ) -> Result<Response, HandlerError> {
     // Parse first: a Dockerfile that does not plan is refused before anything is watched.
     let dockerfile = DockerfileText::read(&request.source, caller)?;
     dockerfile.plan(&PlanOptions::default())?;
-    let hub = Arc::clone(hub);
-    let report = blocking(move || hub.watch(&dockerfile.context, &dockerfile.path)).await??;
-    Ok(Response::Watched(workspace_status(&report)))
+    let context = dockerfile.context.clone();
+    let worker = Arc::clone(hub);
+    let report = blocking(move || {
+        let report = worker.watch(&dockerfile.context, &dockerfile.path)?;
+        if let Some(on) = request.prebuild {
+            worker.set_prebuild(&dockerfile.context, Some(on))?;
+        }
+        Ok::<_, WatchError>(report)
+    })
+    .await??;
+    if request.prebuild.is_some() {
+        prebuilds.setting_changed(&context, !report.dirty.is_empty());
+    }
+    Ok(Response::Watched(workspace_status(
+        &report,
+        prebuilds.status(&context),
+    )))
 }
 
 pub(crate) async fn unwatch(
     hub: &Arc<Hub>,
+    prebuilds: &Prebuilds,
     request: UnwatchRequest,
 ) -> Result<Response, HandlerError> {
     let context = absolute(&request.context)?;
     let hub = Arc::clone(hub);
+    let forgotten = context.clone();
     blocking(move || hub.unwatch(&context)).await??;
+    prebuilds.forget(&forgotten);
     Ok(Response::Unwatched)
 }
 
 pub(crate) async fn notify(
     hub: &Arc<Hub>,
+    prebuilds: &Arc<Prebuilds>,
     request: NotifyRequest,
     caller: &Caller,
 ) -> Result<Response, HandlerError> {
@@ -221,6 +244,7 @@ pub(crate) async fn notify(
     }
     let hub = Arc::clone(hub);
     let outcome = blocking(move || hub.changed(&request.paths)).await?;
+    prebuilds.changed(&outcome.changed);
     Ok(Response::Notified(NotifyReport {
         matched: outcome.matched,
         dirtied: outcome.dirtied,
@@ -236,7 +260,24 @@ async fn blocking<T: Send + 'static>(
         .map_err(HandlerError::Task)
 }
 
-pub(crate) fn workspace_status(report: &WorkspaceReport) -> WorkspaceStatus {
+/// `memobuild logs --prebuild`: for a peer who may read the context.
+pub(crate) fn prebuild_log(
+    prebuilds: &Prebuilds,
+    request: &PrebuildLogRequest,
+    caller: &Caller,
+) -> Result<Response, HandlerError> {
+    let context = absolute(&request.context)?;
+    caller.may_read(&context)?;
+    let log = prebuilds
+        .log(&context)
+        .ok_or(HandlerError::NoPrebuild(context))?;
+    Ok(Response::PrebuildLog(log))
+}
+
+pub(crate) fn workspace_status(
+    report: &WorkspaceReport,
+    prebuild: PrebuildStatus,
+) -> WorkspaceStatus {
     WorkspaceStatus {
         context: report.context.clone(),
         dockerfile: report.dockerfile.clone(),
@@ -259,5 +300,6 @@ pub(crate) fn workspace_status(report: &WorkspaceReport) -> WorkspaceStatus {
             })
             .collect(),
         error: report.error.clone(),
+        prebuild,
     }
 }

@@ -13,7 +13,7 @@ use crate::exec::{
 use crate::testing::privileged;
 
 const APPLETS: &[&str] = &[
-    "sh", "echo", "ls", "cat", "rm", "sleep", "id", "mkdir", "df", "grep",
+    "sh", "echo", "ls", "cat", "rm", "sleep", "id", "mkdir", "df", "grep", "cut",
 ];
 
 /// A layer store holding one busybox layer, `busybox`.
@@ -44,6 +44,7 @@ fn request(dir: &Path, rootfs: &Path, id: &str, script: &str, network: Network) 
         },
         network,
         mounts: Vec::new(),
+        background: false,
     }
 }
 
@@ -164,6 +165,71 @@ fn bind_and_tmpfs_mounts_reach_the_step_and_not_its_upper_dir() {
     for target in ["c", "t", "ro"] {
         let entries = std::fs::read_dir(upper.join(target)).map(|d| d.count());
         assert_eq!(entries.unwrap_or(0), 0, "{target}");
+    }
+}
+
+#[test]
+fn a_background_run_has_the_lowest_cpu_and_io_priority() {
+    if !privileged("a_background_run_has_the_lowest_cpu_and_io_priority") {
+        return;
+    }
+    let (dir, _scratch, active, runc) = mounted_busybox();
+    // Field 19 of /proc/PID/stat is the nice value; the I/O class is in /proc only via
+    // ioprio_get, so the test reads the container's process from the host while it sleeps.
+    let script = "cut -d' ' -f19 /proc/self/stat; sleep 9.125";
+    for (background, nice) in [(true, "19"), (false, "0")] {
+        let mut req = request(
+            dir.path(),
+            active.rootfs(),
+            &format!("mb-test-prio-{background}"),
+            script,
+            Network::Host,
+        );
+        req.background = background;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let running = std::thread::spawn({
+            let (runc, cancel) = (runc.clone(), Arc::clone(&cancel));
+            move || run(&runc, &req, &cancel)
+        });
+        let sleeper = wait_for_process("sleep 9.125");
+        let prio = io_priority(sleeper);
+        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (_, logs) = running.join().expect("run");
+        assert_eq!(logs.trim(), nice, "background={background}");
+        // Best effort (class 2), level 7: the lowest that still always gets its turn.
+        let lowest = (2 << 13) | 7;
+        assert_eq!(
+            prio == lowest,
+            background,
+            "ioprio {prio:#x}, background={background}"
+        );
+    }
+}
+
+/// The pid of the process whose command line is `wanted` (spaces for NULs), within 10 s.
+fn wait_for_process(wanted: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.trim_end() == wanted {
+                return pid;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no process {wanted:?}");
+}
+
+fn io_priority(pid: i32) -> i64 {
+    #[expect(unsafe_code, reason = "ioprio_get has no wrapper in libc")]
+    // SAFETY: a plain system call with integer arguments.
+    unsafe {
+        libc::syscall(libc::SYS_ioprio_get, 1, pid)
     }
 }
 

@@ -14,6 +14,7 @@ mod backend;
 mod inotify;
 #[cfg(not(target_os = "linux"))]
 mod notify;
+mod recipe;
 mod registry;
 mod workspace;
 
@@ -45,6 +46,7 @@ pub fn platform_watchers(
 ) -> Box<dyn WatcherFactory> {
     Box::new(NotifyFactory::new(sink))
 }
+pub use recipe::BuildRecipe;
 pub use workspace::{Baseline, DirIdentity, DirtyMark, Workspace};
 
 use crate::context::{ContextError, FileTree, Hash, StatCache};
@@ -94,12 +96,24 @@ pub enum WatchError {
 }
 
 /// The outcome of reported changes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangeOutcome {
     /// Paths that lie in a watched workspace.
     pub matched: u64,
     /// Nodes newly marked dirty.
     pub dirtied: u64,
+    /// Workspaces where something a build reads changed (a source set's content, the
+    /// Dockerfile): the ones a prebuild should rebuild.
+    pub changed: Vec<PathBuf>,
+}
+
+/// A workspace's prebuild settings, kept with it across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrebuildSetting {
+    /// Turned on or off for this workspace; `None`: the daemon's default.
+    pub enabled: Option<bool>,
+    /// The last build a user asked for: what a prebuild repeats.
+    pub recipe: Option<BuildRecipe>,
 }
 
 pub struct Hub {
@@ -131,11 +145,13 @@ struct Slot {
     report: Mutex<WorkspaceReport>,
     /// `None` while no watcher covers it (watch limit, context gone).
     watcher: Mutex<Option<Armed>>,
+    prebuild: Mutex<PrebuildSetting>,
 }
 
 impl Slot {
-    fn new(workspace: Workspace, watcher: Option<Armed>) -> Self {
+    fn new(workspace: Workspace, watcher: Option<Armed>, prebuild: PrebuildSetting) -> Self {
         Self {
+            prebuild: Mutex::new(prebuild),
             context: workspace.context.clone(),
             dockerfile: workspace.dockerfile.clone(),
             report: Mutex::new(WorkspaceReport::of(&workspace)),
@@ -146,10 +162,16 @@ impl Slot {
 
     /// Runs `f` on the workspace, then publishes its report.
     fn update<T>(&self, f: impl FnOnce(&mut Workspace) -> T) -> T {
+        self.update_seeing_changes(f).0
+    }
+
+    /// [`Slot::update`], also telling whether something a build reads changed meanwhile.
+    fn update_seeing_changes<T>(&self, f: impl FnOnce(&mut Workspace) -> T) -> (T, bool) {
         let mut workspace = lock(&self.workspace);
+        let before = workspace.revision;
         let out = f(&mut workspace);
         *lock(&self.report) = WorkspaceReport::of(&workspace);
-        out
+        (out, workspace.revision != before)
     }
 
     fn watcher_id(&self) -> Option<WatcherId> {
@@ -220,7 +242,11 @@ impl Hub {
         };
         for entry in registered {
             let baseline = entry.baseline.as_deref().and_then(Baseline::from_bytes);
-            match self.start_watching(&entry.context, &entry.dockerfile, baseline) {
+            let prebuild = PrebuildSetting {
+                enabled: entry.prebuild,
+                recipe: entry.recipe.as_deref().and_then(BuildRecipe::from_bytes),
+            };
+            match self.start_watching(&entry.context, &entry.dockerfile, baseline, prebuild) {
                 Ok(ws) => info!(
                     context = %entry.context.display(),
                     files = ws.files,
@@ -236,10 +262,14 @@ impl Hub {
 
     /// Registers (or re-registers) a workspace and starts watching it.
     pub fn watch(&self, context: &Path, dockerfile: &Path) -> Result<WorkspaceReport, WatchError> {
-        let baseline = self
-            .slot(context)
+        let old = self.slot(context);
+        let baseline = old
+            .as_ref()
             .and_then(|slot| lock(&slot.workspace).baseline().cloned());
-        let report = self.start_watching(context, dockerfile, baseline.clone())?;
+        let prebuild = old
+            .map(|slot| lock(&slot.prebuild).clone())
+            .unwrap_or_default();
+        let report = self.start_watching(context, dockerfile, baseline.clone(), prebuild)?;
         lock(&self.registry).add(context, dockerfile, baseline.as_ref())?;
         Ok(report)
     }
@@ -249,6 +279,7 @@ impl Hub {
         context: &Path,
         dockerfile: &Path,
         baseline: Option<Baseline>,
+        prebuild: PrebuildSetting,
     ) -> Result<WorkspaceReport, WatchError> {
         let _registering = lock(&self.registering);
         // Its watcher goes with it.
@@ -258,7 +289,7 @@ impl Hub {
         let mut workspace =
             Workspace::open(context, dockerfile, baseline, &mut lock(&self.stat_cache))?;
         let armed = workspace.set_armed(armed);
-        let slot = Arc::new(Slot::new(workspace, armed));
+        let slot = Arc::new(Slot::new(workspace, armed, prebuild));
         let report = lock(&slot.report).clone();
         lock(&self.workspaces).insert(context.to_owned(), slot);
         Ok(report)
@@ -312,13 +343,16 @@ impl Hub {
                 continue;
             }
             outcome.matched += mine.len() as u64;
-            let result = slot.update(|workspace| {
+            let (result, changed) = slot.update_seeing_changes(|workspace| {
                 let mut cache = lock(&self.stat_cache);
                 if mine.iter().any(|p| **p == workspace.context) {
                     return self.resync(&slot, workspace, &mut cache, true);
                 }
                 apply_paths(workspace, &mine, &mut cache)
             });
+            if changed {
+                outcome.changed.push(slot.context.clone());
+            }
             match result {
                 Ok(dirtied) => outcome.dirtied += dirtied as u64,
                 Err(err) => {
@@ -337,10 +371,13 @@ impl Hub {
             if watcher.is_some() && slot.watcher_id() != watcher {
                 continue;
             }
-            let result = slot.update(|workspace| {
+            let (result, changed) = slot.update_seeing_changes(|workspace| {
                 let mut cache = lock(&self.stat_cache);
                 self.resync(&slot, workspace, &mut cache, true)
             });
+            if changed {
+                outcome.changed.push(slot.context.clone());
+            }
             match result {
                 Ok(dirtied) => outcome.dirtied += dirtied as u64,
                 Err(err) => warn!(context = %slot.context.display(), %err, "rescan failed"),
@@ -447,6 +484,38 @@ impl Hub {
         if let Err(err) = lock(&self.registry).set_baseline(context, built) {
             warn!(context = %context.display(), %err, "cannot persist what was built");
         }
+    }
+
+    /// Turns prebuild on or off for a watched workspace (`None`: the daemon's default); kept
+    /// across restarts.
+    pub fn set_prebuild(&self, context: &Path, enabled: Option<bool>) -> Result<(), WatchError> {
+        let slot = self
+            .slot(context)
+            .ok_or_else(|| WatchError::NotWatched(context.to_owned()))?;
+        lock(&slot.prebuild).enabled = enabled;
+        lock(&self.registry).set_prebuild(context, enabled)
+    }
+
+    /// Remembers the build a user asked for, for prebuilds to repeat (kept across restarts).
+    /// Does nothing if the workspace is no longer watched.
+    pub fn remember_build(&self, context: &Path, recipe: &BuildRecipe) {
+        let Some(slot) = self.slot(context) else {
+            return;
+        };
+        let mut setting = lock(&slot.prebuild);
+        if setting.recipe.as_ref() == Some(recipe) {
+            return;
+        }
+        setting.recipe = Some(recipe.clone());
+        drop(setting);
+        if let Err(err) = lock(&self.registry).set_recipe(context, recipe) {
+            warn!(context = %context.display(), %err, "cannot persist the build to repeat");
+        }
+    }
+
+    /// A watched workspace's prebuild settings.
+    pub fn prebuild_setting(&self, context: &Path) -> Option<PrebuildSetting> {
+        Some(lock(&self.slot(context)?.prebuild).clone())
     }
 
     /// The context file whose change made the step `label` of `context` dirty, if the

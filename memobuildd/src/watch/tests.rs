@@ -492,3 +492,62 @@ fn baselines_round_trip_and_damaged_ones_read_as_never_built() {
     longer.push(0);
     assert_eq!(Baseline::from_bytes(&longer), None);
 }
+
+#[test]
+fn a_change_to_what_a_build_reads_names_its_workspace_and_nothing_else_does() {
+    let fx = Fixture::new();
+    fx.watch();
+    assert_eq!(fx.edit("src/x.js", "x = 2").changed, [fx.ctx()]);
+    // Already dirty, edited again: still a change a prebuild must follow.
+    assert_eq!(fx.edit("src/x.js", "x = 3").changed, [fx.ctx()]);
+    assert!(fx.edit("debug.log", "more noise").changed.is_empty());
+    assert!(fx.edit("README.md", "unread").changed.is_empty());
+    // The same content again changes no fingerprint.
+    assert!(fx.edit("src/x.js", "x = 3").changed.is_empty());
+    let dockerfile = DOCKERFILE.replace("[\"run\"]", "[\"serve\"]");
+    assert_eq!(fx.edit("Dockerfile", &dockerfile).changed, [fx.ctx()]);
+}
+
+#[test]
+fn prebuild_settings_and_the_build_to_repeat_survive_a_restart_and_a_rewatch() {
+    let fx = Fixture::new();
+    fx.watch();
+    assert_eq!(
+        fx.hub.prebuild_setting(&fx.ctx()),
+        Some(PrebuildSetting::default())
+    );
+    let recipe = BuildRecipe {
+        dockerfile: fx.ctx().join("Dockerfile"),
+        build_args: vec![("V".into(), "1".into())],
+        target: None,
+        tags: vec!["app:dev".into()],
+        host_network: true,
+        source_date_epoch: None,
+        uid: 0,
+        gid: 0,
+    };
+    fx.hub.set_prebuild(&fx.ctx(), Some(true)).expect("on");
+    fx.hub.remember_build(&fx.ctx(), &recipe);
+    let expected = PrebuildSetting {
+        enabled: Some(true),
+        recipe: Some(recipe),
+    };
+    // Watching it again (e.g. `memobuild watch --prebuild` twice) keeps both.
+    fx.hub
+        .watch(&fx.ctx(), &fx.ctx().join("Dockerfile"))
+        .expect("rewatch");
+    assert_eq!(fx.hub.prebuild_setting(&fx.ctx()), Some(expected.clone()));
+    let again = Hub::open(
+        &Layout::new(fx.dir.path().join("root")),
+        Box::new(ScriptedBackend::default()),
+    )
+    .expect("hub");
+    again.restore();
+    assert_eq!(again.prebuild_setting(&fx.ctx()), Some(expected));
+    assert!(
+        again
+            .set_prebuild(&fx.dir.path().join("other"), Some(true))
+            .is_err(),
+        "only a watched workspace prebuilds"
+    );
+}

@@ -138,6 +138,9 @@ pub struct Workspace {
     baseline: Option<Baseline>,
     dirty: Vec<DirtyMark>,
     pub last_change: Option<SystemTime>,
+    /// Counts the changes that can change what a build makes: a source set's fingerprint or
+    /// the build definition (what starts a prebuild).
+    pub revision: u64,
     /// Whether a live watcher covers it (false: changes are found by scanning).
     pub watching: bool,
     /// Why the watcher does not cover it, while it does not.
@@ -201,6 +204,7 @@ impl Workspace {
             baseline: None,
             dirty: Vec::new(),
             last_change: None,
+            revision: 0,
             watching: false,
             degraded: None,
             root: Some(root),
@@ -264,6 +268,7 @@ impl Workspace {
 
     fn definition_changed(&mut self, cause: &str) {
         self.last_change = Some(SystemTime::now());
+        self.revision += 1;
         if let Ok(plan) = &mut self.plan {
             for source in &mut plan.sources {
                 source.cause = Some(cause.to_owned());
@@ -380,6 +385,7 @@ impl Workspace {
                     if now != source.current {
                         source.current = now;
                         source.cause = Some(cause.to_string());
+                        self.revision += 1;
                     }
                 }
             }

@@ -15,6 +15,7 @@ mod images;
 mod lifecycle;
 mod mounts;
 mod outputs;
+mod prebuild;
 mod protocol;
 mod registry;
 mod remote;
