@@ -70,11 +70,15 @@ impl Caller {
     }
 
     /// Refuses unless the caller could connect to the Unix socket at `path` (an SSH agent's):
-    /// every ancestor searchable and the socket writable.
+    /// every ancestor searchable and the socket writable. Symlinks on the way are resolved
+    /// first, as `connect` resolves them: a link of the caller's to a socket in a directory
+    /// the caller cannot search gives nothing.
     pub fn may_connect(&self, path: &Path) -> Result<(), AccessError> {
         if self.is_unrestricted() {
             return Ok(());
         }
+        let resolved = std::fs::canonicalize(path);
+        let path = resolved.as_deref().unwrap_or(path);
         self.may_search_ancestors(path, None)?;
         match std::fs::metadata(path) {
             Ok(meta) if self.bits(&meta) & WRITE == 0 => Err(self.denied("connect to", path)),
@@ -260,6 +264,17 @@ mod tests {
         assert!(root.may_connect(&socket).is_ok());
         chmod(&socket, 0o666);
         assert!(stranger(vec![]).may_connect(&socket).is_ok());
+        // A link from a searchable place to the socket in a directory the caller cannot
+        // search is judged by where it leads.
+        let hidden = dir.path().join("hidden");
+        std::fs::create_dir(&hidden).expect("hidden");
+        let inner = hidden.join("agent.sock");
+        let _inner_listener = std::os::unix::net::UnixListener::bind(&inner).expect("bind");
+        chmod(&inner, 0o666);
+        chmod(&hidden, 0o700);
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&inner, &link).expect("symlink");
+        assert!(stranger(vec![]).may_connect(&link).is_err());
     }
 
     #[test]
